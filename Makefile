@@ -1,0 +1,46 @@
+# make demo   set up .venv and run the main job (train on the dates task, translate, quick bench)
+# make test   set up .venv and run the test suite
+#
+# Set-up: a fresh machine without torch gets the CPU wheel torch==2.13.0 (never a multi-GB CUDA
+# build); a machine whose python3 already imports torch (a GPU box) reuses it through
+# --system-site-packages and installs the package without touching its dependencies.
+PYTHON      ?= python3
+VENV        ?= .venv
+TRITON_SPEC ?= triton
+PYTEST_ARGS ?=
+PY          := $(VENV)/bin/python
+
+.PHONY: setup demo test aot bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	@if $(PYTHON) -c "import torch" >/dev/null 2>&1; then \
+	  echo "[setup] using the torch that $(PYTHON) already has"; \
+	  $(PYTHON) -m venv --system-site-packages $(VENV) && \
+	  $(PY) -m pip install -q --no-deps --no-build-isolation -e . && \
+	  ($(PY) -m pip install -q pytest pytest-benchmark scipy babel tqdm matplotlib 2>/dev/null || \
+	   echo "[setup] no package registry: using the test tools already installed"); \
+	else \
+	  echo "[setup] fresh venv with the CPU build torch==2.13.0"; \
+	  $(PYTHON) -m venv $(VENV) && \
+	  $(PY) -m pip install -q torch==2.13.0 && \
+	  $(PY) -m pip install -q "$(TRITON_SPEC)" -e ".[dev,demo]"; \
+	fi
+	@$(PY) -c "import torch, triton; print('[setup] torch', torch.__version__, '| triton', triton.__version__)"
+	@touch $@
+
+demo: setup
+	$(PY) -m fused_s2s demo
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+aot: setup
+	env -u TRITON_INTERPRET $(PY) -m fused_s2s.aot
+
+bench: setup
+	$(PY) -m fused_s2s bench
+
+clean:
+	rm -rf $(VENV) .venv-triton* .pytest_cache build *.egg-info

@@ -1,0 +1,98 @@
+"""Shared benchmark plumbing: timing with CUDA events, peak memory, bandwidth, one results CSV.
+
+Every row carries the device name and the torch / triton versions so figures from different
+cards are never mixed (SPEC section 6). Rows are appended to benchmarks/results/results.csv.
+"""
+from __future__ import annotations
+
+import csv
+import datetime
+import os
+import statistics
+import time
+
+import torch
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+RESULTS_CSV = os.path.join(RESULTS_DIR, "results.csv")
+FIELDS = ["timestamp", "device", "torch", "triton", "bench", "impl", "case", "dtype", "pass",
+          "median_ms", "p20_ms", "p80_ms", "bytes", "gbps", "peak_bw_frac", "peak_mem_mb", "note"]
+
+# Peak HBM bandwidth (GB/s) of the cards we report on; bandwidth fraction is left empty elsewhere.
+PEAK_BW_GBPS = {"H100 80GB HBM3": 3350.0, "H100 PCIe": 2000.0, "H200": 4800.0, "A100-SXM4-80GB": 2039.0}
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if HAS_CUDA else "cpu"
+
+
+def triton_version() -> str:
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:
+        return "none"
+
+
+def peak_bandwidth() -> float | None:
+    name = device_name()
+    for key, bw in PEAK_BW_GBPS.items():
+        if key in name:
+            return bw
+    return None
+
+
+def time_fn(fn, *, warmup: int = 5, rep: int = 30) -> dict:
+    """Median and 20/80% quantiles in ms; CUDA events on GPU, perf_counter on CPU. Also peak memory."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if HAS_CUDA:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        for _ in range(rep):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        for _ in range(rep):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        peak = float("nan")
+    q = statistics.quantiles(times, n=5) if len(times) >= 5 else [min(times)] * 4
+    return {"median_ms": statistics.median(times), "p20_ms": q[0], "p80_ms": q[3], "peak_mem_mb": peak}
+
+
+def make_row(bench: str, impl: str, case: str, dtype, pass_: str, timing: dict, nbytes: int | None = None,
+             note: str = "") -> dict:
+    gbps = (nbytes / (timing["median_ms"] * 1e-3) / 1e9) if nbytes else None
+    peak = peak_bandwidth()
+    return {
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device_name(), "torch": torch.__version__, "triton": triton_version(),
+        "bench": bench, "impl": impl, "case": case, "dtype": str(dtype).replace("torch.", ""), "pass": pass_,
+        "median_ms": round(timing["median_ms"], 5), "p20_ms": round(timing["p20_ms"], 5),
+        "p80_ms": round(timing["p80_ms"], 5), "bytes": nbytes or "",
+        "gbps": round(gbps, 1) if gbps else "", "peak_bw_frac": round(gbps / peak, 3) if gbps and peak else "",
+        "peak_mem_mb": round(timing["peak_mem_mb"], 2), "note": note,
+    }
+
+
+def append_rows(rows: list[dict], path: str = RESULTS_CSV) -> str:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+    return path

@@ -1,0 +1,91 @@
+"""Input validation shared by every public entry point.
+
+All checks look at shapes, dtypes, devices and Python scalars only: nothing here reads tensor
+values except :func:`check_ids`, which callers use outside the per-step path (it syncs on CUDA).
+Every error names the argument and says what was expected.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor(name: str, x, *, ndim=None, dtypes=None, device=None) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if x.dim() not in allowed:
+            want = " or ".join(f"{d}-D" for d in allowed)
+            raise ValueError(f"{name} must be {want}, got shape {tuple(x.shape)}")
+    if dtypes is not None and x.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {x.dtype}")
+    if device is not None and x.device != torch.device(device):
+        raise ValueError(f"{name} must be on {device} (like the other inputs), got {x.device}")
+    return x
+
+
+def check_float(name: str, x, **kw) -> torch.Tensor:
+    return check_tensor(name, x, dtypes=FLOAT_DTYPES, **kw)
+
+
+def check_int_tensor(name: str, x, **kw) -> torch.Tensor:
+    check_tensor(name, x, **kw)
+    if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {x.dtype}")
+    return x
+
+
+def check_ids(name: str, ids: torch.Tensor, vocab_size: int, *, allow: int | None = None) -> torch.Tensor:
+    """Integer ids in [0, vocab_size). Reads values: call once per batch, never per step."""
+    check_int_tensor(name, ids)
+    if ids.numel():
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"{name} has ids in [{lo}, {hi}]; expected 0 <= id < vocab_size={vocab_size}")
+    return ids
+
+
+def check_tau(tau) -> float:
+    if isinstance(tau, torch.Tensor):
+        raise TypeError("tau must be a Python float (a tensor tau would need a host sync to validate)")
+    tau = float(tau)
+    if not math.isfinite(tau) or tau <= 0:
+        raise ValueError(f"tau must be a finite number > 0, got {tau}")
+    return tau
+
+
+def check_ratio(name: str, r) -> float:
+    r = float(r)
+    if not (0.0 <= r <= 1.0):
+        raise ValueError(f"{name} must be in [0, 1], got {r}")
+    return r
+
+
+def check_choice(name: str, value, choices) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")
+    return value
+
+
+def check_same_device(**tensors) -> None:
+    items = [(k, v) for k, v in tensors.items() if isinstance(v, torch.Tensor)]
+    if not items:
+        return
+    k0, v0 = items[0]
+    for k, v in items[1:]:
+        if v.device != v0.device:
+            raise ValueError(f"{k} is on {v.device} but {k0} is on {v0.device}; expected one device")
+
+
+def check_batch(**tensors) -> int:
+    """All tensors share dim 0 (the batch). Returns B."""
+    items = [(k, v) for k, v in tensors.items() if isinstance(v, torch.Tensor)]
+    k0, v0 = items[0]
+    for k, v in items[1:]:
+        if v.shape[0] != v0.shape[0]:
+            raise ValueError(f"{k} has batch size {v.shape[0]} but {k0} has {v0.shape[0]}; expected equal")
+    return v0.shape[0]

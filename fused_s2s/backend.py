@@ -1,0 +1,41 @@
+"""Backend selection: "auto" | "triton" | "eager" (SPEC section 4).
+
+"auto" runs the Triton kernels on CUDA tensors and eager PyTorch on CPU tensors; the environment
+variable FUSED_S2S_BACKEND overrides "auto" (not an explicit "triton"/"eager"). With
+TRITON_INTERPRET=1 the "triton" backend runs the kernels on CPU tensors through the interpreter.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "eager")
+
+
+def interpret_mode() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def validate(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    return backend
+
+
+def resolve(backend: str, device: torch.device) -> str:
+    """The backend that actually runs for tensors on ``device``: "triton" or "eager"."""
+    validate(backend)
+    if backend == "auto":
+        env = os.environ.get("FUSED_S2S_BACKEND", "auto")
+        if env not in BACKENDS:
+            raise ValueError(f"FUSED_S2S_BACKEND must be one of {list(BACKENDS)}, got {env!r}")
+        backend = env
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "eager"
+    if backend == "triton" and device.type != "cuda" and not interpret_mode():
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors (got {device}); set TRITON_INTERPRET=1 before importing "
+            "triton to run the kernels on the CPU, or use backend='auto'/'eager'"
+        )
+    return backend
