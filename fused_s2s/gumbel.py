@@ -1,0 +1,140 @@
+"""Gumbel-softmax with the noise drawn inside the kernel (SPEC sections 2-3, issue 5).
+
+    y = softmax((logits + g) / tau),  g = -log(-log u),  u ~ Uniform(0, 1)
+    hard=True: y = one_hot(argmax(logits + g)) forward, gradient of the soft y backward.
+
+The noise is Philox-4x32-10 keyed by a per-call seed drawn from torch's RNG and by each element's
+logical index ``row * V + col`` of the logits moved to dim -1 and flattened to (rows, V); the eager
+mirror is ``fused_s2s.philox.gumbel_noise(seed, (rows, V))``, so both backends (and the reference
+model) draw the same noise for the same seed. The Triton path never writes the noise: the backward
+kernel draws it again and rebuilds the soft y from the saved per-row max and sum (O(rows) state).
+"""
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from fused_s2s import backend as _backend
+from fused_s2s import philox
+from fused_s2s._checks import check_float, check_tau
+
+
+class _GumbelSoftmaxFn(torch.autograd.Function):
+    """Triton forward/backward on x (R, V). noise (R, V) or None (then seed, a 0-d int64 tensor)."""
+
+    @staticmethod
+    def forward(ctx, x, noise, seed, tau: float, hard: bool):
+        from fused_s2s.kernels import gumbel as K
+
+        y, idx, m, s = K.gumbel_fwd(x, 1.0 / tau, hard, noise, seed)
+        ctx.save_for_backward(x, noise, seed, m, s)  # (R, V), (R, V) | None, () | None, (R,), (R,)
+        ctx.tau = tau
+        ctx.mark_non_differentiable(idx)
+        return y, idx
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy, _didx):
+        from fused_s2s.kernels import gumbel as K
+
+        x, noise, seed, m, s = ctx.saved_tensors
+        if dy.stride(-1) != 1:
+            dy = dy.contiguous()
+        # straight-through: hard and soft share the soft y's gradient
+        dx = K.gumbel_bwd(dy, x, m, s, 1.0 / ctx.tau, noise, seed)
+        return dx, None, None, None, None
+
+
+def _eager(x, noise, seed, tau: float, hard: bool):
+    """F.gumbel_softmax's math on x (R, V) with the Philox noise; fp32 (fp64) compute like the kernel."""
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    g = noise if noise is not None else philox.gumbel_noise(seed, x.shape, x.device)  # (R, V)
+    t = x.to(cdt) + g.to(cdt)
+    y_soft = torch.softmax(t / tau, dim=-1)
+    idx = t.argmax(dim=-1)  # on t, not y_soft: tau-free, ties -> first column, NaN -> its column
+    if hard:
+        y_hard = torch.zeros_like(y_soft).scatter_(-1, idx.unsqueeze(-1), 1.0)
+        # exact 0/1 forward (F.gumbel_softmax's y_hard - y_soft.detach() + y_soft is within an ulp);
+        # y_soft - y_soft.detach() is 0 (NaN on a NaN row) and carries the soft gradient
+        y = y_hard + (y_soft - y_soft.detach())
+    else:
+        y = y_soft
+    return y.to(x.dtype), idx
+
+
+def _check_dim(dim, ndim: int) -> int:
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"dim must be an int, got {type(dim).__name__}")
+    if not -ndim <= dim < ndim:
+        raise ValueError(f"dim must be in [{-ndim}, {ndim - 1}] for logits with {ndim} dimensions, got {dim}")
+    return dim % ndim
+
+
+def _check_generator(generator, device: torch.device):
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    gdev = torch.device(generator.device)
+    same = gdev.type == device.type and (gdev.index is None or device.index is None or gdev.index == device.index)
+    if not same:
+        raise ValueError(f"generator must be on the logits' device {device}, got a generator on {gdev}")
+
+
+def gumbel_softmax(logits: torch.Tensor, tau: float = 1.0, hard: bool = False, dim: int = -1, *,
+                   noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                   return_index: bool = False, backend: str = "auto"):
+    """Fused ``torch.nn.functional.gumbel_softmax``.
+
+    Args:
+        logits: (..., V, ...) float16 / bfloat16 / float32 / float64 unnormalised log-probabilities.
+        tau: temperature, a finite Python float > 0.
+        hard: one-hot of the sample forward, gradient of the soft sample backward (straight-through).
+        dim: the category dimension.
+        noise: explicit Gumbel noise of logits' shape (then nothing is drawn from torch's RNG).
+        generator: torch.Generator on the logits' device that seeds the in-kernel noise.
+        return_index: also return the sampled index, int64 of logits' shape without ``dim``.
+        backend: "auto" (Triton on CUDA, eager on CPU), "triton" or "eager".
+    Returns:
+        y of logits' shape and dtype, or (y, index) when ``return_index``.
+    """
+    backend = _backend.validate(backend)
+    check_float("logits", logits)
+    if logits.dim() == 0:
+        raise ValueError("logits must have at least 1 dimension, got a 0-d tensor")
+    tau = check_tau(tau)
+    dim = _check_dim(dim, logits.dim())
+    V = logits.shape[dim]
+    if V == 0:
+        raise ValueError(f"logits must have at least one category along dim={dim}, got shape {tuple(logits.shape)}")
+    if noise is not None:
+        check_float("noise", noise, device=logits.device)
+        if noise.shape != logits.shape:
+            raise ValueError(f"noise must have logits' shape {tuple(logits.shape)}, got {tuple(noise.shape)}")
+        if generator is not None:
+            raise ValueError("pass either noise or generator, not both (explicit noise draws nothing)")
+    _check_generator(generator, logits.device)
+    impl = _backend.resolve(backend, logits.device)
+
+    x = logits.movedim(dim, -1)
+    lead = x.shape[:-1]
+    x = x.reshape(-1, V)  # (R, V)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    n = None
+    if noise is not None:
+        n = noise.movedim(dim, -1).reshape(-1, V)  # (R, V)
+        if impl == "triton" and n.dtype not in (x.dtype, torch.float32):
+            n = n.float()  # the kernels read noise in logits' dtype or fp32
+        if n.stride(-1) != 1:
+            n = n.contiguous()
+    seed = philox.draw_seed(logits.device, generator) if noise is None else None  # 0-d int64, on device
+
+    if impl == "triton":
+        y, idx = _GumbelSoftmaxFn.apply(x, n, seed, tau, bool(hard))
+    else:
+        y, idx = _eager(x, n, seed, tau, bool(hard))
+    y = y.reshape(*lead, V).movedim(-1, dim)
+    if return_index:
+        return y, idx.reshape(lead)
+    return y

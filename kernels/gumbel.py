@@ -1,0 +1,296 @@
+"""Fused Gumbel-softmax over the last dimension of a (rows, V) tensor: kernels + plain launchers.
+
+Forward (one launch, one program per row):
+    g   = -log(-log(max(u, U_MIN))),  u = uniform(philox(seed, offset = row * V + col))   fp32
+    t   = logits + g                                          (argmax taken on t: tau-free)
+    z   = t / tau                                             (computed as t * inv_tau)
+    y   = softmax(z) = exp(z - m) / s,   m = max z,  s = sum exp(z - m)    (online over V blocks)
+    hard: y = one_hot(argmax t) (exact 0/1; a row whose m or s is not finite becomes NaN)
+The noise is never written: the backward pass draws it again from the same seed and offsets and
+rebuilds y from the saved per-row (m, s): O(rows) saved state beyond the logits.
+Backward (straight-through for hard: the gradient of the soft y):
+    dlogits = y * (dy - sum(dy * y)) / tau
+Counter and uniform conventions are those of ``fused_s2s.philox`` (bit-exact torch mirror).
+Everything is computed in fp32 (fp64 for fp64 logits); outputs are stored in the input dtype.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fused_s2s import aot, philox
+
+_U_MIN = tl.constexpr(philox.U_MIN)
+_NEG_INF = tl.constexpr(float("-inf"))
+
+# (max V handled in one block, BLOCK_V, num_warps); V beyond the last entry loops over BLOCK_V blocks.
+_SINGLE_CONFIGS = ((256, 256, 2), (1024, 1024, 4), (4096, 4096, 8))
+_MULTI_CONFIG = (4096, 8)
+_AOT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+@triton.jit
+def _gumbel_noise(seed, offs):
+    """Gumbel(0, 1) in fp32 for int64 logical offsets (fused_s2s.philox.gumbel)."""
+    lo = offs.to(tl.uint32)
+    hi = (offs >> 32).to(tl.uint32)
+    zero = lo * 0
+    c0, _c1, _c2, _c3 = tl.philox(seed, lo, hi, zero, zero)
+    u = tl.random.uint_to_uniform_float(c0)
+    u = tl.maximum(u, _U_MIN)  # u = 0 would give g = -inf
+    return -tl.log(-tl.log(u))
+
+
+@triton.jit
+def _t_block(x_ptr, noise_ptr, seed, row, stride_x, stride_n, V, c, mask,
+             HAS_NOISE: tl.constexpr, FP64: tl.constexpr):
+    """t = logits + g and g for columns c of ``row``, in the compute dtype; masked lanes t = -inf."""
+    x = tl.load(x_ptr + row * stride_x + c, mask=mask, other=0.0)
+    if FP64:
+        x = x.to(tl.float64)
+    else:
+        x = x.to(tl.float32)
+    if HAS_NOISE:
+        g = tl.load(noise_ptr + row * stride_n + c, mask=mask, other=0.0).to(x.dtype)
+    else:
+        g = _gumbel_noise(seed, row * V + c).to(x.dtype)  # row is int64: offsets past 2**31 are safe
+    t = tl.where(mask, x + g, _NEG_INF)
+    return t, g
+
+
+@triton.jit
+def _gumbel_fwd_kernel(
+    x_ptr, noise_ptr, seed_ptr, y_ptr, idx_ptr, m_ptr, s_ptr, g_ptr,
+    stride_x, stride_n, stride_y, V, inv_tau,
+    BLOCK_V: tl.constexpr, SINGLE: tl.constexpr, HARD: tl.constexpr, HAS_NOISE: tl.constexpr,
+    FP64: tl.constexpr, WRITE_NOISE: tl.constexpr,
+):
+    """One row: online (m, s) over z = (x + g) / tau, argmax of t = x + g, then y.
+
+    m_sub (m with -inf replaced by 0) keeps exp(z - m) and the rescale exp(m_old - m_new) free of
+    (-inf) - (-inf) when a leading block is all -inf (masked logits); an all -inf row ends with
+    s = 0 and gives NaN, like torch.softmax.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    seed = 0
+    if not HAS_NOISE:
+        seed = tl.load(seed_ptr)
+    cols = tl.arange(0, BLOCK_V)
+
+    # first block (the only one when SINGLE): initialises the running statistics
+    mask = cols < V
+    t, g = _t_block(x_ptr, noise_ptr, seed, row, stride_x, stride_n, V, cols, mask, HAS_NOISE, FP64)
+    if WRITE_NOISE:  # debug/test only: never picked by the launcher's default path
+        tl.store(g_ptr + row * V + cols, g.to(tl.float32), mask=mask)
+    z = t * inv_tau
+    m = tl.max(z, 0)
+    m_sub = tl.where(m == _NEG_INF, 0.0, m)
+    s = tl.sum(tl.exp(z - m_sub), 0)
+    best_t, best_i = tl.max(t, 0, return_indices=True)  # ties -> lowest column
+    nan_i = tl.min(tl.where(t != t, cols, V), 0)  # torch.argmax picks the first NaN
+    if not SINGLE:
+        for start in range(BLOCK_V, V, BLOCK_V):
+            c = start + cols
+            mask = c < V
+            t, g = _t_block(x_ptr, noise_ptr, seed, row, stride_x, stride_n, V, c, mask, HAS_NOISE, FP64)
+            if WRITE_NOISE:
+                tl.store(g_ptr + row * V + c, g.to(tl.float32), mask=mask)
+            z = t * inv_tau
+            m_new = tl.maximum(m, tl.max(z, 0))
+            m_sub_new = tl.where(m_new == _NEG_INF, 0.0, m_new)
+            s = s * tl.exp(m_sub - m_sub_new) + tl.sum(tl.exp(z - m_sub_new), 0)
+            m = m_new
+            m_sub = m_sub_new
+            bt, bi = tl.max(t, 0, return_indices=True)
+            better = bt > best_t  # strict: an earlier block keeps ties
+            best_i = tl.where(better, bi + start, best_i)
+            best_t = tl.where(better, bt, best_t)
+            nan_i = tl.minimum(nan_i, tl.min(tl.where(t != t, c, V), 0))
+    idx = tl.where(nan_i < V, nan_i, best_i)
+    tl.store(idx_ptr + row, idx.to(tl.int64))
+    tl.store(m_ptr + row, m)
+    tl.store(s_ptr + row, s)
+
+    inv_s = 1.0 / s
+    y_row = y_ptr + row * stride_y
+    if HARD:
+        # exact one-hot; NaN row where softmax would be NaN (NaN / +-inf logits), as in torch
+        ok = (s > 0) & (s < float("inf")) & (m > _NEG_INF) & (m < float("inf"))
+        poison = tl.where(ok, 0.0, float("nan"))
+        for start in range(0, V, BLOCK_V):
+            c = start + cols
+            y = tl.where(c == idx, 1.0, 0.0) + poison
+            tl.store(y_row + c, y.to(y_ptr.dtype.element_ty), mask=c < V)
+    elif SINGLE:
+        y = tl.exp(z - m_sub) * inv_s
+        tl.store(y_row + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        # second pass: logits re-read and noise drawn again (cheaper than writing it)
+        for start in range(0, V, BLOCK_V):
+            c = start + cols
+            mask = c < V
+            t, g = _t_block(x_ptr, noise_ptr, seed, row, stride_x, stride_n, V, c, mask, HAS_NOISE, FP64)
+            y = tl.exp(t * inv_tau - m_sub) * inv_s
+            tl.store(y_row + c, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gumbel_bwd_kernel(
+    x_ptr, noise_ptr, seed_ptr, m_ptr, s_ptr, dy_ptr, dx_ptr,
+    stride_x, stride_n, stride_dy, stride_dx, V, inv_tau,
+    BLOCK_V: tl.constexpr, SINGLE: tl.constexpr, HAS_NOISE: tl.constexpr, FP64: tl.constexpr,
+):
+    """dx = y * (dy - sum(dy * y)) * inv_tau, y rebuilt from logits, the same noise and (m, s)."""
+    row = tl.program_id(0).to(tl.int64)
+    seed = 0
+    if not HAS_NOISE:
+        seed = tl.load(seed_ptr)
+    cols = tl.arange(0, BLOCK_V)
+    m = tl.load(m_ptr + row)
+    s = tl.load(s_ptr + row)
+    m_sub = tl.where(m == _NEG_INF, 0.0, m)
+    inv_s = 1.0 / s
+    dy_row = dy_ptr + row * stride_dy
+    dx_row = dx_ptr + row * stride_dx
+
+    mask = cols < V
+    t, g = _t_block(x_ptr, noise_ptr, seed, row, stride_x, stride_n, V, cols, mask, HAS_NOISE, FP64)
+    y = tl.exp(t * inv_tau - m_sub) * inv_s
+    dy = tl.load(dy_row + cols, mask=mask, other=0.0).to(y.dtype)
+    dot = tl.sum(dy * y, 0)
+    if SINGLE:
+        dx = y * (dy - dot) * inv_tau
+        tl.store(dx_row + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    else:
+        for start in range(BLOCK_V, V, BLOCK_V):
+            c = start + cols
+            mask = c < V
+            t, g = _t_block(x_ptr, noise_ptr, seed, row, stride_x, stride_n, V, c, mask, HAS_NOISE, FP64)
+            y = tl.exp(t * inv_tau - m_sub) * inv_s
+            dy = tl.load(dy_row + c, mask=mask, other=0.0).to(y.dtype)
+            dot += tl.sum(dy * y, 0)
+        for start in range(0, V, BLOCK_V):
+            c = start + cols
+            mask = c < V
+            t, g = _t_block(x_ptr, noise_ptr, seed, row, stride_x, stride_n, V, c, mask, HAS_NOISE, FP64)
+            y = tl.exp(t * inv_tau - m_sub) * inv_s
+            dy = tl.load(dy_row + c, mask=mask, other=0.0).to(y.dtype)
+            dx = y * (dy - dot) * inv_tau
+            tl.store(dx_row + c, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+
+
+def pick_config(V: int, block_v: int | None = None, num_warps: int | None = None):
+    """(BLOCK_V, num_warps, SINGLE) for a row length V; block_v/num_warps force a choice (tests)."""
+    if block_v is None:
+        for max_v, bv, nw in _SINGLE_CONFIGS:
+            if V <= max_v:
+                block_v, default_warps = bv, nw
+                break
+        else:
+            block_v, default_warps = _MULTI_CONFIG
+    else:
+        if block_v < 16 or block_v & (block_v - 1):
+            raise ValueError(f"block_v must be a power of two >= 16, got {block_v}")
+        default_warps = 4
+    return block_v, num_warps or default_warps, V <= block_v
+
+
+def _placeholder_seed(device):
+    # the seed pointer is not read when the noise is explicit; any int64 tensor keeps the signature
+    return torch.empty((1,), dtype=torch.int64, device=device)
+
+
+def _stats_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def gumbel_fwd(x, inv_tau: float, hard: bool, noise=None, seed=None, *, block_v=None, num_warps=None,
+               write_noise: bool = False):
+    """x (R, V) with unit column stride; noise (R, V) or None (then seed, a 0-d int64 device tensor).
+
+    Returns y (R, V) in x.dtype, idx (R,) int64, m (R,), s (R,) [, g (R, V) fp32 if write_noise].
+    """
+    R, V = x.shape
+    BLOCK_V, nw, single = pick_config(V, block_v, num_warps)
+    y = torch.empty((R, V), dtype=x.dtype, device=x.device)
+    idx = torch.empty((R,), dtype=torch.int64, device=x.device)
+    m = torch.empty((R,), dtype=_stats_dtype(x.dtype), device=x.device)
+    s = torch.empty_like(m)
+    g = torch.empty((R, V), dtype=torch.float32, device=x.device) if write_noise else y
+    has_noise = noise is not None
+    if R:
+        _gumbel_fwd_kernel[(R,)](
+            x, noise if has_noise else x, idx if has_noise else seed, y, idx, m, s, g,
+            x.stride(0), noise.stride(0) if has_noise else 0, y.stride(0), V, float(inv_tau),
+            BLOCK_V=BLOCK_V, SINGLE=single, HARD=bool(hard), HAS_NOISE=has_noise,
+            FP64=x.dtype == torch.float64, WRITE_NOISE=bool(write_noise), num_warps=nw,
+        )
+    if write_noise:
+        return y, idx, m, s, g
+    return y, idx, m, s
+
+
+def gumbel_bwd(dy, x, m, s, inv_tau: float, noise=None, seed=None, *, block_v=None, num_warps=None):
+    """dlogits (R, V) in x.dtype from dy (R, V) and the forward's saved (m, s) and noise source."""
+    R, V = x.shape
+    BLOCK_V, nw, single = pick_config(V, block_v, num_warps)
+    dx = torch.empty((R, V), dtype=x.dtype, device=x.device)
+    has_noise = noise is not None
+    if R:
+        _gumbel_bwd_kernel[(R,)](
+            x, noise if has_noise else x, _placeholder_seed(x.device) if has_noise else seed, m, s, dy, dx,
+            x.stride(0), noise.stride(0) if has_noise else 0, dy.stride(0), dx.stride(0), V, float(inv_tau),
+            BLOCK_V=BLOCK_V, SINGLE=single, HAS_NOISE=has_noise, FP64=x.dtype == torch.float64, num_warps=nw,
+        )
+    return dx
+
+
+# ----------------------------------------------------------------------------------------------
+# ahead-of-time compile configurations: every (dtype, noise dtype, block config, flag) the
+# launchers pick on their default path
+
+
+def _tt(dtype) -> str:
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}[dtype]
+
+
+def _noise_dtypes(dtype):
+    # None = in-kernel noise; explicit noise comes in logits' dtype or fp32 (fused_s2s.gumbel casts others)
+    return (None,) + tuple(dict.fromkeys((dtype, torch.float32)))
+
+
+def _block_configs():
+    for _max_v, bv, nw in _SINGLE_CONFIGS:
+        yield bv, nw, True
+    yield _MULTI_CONFIG[0], _MULTI_CONFIG[1], False
+
+
+def _aot_configs():
+    for dtype in _AOT_DTYPES:
+        dt, st = _tt(dtype), _tt(_stats_dtype(dtype))
+        for ndtype in _noise_dtypes(dtype):
+            nt = _tt(ndtype) if ndtype is not None else dt
+            for bv, nw, single in _block_configs():
+                common = {"BLOCK_V": bv, "SINGLE": single, "HAS_NOISE": ndtype is not None, "FP64": dtype == torch.float64}
+                label = f"{dt} noise={nt if ndtype is not None else 'philox'} BV={bv}{'' if single else ' loop'}"
+                for hard in (False, True):
+                    sig = {"x_ptr": f"*{dt}", "noise_ptr": f"*{nt}", "seed_ptr": "*i64", "y_ptr": f"*{dt}",
+                           "idx_ptr": "*i64", "m_ptr": f"*{st}", "s_ptr": f"*{st}", "g_ptr": f"*{dt}",
+                           "stride_x": "i32", "stride_n": "i32", "stride_y": "i32", "V": "i32", "inv_tau": "fp32",
+                           "BLOCK_V": "constexpr", "SINGLE": "constexpr", "HARD": "constexpr",
+                           "HAS_NOISE": "constexpr", "FP64": "constexpr", "WRITE_NOISE": "constexpr"}
+                    yield aot.AOTConfig(_gumbel_fwd_kernel, sig, dict(common, HARD=hard, WRITE_NOISE=False),
+                                        num_warps=nw, label=f"fwd {label}{' hard' if hard else ''}")
+                sig = {"x_ptr": f"*{dt}", "noise_ptr": f"*{nt}", "seed_ptr": "*i64", "m_ptr": f"*{st}",
+                       "s_ptr": f"*{st}", "dy_ptr": f"*{dt}", "dx_ptr": f"*{dt}", "stride_x": "i32",
+                       "stride_n": "i32", "stride_dy": "i32", "stride_dx": "i32", "V": "i32", "inv_tau": "fp32",
+                       "BLOCK_V": "constexpr", "SINGLE": "constexpr", "HAS_NOISE": "constexpr", "FP64": "constexpr"}
+                yield aot.AOTConfig(_gumbel_bwd_kernel, sig, common, num_warps=nw, label=f"bwd {label}")
+
+
+aot.register("gumbel", _aot_configs)
