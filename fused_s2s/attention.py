@@ -1,0 +1,128 @@
+"""Public ``attention_step``: Luong "general" attention for one decoder step or T steps at once.
+
+    ctx, weights = attention_step(query, keys, values=None, mask=None, *, backend="auto")
+
+query (B, D) or (B, T, D) is s_t W_a (the caller applies W_a); keys (B, L, D) is the encoder memory
+H; values (B, L, Dv), None meaning values = keys. mask: None, lengths (B,) of any integer dtype, or
+bool (B, L) with True = attend. Returns ctx (B, [T,] Dv) and weights alpha (B, [T,] L) in query's
+dtype; a row with nothing to attend to gives ctx = 0, weights = 0 and zero gradient.
+
+backend "triton" runs ``fused_s2s.kernels.attention`` (one launch forward, split-L when the batch
+is small; Triton backward kernels), "eager" runs bmm -> masked softmax -> bmm in PyTorch; "auto"
+picks Triton for CUDA tensors (see fused_s2s.backend).
+"""
+from __future__ import annotations
+
+import torch
+
+from fused_s2s import backend as _backend
+from fused_s2s._checks import check_float, check_same_device, check_tensor
+
+__all__ = ["attention_step", "attention_eager"]
+
+
+def _validate(query, keys, values, mask):
+    check_float("query", query, ndim=(2, 3))
+    check_float("keys", keys, ndim=3)
+    if keys.dtype != query.dtype:
+        raise TypeError(f"keys must have query's dtype {query.dtype}, got {keys.dtype}")
+    if values is not None:
+        check_float("values", values, ndim=3)
+        if values.dtype != query.dtype:
+            raise TypeError(f"values must have query's dtype {query.dtype}, got {values.dtype}")
+    check_same_device(query=query, keys=keys, values=values, mask=mask)
+    B, L, D = keys.shape
+    if query.shape[0] != B:
+        raise ValueError(f"query has batch size {query.shape[0]} but keys has {B}; expected equal")
+    if query.shape[-1] != D:
+        raise ValueError(f"query has feature size {query.shape[-1]} but keys (B, L, D) has D={D}; expected equal")
+    if L < 1:
+        raise ValueError(f"keys must have L >= 1 source positions, got shape {tuple(keys.shape)}")
+    if D < 1:
+        raise ValueError(f"keys must have D >= 1 features, got shape {tuple(keys.shape)}")
+    if values is not None:
+        if values.shape[0] != B or values.shape[1] != L:
+            raise ValueError(f"values must be (B, L, Dv) = ({B}, {L}, Dv) like keys, got {tuple(values.shape)}")
+        if values.shape[2] < 1:
+            raise ValueError(f"values must have Dv >= 1 features, got shape {tuple(values.shape)}")
+    if mask is not None:
+        check_tensor("mask", mask)
+        if mask.dtype == torch.bool:
+            if tuple(mask.shape) != (B, L):
+                raise ValueError(f"bool mask must be (B, L) = ({B}, {L}) with True = attend, got {tuple(mask.shape)}")
+        elif mask.dtype.is_floating_point or mask.dtype.is_complex:
+            raise TypeError(f"mask must be lengths (B,) of an integer dtype or a bool (B, L) tensor, got {mask.dtype}")
+        elif tuple(mask.shape) != (B,):
+            raise ValueError(f"mask of lengths must be (B,) = ({B},), got {tuple(mask.shape)}")
+
+
+def _attend_mask(mask, B, L, device):
+    """(B, 1, L) bool, True = attend, or None."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return mask[:, None, :]
+    return (torch.arange(L, device=device)[None, :] < mask.to(torch.long)[:, None])[:, None, :]
+
+
+def attention_eager(query, keys, values=None, mask=None):
+    """bmm -> masked softmax -> bmm in PyTorch, same contract as :func:`attention_step` (no checks).
+
+    Masked scores are filled with the dtype's lowest finite value (not -inf) so an empty row gives
+    a finite uniform softmax that the final masked_fill turns into zeros, with zero gradient.
+    """
+    squeeze = query.dim() == 2
+    q = query[:, None, :] if squeeze else query  # (B, T, D)
+    v = keys if values is None else values
+    B, L, _ = keys.shape
+    scores = torch.bmm(q, keys.transpose(1, 2))  # (B, T, L)
+    m = _attend_mask(mask, B, L, keys.device)
+    if m is not None:
+        scores = scores.masked_fill(~m, torch.finfo(scores.dtype).min)
+    weights = torch.softmax(scores, dim=-1)
+    if m is not None:
+        weights = weights.masked_fill(~m, 0.0)
+    ctx = torch.bmm(weights, v)  # (B, T, Dv)
+    if squeeze:
+        return ctx[:, 0], weights[:, 0]
+    return ctx, weights
+
+
+class _AttentionFn(torch.autograd.Function):
+    """Triton forward (ctx, weights) and backward; saves inputs, outputs and lse (B*T,) only."""
+
+    @staticmethod
+    def forward(fctx, query, keys, values, mask, splits, block_l):
+        from fused_s2s.kernels.attention import attention_forward
+
+        out, weights, lse = attention_forward(query, keys, values, mask, splits=splits, block_l=block_l)
+        fctx.save_for_backward(query, keys, values, mask, out, weights, lse)
+        fctx.splits, fctx.block_l = splits, block_l
+        fctx.set_materialize_grads(False)  # an output without gradient costs nothing in backward
+        return out, weights
+
+    @staticmethod
+    def backward(fctx, dctx, dweights):
+        from fused_s2s.kernels.attention import attention_backward
+
+        query, keys, values, mask, out, weights, lse = fctx.saved_tensors
+        dq, dk, dv = attention_backward(query, keys, values, mask, out, weights, lse, dctx, dweights,
+                                        splits=fctx.splits, block_l=fctx.block_l)
+        return dq, dk, dv, None, None, None
+
+
+def attention_step(query, keys, values=None, mask=None, *, backend="auto", splits=None, block_l=None):
+    """Score -> masked softmax -> context. See the module docstring for shapes and masks.
+
+    ``splits`` and ``block_l`` override the Triton launcher's split-L and block-size heuristics
+    (for tests and tuning); they are ignored by the eager backend.
+    """
+    _validate(query, keys, values, mask)
+    if _backend.resolve(backend, query.device) == "eager":
+        return attention_eager(query, keys, values, mask)
+    squeeze = query.dim() == 2
+    q = query[:, None, :] if squeeze else query  # (B, T, D): a view, strides go to the kernel
+    ctx, weights = _AttentionFn.apply(q, keys, values, mask, splits, block_l)
+    if squeeze:
+        return ctx[:, 0], weights[:, 0]
+    return ctx, weights

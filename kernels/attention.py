@@ -1,0 +1,542 @@
+"""Fused Luong attention step: score -> masked softmax -> context (SPEC section 1 steps 3-5).
+
+Kernels and plain launchers only (the autograd wrapper is ``fused_s2s.attention``). Notation: one
+"row" is one query, (b, t) flattened to ``row = b * T + t``; q = s_t W_a (D,), H = keys (L, D),
+values (L, Dv) (H itself when ``values`` is None), mask m_j in {0, 1}.
+
+Forward, per row::
+
+    E_j     = q . H_j                      (masked: E_j = -inf)
+    lse     = log sum_j exp(E_j)           (+inf for a row with nothing to attend to)
+    alpha_j = exp(E_j - lse)               (0 where masked; all 0 for an empty row)
+    c       = sum_j alpha_j V_j            (0 for an empty row)
+
+One pass over L in blocks of BLOCK_L with an online softmax (running max m, running sum l and an
+unnormalised context rescaled by exp(m_old - m_new)). The raw scores of the pass go into a row
+buffer (the weights output itself for fp32/fp64, an fp32 scratch for fp16/bf16 so that the
+normalisation does not round E to 8 bits of mantissa); once lse is known the same program
+normalises them into the weights: reading 4L bytes back is cheap next to the L*D of H.
+
+Split-L (flash-decoding): when B*T rows are too few to fill the GPU, grid axis 1 splits L into
+chunks; each writes a partial (m, l, unnormalised context) and ``_attn_combine_kernel`` merges them:
+M = max_s m_s, l = sum_s l_s exp(m_s - M), c = sum_s acc_s exp(m_s - M) / l, then normalises the
+weights of the row.
+
+Backward, per row, given dc (Dv,) and dalpha (L,) (either may be absent)::
+
+    g_j    = dalpha_j + dc . V_j
+    delta  = sum_j alpha_j g_j = sum_j alpha_j dalpha_j + dc . c     (uses the saved c and weights)
+    dE_j   = alpha_j (g_j - delta)
+    dq     = sum_j dE_j H_j
+    dH_j  += sum_t dE_j q          dV_j += sum_t alpha_j dc           (summed over the T queries)
+
+alpha is recomputed in the accumulation dtype from the saved lse (exp(q.H_j - lse)), never stored
+beyond the returned weights. For T == 1 the row kernel writes dH, dV directly; for T > 1 the row
+kernel computes dq (and delta) and ``_attn_bwd_kv_kernel`` owns an L block of one batch and loops
+over its T queries, so dH, dV are reduced without atomics (deterministic).
+
+Loops over L are ``while`` loops: the triton 3.6 interpreter cannot take a runtime ``range`` bound
+(its scalars are 1-element numpy arrays that numpy 2.4 refuses to ``int()``). All pointer offsets
+are int64. Loads are cast to ACC (fp32, or fp64 for gradcheck); stores cast to the output dtype.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+import fused_s2s.aot
+
+# Register budget: a (BLOCK_L, BLOCK_D) tile in fp32 holds TILE elements, i.e. TILE / (32 * warps)
+# registers per thread; the forward holds two such tiles (H and V), the dH/dV kernel four.
+_TILE_PER_WARP = 1024
+_MIN_BLOCK_D = 16
+_MAX_BLOCK_L = 64
+_MIN_BLOCKS_PER_SPLIT = 4
+
+
+@triton.jit
+def _mask_valid(MASK, b, offs_l, in_l, s_mb, s_ml, MASK_MODE: tl.constexpr):
+    """(BLOCK_L,) attend-flags of batch b. MASK_MODE 0: none, 1: lengths (B,), 2: bool (B, L)."""
+    if MASK_MODE == 1:
+        n = tl.load(MASK + b * s_mb).to(tl.int64)
+        valid = in_l & (offs_l < n)
+    elif MASK_MODE == 2:
+        mv = tl.load(MASK + b * s_mb + offs_l * s_ml, mask=in_l, other=0)
+        valid = in_l & (mv != 0)
+    else:
+        valid = in_l
+    return valid
+
+
+@triton.jit
+def _finalize_row(CTX, W, S, LSE, row, m_i, l_i, acc, offs_d, L, DV,
+                  ACC: tl.constexpr, BLOCK_L: tl.constexpr):
+    """c = acc / l, lse = m + log l; then weights_j = exp(E_j - lse) over the whole row."""
+    m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
+    has = l_i > 0
+    l_safe = tl.where(has, l_i, 1.0)
+    lse = tl.where(has, m_use + tl.log(l_safe), float("inf"))  # empty row: +inf so exp(E - lse) = 0
+    ctx = acc / l_safe  # acc is 0 when l is 0
+    tl.store(CTX + row * DV + offs_d, ctx.to(CTX.dtype.element_ty), mask=offs_d < DV)
+    tl.store(LSE + row, lse)
+    # The raw scores were written by other threads of this program (another layout): make them visible.
+    tl.debug_barrier()
+    l0 = row * 0
+    while l0 < L:
+        offs_l = l0 + tl.arange(0, BLOCK_L).to(tl.int64)
+        in_l = offs_l < L
+        e = tl.load(S + row * L + offs_l, mask=in_l, other=float("-inf")).to(ACC)
+        tl.store(W + row * L + offs_l, tl.exp(e - lse).to(W.dtype.element_ty), mask=in_l)
+        l0 += BLOCK_L
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, MASK, CTX, W, S, LSE, PM, PL, PACC,
+    T, L, D, DV, BLOCKS_PER_SPLIT,
+    s_qb, s_qt, s_qd, s_kb, s_kl, s_kd, s_vb, s_vl, s_vd, s_mb, s_ml,
+    MASK_MODE: tl.constexpr, SHARED_KV: tl.constexpr, FINALIZE: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Grid (B*T, splits). E = q.H_j, online softmax, c = sum alpha_j V_j; see the module docstring.
+
+    FINALIZE (splits == 1): write c, lse and the normalised weights. Otherwise write the partial
+    (m, l, acc) of this split to PM/PL (rows, splits) and PACC (rows, splits, DV).
+    """
+    row = tl.program_id(0).to(tl.int64)
+    sp = tl.program_id(1).to(tl.int64)
+    nsplit = tl.num_programs(1)
+    b = row // T
+    t = row % T
+    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
+    in_d = offs_d < D
+    in_dv = offs_d < DV
+    q = tl.load(Q + b * s_qb + t * s_qt + offs_d * s_qd, mask=in_d, other=0.0).to(ACC)  # (BLOCK_D,)
+    k_base = K + b * s_kb
+    v_base = V + b * s_vb
+
+    m_i = tl.full([], float("-inf"), ACC)
+    l_i = tl.zeros([], ACC)
+    acc = tl.zeros([BLOCK_D], ACC)
+    l0 = sp * BLOCKS_PER_SPLIT * BLOCK_L
+    l_end = tl.minimum(l0 + BLOCKS_PER_SPLIT * BLOCK_L, L)
+    while l0 < l_end:
+        offs_l = l0 + tl.arange(0, BLOCK_L).to(tl.int64)
+        in_l = offs_l < L
+        valid = _mask_valid(MASK, b, offs_l, in_l, s_mb, s_ml, MASK_MODE)
+        k = tl.load(k_base + offs_l[:, None] * s_kl + offs_d[None, :] * s_kd,
+                    mask=in_l[:, None] & in_d[None, :], other=0.0).to(ACC)  # (BLOCK_L, BLOCK_D)
+        e = tl.sum(k * q[None, :], axis=1)  # (BLOCK_L,)
+        e = tl.where(valid, e, float("-inf"))
+        tl.store(S + row * L + offs_l, e.to(S.dtype.element_ty), mask=in_l)
+        m_new = tl.maximum(m_i, tl.max(e, axis=0))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: keep exp() finite
+        p = tl.exp(e - m_use)
+        corr = tl.exp(m_i - m_use)
+        l_i = l_i * corr + tl.sum(p, axis=0)
+        if SHARED_KV:
+            v = k  # H read once for the score and the context
+        else:
+            v = tl.load(v_base + offs_l[:, None] * s_vl + offs_d[None, :] * s_vd,
+                        mask=in_l[:, None] & in_dv[None, :], other=0.0).to(ACC)
+        acc = acc * corr + tl.sum(p[:, None] * v, axis=0)
+        m_i = m_new
+        l0 += BLOCK_L
+
+    if FINALIZE:
+        _finalize_row(CTX, W, S, LSE, row, m_i, l_i, acc, offs_d, L, DV, ACC, BLOCK_L)
+    else:
+        # m = -inf for a chunk with nothing to attend to (then l = 0 and acc = 0 too).
+        tl.store(PM + row * nsplit + sp, m_i)
+        tl.store(PL + row * nsplit + sp, l_i)
+        tl.store(PACC + (row * nsplit + sp) * DV + offs_d, acc, mask=in_dv)
+
+
+@triton.jit
+def _attn_combine_kernel(CTX, W, S, LSE, PM, PL, PACC, L, DV, NSPLIT,
+                         ACC: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Grid (B*T,). Merge the split partials (flash-decoding), then normalise the row's weights."""
+    row = tl.program_id(0).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
+    in_dv = offs_d < DV
+    # A chunk with nothing to attend to stored m = -inf, l = 0, acc = 0: its scale is exp(-inf) = 0.
+    m_i = tl.full([], float("-inf"), ACC)
+    sp = row * 0
+    while sp < NSPLIT:
+        m_i = tl.maximum(m_i, tl.load(PM + row * NSPLIT + sp).to(ACC))
+        sp += 1
+    m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
+    l_i = tl.zeros([], ACC)
+    acc = tl.zeros([BLOCK_D], ACC)
+    sp = row * 0
+    while sp < NSPLIT:
+        scale = tl.exp(tl.load(PM + row * NSPLIT + sp).to(ACC) - m_use)
+        l_i += scale * tl.load(PL + row * NSPLIT + sp).to(ACC)
+        acc += scale * tl.load(PACC + (row * NSPLIT + sp) * DV + offs_d, mask=in_dv, other=0.0).to(ACC)
+        sp += 1
+    _finalize_row(CTX, W, S, LSE, row, m_i, l_i, acc, offs_d, L, DV, ACC, BLOCK_L)
+
+
+@triton.jit
+def _attn_bwd_row_kernel(
+    Q, K, V, MASK, CTX, W, LSE, DCTX, DW, DQ, DK, DVAL, DELTA,
+    T, L, D, DV, BLOCKS_PER_SPLIT, NROWS,
+    s_qb, s_qt, s_qd, s_kb, s_kl, s_kd, s_vb, s_vl, s_vd, s_mb, s_ml,
+    s_cb, s_ct, s_cd, s_wb, s_wt, s_wl,
+    MASK_MODE: tl.constexpr, SHARED_KV: tl.constexpr, HAS_DCTX: tl.constexpr, HAS_DW: tl.constexpr,
+    WRITE_KV: tl.constexpr, ACC: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Grid (B*T, splits). dq of one row over its L chunk; with WRITE_KV (T == 1) also dH, dV.
+
+    DQ is (splits, B*T, D) in ACC (summed by the launcher) when split, else (B*T, D). DCTX / DW are
+    the incoming gradients with their own strides (s_c*, s_w*); CTX, W, LSE the saved outputs.
+    Every program of the row computes delta (2L reads of weights/dweights, cheap next to L*D);
+    split 0 stores it for the dH/dV kernel.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    sp = tl.program_id(1).to(tl.int64)
+    b = row // T
+    t = row % T
+    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
+    in_d = offs_d < D
+    in_dv = offs_d < DV
+    q = tl.load(Q + b * s_qb + t * s_qt + offs_d * s_qd, mask=in_d, other=0.0).to(ACC)
+    lse = tl.load(LSE + row).to(ACC)
+
+    # delta = sum_j alpha_j dalpha_j + dc . c
+    delta = tl.zeros([], ACC)
+    if HAS_DCTX:
+        dc = tl.load(DCTX + b * s_cb + t * s_ct + offs_d * s_cd, mask=in_dv, other=0.0).to(ACC)
+        c = tl.load(CTX + row * DV + offs_d, mask=in_dv, other=0.0).to(ACC)
+        delta += tl.sum(dc * c, axis=0)
+    if HAS_DW:
+        j0 = row * 0
+        while j0 < L:
+            offs_j = j0 + tl.arange(0, BLOCK_L).to(tl.int64)
+            in_j = offs_j < L
+            wj = tl.load(W + row * L + offs_j, mask=in_j, other=0.0).to(ACC)
+            dwj = tl.load(DW + b * s_wb + t * s_wt + offs_j * s_wl, mask=in_j, other=0.0).to(ACC)
+            delta += tl.sum(wj * dwj, axis=0)
+            j0 += BLOCK_L
+    tl.store(DELTA + row, delta, mask=sp == 0)
+
+    k_base = K + b * s_kb
+    v_base = V + b * s_vb
+    dq = tl.zeros([BLOCK_D], ACC)
+    l0 = sp * BLOCKS_PER_SPLIT * BLOCK_L
+    l_end = tl.minimum(l0 + BLOCKS_PER_SPLIT * BLOCK_L, L)
+    while l0 < l_end:
+        offs_l = l0 + tl.arange(0, BLOCK_L).to(tl.int64)
+        in_l = offs_l < L
+        valid = _mask_valid(MASK, b, offs_l, in_l, s_mb, s_ml, MASK_MODE)
+        k = tl.load(k_base + offs_l[:, None] * s_kl + offs_d[None, :] * s_kd,
+                    mask=in_l[:, None] & in_d[None, :], other=0.0).to(ACC)  # (BLOCK_L, BLOCK_D)
+        e = tl.sum(k * q[None, :], axis=1)
+        alpha = tl.where(valid, tl.exp(e - lse), 0.0)  # (BLOCK_L,)
+        g = tl.zeros([BLOCK_L], ACC)
+        if HAS_DW:
+            g += tl.load(DW + b * s_wb + t * s_wt + offs_l * s_wl, mask=in_l, other=0.0).to(ACC)
+        if HAS_DCTX:
+            if SHARED_KV:
+                v = k
+            else:
+                v = tl.load(v_base + offs_l[:, None] * s_vl + offs_d[None, :] * s_vd,
+                            mask=in_l[:, None] & in_dv[None, :], other=0.0).to(ACC)
+            g += tl.sum(v * dc[None, :], axis=1)
+        de = alpha * (g - delta)  # (BLOCK_L,)
+        dq += tl.sum(de[:, None] * k, axis=0)
+        if WRITE_KV:
+            dk = de[:, None] * q[None, :]
+            if SHARED_KV and HAS_DCTX:
+                dk += alpha[:, None] * dc[None, :]
+            tl.store(DK + b * L * D + offs_l[:, None] * D + offs_d[None, :], dk.to(DK.dtype.element_ty),
+                     mask=in_l[:, None] & in_d[None, :])
+            if not SHARED_KV and HAS_DCTX:
+                dv = alpha[:, None] * dc[None, :]
+                tl.store(DVAL + b * L * DV + offs_l[:, None] * DV + offs_d[None, :], dv.to(DVAL.dtype.element_ty),
+                         mask=in_l[:, None] & in_dv[None, :])
+        l0 += BLOCK_L
+    tl.store(DQ + (sp * NROWS + row) * D + offs_d, dq.to(DQ.dtype.element_ty), mask=in_d)
+
+
+@triton.jit
+def _attn_bwd_kv_kernel(
+    Q, K, V, MASK, LSE, DELTA, DCTX, DW, DK, DVAL,
+    T, L, D, DV,
+    s_qb, s_qt, s_qd, s_kb, s_kl, s_kd, s_vb, s_vl, s_vd, s_mb, s_ml,
+    s_cb, s_ct, s_cd, s_wb, s_wt, s_wl,
+    MASK_MODE: tl.constexpr, SHARED_KV: tl.constexpr, HAS_DCTX: tl.constexpr, HAS_DW: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Grid (B, cdiv(L, BLOCK_L)). dH_j = sum_t dE_tj q_t (+ alpha_tj dc_t when V = H), dV_j = sum_t alpha_tj dc_t."""
+    b = tl.program_id(0).to(tl.int64)
+    offs_l = tl.program_id(1).to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
+    in_l = offs_l < L
+    in_d = offs_d < D
+    in_dv = offs_d < DV
+    valid = _mask_valid(MASK, b, offs_l, in_l, s_mb, s_ml, MASK_MODE)
+    k = tl.load(K + b * s_kb + offs_l[:, None] * s_kl + offs_d[None, :] * s_kd,
+                mask=in_l[:, None] & in_d[None, :], other=0.0).to(ACC)  # (BLOCK_L, BLOCK_D)
+    if HAS_DCTX:
+        if SHARED_KV:
+            v = k
+        else:
+            v = tl.load(V + b * s_vb + offs_l[:, None] * s_vl + offs_d[None, :] * s_vd,
+                        mask=in_l[:, None] & in_dv[None, :], other=0.0).to(ACC)
+    dk = tl.zeros([BLOCK_L, BLOCK_D], ACC)
+    dv = tl.zeros([BLOCK_L, BLOCK_D], ACC)
+    t = b * 0
+    while t < T:
+        row = b * T + t
+        q = tl.load(Q + b * s_qb + t * s_qt + offs_d * s_qd, mask=in_d, other=0.0).to(ACC)
+        lse = tl.load(LSE + row).to(ACC)
+        delta = tl.load(DELTA + row).to(ACC)
+        e = tl.sum(k * q[None, :], axis=1)
+        alpha = tl.where(valid, tl.exp(e - lse), 0.0)
+        g = tl.zeros([BLOCK_L], ACC)
+        if HAS_DW:
+            g += tl.load(DW + b * s_wb + t * s_wt + offs_l * s_wl, mask=in_l, other=0.0).to(ACC)
+        if HAS_DCTX:
+            dc = tl.load(DCTX + b * s_cb + t * s_ct + offs_d * s_cd, mask=in_dv, other=0.0).to(ACC)
+            g += tl.sum(v * dc[None, :], axis=1)
+            if SHARED_KV:
+                dk += alpha[:, None] * dc[None, :]
+            else:
+                dv += alpha[:, None] * dc[None, :]
+        de = alpha * (g - delta)
+        dk += de[:, None] * q[None, :]
+        t += 1
+    tl.store(DK + b * L * D + offs_l[:, None] * D + offs_d[None, :], dk.to(DK.dtype.element_ty),
+             mask=in_l[:, None] & in_d[None, :])
+    if not SHARED_KV:
+        tl.store(DVAL + b * L * DV + offs_l[:, None] * DV + offs_d[None, :], dv.to(DVAL.dtype.element_ty),
+                 mask=in_l[:, None] & in_dv[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+def block_config(D: int, Dv: int, kind: str = "fwd") -> tuple[int, int, int]:
+    """(BLOCK_D, BLOCK_L, num_warps) for head sizes D, Dv. kind: "fwd" / "bwd_row" or "bwd_kv".
+
+    BLOCK_D covers max(D, Dv) (one padded width for H and V keeps the config count small); BLOCK_L
+    keeps each (BLOCK_L, BLOCK_D) fp32 tile at _TILE_PER_WARP elements per warp (32 registers a
+    thread) so the kernels do not spill up to D = 1024. The dH/dV kernel holds four tiles: half.
+    """
+    block_d = max(_MIN_BLOCK_D, triton.next_power_of_2(max(D, Dv)))
+    num_warps = 4 if block_d <= 256 else 8
+    tile = _TILE_PER_WARP * num_warps
+    if kind == "bwd_kv":
+        tile //= 2
+    block_l = max(2, min(_MAX_BLOCK_L, tile // block_d))
+    return block_d, block_l, num_warps
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: a small pretend GPU
+
+
+def split_plan(rows: int, L: int, block_l: int, device: torch.device, splits: int | None = None) -> tuple[int, int]:
+    """(splits, blocks_per_split). Split L when B*T rows cannot fill ~2 programs per SM.
+
+    ``splits`` forces the number of chunks (tests use it to exercise the combine path); it is
+    clipped so that every chunk is non-empty.
+    """
+    n_blocks = triton.cdiv(L, block_l)
+    if splits is None:
+        want = triton.cdiv(2 * _num_sms(device), max(rows, 1))
+        splits = min(want, n_blocks // _MIN_BLOCKS_PER_SPLIT) if device.type == "cuda" else 1
+    splits = max(1, min(int(splits), n_blocks))
+    per = triton.cdiv(n_blocks, splits)
+    return triton.cdiv(n_blocks, per), per
+
+
+def _acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _mask_args(mask, query):
+    """(pointer tensor, MASK_MODE, s_mb, s_ml). The mask is read in the kernel: no host sync."""
+    if mask is None:
+        return query, 0, 0, 0
+    if mask.dtype == torch.bool:
+        return mask, 2, mask.stride(0), mask.stride(1)
+    return mask, 1, mask.stride(0), 0
+
+
+def attention_forward(query, keys, values, mask, *, splits=None, block_l=None):
+    """query (B, T, D), keys (B, L, D), values (B, L, Dv) or None (= keys), mask None | (B,) int | (B, L) bool.
+
+    Inputs already validated (fused_s2s.attention). Returns ctx (B, T, Dv), weights (B, T, L) in
+    query's dtype and lse (B*T,) in the accumulation dtype. ``splits``/``block_l`` override the
+    heuristics (tests).
+    """
+    B, T, D = query.shape
+    L = keys.shape[1]
+    shared = values is None
+    v = keys if shared else values
+    Dv = v.shape[2]
+    dev, dtype = query.device, query.dtype
+    ctx = torch.empty(B, T, Dv, device=dev, dtype=dtype)
+    weights = torch.empty(B, T, L, device=dev, dtype=dtype)
+    acc_t = torch.float64 if dtype == torch.float64 else torch.float32
+    rows = B * T
+    lse = torch.empty(rows, device=dev, dtype=acc_t)
+    if rows == 0:
+        return ctx, weights, lse
+    block_d, bl, num_warps = block_config(D, Dv)
+    bl = block_l or bl
+    nsplit, per = split_plan(rows, L, bl, dev, splits)
+    # Raw scores: in place in the weights when they are already in the accumulation dtype.
+    scores = weights if dtype == acc_t else torch.empty(B, T, L, device=dev, dtype=acc_t)
+    m_ptr, mode, s_mb, s_ml = _mask_args(mask, query)
+    finalize = nsplit == 1
+    if finalize:
+        pm = pl = pacc = lse  # unused
+    else:
+        pm = torch.empty(rows, nsplit, device=dev, dtype=acc_t)
+        pl = torch.empty(rows, nsplit, device=dev, dtype=acc_t)
+        pacc = torch.empty(rows, nsplit, Dv, device=dev, dtype=acc_t)
+    _attn_fwd_kernel[(rows, nsplit)](
+        query, keys, v, m_ptr, ctx, weights, scores, lse, pm, pl, pacc,
+        T, L, D, Dv, per,
+        *query.stride(), *keys.stride(), *v.stride(), s_mb, s_ml,
+        MASK_MODE=mode, SHARED_KV=shared, FINALIZE=finalize, ACC=_acc(dtype),
+        BLOCK_L=bl, BLOCK_D=block_d, num_warps=num_warps,
+    )
+    if not finalize:
+        _attn_combine_kernel[(rows,)](
+            ctx, weights, scores, lse, pm, pl, pacc, L, Dv, nsplit,
+            ACC=_acc(dtype), BLOCK_L=bl, BLOCK_D=block_d, num_warps=num_warps,
+        )
+    return ctx, weights, lse
+
+
+def attention_backward(query, keys, values, mask, ctx, weights, lse, dctx, dweights, *,
+                       splits=None, block_l=None):
+    """Gradients (dquery (B, T, D), dkeys (B, L, D), dvalues (B, L, Dv) or None when values is None).
+
+    dctx (B, T, Dv) and dweights (B, T, L) may be None (that output got no gradient) and may have
+    any strides. ctx, weights, lse are what :func:`attention_forward` returned.
+    """
+    B, T, D = query.shape
+    L = keys.shape[1]
+    shared = values is None
+    v = keys if shared else values
+    Dv = v.shape[2]
+    dev, dtype = query.device, query.dtype
+    acc_t = torch.float64 if dtype == torch.float64 else torch.float32
+    has_dc, has_dw = dctx is not None, dweights is not None
+    rows = B * T
+    dk = torch.zeros(B, L, D, device=dev, dtype=dtype) if not (has_dc or has_dw) else torch.empty(B, L, D, device=dev, dtype=dtype)
+    dv = None if shared else (torch.empty(B, L, Dv, device=dev, dtype=dtype) if has_dc
+                              else torch.zeros(B, L, Dv, device=dev, dtype=dtype))
+    if rows == 0 or not (has_dc or has_dw):
+        return torch.zeros_like(query), dk.zero_(), dv
+    block_d, bl, num_warps = block_config(D, Dv, "bwd_row")
+    bl = block_l or bl
+    write_kv = T == 1
+    nsplit, per = split_plan(rows, L, bl, dev, splits)
+    dq = torch.empty(B, T, D, device=dev, dtype=dtype) if nsplit == 1 else \
+        torch.empty(nsplit, B, T, D, device=dev, dtype=acc_t)
+    delta = torch.empty(rows, device=dev, dtype=acc_t)
+    m_ptr, mode, s_mb, s_ml = _mask_args(mask, query)
+    dc = dctx if has_dc else ctx
+    dw = dweights if has_dw else weights
+    common = dict(MASK_MODE=mode, SHARED_KV=shared, HAS_DCTX=has_dc, HAS_DW=has_dw, ACC=_acc(dtype),
+                  BLOCK_D=block_d, num_warps=num_warps)
+    dv_ptr = dk if dv is None else dv
+    _attn_bwd_row_kernel[(rows, nsplit)](
+        query, keys, v, m_ptr, ctx, weights, lse, dc, dw, dq, dk, dv_ptr, delta,
+        T, L, D, Dv, per, rows,
+        *query.stride(), *keys.stride(), *v.stride(), s_mb, s_ml, *dc.stride(), *dw.stride(),
+        WRITE_KV=write_kv, BLOCK_L=bl, **common,
+    )
+    if nsplit > 1:
+        dq = dq.sum(0).to(dtype)
+    if not write_kv:
+        _, bl_kv, _ = block_config(D, Dv, "bwd_kv")
+        bl_kv = block_l or bl_kv
+        _attn_bwd_kv_kernel[(B, triton.cdiv(L, bl_kv))](
+            query, keys, v, m_ptr, lse, delta, dc, dw, dk, dv_ptr,
+            T, L, D, Dv,
+            *query.stride(), *keys.stride(), *v.stride(), s_mb, s_ml, *dc.stride(), *dw.stride(),
+            BLOCK_L=bl_kv, **common,
+        )
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------
+# Ahead-of-time compile configurations (python -m fused_s2s.aot attention)
+# ----------------------------------------------------------------------------------------------
+
+_TL_NAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _aot_configs():
+    """Every (dtype, BLOCK_D, BLOCK_L, num_warps, split/finalize) the launchers pick for D, Dv <= 1024.
+
+    The mask mode and SHARED_KV barely change register use; they rotate over the configs so that
+    each form is compiled, with SHARED_KV=False (separate V: the larger footprint) for the rest.
+    BLOCK_D 2048/4096 (D > 1024) are compiled too but may spill (expect_no_spill=False).
+    """
+    from fused_s2s.aot import AOTConfig
+
+    masks = [("*i1", 2), ("*i64", 1), ("*i32", 1), ("*fp32", 0)]
+    i = 0
+    for dtype, ty in _TL_NAME.items():
+        for block_d in (16, 32, 64, 128, 256, 512, 1024, 2048, 4096):
+            ok = block_d <= 1024
+            mask_ty, mode = masks[i % len(masks)]
+            i += 1
+            shared = (i % 5 == 0)
+            base = dict(T="i32", L="i32", D="i32", DV="i32")
+            strides = {n: "i32" for n in ("s_qb", "s_qt", "s_qd", "s_kb", "s_kl", "s_kd",
+                                          "s_vb", "s_vl", "s_vd", "s_mb", "s_ml")}
+            gstrides = {n: "i32" for n in ("s_cb", "s_ct", "s_cd", "s_wb", "s_wt", "s_wl")}
+            p, a = f"*{ty}", "*fp32"
+            _, bl, nw = block_config(block_d, block_d)
+            for finalize in (True, False):
+                sig = dict(Q=p, K=p, V=p, MASK=mask_ty, CTX=p, W=p, S=p if ty == "fp32" else a, LSE=a,
+                           PM=a, PL=a, PACC=a, **base, BLOCKS_PER_SPLIT="i32", **strides,
+                           MASK_MODE="constexpr", SHARED_KV="constexpr", FINALIZE="constexpr",
+                           ACC="constexpr", BLOCK_L="constexpr", BLOCK_D="constexpr")
+                cx = dict(MASK_MODE=mode, SHARED_KV=shared, FINALIZE=finalize, ACC=tl.float32,
+                          BLOCK_L=bl, BLOCK_D=block_d)
+                yield AOTConfig(_attn_fwd_kernel, sig, cx, num_warps=nw, expect_no_spill=ok,
+                                label=f"fwd {ty} BD={block_d} BL={bl} fin={int(finalize)} mask={mode} kv={int(shared)}")
+            sig = dict(CTX=p, W=p, S=p if ty == "fp32" else a, LSE=a, PM=a, PL=a, PACC=a, L="i32", DV="i32",
+                       NSPLIT="i32", ACC="constexpr", BLOCK_L="constexpr", BLOCK_D="constexpr")
+            yield AOTConfig(_attn_combine_kernel, sig, dict(ACC=tl.float32, BLOCK_L=bl, BLOCK_D=block_d),
+                            num_warps=nw, expect_no_spill=ok, label=f"combine {ty} BD={block_d} BL={bl}")
+            for write_kv in (True, False):
+                # T == 1 (write_kv) with a split dq (fp32 partials); T > 1 with a direct dq.
+                sig = dict(Q=p, K=p, V=p, MASK=mask_ty, CTX=p, W=p, LSE=a, DCTX=p, DW=p,
+                           DQ=a if write_kv else p, DK=p, DVAL=p, DELTA=a, **base, BLOCKS_PER_SPLIT="i32",
+                           NROWS="i32", **strides, **gstrides, MASK_MODE="constexpr", SHARED_KV="constexpr",
+                           HAS_DCTX="constexpr", HAS_DW="constexpr", WRITE_KV="constexpr", ACC="constexpr",
+                           BLOCK_L="constexpr", BLOCK_D="constexpr")
+                cx = dict(MASK_MODE=mode, SHARED_KV=shared, HAS_DCTX=True, HAS_DW=True, WRITE_KV=write_kv,
+                          ACC=tl.float32, BLOCK_L=bl, BLOCK_D=block_d)
+                yield AOTConfig(_attn_bwd_row_kernel, sig, cx, num_warps=nw, expect_no_spill=ok,
+                                label=f"bwd_row {ty} BD={block_d} BL={bl} kv={int(write_kv)} mask={mode}")
+            _, bl_kv, nw_kv = block_config(block_d, block_d, "bwd_kv")
+            sig = dict(Q=p, K=p, V=p, MASK=mask_ty, LSE=a, DELTA=a, DCTX=p, DW=p, DK=p, DVAL=p, **base,
+                       **strides, **gstrides, MASK_MODE="constexpr", SHARED_KV="constexpr",
+                       HAS_DCTX="constexpr", HAS_DW="constexpr", ACC="constexpr", BLOCK_L="constexpr",
+                       BLOCK_D="constexpr")
+            cx = dict(MASK_MODE=mode, SHARED_KV=shared, HAS_DCTX=True, HAS_DW=True, ACC=tl.float32,
+                      BLOCK_L=bl_kv, BLOCK_D=block_d)
+            yield AOTConfig(_attn_bwd_kv_kernel, sig, cx, num_warps=nw_kv, expect_no_spill=ok,
+                            label=f"bwd_kv {ty} BD={block_d} BL={bl_kv} mask={mode}")
+
+
+fused_s2s.aot.register("attention", _aot_configs)
