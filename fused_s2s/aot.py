@@ -61,13 +61,26 @@ def registered() -> dict[str, Callable[[], Iterable[AOTConfig]]]:
 
     for mod in pkgutil.iter_modules(pkg.__path__):
         importlib.import_module(f"{pkg.__name__}.{mod.name}")
-    return dict(_REGISTRY)
+    # kernel modules register with the importable fused_s2s.aot; under `python -m fused_s2s.aot` this
+    # file runs as __main__, a second module object whose own _REGISTRY stays empty
+    return dict(importlib.import_module("fused_s2s.aot")._REGISTRY)
 
 
 def _tool(name: str) -> str:
     import triton
 
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def _ptxas(cc: int) -> str:
+    # the ptxas triton itself uses for this arch (triton 3.9 emits PTX for sm_90 that only its
+    # newer "ptxas-blackwell" accepts); fall back to the bundled ptxas
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return get_ptxas(cc).path
+    except Exception:
+        return _tool("ptxas")
 
 
 def compile_config(cfg: AOTConfig, cc: int) -> dict:
@@ -92,7 +105,7 @@ def compile_config(cfg: AOTConfig, cc: int) -> dict:
             row.update(regs=int(m[1]), stack=int(m[2]), local=int(m[4]))
         # ptxas -v prints "N bytes spill stores, M bytes spill loads" for the entry function.
         v = subprocess.run(
-            [_tool("ptxas"), f"--gpu-name=sm_{cc}{'a' if cc == 90 else ''}", "-v", ptx, "-o", os.devnull],
+            [_ptxas(cc), f"--gpu-name=sm_{cc}{'a' if cc == 90 else ''}", "-v", ptx, "-o", os.devnull],
             capture_output=True, text=True,
         )
         s = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", v.stderr + v.stdout)
