@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fused_s2s import philox
-from fused_s2s._checks import check_batch, check_choice, check_int_tensor, check_same_device
+from fused_s2s._checks import check_batch, check_choice, check_int_tensor
 
 STRATEGIES = ("greedy", "sample", "beam")
 LENGTH_PENALTIES = ("gnmt", "average", "none")
@@ -59,8 +59,7 @@ def _check_real(name: str, value) -> float:
 def _check_inputs(src, src_lengths, max_len) -> int:
     check_int_tensor("src", src, ndim=2)
     check_int_tensor("src_lengths", src_lengths, ndim=1)
-    check_batch(src=src, src_lengths=src_lengths)
-    check_same_device(src=src, src_lengths=src_lengths)
+    check_batch(src=src, src_lengths=src_lengths)  # src_lengths may live on any device (model API)
     if src.shape[0] == 0:
         raise ValueError("src must have at least one row (B >= 1), got shape " f"{tuple(src.shape)}")
     return _check_int("max_len", max_len, 1)
@@ -108,7 +107,7 @@ def _decode_one(model, src, src_lengths, max_len, pick) -> GenerateOutput:
         alive = ~finished  # (B,) rows still writing
         tok = torch.where(alive, tok, torch.full_like(tok, fill))
         tokens[:, t] = tok
-        attn[:, t] = alpha.float() * alive[:, None]
+        attn[:, t] = torch.where(alive[:, None], alpha.float(), torch.zeros_like(alpha, dtype=torch.float32))
         step_lp = logp.gather(1, tok[:, None]).squeeze(1)  # (B,)
         score += torch.where(alive, step_lp, torch.zeros_like(step_lp))
         length += alive.long()
@@ -250,9 +249,9 @@ def beam_search(model, src: Tensor, src_lengths: Tensor, max_len: int, beam_size
                 """Histories of the candidates at positions sel (B, S): tokens (B, S, T), attn (B, S, T, L)."""
                 beam = top_beam.gather(1, sel)  # (B, S)
                 S = sel.shape[1]
-                tok = hist_tok.gather(1, beam[:, :, None].expand(B, S, max_len)).clone()
+                tok = hist_tok.gather(1, beam[:, :, None].expand(B, S, max_len))  # a new tensor
                 tok[:, :, t] = top_tok.gather(1, sel)
-                att = hist_attn.gather(1, beam[:, :, None, None].expand(B, S, max_len, L)).clone()
+                att = hist_attn.gather(1, beam[:, :, None, None].expand(B, S, max_len, L))
                 att[:, :, t] = alpha_t.gather(1, beam[:, :, None].expand(B, S, L))
                 return beam, tok, att
 
