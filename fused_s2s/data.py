@@ -8,9 +8,13 @@ Tasks
 - ``reverse`` / ``sort`` / ``copy``: digit strings -> reversed / sorted / same string.
 - user data: ``--train FILE`` (and ``--valid FILE``) with ``source<TAB>target`` lines.
 
-Held-out split. Every example has a key (dates: "date|locale|format", toy tasks: the source string).
-A key is a test key iff a seeded hash of it falls below ``test_frac``; the training stream rejects
-test keys, so train and test never overlap and both are fixed by the seed alone.
+Held-out split. An example's key is its source string: it is a test key iff a seeded hash of it falls
+below ``test_frac``, and each split's generator rejects the other split's keys, so train and test never
+share a source (not even when two locales or formats render a date identically, as ja_JP short and
+medium do) and both are fixed by the seed alone.
+
+Ambiguity: without a locale tag some short dates read two ways ("6/5/47" is June 5 in en_US and
+6 May in es_ES), so a few per cent of short-format inputs have no single right answer.
 """
 from __future__ import annotations
 
@@ -112,7 +116,8 @@ class DateExample(NamedTuple):
 
     @property
     def key(self) -> str:
-        return f"{self.date.isoformat()}|{self.locale}|{self.format}"
+        """The split key: the source string itself."""
+        return self.src
 
 
 class DateFormatter:
@@ -149,8 +154,8 @@ def date_examples(n: int, *, seed: int, split: str, test_frac: float = 0.02,
                   formatter: DateFormatter | None = None) -> list[DateExample]:
     """``n`` examples of the ``split`` ("train" or "test"), deterministic in ``seed``.
 
-    Each example cycles through locale x format (so every pair appears once n >= 13 * 4) with a
-    random date; the key decides the split: a train example is never a test key and vice versa.
+    Example j uses the j-th (locale, format) pair in turn (so every pair appears once n >= 13 * 4)
+    and a random date, redrawn until the source's key belongs to ``split``.
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -248,7 +253,7 @@ def read_tsv(path: str) -> list[Pair]:
 # ----------------------------------------------------------------------------------------------- bundle
 class TaskData(NamedTuple):
     name: str
-    train: list      # list of (src, tgt) pairs (DateExample is one too)
+    train: list      # list of (src, tgt) pairs
     valid: list
     vocab: Vocab
 
@@ -272,8 +277,8 @@ def load_task(task: str = "dates", *, seed: int = 0, n_train: int = 50_000, n_va
         return TaskData(f"file:{train_file}", train, valid, Vocab.build(s + t for s, t in train))
     if task == "dates":
         fmt = DateFormatter()
-        train = date_examples(n_train, seed=seed, split="train", formatter=fmt)
-        valid = date_examples(n_valid, seed=seed, split="test", formatter=fmt)
+        train = [(e.src, e.tgt) for e in date_examples(n_train, seed=seed, split="train", formatter=fmt)]
+        valid = [(e.src, e.tgt) for e in date_examples(n_valid, seed=seed, split="test", formatter=fmt)]
         return TaskData("dates", train, valid, Vocab(date_vocab_chars()))
     if task in TASKS:
         train = toy_examples(task, n_train, seed=seed, split="train")
