@@ -83,6 +83,20 @@ def _ptxas(cc: int) -> str:
         return _tool("ptxas")
 
 
+def _ptxas_flags() -> list:
+    # the register-allocation flag triton passes to ptxas when it builds the real cubin (3.9:
+    # --regAllocOptLevel=2, a ptxas 13 work-around); without it this second ptxas run reports
+    # spills that the cubin triton built does not have
+    try:
+        import inspect
+
+        from triton.backends.nvidia.compiler import CUDABackend
+
+        return ["--regAllocOptLevel=2"] if "--regAllocOptLevel=2" in inspect.getsource(CUDABackend.make_cubin) else []
+    except Exception:
+        return []
+
+
 def compile_config(cfg: AOTConfig, cc: int) -> dict:
     """Compile one config for sm_<cc>; return registers, spills, shared and local memory."""
     import triton
@@ -105,7 +119,7 @@ def compile_config(cfg: AOTConfig, cc: int) -> dict:
             row.update(regs=int(m[1]), stack=int(m[2]), local=int(m[4]))
         # ptxas -v prints "N bytes spill stores, M bytes spill loads" for the entry function.
         v = subprocess.run(
-            [_ptxas(cc), f"--gpu-name=sm_{cc}{'a' if cc == 90 else ''}", "-v", ptx, "-o", os.devnull],
+            [_ptxas(cc), *_ptxas_flags(), f"--gpu-name=sm_{cc}{'a' if cc == 90 else ''}", "-v", ptx, "-o", os.devnull],
             capture_output=True, text=True,
         )
         s = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", v.stderr + v.stdout)
