@@ -91,7 +91,8 @@ def gumbel_softmax(logits: torch.Tensor, tau: float = 1.0, hard: bool = False, d
         tau: temperature, a finite Python float > 0.
         hard: one-hot of the sample forward, gradient of the soft sample backward (straight-through).
         dim: the category dimension.
-        noise: explicit Gumbel noise of logits' shape (then nothing is drawn from torch's RNG).
+        noise: explicit Gumbel noise of logits' shape, any float dtype, used in logits' dtype (as
+            F.gumbel_softmax's own noise is); then nothing is drawn from torch's RNG.
         generator: torch.Generator on the logits' device that seeds the in-kernel noise.
         return_index: also return the sampled index, int64 of logits' shape without ``dim``.
         backend: "auto" (Triton on CUDA, eager on CPU), "triton" or "eager".
@@ -123,9 +124,8 @@ def gumbel_softmax(logits: torch.Tensor, tau: float = 1.0, hard: bool = False, d
         x = x.contiguous()
     n = None
     if noise is not None:
-        n = noise.movedim(dim, -1).reshape(-1, V)  # (R, V)
-        if impl == "triton" and n.dtype not in (x.dtype, torch.float32):
-            n = n.float()  # the kernels read noise in logits' dtype or fp32
+        # in logits' dtype, as F.gumbel_softmax draws it; the kernels read it in that dtype
+        n = noise.movedim(dim, -1).reshape(-1, V).to(x.dtype)  # (R, V)
         if n.stride(-1) != 1:
             n = n.contiguous()
     seed = philox.draw_seed(logits.device, generator) if noise is None else None  # 0-d int64, on device

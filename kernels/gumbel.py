@@ -27,6 +27,9 @@ _NEG_INF = tl.constexpr(float("-inf"))
 # (max V handled in one block, BLOCK_V, num_warps); V beyond the last entry loops over BLOCK_V blocks.
 _SINGLE_CONFIGS = ((256, 256, 2), (1024, 1024, 4), (4096, 4096, 8))
 _MULTI_CONFIG = (4096, 8)
+# fp64 (gradcheck, verification) keeps its blocks small: twice the registers per element
+_SINGLE_CONFIGS_FP64 = ((256, 256, 2), (1024, 1024, 4))
+_MULTI_CONFIG_FP64 = (1024, 4)
 _AOT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -184,15 +187,22 @@ def _gumbel_bwd_kernel(
 # launchers
 
 
-def pick_config(V: int, block_v: int | None = None, num_warps: int | None = None):
+def _configs(dtype):
+    if dtype == torch.float64:
+        return _SINGLE_CONFIGS_FP64, _MULTI_CONFIG_FP64
+    return _SINGLE_CONFIGS, _MULTI_CONFIG
+
+
+def pick_config(V: int, dtype=torch.float32, block_v: int | None = None, num_warps: int | None = None):
     """(BLOCK_V, num_warps, SINGLE) for a row length V; block_v/num_warps force a choice (tests)."""
     if block_v is None:
-        for max_v, bv, nw in _SINGLE_CONFIGS:
+        singles, multi = _configs(dtype)
+        for max_v, bv, nw in singles:
             if V <= max_v:
                 block_v, default_warps = bv, nw
                 break
         else:
-            block_v, default_warps = _MULTI_CONFIG
+            block_v, default_warps = multi
     else:
         if block_v < 16 or block_v & (block_v - 1):
             raise ValueError(f"block_v must be a power of two >= 16, got {block_v}")
@@ -211,12 +221,12 @@ def _stats_dtype(dtype):
 
 def gumbel_fwd(x, inv_tau: float, hard: bool, noise=None, seed=None, *, block_v=None, num_warps=None,
                write_noise: bool = False):
-    """x (R, V) with unit column stride; noise (R, V) or None (then seed, a 0-d int64 device tensor).
+    """x (R, V) with unit column stride; noise (R, V) in x.dtype or None (then seed, a 0-d int64 tensor).
 
     Returns y (R, V) in x.dtype, idx (R,) int64, m (R,), s (R,) [, g (R, V) fp32 if write_noise].
     """
     R, V = x.shape
-    BLOCK_V, nw, single = pick_config(V, block_v, num_warps)
+    BLOCK_V, nw, single = pick_config(V, x.dtype, block_v, num_warps)
     y = torch.empty((R, V), dtype=x.dtype, device=x.device)
     idx = torch.empty((R,), dtype=torch.int64, device=x.device)
     m = torch.empty((R,), dtype=_stats_dtype(x.dtype), device=x.device)
@@ -238,7 +248,7 @@ def gumbel_fwd(x, inv_tau: float, hard: bool, noise=None, seed=None, *, block_v=
 def gumbel_bwd(dy, x, m, s, inv_tau: float, noise=None, seed=None, *, block_v=None, num_warps=None):
     """dlogits (R, V) in x.dtype from dy (R, V) and the forward's saved (m, s) and noise source."""
     R, V = x.shape
-    BLOCK_V, nw, single = pick_config(V, block_v, num_warps)
+    BLOCK_V, nw, single = pick_config(V, x.dtype, block_v, num_warps)
     dx = torch.empty((R, V), dtype=x.dtype, device=x.device)
     has_noise = noise is not None
     if R:
@@ -259,25 +269,21 @@ def _tt(dtype) -> str:
     return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}[dtype]
 
 
-def _noise_dtypes(dtype):
-    # None = in-kernel noise; explicit noise comes in logits' dtype or fp32 (fused_s2s.gumbel casts others)
-    return (None,) + tuple(dict.fromkeys((dtype, torch.float32)))
-
-
-def _block_configs():
-    for _max_v, bv, nw in _SINGLE_CONFIGS:
+def _block_configs(dtype):
+    singles, multi = _configs(dtype)
+    for _max_v, bv, nw in singles:
         yield bv, nw, True
-    yield _MULTI_CONFIG[0], _MULTI_CONFIG[1], False
+    yield multi[0], multi[1], False
 
 
 def _aot_configs():
     for dtype in _AOT_DTYPES:
         dt, st = _tt(dtype), _tt(_stats_dtype(dtype))
-        for ndtype in _noise_dtypes(dtype):
-            nt = _tt(ndtype) if ndtype is not None else dt
-            for bv, nw, single in _block_configs():
-                common = {"BLOCK_V": bv, "SINGLE": single, "HAS_NOISE": ndtype is not None, "FP64": dtype == torch.float64}
-                label = f"{dt} noise={nt if ndtype is not None else 'philox'} BV={bv}{'' if single else ' loop'}"
+        for has_noise in (False, True):  # explicit noise comes in logits' dtype (fused_s2s.gumbel casts it)
+            nt = dt
+            for bv, nw, single in _block_configs(dtype):
+                common = {"BLOCK_V": bv, "SINGLE": single, "HAS_NOISE": has_noise, "FP64": dtype == torch.float64}
+                label = f"{dt} noise={'given' if has_noise else 'philox'} BV={bv}{'' if single else ' loop'}"
                 for hard in (False, True):
                     sig = {"x_ptr": f"*{dt}", "noise_ptr": f"*{nt}", "seed_ptr": "*i64", "y_ptr": f"*{dt}",
                            "idx_ptr": "*i64", "m_ptr": f"*{st}", "s_ptr": f"*{st}", "g_ptr": f"*{dt}",
