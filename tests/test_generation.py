@@ -496,3 +496,15 @@ def test_beam_early_stop_rule_is_exact(penalty, alpha, seed):
         score, seq = exhaustive(model, src[b : b + 1], lengths[b : b + 1], max_len, penalty, alpha)[0]
         torch.testing.assert_close(out.scores[b, 0], torch.tensor(score), rtol=1e-5, atol=1e-5)
         assert out.tokens[b, 0, : len(seq)].tolist() == list(seq)
+
+
+def test_no_padding_index_fills_with_eos():
+    """padding_idx=None: nothing is masked and EOS is the filler after the end."""
+    model = FakeModel(V=6, seed=22, force_eos=True)
+    model.padding_idx = None
+    src, lengths = make_src(B=3, L=4, seed=22)
+    src = with_eos_at(src, torch.tensor([1, 3, 2]))
+    for strategy, kw in [("greedy", {}), ("sample", {}), ("beam", dict(beam_size=3))]:
+        out = generate(model, src, lengths, 10, strategy=strategy, **kw)
+        assert out.tokens.shape[-1] == 3, strategy
+        assert (out.tokens[:, 0, 2] == EOS).all() and (out.tokens[0, 0] == EOS).all(), strategy
