@@ -211,13 +211,16 @@ class Encoder(nn.Module):
         check_int_tensor("src", src, ndim=2)
         check_int_tensor("src_lengths", src_lengths, ndim=1)
         check_batch(src=src, src_lengths=src_lengths)
+        if src.device != self.embedding.weight.device:
+            raise ValueError(f"src is on {src.device} but the encoder's parameters are on "
+                             f"{self.embedding.weight.device}; expected one device")
         check_ids("src", src, self.vocab_size)
         B, L = src.shape
         lengths_cpu = src_lengths.detach().to("cpu", torch.long)  # pack_padded_sequence wants CPU lengths
         if B and (int(lengths_cpu.min()) < 0 or int(lengths_cpu.max()) > L):
             raise ValueError(f"src_lengths must be in [0, L={L}], got values in "
                              f"[{int(lengths_cpu.min())}, {int(lengths_cpu.max())}]")
-        X = self.embedding(src)  # (B, L, D)
+        X = self.embedding(src.long())  # (B, L, D)
         packed = pack_padded_sequence(X, lengths_cpu.clamp_min(1), batch_first=True, enforce_sorted=False)
         out, final = self.rnn(packed)
         H, _ = pad_packed_sequence(out, batch_first=True, total_length=L)  # (B, L, D), zero past length
@@ -312,6 +315,13 @@ class AttentionDecoder(nn.Module):
         check_float("memory", memory, ndim=3)
         if memory.shape[2] != self.hidden_size:
             raise ValueError(f"memory must have shape (B, L, D={self.hidden_size}), got {tuple(memory.shape)}")
+        W = self.W_a.weight
+        if memory.device != W.device:
+            raise ValueError(f"memory is on {memory.device} but the decoder's parameters are on {W.device}; "
+                             "expected one device")
+        if memory.dtype != W.dtype:
+            raise TypeError(f"memory has dtype {memory.dtype} but the decoder's parameters are {W.dtype}; "
+                            "expected the same dtype")
         if B is not None and memory.shape[0] != B:
             raise ValueError(f"memory has batch size {memory.shape[0]} but the target has {B}; expected equal")
 
@@ -339,7 +349,7 @@ class AttentionDecoder(nn.Module):
 
     def _step(self, inp, state, memory, mask):
         # 1. input token y_{t-1} -> y_emb (B, D); a float input is already an embedding
-        y_emb = self.embedding(inp) if inp.dim() == 1 else inp  # (B, D)
+        y_emb = self.embedding(inp.long()) if inp.dim() == 1 else inp  # (B, D)
         x = torch.cat([y_emb, state.h_tilde], dim=-1) if self.input_feed else y_emb  # (B, D) or (B, 2D)
         # 2. s_t = Cell(y_emb, s_{t-1}), stepped as a length-1 sequence
         out, rnn = self.cell(x.unsqueeze(1), state.rnn)  # out (B, 1, D)
@@ -376,6 +386,7 @@ class AttentionDecoder(nn.Module):
         L, V, dev = memory.shape[1], self.vocab_size, memory.device
         self._check_state(state, B, dev)
         mask = mask_from(memory_mask, B, L, dev, "memory_mask")  # (B, L) bool or None
+        tgt_in = tgt_in.long()  # nn.Embedding takes int64 ids; any integer dtype is accepted
         if noise is not None:
             check_float("noise", noise, device=dev)
             if tuple(noise.shape) != (B, T, V):
@@ -483,6 +494,7 @@ class Seq2Seq(nn.Module):
             raise ValueError(f"tgt must have shape (B, T+1) with T >= 1 (BOS ... EOS), got {tuple(tgt.shape)}")
         check_ids("tgt", tgt, self.decoder.vocab_size)
         memory, memory_mask, state = self.encode(src, src_lengths)
+        tgt = tgt.long()
         tgt_in, tgt_out = tgt[:, :-1], tgt[:, 1:]  # (B, T) inputs, (B, T) targets
         out = self.decoder(tgt_in, memory, memory_mask, state, teacher_forcing_ratio, sampling, tau,
                            coin=coin, noise=noise, generator=generator)

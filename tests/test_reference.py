@@ -115,6 +115,82 @@ def test_gradcheck_sees_all_parameters():
 
 
 # ---------------------------------------------------------------------------------------------
+# one step by hand, from the notes (SPEC section 1) with explicit matrices
+# ---------------------------------------------------------------------------------------------
+def _cell_by_hand(cell, x, rnn, h, c=None):
+    """Single-layer LSTM/GRU step written from the textbook equations (PyTorch's gate order)."""
+    W_ih, W_hh, b_ih, b_hh = rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0
+    gi, gh = x @ W_ih.T + b_ih, h @ W_hh.T + b_hh
+    if cell == "lstm":
+        i, f, g, o = (gi + gh).chunk(4, -1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
+    r_i, z_i, n_i = gi.chunk(3, -1)
+    r_h, z_h, n_h = gh.chunk(3, -1)
+    r, z = torch.sigmoid(r_i + r_h), torch.sigmoid(z_i + z_h)
+    n = torch.tanh(n_i + r * n_h)
+    return (1 - z) * n + z * h, None
+
+
+@pytest.mark.parametrize("cell, input_feed", [("lstm", False), ("lstm", True), ("gru", False), ("gru", True)])
+def test_step_matches_the_notes(cell, input_feed):
+    V, D, B, L = 7, 5, 3, 4
+    dec = AttentionDecoder(V, D, cell=cell, input_feed=input_feed).double()
+    H = torch.randn(B, L, D, dtype=torch.float64)  # memory (B, L, D)
+    lengths = torch.tensor([4, 1, 2])
+    h0 = torch.randn(1, B, D, dtype=torch.float64)
+    c0 = torch.randn(1, B, D, dtype=torch.float64)
+    state = dec.init_state((h0, c0) if cell == "lstm" else h0)
+    state = state._replace(h_tilde=torch.randn(B, D, dtype=torch.float64))  # as if after a step
+    y_prev = torch.tensor([3, 0, 6])
+    logits, alpha, new = dec.step(y_prev, state, H, lengths)
+
+    W_emb, W_a = dec.embedding.weight, dec.W_a.weight.T  # (V, D), (D, D): s_t W_a
+    W_c, W_out, b_out = dec.W_c.weight.T, dec.W_out.weight.T, dec.W_out.bias  # (2D, D), (D, V), (V,)
+    y_emb = W_emb[y_prev]  # 1. (B, D)
+    x = torch.cat([y_emb, state.h_tilde], -1) if input_feed else y_emb  # input feeding: [y_emb ; h~_{t-1}]
+    s_t, c_t_cell = _cell_by_hand(cell, x, dec.cell, h0[0], c0[0])  # 2. (B, D)
+    E = torch.einsum("bd,bld->bl", s_t @ W_a, H)  # 3. (B, L)
+    E = E.masked_fill(torch.arange(L)[None] >= lengths[:, None], float("-inf"))
+    a = torch.softmax(E, -1)  # 4. (B, L)
+    ctx = torch.einsum("bl,bld->bd", a, H)  # 5. (B, D)
+    h_t = torch.tanh(torch.cat([ctx, s_t], -1) @ W_c)  # 6. context first, then s_t
+    expect = h_t @ W_out + b_out  # 7. (B, V)
+    torch.testing.assert_close(alpha, a)
+    torch.testing.assert_close(logits, expect)
+    torch.testing.assert_close(new.h_tilde, h_t)
+    if cell == "lstm":
+        torch.testing.assert_close(new.rnn[0][0], s_t)
+        torch.testing.assert_close(new.rnn[1][0], c_t_cell)
+    else:
+        torch.testing.assert_close(new.rnn[0], s_t)
+    # a float input is taken as the embedding itself
+    logits2, _, _ = dec.step(W_emb[y_prev], state, H, lengths)
+    torch.testing.assert_close(logits2, logits, rtol=0, atol=0)
+
+
+def test_generate_delegates_to_generation(monkeypatch):
+    import sys
+    import types
+
+    calls = []
+    fake = types.ModuleType("fused_s2s.generation")
+    for fn in ("greedy", "sample", "beam_search"):
+        setattr(fake, fn, lambda *a, _fn=fn, **kw: calls.append((_fn, a, kw)) or _fn)
+    monkeypatch.setitem(sys.modules, "fused_s2s.generation", fake)
+    import fused_s2s
+
+    monkeypatch.setattr(fused_s2s, "generation", fake, raising=False)
+    m = Seq2Seq(7, 7, 4)
+    src, lengths, _ = make_batch()
+    assert m.generate(src, lengths, 5) == "greedy"
+    assert m.generate(src, lengths, 6, strategy="beam", beam_size=3) == "beam_search"
+    assert m.generate(src, lengths, 4, strategy="sample", top_k=2) == "sample"
+    assert calls[1][1][0] is m and calls[1][1][3] == 6 and calls[1][2] == {"beam_size": 3}
+    assert calls[2][2] == {"top_k": 2}
+
+
+# ---------------------------------------------------------------------------------------------
 # attention and Gumbel-softmax building blocks
 # ---------------------------------------------------------------------------------------------
 def test_attention_eager_matches_formula_and_masks():
@@ -184,10 +260,14 @@ def test_gumbel_softmax_eager_soft_and_hard():
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_encoder_matches_unpadded_runs(cell):
     enc = Encoder(11, 5, cell=cell, num_layers=2, padding_idx=0).double()
-    src, lengths, _ = make_batch(B=3, L=6, Vs=11, lengths=[6, 3, 1])
+    src, lengths, _ = make_batch(B=4, L=6, Vs=11, lengths=[6, 3, 0, 1])
     H, final = enc(src, lengths.to(torch.int16))
-    assert H.shape == (3, 6, 5)
-    for b in range(3):
+    assert H.shape == (4, 6, 5)
+    # an empty source: no memory and the zero state of an empty sequence
+    assert (H[2] == 0).all()
+    for s in final if isinstance(final, tuple) else (final,):
+        assert (s[:, 2] == 0).all() and (s[:, [0, 1, 3]] != 0).any()
+    for b in (0, 1, 3):
         n = int(lengths[b])
         Hb, fb = enc.rnn(enc.embedding(src[b : b + 1, :n]))  # the row alone, no padding
         torch.testing.assert_close(H[b, :n], Hb[0])
@@ -453,6 +533,15 @@ def test_reorder_state_and_zero_length_target():
     assert out.logits.shape == (3, 0, dec.vocab_size) and out.attention.shape == (3, 0, memory.shape[1])
 
 
+def test_any_integer_id_dtype():
+    model = make_model("lstm", True, V=9, D=5)
+    src, lengths, tgt = make_batch(B=3, L=4, T=3, Vs=9, Vt=9, lengths=[4, 2, 3])
+    ref = model(src, lengths, tgt, 0.5, "gumbel", generator=torch.Generator().manual_seed(0))
+    for dt in (torch.int32, torch.int16, torch.uint8):
+        out = model(src.to(dt), lengths.to(dt), tgt.to(dt), 0.5, "gumbel", generator=torch.Generator().manual_seed(0))
+        assert torch.equal(out.logits, ref.logits) and torch.equal(out.loss, ref.loss), dt
+
+
 def test_loss_ignores_padding_targets():
     model = make_model("gru", False, V=9, D=5)
     src, lengths, tgt = make_batch(B=3, L=4, T=5, Vs=9, Vt=9, lengths=[4, 2, 3], tgt_lengths=[5, 2, 3])
@@ -502,6 +591,8 @@ def _bad_cases():
         (d(tgt_in=tgt_in.float()), TypeError, "tgt_in"),
         (d(memory=memory[..., :3]), ValueError, "memory"),
         (d(memory=memory[0]), ValueError, "memory"),
+        (d(memory=memory.double()), TypeError, "memory"),
+        (d(memory=memory.int()), TypeError, "memory"),
         (d(memory_mask=mask[:1]), ValueError, "memory_mask"),
         (d(memory_mask=mask.float()), TypeError, "memory_mask"),
         (d(memory_mask=torch.ones(2, 4, dtype=torch.bool)), ValueError, "memory_mask"),
