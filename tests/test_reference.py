@@ -677,4 +677,9 @@ def test_reverse_digits_trains():
             break
     acc = float(ok.float().mean())
     print(f"reverse digits: exact match {acc:.2f} after {epoch + 1} epochs, {time.time() - start:.1f}s")
+    # Seq2Seq.generate (fused_s2s.generation) agrees with the hand-written greedy loop
+    tokens = model.generate(test[0], test[1], 6).tokens[:, 0]  # (B, T') padded after EOS
+    tokens = torch.nn.functional.pad(tokens, (0, 6 - tokens.shape[1]), value=PAD)
+    ok_gen = ((tokens == gold) | (gold == PAD)).all(1) & ((tokens == PAD) | (gold != PAD)).all(1)
+    assert torch.equal(ok_gen, ok)
     assert acc >= 0.9, f"exact match {acc:.2f} after {epoch + 1} epochs, {time.time() - start:.1f}s"
