@@ -1,6 +1,6 @@
 """Fused Gumbel-softmax over the last dimension of a (rows, V) tensor: kernels + plain launchers.
 
-Forward (one launch, one program per row):
+Forward (one launch; a program owns BLOCK_R rows, one row when V is large):
     g   = -log(-log(max(u, U_MIN))),  u = uniform(philox(seed, offset = row * V + col))   fp32
     t   = logits + g                                          (argmax taken on t: tau-free)
     z   = t / tau                                             (computed as t * inv_tau)
@@ -23,13 +23,15 @@ from fused_s2s import aot, philox
 
 _U_MIN = tl.constexpr(philox.U_MIN)
 _NEG_INF = tl.constexpr(float("-inf"))
+_INF = tl.constexpr(float("inf"))
 
-# (max V handled in one block, BLOCK_V, num_warps); V beyond the last entry loops over BLOCK_V blocks.
-_SINGLE_CONFIGS = ((256, 256, 2), (1024, 1024, 4), (4096, 4096, 8))
-_MULTI_CONFIG = (4096, 8)
-# fp64 (gradcheck, verification) keeps its blocks small: twice the registers per element
-_SINGLE_CONFIGS_FP64 = ((256, 256, 2), (1024, 1024, 4))
-_MULTI_CONFIG_FP64 = (1024, 4)
+# (max V, BLOCK_R, BLOCK_V, num_warps): small V packs BLOCK_R rows per program (one tile of
+# BLOCK_R x BLOCK_V); V beyond the last entry loops over BLOCK_V-wide blocks of one row.
+_SINGLE_CONFIGS = ((32, 32, 32, 4), (256, 4, 256, 4), (1024, 1, 1024, 4), (4096, 1, 4096, 8))
+_MULTI_CONFIG = (1, 4096, 8)
+# fp64 (gradcheck, verification) keeps its tiles small: twice the registers per element
+_SINGLE_CONFIGS_FP64 = ((256, 1, 256, 2), (1024, 1, 1024, 4))
+_MULTI_CONFIG_FP64 = (1, 1024, 4)
 _AOT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -46,18 +48,23 @@ def _gumbel_noise(seed, offs):
 
 
 @triton.jit
-def _t_block(x_ptr, noise_ptr, seed, row, stride_x, stride_n, V, c, mask,
-             HAS_NOISE: tl.constexpr, FP64: tl.constexpr):
-    """t = logits + g and g for columns c of ``row``, in the compute dtype; masked lanes t = -inf."""
-    x = tl.load(x_ptr + row * stride_x + c, mask=mask, other=0.0)
+def _t_tile(x_ptr, noise_ptr, seed, rows, cols, mask, stride_x, stride_n, V,
+            HAS_NOISE: tl.constexpr, FP64: tl.constexpr):
+    """t = logits + g and g on the tile rows x cols, in the compute dtype; masked lanes t = -inf.
+
+    rows (BLOCK_R,) int64, cols (BLOCK_V,) int32, mask (BLOCK_R, BLOCK_V).
+    """
+    r = rows[:, None]
+    c = cols[None, :]
+    x = tl.load(x_ptr + r * stride_x + c, mask=mask, other=0.0)
     if FP64:
         x = x.to(tl.float64)
     else:
         x = x.to(tl.float32)
     if HAS_NOISE:
-        g = tl.load(noise_ptr + row * stride_n + c, mask=mask, other=0.0).to(x.dtype)
+        g = tl.load(noise_ptr + r * stride_n + c, mask=mask, other=0.0).to(x.dtype)
     else:
-        g = _gumbel_noise(seed, row * V + c).to(x.dtype)  # row is int64: offsets past 2**31 are safe
+        g = _gumbel_noise(seed, r * V + c).to(x.dtype)  # r is int64: offsets past 2**31 are safe
     t = tl.where(mask, x + g, _NEG_INF)
     return t, g
 
@@ -65,122 +72,125 @@ def _t_block(x_ptr, noise_ptr, seed, row, stride_x, stride_n, V, c, mask,
 @triton.jit
 def _gumbel_fwd_kernel(
     x_ptr, noise_ptr, seed_ptr, y_ptr, idx_ptr, m_ptr, s_ptr, g_ptr,
-    stride_x, stride_n, stride_y, V, inv_tau,
-    BLOCK_V: tl.constexpr, SINGLE: tl.constexpr, HARD: tl.constexpr, HAS_NOISE: tl.constexpr,
-    FP64: tl.constexpr, WRITE_NOISE: tl.constexpr,
+    stride_x, stride_n, stride_y, R, V, inv_tau,
+    BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, SINGLE: tl.constexpr, HARD: tl.constexpr,
+    HAS_NOISE: tl.constexpr, FP64: tl.constexpr, WRITE_NOISE: tl.constexpr,
 ):
-    """One row: online (m, s) over z = (x + g) / tau, argmax of t = x + g, then y.
+    """BLOCK_R rows: online (m, s) over z = (x + g) / tau, argmax of t = x + g, then y.
 
     m_sub (m with -inf replaced by 0) keeps exp(z - m) and the rescale exp(m_old - m_new) free of
     (-inf) - (-inf) when a leading block is all -inf (masked logits); an all -inf row ends with
     s = 0 and gives NaN, like torch.softmax.
     """
-    row = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,) int64
+    rmask = rows < R
     seed = 0
     if not HAS_NOISE:
         seed = tl.load(seed_ptr)
     cols = tl.arange(0, BLOCK_V)
 
-    # first block (the only one when SINGLE): initialises the running statistics
-    mask = cols < V
-    t, g = _t_block(x_ptr, noise_ptr, seed, row, stride_x, stride_n, V, cols, mask, HAS_NOISE, FP64)
+    # first block (the only one when SINGLE) initialises the running statistics, all (BLOCK_R,)
+    mask = rmask[:, None] & (cols < V)[None, :]
+    t, g = _t_tile(x_ptr, noise_ptr, seed, rows, cols, mask, stride_x, stride_n, V, HAS_NOISE, FP64)
     if WRITE_NOISE:  # debug/test only: never picked by the launcher's default path
-        tl.store(g_ptr + row * V + cols, g.to(tl.float32), mask=mask)
+        tl.store(g_ptr + rows[:, None] * V + cols[None, :], g.to(tl.float32), mask=mask)
     z = t * inv_tau
-    m = tl.max(z, 0)
+    m = tl.max(z, 1)
     m_sub = tl.where(m == _NEG_INF, 0.0, m)
-    s = tl.sum(tl.exp(z - m_sub), 0)
-    best_t, best_i = tl.max(t, 0, return_indices=True)  # ties -> lowest column
-    nan_i = tl.min(tl.where(t != t, cols, V), 0)  # torch.argmax picks the first NaN
+    s = tl.sum(tl.exp(z - m_sub[:, None]), 1)
+    best_t, best_i = tl.max(t, 1, return_indices=True)  # ties -> lowest column
+    nan_i = tl.min(tl.where(t != t, cols[None, :], V), 1)  # torch.argmax picks the first NaN
     if not SINGLE:
         for start in range(BLOCK_V, V, BLOCK_V):
             c = start + cols
-            mask = c < V
-            t, g = _t_block(x_ptr, noise_ptr, seed, row, stride_x, stride_n, V, c, mask, HAS_NOISE, FP64)
+            mask = rmask[:, None] & (c < V)[None, :]
+            t, g = _t_tile(x_ptr, noise_ptr, seed, rows, c, mask, stride_x, stride_n, V, HAS_NOISE, FP64)
             if WRITE_NOISE:
-                tl.store(g_ptr + row * V + c, g.to(tl.float32), mask=mask)
+                tl.store(g_ptr + rows[:, None] * V + c[None, :], g.to(tl.float32), mask=mask)
             z = t * inv_tau
-            m_new = tl.maximum(m, tl.max(z, 0))
+            m_new = tl.maximum(m, tl.max(z, 1))
             m_sub_new = tl.where(m_new == _NEG_INF, 0.0, m_new)
-            s = s * tl.exp(m_sub - m_sub_new) + tl.sum(tl.exp(z - m_sub_new), 0)
+            s = s * tl.exp(m_sub - m_sub_new) + tl.sum(tl.exp(z - m_sub_new[:, None]), 1)
             m = m_new
             m_sub = m_sub_new
-            bt, bi = tl.max(t, 0, return_indices=True)
+            bt, bi = tl.max(t, 1, return_indices=True)
             better = bt > best_t  # strict: an earlier block keeps ties
             best_i = tl.where(better, bi + start, best_i)
             best_t = tl.where(better, bt, best_t)
-            nan_i = tl.minimum(nan_i, tl.min(tl.where(t != t, c, V), 0))
-    idx = tl.where(nan_i < V, nan_i, best_i)
-    tl.store(idx_ptr + row, idx.to(tl.int64))
-    tl.store(m_ptr + row, m)
-    tl.store(s_ptr + row, s)
+            nan_i = tl.minimum(nan_i, tl.min(tl.where(t != t, c[None, :], V), 1))
+    idx = tl.where(nan_i < V, nan_i, best_i)  # (BLOCK_R,)
+    tl.store(idx_ptr + rows, idx.to(tl.int64), mask=rmask)
+    tl.store(m_ptr + rows, m, mask=rmask)
+    tl.store(s_ptr + rows, s, mask=rmask)
 
-    inv_s = 1.0 / s
-    y_row = y_ptr + row * stride_y
+    inv_s = 1.0 / tl.where(rmask, s, 1.0)  # padding rows (s = 0) stay quiet
+    y_rows = y_ptr + rows[:, None] * stride_y
     if HARD:
         # exact one-hot; NaN row where softmax would be NaN (NaN / +-inf logits), as in torch
-        ok = (s > 0) & (s < float("inf")) & (m > _NEG_INF) & (m < float("inf"))
+        ok = (s > 0) & (s < _INF) & (m > _NEG_INF) & (m < _INF)
         poison = tl.where(ok, 0.0, float("nan"))
         for start in range(0, V, BLOCK_V):
             c = start + cols
-            y = tl.where(c == idx, 1.0, 0.0) + poison
-            tl.store(y_row + c, y.to(y_ptr.dtype.element_ty), mask=c < V)
+            y = tl.where(c[None, :] == idx[:, None], 1.0, 0.0) + poison[:, None]
+            tl.store(y_rows + c[None, :], y.to(y_ptr.dtype.element_ty), mask=rmask[:, None] & (c < V)[None, :])
     elif SINGLE:
-        y = tl.exp(z - m_sub) * inv_s
-        tl.store(y_row + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+        y = tl.exp(z - m_sub[:, None]) * inv_s[:, None]
+        tl.store(y_rows + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
     else:
         # second pass: logits re-read and noise drawn again (cheaper than writing it)
         for start in range(0, V, BLOCK_V):
             c = start + cols
-            mask = c < V
-            t, g = _t_block(x_ptr, noise_ptr, seed, row, stride_x, stride_n, V, c, mask, HAS_NOISE, FP64)
-            y = tl.exp(t * inv_tau - m_sub) * inv_s
-            tl.store(y_row + c, y.to(y_ptr.dtype.element_ty), mask=mask)
+            mask = rmask[:, None] & (c < V)[None, :]
+            t, g = _t_tile(x_ptr, noise_ptr, seed, rows, c, mask, stride_x, stride_n, V, HAS_NOISE, FP64)
+            y = tl.exp(t * inv_tau - m_sub[:, None]) * inv_s[:, None]
+            tl.store(y_rows + c[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _gumbel_bwd_kernel(
     x_ptr, noise_ptr, seed_ptr, m_ptr, s_ptr, dy_ptr, dx_ptr,
-    stride_x, stride_n, stride_dy, stride_dx, V, inv_tau,
-    BLOCK_V: tl.constexpr, SINGLE: tl.constexpr, HAS_NOISE: tl.constexpr, FP64: tl.constexpr,
+    stride_x, stride_n, stride_dy, stride_dx, R, V, inv_tau,
+    BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, SINGLE: tl.constexpr, HAS_NOISE: tl.constexpr,
+    FP64: tl.constexpr,
 ):
     """dx = y * (dy - sum(dy * y)) * inv_tau, y rebuilt from logits, the same noise and (m, s)."""
-    row = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,) int64
+    rmask = rows < R
     seed = 0
     if not HAS_NOISE:
         seed = tl.load(seed_ptr)
     cols = tl.arange(0, BLOCK_V)
-    m = tl.load(m_ptr + row)
-    s = tl.load(s_ptr + row)
-    m_sub = tl.where(m == _NEG_INF, 0.0, m)
-    inv_s = 1.0 / s
-    dy_row = dy_ptr + row * stride_dy
-    dx_row = dx_ptr + row * stride_dx
+    m = tl.load(m_ptr + rows, mask=rmask, other=0.0)
+    s = tl.load(s_ptr + rows, mask=rmask, other=1.0)
+    m_sub = tl.where(m == _NEG_INF, 0.0, m)[:, None]
+    inv_s = (1.0 / s)[:, None]
+    dy_rows = dy_ptr + rows[:, None] * stride_dy
+    dx_rows = dx_ptr + rows[:, None] * stride_dx
 
-    mask = cols < V
-    t, g = _t_block(x_ptr, noise_ptr, seed, row, stride_x, stride_n, V, cols, mask, HAS_NOISE, FP64)
+    mask = rmask[:, None] & (cols < V)[None, :]
+    t, g = _t_tile(x_ptr, noise_ptr, seed, rows, cols, mask, stride_x, stride_n, V, HAS_NOISE, FP64)
     y = tl.exp(t * inv_tau - m_sub) * inv_s
-    dy = tl.load(dy_row + cols, mask=mask, other=0.0).to(y.dtype)
-    dot = tl.sum(dy * y, 0)
+    dy = tl.load(dy_rows + cols[None, :], mask=mask, other=0.0).to(y.dtype)
+    dot = tl.sum(dy * y, 1)
     if SINGLE:
-        dx = y * (dy - dot) * inv_tau
-        tl.store(dx_row + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        dx = y * (dy - dot[:, None]) * inv_tau
+        tl.store(dx_rows + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
     else:
         for start in range(BLOCK_V, V, BLOCK_V):
             c = start + cols
-            mask = c < V
-            t, g = _t_block(x_ptr, noise_ptr, seed, row, stride_x, stride_n, V, c, mask, HAS_NOISE, FP64)
+            mask = rmask[:, None] & (c < V)[None, :]
+            t, g = _t_tile(x_ptr, noise_ptr, seed, rows, c, mask, stride_x, stride_n, V, HAS_NOISE, FP64)
             y = tl.exp(t * inv_tau - m_sub) * inv_s
-            dy = tl.load(dy_row + c, mask=mask, other=0.0).to(y.dtype)
-            dot += tl.sum(dy * y, 0)
+            dy = tl.load(dy_rows + c[None, :], mask=mask, other=0.0).to(y.dtype)
+            dot += tl.sum(dy * y, 1)
         for start in range(0, V, BLOCK_V):
             c = start + cols
-            mask = c < V
-            t, g = _t_block(x_ptr, noise_ptr, seed, row, stride_x, stride_n, V, c, mask, HAS_NOISE, FP64)
+            mask = rmask[:, None] & (c < V)[None, :]
+            t, g = _t_tile(x_ptr, noise_ptr, seed, rows, c, mask, stride_x, stride_n, V, HAS_NOISE, FP64)
             y = tl.exp(t * inv_tau - m_sub) * inv_s
-            dy = tl.load(dy_row + c, mask=mask, other=0.0).to(y.dtype)
-            dx = y * (dy - dot) * inv_tau
-            tl.store(dx_row + c, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            dy = tl.load(dy_rows + c[None, :], mask=mask, other=0.0).to(y.dtype)
+            dx = y * (dy - dot[:, None]) * inv_tau
+            tl.store(dx_rows + c[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,21 +203,26 @@ def _configs(dtype):
     return _SINGLE_CONFIGS, _MULTI_CONFIG
 
 
-def pick_config(V: int, dtype=torch.float32, block_v: int | None = None, num_warps: int | None = None):
-    """(BLOCK_V, num_warps, SINGLE) for a row length V; block_v/num_warps force a choice (tests)."""
-    if block_v is None:
-        singles, multi = _configs(dtype)
-        for max_v, bv, nw in singles:
-            if V <= max_v:
-                block_v, default_warps = bv, nw
-                break
-        else:
-            block_v, default_warps = multi
+def pick_config(V: int, dtype=torch.float32, *, block_r=None, block_v=None, num_warps=None):
+    """(BLOCK_R, BLOCK_V, num_warps, SINGLE) for rows of length V; the keywords force a choice (tests)."""
+    singles, multi = _configs(dtype)
+    for max_v, br, bv, nw in singles:
+        if V <= max_v:
+            break
     else:
+        br, bv, nw = multi
+    if block_v is not None:
         if block_v < 16 or block_v & (block_v - 1):
             raise ValueError(f"block_v must be a power of two >= 16, got {block_v}")
-        default_warps = 4
-    return block_v, num_warps or default_warps, V <= block_v
+        bv = block_v
+        br = 1 if block_r is None else br
+    if block_r is not None:
+        if block_r < 1 or block_r & (block_r - 1):
+            raise ValueError(f"block_r must be a power of two >= 1, got {block_r}")
+        br = block_r
+    if br > 1 and V > bv:
+        raise ValueError(f"block_r > 1 needs the row in one block: V={V} > block_v={bv}")
+    return br, bv, num_warps or nw, V <= bv
 
 
 def _placeholder_seed(device):
@@ -219,14 +234,14 @@ def _stats_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def gumbel_fwd(x, inv_tau: float, hard: bool, noise=None, seed=None, *, block_v=None, num_warps=None,
-               write_noise: bool = False):
+def gumbel_fwd(x, inv_tau: float, hard: bool, noise=None, seed=None, *, block_r=None, block_v=None,
+               num_warps=None, write_noise: bool = False):
     """x (R, V) with unit column stride; noise (R, V) in x.dtype or None (then seed, a 0-d int64 tensor).
 
     Returns y (R, V) in x.dtype, idx (R,) int64, m (R,), s (R,) [, g (R, V) fp32 if write_noise].
     """
     R, V = x.shape
-    BLOCK_V, nw, single = pick_config(V, x.dtype, block_v, num_warps)
+    BR, BV, nw, single = pick_config(V, x.dtype, block_r=block_r, block_v=block_v, num_warps=num_warps)
     y = torch.empty((R, V), dtype=x.dtype, device=x.device)
     idx = torch.empty((R,), dtype=torch.int64, device=x.device)
     m = torch.empty((R,), dtype=_stats_dtype(x.dtype), device=x.device)
@@ -234,10 +249,10 @@ def gumbel_fwd(x, inv_tau: float, hard: bool, noise=None, seed=None, *, block_v=
     g = torch.empty((R, V), dtype=torch.float32, device=x.device) if write_noise else y
     has_noise = noise is not None
     if R:
-        _gumbel_fwd_kernel[(R,)](
+        _gumbel_fwd_kernel[(triton.cdiv(R, BR),)](
             x, noise if has_noise else x, idx if has_noise else seed, y, idx, m, s, g,
-            x.stride(0), noise.stride(0) if has_noise else 0, y.stride(0), V, float(inv_tau),
-            BLOCK_V=BLOCK_V, SINGLE=single, HARD=bool(hard), HAS_NOISE=has_noise,
+            x.stride(0), noise.stride(0) if has_noise else 0, y.stride(0), R, V, float(inv_tau),
+            BLOCK_R=BR, BLOCK_V=BV, SINGLE=single, HARD=bool(hard), HAS_NOISE=has_noise,
             FP64=x.dtype == torch.float64, WRITE_NOISE=bool(write_noise), num_warps=nw,
         )
     if write_noise:
@@ -245,24 +260,26 @@ def gumbel_fwd(x, inv_tau: float, hard: bool, noise=None, seed=None, *, block_v=
     return y, idx, m, s
 
 
-def gumbel_bwd(dy, x, m, s, inv_tau: float, noise=None, seed=None, *, block_v=None, num_warps=None):
-    """dlogits (R, V) in x.dtype from dy (R, V) and the forward's saved (m, s) and noise source."""
+def gumbel_bwd(dy, x, m, s, inv_tau: float, noise=None, seed=None, *, block_r=None, block_v=None,
+               num_warps=None):
+    """dlogits (R, V) in x.dtype from dy (R, V) (unit column stride), the forward's (m, s) and noise source."""
     R, V = x.shape
-    BLOCK_V, nw, single = pick_config(V, x.dtype, block_v, num_warps)
+    BR, BV, nw, single = pick_config(V, x.dtype, block_r=block_r, block_v=block_v, num_warps=num_warps)
     dx = torch.empty((R, V), dtype=x.dtype, device=x.device)
     has_noise = noise is not None
     if R:
-        _gumbel_bwd_kernel[(R,)](
+        _gumbel_bwd_kernel[(triton.cdiv(R, BR),)](
             x, noise if has_noise else x, _placeholder_seed(x.device) if has_noise else seed, m, s, dy, dx,
-            x.stride(0), noise.stride(0) if has_noise else 0, dy.stride(0), dx.stride(0), V, float(inv_tau),
-            BLOCK_V=BLOCK_V, SINGLE=single, HAS_NOISE=has_noise, FP64=x.dtype == torch.float64, num_warps=nw,
+            x.stride(0), noise.stride(0) if has_noise else 0, dy.stride(0), dx.stride(0), R, V, float(inv_tau),
+            BLOCK_R=BR, BLOCK_V=BV, SINGLE=single, HAS_NOISE=has_noise, FP64=x.dtype == torch.float64,
+            num_warps=nw,
         )
     return dx
 
 
 # ----------------------------------------------------------------------------------------------
-# ahead-of-time compile configurations: every (dtype, noise dtype, block config, flag) the
-# launchers pick on their default path
+# ahead-of-time compile configurations: every (dtype, block config, flag) the launchers pick on
+# their default path (WRITE_NOISE, a test hook, is never picked)
 
 
 def _tt(dtype) -> str:
@@ -271,31 +288,33 @@ def _tt(dtype) -> str:
 
 def _block_configs(dtype):
     singles, multi = _configs(dtype)
-    for _max_v, bv, nw in singles:
-        yield bv, nw, True
-    yield multi[0], multi[1], False
+    for _max_v, br, bv, nw in singles:
+        yield br, bv, nw, True
+    yield multi[0], multi[1], multi[2], False
 
 
 def _aot_configs():
     for dtype in _AOT_DTYPES:
         dt, st = _tt(dtype), _tt(_stats_dtype(dtype))
         for has_noise in (False, True):  # explicit noise comes in logits' dtype (fused_s2s.gumbel casts it)
-            nt = dt
-            for bv, nw, single in _block_configs(dtype):
-                common = {"BLOCK_V": bv, "SINGLE": single, "HAS_NOISE": has_noise, "FP64": dtype == torch.float64}
-                label = f"{dt} noise={'given' if has_noise else 'philox'} BV={bv}{'' if single else ' loop'}"
+            for br, bv, nw, single in _block_configs(dtype):
+                common = {"BLOCK_R": br, "BLOCK_V": bv, "SINGLE": single, "HAS_NOISE": has_noise,
+                          "FP64": dtype == torch.float64}
+                label = f"{dt} noise={'given' if has_noise else 'philox'} {br}x{bv}{'' if single else ' loop'}"
                 for hard in (False, True):
-                    sig = {"x_ptr": f"*{dt}", "noise_ptr": f"*{nt}", "seed_ptr": "*i64", "y_ptr": f"*{dt}",
+                    sig = {"x_ptr": f"*{dt}", "noise_ptr": f"*{dt}", "seed_ptr": "*i64", "y_ptr": f"*{dt}",
                            "idx_ptr": "*i64", "m_ptr": f"*{st}", "s_ptr": f"*{st}", "g_ptr": f"*{dt}",
-                           "stride_x": "i32", "stride_n": "i32", "stride_y": "i32", "V": "i32", "inv_tau": "fp32",
-                           "BLOCK_V": "constexpr", "SINGLE": "constexpr", "HARD": "constexpr",
-                           "HAS_NOISE": "constexpr", "FP64": "constexpr", "WRITE_NOISE": "constexpr"}
+                           "stride_x": "i32", "stride_n": "i32", "stride_y": "i32", "R": "i32", "V": "i32",
+                           "inv_tau": "fp32", "BLOCK_R": "constexpr", "BLOCK_V": "constexpr", "SINGLE": "constexpr",
+                           "HARD": "constexpr", "HAS_NOISE": "constexpr", "FP64": "constexpr",
+                           "WRITE_NOISE": "constexpr"}
                     yield aot.AOTConfig(_gumbel_fwd_kernel, sig, dict(common, HARD=hard, WRITE_NOISE=False),
                                         num_warps=nw, label=f"fwd {label}{' hard' if hard else ''}")
-                sig = {"x_ptr": f"*{dt}", "noise_ptr": f"*{nt}", "seed_ptr": "*i64", "m_ptr": f"*{st}",
+                sig = {"x_ptr": f"*{dt}", "noise_ptr": f"*{dt}", "seed_ptr": "*i64", "m_ptr": f"*{st}",
                        "s_ptr": f"*{st}", "dy_ptr": f"*{dt}", "dx_ptr": f"*{dt}", "stride_x": "i32",
-                       "stride_n": "i32", "stride_dy": "i32", "stride_dx": "i32", "V": "i32", "inv_tau": "fp32",
-                       "BLOCK_V": "constexpr", "SINGLE": "constexpr", "HAS_NOISE": "constexpr", "FP64": "constexpr"}
+                       "stride_n": "i32", "stride_dy": "i32", "stride_dx": "i32", "R": "i32", "V": "i32",
+                       "inv_tau": "fp32", "BLOCK_R": "constexpr", "BLOCK_V": "constexpr", "SINGLE": "constexpr",
+                       "HAS_NOISE": "constexpr", "FP64": "constexpr"}
                 yield aot.AOTConfig(_gumbel_bwd_kernel, sig, common, num_warps=nw, label=f"bwd {label}")
 
 
