@@ -444,19 +444,25 @@ def test_draw_order_and_same_seed_same_result(mode, coin):
     model, dec, tgt_in, memory, mask, state = _setup(T=5)
     memory = memory.detach()
     state = DecoderState(tuple(s.detach() for s in state.rnn), state.h_tilde)
+    # the whole model twice from the same seed: identical loss and gradients of every parameter
+    src, lengths, tgt = make_batch(B=3, L=4, T=5, Vs=9, Vt=9, lengths=[4, 2, 3], tgt_lengths=[5, 3, 4])
     runs = []
     for _ in range(2):
-        dec.zero_grad()
+        model.zero_grad()
         torch.manual_seed(42)
-        out = dec(tgt_in, memory, mask, state, 0.5, mode, 0.7, coin=coin)
-        out.logits.square().mean().backward()
-        runs.append((out.logits.detach(), grads(dec)))
+        out = model(src, lengths, tgt, 0.5, mode, 0.7, coin=coin)
+        out.loss.backward()
+        runs.append((out.loss.detach(), grads(model)))
     assert torch.equal(runs[0][0], runs[1][0])
+    assert len(runs[0][1]) == len(list(model.parameters()))
     for n in runs[0][1]:
         assert torch.equal(runs[0][1][n], runs[1][1][n]), n
+    # the documented draw order, replayed by hand
+    torch.manual_seed(42)
+    out = dec(tgt_in, memory, mask, state, 0.5, mode, 0.7, coin=coin)
     torch.manual_seed(42)
     exp = _replay(dec, tgt_in, memory, mask, state, mode, coin, 0.5, 0.7)
-    torch.testing.assert_close(runs[0][0], exp, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out.logits, exp, rtol=0, atol=1e-12)
 
 
 def test_generator_is_honoured():
@@ -593,6 +599,11 @@ def _bad_cases():
         (d(memory=memory[0]), ValueError, "memory"),
         (d(memory=memory.double()), TypeError, "memory"),
         (d(memory=memory.int()), TypeError, "memory"),
+        (d(memory=memory.to("meta")), ValueError, "memory"),  # device mismatch with the parameters
+        (d(tgt_in=tgt_in.to("meta")), ValueError, "tgt_in"),
+        (d(memory_mask=torch.ones(2, 3, dtype=torch.bool, device="meta")), ValueError, "memory_mask"),
+        (f(tgt=tgt.to("meta")), ValueError, "tgt"),
+        (lambda: m.encoder(src.to("meta"), lengths), ValueError, "src"),
         (d(memory_mask=mask[:1]), ValueError, "memory_mask"),
         (d(memory_mask=mask.float()), TypeError, "memory_mask"),
         (d(memory_mask=torch.ones(2, 4, dtype=torch.bool)), ValueError, "memory_mask"),
