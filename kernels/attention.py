@@ -49,22 +49,24 @@ import triton.language as tl
 
 import fused_s2s.aot
 
-# Register budget: a (BLOCK_L, BLOCK_D) tile in fp32 holds TILE elements, i.e. TILE / (32 * warps)
-# registers per thread; the forward holds two such tiles (H and V), the dH/dV kernel four.
-_TILE_PER_WARP = 1024
+# Register budget: elements of one fp32 (BLOCK_L, BLOCK_D) tile per warp. The forward holds two
+# tiles (H and V) and their addresses; the backward kernels also build dH/dV tiles, so they take
+# half. Sized with the AOT tool (no spills, < 255 registers up to D = 1024) while leaving room
+# for 2+ resident programs per SM: these kernels are bandwidth-bound.
+_TILE_PER_WARP = {"fwd": 512, "bwd_row": 256, "bwd_kv": 256}
 _MIN_BLOCK_D = 16
 _MAX_BLOCK_L = 64
 _MIN_BLOCKS_PER_SPLIT = 4
 
 
 @triton.jit
-def _mask_valid(MASK, b, offs_l, in_l, s_mb, s_ml, MASK_MODE: tl.constexpr):
-    """(BLOCK_L,) attend-flags of batch b. MASK_MODE 0: none, 1: lengths (B,), 2: bool (B, L)."""
+def _mask_valid(MASK, b, l0, ar_l, in_l, s_mb, s_ml, MASK_MODE: tl.constexpr):
+    """(BLOCK_L,) attend-flags of positions l0 + ar_l of batch b. MASK_MODE 0: none, 1: lengths (B,), 2: bool (B, L)."""
     if MASK_MODE == 1:
         n = tl.load(MASK + b * s_mb).to(tl.int64)
-        valid = in_l & (offs_l < n)
+        valid = in_l & (l0 + ar_l < n)
     elif MASK_MODE == 2:
-        mv = tl.load(MASK + b * s_mb + offs_l * s_ml, mask=in_l, other=0)
+        mv = tl.load(MASK + b * s_mb + l0 * s_ml + ar_l * s_ml, mask=in_l, other=0)
         valid = in_l & (mv != 0)
     else:
         valid = in_l
@@ -84,12 +86,12 @@ def _finalize_row(CTX, W, S, LSE, row, m_i, l_i, acc, offs_d, L, DV,
     tl.store(LSE + row, lse)
     # The raw scores were written by other threads of this program (another layout): make them visible.
     tl.debug_barrier()
+    ar_l = tl.arange(0, BLOCK_L)
     l0 = row * 0
     while l0 < L:
-        offs_l = l0 + tl.arange(0, BLOCK_L).to(tl.int64)
-        in_l = offs_l < L
-        e = tl.load(S + row * L + offs_l, mask=in_l, other=float("-inf")).to(ACC)
-        tl.store(W + row * L + offs_l, tl.exp(e - lse).to(W.dtype.element_ty), mask=in_l)
+        in_l = ar_l < L - l0
+        e = tl.load(S + row * L + l0 + ar_l, mask=in_l, other=float("-inf")).to(ACC)
+        tl.store(W + row * L + l0 + ar_l, tl.exp(e - lse).to(W.dtype.element_ty), mask=in_l)
         l0 += BLOCK_L
 
 
@@ -111,12 +113,15 @@ def _attn_fwd_kernel(
     nsplit = tl.num_programs(1)
     b = row // T
     t = row % T
-    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
-    in_d = offs_d < D
-    in_dv = offs_d < DV
-    q = tl.load(Q + b * s_qb + t * s_qt + offs_d * s_qd, mask=in_d, other=0.0).to(ACC)  # (BLOCK_D,)
-    k_base = K + b * s_kb
-    v_base = V + b * s_vb
+    # int64 scalar bases (row, batch, block start); int32 offsets inside a tile (the launcher makes a
+    # tensor contiguous in the rare case a tile's span would not fit in int32).
+    ar_l = tl.arange(0, BLOCK_L)
+    ar_d = tl.arange(0, BLOCK_D)
+    in_d = ar_d < D
+    in_dv = ar_d < DV
+    q = tl.load(Q + b * s_qb + t * s_qt + ar_d * s_qd, mask=in_d, other=0.0).to(ACC)  # (BLOCK_D,)
+    k_tile = ar_l[:, None] * s_kl + ar_d[None, :] * s_kd  # (BLOCK_L, BLOCK_D)
+    v_tile = ar_l[:, None] * s_vl + ar_d[None, :] * s_vd
 
     m_i = tl.full([], float("-inf"), ACC)
     l_i = tl.zeros([], ACC)
@@ -124,14 +129,13 @@ def _attn_fwd_kernel(
     l0 = sp * BLOCKS_PER_SPLIT * BLOCK_L
     l_end = tl.minimum(l0 + BLOCKS_PER_SPLIT * BLOCK_L, L)
     while l0 < l_end:
-        offs_l = l0 + tl.arange(0, BLOCK_L).to(tl.int64)
-        in_l = offs_l < L
-        valid = _mask_valid(MASK, b, offs_l, in_l, s_mb, s_ml, MASK_MODE)
-        k = tl.load(k_base + offs_l[:, None] * s_kl + offs_d[None, :] * s_kd,
+        in_l = ar_l < L - l0
+        valid = _mask_valid(MASK, b, l0, ar_l, in_l, s_mb, s_ml, MASK_MODE)
+        k = tl.load(K + b * s_kb + l0 * s_kl + k_tile,
                     mask=in_l[:, None] & in_d[None, :], other=0.0).to(ACC)  # (BLOCK_L, BLOCK_D)
         e = tl.sum(k * q[None, :], axis=1)  # (BLOCK_L,)
         e = tl.where(valid, e, float("-inf"))
-        tl.store(S + row * L + offs_l, e.to(S.dtype.element_ty), mask=in_l)
+        tl.store(S + row * L + l0 + ar_l, e.to(S.dtype.element_ty), mask=in_l)
         m_new = tl.maximum(m_i, tl.max(e, axis=0))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: keep exp() finite
         p = tl.exp(e - m_use)
@@ -140,19 +144,19 @@ def _attn_fwd_kernel(
         if SHARED_KV:
             v = k  # H read once for the score and the context
         else:
-            v = tl.load(v_base + offs_l[:, None] * s_vl + offs_d[None, :] * s_vd,
+            v = tl.load(V + b * s_vb + l0 * s_vl + v_tile,
                         mask=in_l[:, None] & in_dv[None, :], other=0.0).to(ACC)
         acc = acc * corr + tl.sum(p[:, None] * v, axis=0)
         m_i = m_new
         l0 += BLOCK_L
 
     if FINALIZE:
-        _finalize_row(CTX, W, S, LSE, row, m_i, l_i, acc, offs_d, L, DV, ACC, BLOCK_L)
+        _finalize_row(CTX, W, S, LSE, row, m_i, l_i, acc, ar_d, L, DV, ACC, BLOCK_L)
     else:
         # m = -inf for a chunk with nothing to attend to (then l = 0 and acc = 0 too).
         tl.store(PM + row * nsplit + sp, m_i)
         tl.store(PL + row * nsplit + sp, l_i)
-        tl.store(PACC + (row * nsplit + sp) * DV + offs_d, acc, mask=in_dv)
+        tl.store(PACC + (row * nsplit + sp) * DV + ar_d, acc, mask=in_dv)
 
 
 @triton.jit
@@ -160,8 +164,8 @@ def _attn_combine_kernel(CTX, W, S, LSE, PM, PL, PACC, L, DV, NSPLIT,
                          ACC: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     """Grid (B*T,). Merge the split partials (flash-decoding), then normalise the row's weights."""
     row = tl.program_id(0).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
-    in_dv = offs_d < DV
+    ar_d = tl.arange(0, BLOCK_D)
+    in_dv = ar_d < DV
     # A chunk with nothing to attend to stored m = -inf, l = 0, acc = 0: its scale is exp(-inf) = 0.
     m_i = tl.full([], float("-inf"), ACC)
     sp = row * 0
@@ -175,9 +179,9 @@ def _attn_combine_kernel(CTX, W, S, LSE, PM, PL, PACC, L, DV, NSPLIT,
     while sp < NSPLIT:
         scale = tl.exp(tl.load(PM + row * NSPLIT + sp).to(ACC) - m_use)
         l_i += scale * tl.load(PL + row * NSPLIT + sp).to(ACC)
-        acc += scale * tl.load(PACC + (row * NSPLIT + sp) * DV + offs_d, mask=in_dv, other=0.0).to(ACC)
+        acc += scale * tl.load(PACC + (row * NSPLIT + sp) * DV + ar_d, mask=in_dv, other=0.0).to(ACC)
         sp += 1
-    _finalize_row(CTX, W, S, LSE, row, m_i, l_i, acc, offs_d, L, DV, ACC, BLOCK_L)
+    _finalize_row(CTX, W, S, LSE, row, m_i, l_i, acc, ar_d, L, DV, ACC, BLOCK_L)
 
 
 @triton.jit
@@ -200,50 +204,51 @@ def _attn_bwd_row_kernel(
     sp = tl.program_id(1).to(tl.int64)
     b = row // T
     t = row % T
-    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
-    in_d = offs_d < D
-    in_dv = offs_d < DV
-    q = tl.load(Q + b * s_qb + t * s_qt + offs_d * s_qd, mask=in_d, other=0.0).to(ACC)
+    ar_l = tl.arange(0, BLOCK_L)
+    ar_d = tl.arange(0, BLOCK_D)
+    in_d = ar_d < D
+    in_dv = ar_d < DV
+    q = tl.load(Q + b * s_qb + t * s_qt + ar_d * s_qd, mask=in_d, other=0.0).to(ACC)  # (BLOCK_D,)
     lse = tl.load(LSE + row).to(ACC)
 
     # delta = sum_j alpha_j dalpha_j + dc . c
     delta = tl.zeros([], ACC)
     if HAS_DCTX:
-        dc = tl.load(DCTX + b * s_cb + t * s_ct + offs_d * s_cd, mask=in_dv, other=0.0).to(ACC)
-        c = tl.load(CTX + row * DV + offs_d, mask=in_dv, other=0.0).to(ACC)
+        dc = tl.load(DCTX + b * s_cb + t * s_ct + ar_d * s_cd, mask=in_dv, other=0.0).to(ACC)  # (BLOCK_D,)
+        c = tl.load(CTX + row * DV + ar_d, mask=in_dv, other=0.0).to(ACC)
         delta += tl.sum(dc * c, axis=0)
     if HAS_DW:
         j0 = row * 0
         while j0 < L:
-            offs_j = j0 + tl.arange(0, BLOCK_L).to(tl.int64)
-            in_j = offs_j < L
-            wj = tl.load(W + row * L + offs_j, mask=in_j, other=0.0).to(ACC)
-            dwj = tl.load(DW + b * s_wb + t * s_wt + offs_j * s_wl, mask=in_j, other=0.0).to(ACC)
+            in_j = ar_l < L - j0
+            wj = tl.load(W + row * L + j0 + ar_l, mask=in_j, other=0.0).to(ACC)
+            dwj = tl.load(DW + b * s_wb + t * s_wt + j0 * s_wl + ar_l * s_wl, mask=in_j, other=0.0).to(ACC)
             delta += tl.sum(wj * dwj, axis=0)
             j0 += BLOCK_L
     tl.store(DELTA + row, delta, mask=sp == 0)
 
-    k_base = K + b * s_kb
-    v_base = V + b * s_vb
+    k_tile = ar_l[:, None] * s_kl + ar_d[None, :] * s_kd  # (BLOCK_L, BLOCK_D)
+    v_tile = ar_l[:, None] * s_vl + ar_d[None, :] * s_vd
+    dk_tile = ar_l[:, None] * D + ar_d[None, :]  # dH, dV are contiguous (B, L, D) / (B, L, DV)
+    dv_tile = ar_l[:, None] * DV + ar_d[None, :]
     dq = tl.zeros([BLOCK_D], ACC)
     l0 = sp * BLOCKS_PER_SPLIT * BLOCK_L
     l_end = tl.minimum(l0 + BLOCKS_PER_SPLIT * BLOCK_L, L)
     while l0 < l_end:
-        offs_l = l0 + tl.arange(0, BLOCK_L).to(tl.int64)
-        in_l = offs_l < L
-        valid = _mask_valid(MASK, b, offs_l, in_l, s_mb, s_ml, MASK_MODE)
-        k = tl.load(k_base + offs_l[:, None] * s_kl + offs_d[None, :] * s_kd,
+        in_l = ar_l < L - l0
+        valid = _mask_valid(MASK, b, l0, ar_l, in_l, s_mb, s_ml, MASK_MODE)
+        k = tl.load(K + b * s_kb + l0 * s_kl + k_tile,
                     mask=in_l[:, None] & in_d[None, :], other=0.0).to(ACC)  # (BLOCK_L, BLOCK_D)
         e = tl.sum(k * q[None, :], axis=1)
         alpha = tl.where(valid, tl.exp(e - lse), 0.0)  # (BLOCK_L,)
         g = tl.zeros([BLOCK_L], ACC)
         if HAS_DW:
-            g += tl.load(DW + b * s_wb + t * s_wt + offs_l * s_wl, mask=in_l, other=0.0).to(ACC)
+            g += tl.load(DW + b * s_wb + t * s_wt + l0 * s_wl + ar_l * s_wl, mask=in_l, other=0.0).to(ACC)
         if HAS_DCTX:
             if SHARED_KV:
                 v = k
             else:
-                v = tl.load(v_base + offs_l[:, None] * s_vl + offs_d[None, :] * s_vd,
+                v = tl.load(V + b * s_vb + l0 * s_vl + v_tile,
                             mask=in_l[:, None] & in_dv[None, :], other=0.0).to(ACC)
             g += tl.sum(v * dc[None, :], axis=1)
         de = alpha * (g - delta)  # (BLOCK_L,)
@@ -252,14 +257,14 @@ def _attn_bwd_row_kernel(
             dk = de[:, None] * q[None, :]
             if SHARED_KV and HAS_DCTX:
                 dk += alpha[:, None] * dc[None, :]
-            tl.store(DK + b * L * D + offs_l[:, None] * D + offs_d[None, :], dk.to(DK.dtype.element_ty),
+            tl.store(DK + (b * L + l0) * D + dk_tile, dk.to(DK.dtype.element_ty),
                      mask=in_l[:, None] & in_d[None, :])
             if not SHARED_KV and HAS_DCTX:
                 dv = alpha[:, None] * dc[None, :]
-                tl.store(DVAL + b * L * DV + offs_l[:, None] * DV + offs_d[None, :], dv.to(DVAL.dtype.element_ty),
+                tl.store(DVAL + (b * L + l0) * DV + dv_tile, dv.to(DVAL.dtype.element_ty),
                          mask=in_l[:, None] & in_dv[None, :])
         l0 += BLOCK_L
-    tl.store(DQ + (sp * NROWS + row) * D + offs_d, dq.to(DQ.dtype.element_ty), mask=in_d)
+    tl.store(DQ + (sp * NROWS + row) * D + ar_d, dq.to(DQ.dtype.element_ty), mask=in_d)
 
 
 @triton.jit
@@ -273,35 +278,36 @@ def _attn_bwd_kv_kernel(
 ):
     """Grid (B, cdiv(L, BLOCK_L)). dH_j = sum_t dE_tj q_t (+ alpha_tj dc_t when V = H), dV_j = sum_t alpha_tj dc_t."""
     b = tl.program_id(0).to(tl.int64)
-    offs_l = tl.program_id(1).to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
-    in_l = offs_l < L
-    in_d = offs_d < D
-    in_dv = offs_d < DV
-    valid = _mask_valid(MASK, b, offs_l, in_l, s_mb, s_ml, MASK_MODE)
-    k = tl.load(K + b * s_kb + offs_l[:, None] * s_kl + offs_d[None, :] * s_kd,
+    l0 = tl.program_id(1).to(tl.int64) * BLOCK_L
+    ar_l = tl.arange(0, BLOCK_L)
+    ar_d = tl.arange(0, BLOCK_D)
+    in_l = ar_l < L - l0
+    in_d = ar_d < D
+    in_dv = ar_d < DV
+    valid = _mask_valid(MASK, b, l0, ar_l, in_l, s_mb, s_ml, MASK_MODE)
+    k = tl.load(K + b * s_kb + l0 * s_kl + ar_l[:, None] * s_kl + ar_d[None, :] * s_kd,
                 mask=in_l[:, None] & in_d[None, :], other=0.0).to(ACC)  # (BLOCK_L, BLOCK_D)
     if HAS_DCTX:
         if SHARED_KV:
             v = k
         else:
-            v = tl.load(V + b * s_vb + offs_l[:, None] * s_vl + offs_d[None, :] * s_vd,
+            v = tl.load(V + b * s_vb + l0 * s_vl + ar_l[:, None] * s_vl + ar_d[None, :] * s_vd,
                         mask=in_l[:, None] & in_dv[None, :], other=0.0).to(ACC)
     dk = tl.zeros([BLOCK_L, BLOCK_D], ACC)
     dv = tl.zeros([BLOCK_L, BLOCK_D], ACC)
     t = b * 0
     while t < T:
         row = b * T + t
-        q = tl.load(Q + b * s_qb + t * s_qt + offs_d * s_qd, mask=in_d, other=0.0).to(ACC)
+        q = tl.load(Q + b * s_qb + t * s_qt + ar_d * s_qd, mask=in_d, other=0.0).to(ACC)
         lse = tl.load(LSE + row).to(ACC)
         delta = tl.load(DELTA + row).to(ACC)
         e = tl.sum(k * q[None, :], axis=1)
-        alpha = tl.where(valid, tl.exp(e - lse), 0.0)
+        alpha = tl.where(valid, tl.exp(e - lse), 0.0)  # (BLOCK_L,)
         g = tl.zeros([BLOCK_L], ACC)
         if HAS_DW:
-            g += tl.load(DW + b * s_wb + t * s_wt + offs_l * s_wl, mask=in_l, other=0.0).to(ACC)
+            g += tl.load(DW + b * s_wb + t * s_wt + l0 * s_wl + ar_l * s_wl, mask=in_l, other=0.0).to(ACC)
         if HAS_DCTX:
-            dc = tl.load(DCTX + b * s_cb + t * s_ct + offs_d * s_cd, mask=in_dv, other=0.0).to(ACC)
+            dc = tl.load(DCTX + b * s_cb + t * s_ct + ar_d * s_cd, mask=in_dv, other=0.0).to(ACC)
             g += tl.sum(v * dc[None, :], axis=1)
             if SHARED_KV:
                 dk += alpha[:, None] * dc[None, :]
@@ -310,10 +316,10 @@ def _attn_bwd_kv_kernel(
         de = alpha * (g - delta)
         dk += de[:, None] * q[None, :]
         t += 1
-    tl.store(DK + b * L * D + offs_l[:, None] * D + offs_d[None, :], dk.to(DK.dtype.element_ty),
+    tl.store(DK + (b * L + l0) * D + ar_l[:, None] * D + ar_d[None, :], dk.to(DK.dtype.element_ty),
              mask=in_l[:, None] & in_d[None, :])
     if not SHARED_KV:
-        tl.store(DVAL + b * L * DV + offs_l[:, None] * DV + offs_d[None, :], dv.to(DVAL.dtype.element_ty),
+        tl.store(DVAL + (b * L + l0) * DV + ar_l[:, None] * DV + ar_d[None, :], dv.to(DVAL.dtype.element_ty),
                  mask=in_l[:, None] & in_dv[None, :])
 
 
@@ -325,14 +331,12 @@ def block_config(D: int, Dv: int, kind: str = "fwd") -> tuple[int, int, int]:
     """(BLOCK_D, BLOCK_L, num_warps) for head sizes D, Dv. kind: "fwd" / "bwd_row" or "bwd_kv".
 
     BLOCK_D covers max(D, Dv) (one padded width for H and V keeps the config count small); BLOCK_L
-    keeps each (BLOCK_L, BLOCK_D) fp32 tile at _TILE_PER_WARP elements per warp (32 registers a
-    thread) so the kernels do not spill up to D = 1024. The dH/dV kernel holds four tiles: half.
+    keeps each (BLOCK_L, BLOCK_D) fp32 tile at _TILE_PER_WARP[kind] elements per warp so the
+    kernels do not spill up to D = 1024.
     """
     block_d = max(_MIN_BLOCK_D, triton.next_power_of_2(max(D, Dv)))
     num_warps = 4 if block_d <= 256 else 8
-    tile = _TILE_PER_WARP * num_warps
-    if kind == "bwd_kv":
-        tile //= 2
+    tile = _TILE_PER_WARP[kind] * num_warps
     block_l = max(2, min(_MAX_BLOCK_L, tile // block_d))
     return block_d, block_l, num_warps
 
@@ -372,6 +376,19 @@ def _mask_args(mask, query):
     return mask, 1, mask.stride(0), 0
 
 
+def _tile_safe(x, *blocks):
+    """x, or a contiguous copy when a tile's int32 in-kernel offsets could overflow.
+
+    The kernels add int64 bases (batch, row, block start) to int32 offsets inside a tile,
+    sum_i (block_i - 1) * stride_i over the trailing dims; that only overflows for absurd strides
+    (a view into a > 2^31-element tensor with a huge step), where a copy is the simple way out.
+    """
+    if x is None:
+        return None
+    span = sum((blk - 1) * st for blk, st in zip(blocks, x.stride()[x.dim() - len(blocks):]))
+    return x.contiguous() if span >= 2**31 else x
+
+
 def attention_forward(query, keys, values, mask, *, splits=None, block_l=None):
     """query (B, T, D), keys (B, L, D), values (B, L, Dv) or None (= keys), mask None | (B,) int | (B, L) bool.
 
@@ -395,6 +412,9 @@ def attention_forward(query, keys, values, mask, *, splits=None, block_l=None):
     block_d, bl, num_warps = block_config(D, Dv)
     bl = block_l or bl
     nsplit, per = split_plan(rows, L, bl, dev, splits)
+    query = _tile_safe(query, block_d)
+    keys, values, mask = _tile_safe(keys, bl, block_d), _tile_safe(values, bl, block_d), _tile_safe(mask, bl) if mask is not None and mask.dim() == 2 else mask
+    v = keys if shared else values
     # Raw scores: in place in the weights when they are already in the accumulation dtype.
     scores = weights if dtype == acc_t else torch.empty(B, T, L, device=dev, dtype=acc_t)
     m_ptr, mode, s_mb, s_ml = _mask_args(mask, query)
@@ -436,13 +456,22 @@ def attention_backward(query, keys, values, mask, ctx, weights, lse, dctx, dweig
     acc_t = torch.float64 if dtype == torch.float64 else torch.float32
     has_dc, has_dw = dctx is not None, dweights is not None
     rows = B * T
-    dk = torch.zeros(B, L, D, device=dev, dtype=dtype) if not (has_dc or has_dw) else torch.empty(B, L, D, device=dev, dtype=dtype)
-    dv = None if shared else (torch.empty(B, L, Dv, device=dev, dtype=dtype) if has_dc
-                              else torch.zeros(B, L, Dv, device=dev, dtype=dtype))
     if rows == 0 or not (has_dc or has_dw):
-        return torch.zeros_like(query), dk.zero_(), dv
+        z = torch.zeros
+        return z(B, T, D, device=dev, dtype=dtype), z(B, L, D, device=dev, dtype=dtype), \
+            None if shared else z(B, L, Dv, device=dev, dtype=dtype)
+    dk = torch.empty(B, L, D, device=dev, dtype=dtype)
+    # dV is only written where dc flows (HAS_DCTX); without it it is zero.
+    dv = None if shared else (torch.empty if has_dc else torch.zeros)(B, L, Dv, device=dev, dtype=dtype)
     block_d, bl, num_warps = block_config(D, Dv, "bwd_row")
+    _, bl_kv, nw_kv = block_config(D, Dv, "bwd_kv")
     bl = block_l or bl
+    bl_kv = block_l or bl_kv
+    blk = max(bl, bl_kv)
+    query = _tile_safe(query, block_d)
+    keys, values, mask = _tile_safe(keys, blk, block_d), _tile_safe(values, blk, block_d), _tile_safe(mask, blk) if mask is not None and mask.dim() == 2 else mask
+    dctx, dweights = _tile_safe(dctx, block_d), _tile_safe(dweights, blk)
+    v = keys if shared else values
     write_kv = T == 1
     nsplit, per = split_plan(rows, L, bl, dev, splits)
     dq = torch.empty(B, T, D, device=dev, dtype=dtype) if nsplit == 1 else \
@@ -463,8 +492,7 @@ def attention_backward(query, keys, values, mask, ctx, weights, lse, dctx, dweig
     if nsplit > 1:
         dq = dq.sum(0).to(dtype)
     if not write_kv:
-        _, bl_kv, _ = block_config(D, Dv, "bwd_kv")
-        bl_kv = block_l or bl_kv
+        common["num_warps"] = nw_kv
         _attn_bwd_kv_kernel[(B, triton.cdiv(L, bl_kv))](
             query, keys, v, m_ptr, lse, delta, dc, dw, dk, dv_ptr,
             T, L, D, Dv,
@@ -484,59 +512,64 @@ _TL_NAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"
 def _aot_configs():
     """Every (dtype, BLOCK_D, BLOCK_L, num_warps, split/finalize) the launchers pick for D, Dv <= 1024.
 
-    The mask mode and SHARED_KV barely change register use; they rotate over the configs so that
-    each form is compiled, with SHARED_KV=False (separate V: the larger footprint) for the rest.
-    BLOCK_D 2048/4096 (D > 1024) are compiled too but may spill (expect_no_spill=False).
+    Strides of the innermost dim are compiled as the constant 1, as triton's JIT specialises them
+    for contiguous inputs. The mask form and SHARED_KV barely change register use; they rotate over
+    the configs so that each form is compiled, with separate V (the larger footprint) for most.
+    BLOCK_D = 2048 (1024 < D <= 2048) is compiled too but may spill (expect_no_spill=False).
     """
     from fused_s2s.aot import AOTConfig
 
-    masks = [("*i1", 2), ("*i64", 1), ("*i32", 1), ("*fp32", 0)]
+    masks = [("*i1", 2), ("*i64", 1), ("*i32", 1), ("*i64", 0)]
+    i32, cx = "i32", "constexpr"
+    unit = dict(s_qd=1, s_kd=1, s_vd=1, s_cd=1, s_ml=1)  # innermost strides (s_ml: bool mask rows)
     i = 0
     for dtype, ty in _TL_NAME.items():
-        for block_d in (16, 32, 64, 128, 256, 512, 1024, 2048, 4096):
+        for block_d in (16, 32, 64, 128, 256, 512, 1024, 2048):
             ok = block_d <= 1024
             mask_ty, mode = masks[i % len(masks)]
+            shared = i % 5 == 4
             i += 1
-            shared = (i % 5 == 0)
-            base = dict(T="i32", L="i32", D="i32", DV="i32")
-            strides = {n: "i32" for n in ("s_qb", "s_qt", "s_qd", "s_kb", "s_kl", "s_kd",
-                                          "s_vb", "s_vl", "s_vd", "s_mb", "s_ml")}
-            gstrides = {n: "i32" for n in ("s_cb", "s_ct", "s_cd", "s_wb", "s_wt", "s_wl")}
             p, a = f"*{ty}", "*fp32"
-            _, bl, nw = block_config(block_d, block_d)
+            strides = dict(s_qb=i32, s_qt=i32, s_qd=cx, s_kb=i32, s_kl=i32, s_kd=cx, s_vb=i32, s_vl=i32, s_vd=cx,
+                           s_mb=i32, s_ml=cx)
+            gstrides = dict(s_cb=i32, s_ct=i32, s_cd=cx, s_wb=i32, s_wt=i32, s_wl=i32)
+            sizes = dict(T=i32, L=i32, D=i32, DV=i32)
+            cst = {k: v for k, v in unit.items() if k != "s_cd"}
+            tag = f"{ty} BD={block_d}"
+
+            _, bl, nw = block_config(block_d, block_d, "fwd")
             for finalize in (True, False):
-                sig = dict(Q=p, K=p, V=p, MASK=mask_ty, CTX=p, W=p, S=p if ty == "fp32" else a, LSE=a,
-                           PM=a, PL=a, PACC=a, **base, BLOCKS_PER_SPLIT="i32", **strides,
-                           MASK_MODE="constexpr", SHARED_KV="constexpr", FINALIZE="constexpr",
-                           ACC="constexpr", BLOCK_L="constexpr", BLOCK_D="constexpr")
-                cx = dict(MASK_MODE=mode, SHARED_KV=shared, FINALIZE=finalize, ACC=tl.float32,
-                          BLOCK_L=bl, BLOCK_D=block_d)
-                yield AOTConfig(_attn_fwd_kernel, sig, cx, num_warps=nw, expect_no_spill=ok,
-                                label=f"fwd {ty} BD={block_d} BL={bl} fin={int(finalize)} mask={mode} kv={int(shared)}")
-            sig = dict(CTX=p, W=p, S=p if ty == "fp32" else a, LSE=a, PM=a, PL=a, PACC=a, L="i32", DV="i32",
-                       NSPLIT="i32", ACC="constexpr", BLOCK_L="constexpr", BLOCK_D="constexpr")
+                sig = dict(Q=p, K=p, V=p, MASK=mask_ty, CTX=p, W=p, S=p if ty == "fp32" else a, LSE=a, PM=a, PL=a,
+                           PACC=a, **sizes, BLOCKS_PER_SPLIT=i32, **strides, MASK_MODE=cx, SHARED_KV=cx,
+                           FINALIZE=cx, ACC=cx, BLOCK_L=cx, BLOCK_D=cx)
+                c = dict(cst, MASK_MODE=mode, SHARED_KV=shared, FINALIZE=finalize, ACC=tl.float32, BLOCK_L=bl,
+                         BLOCK_D=block_d)
+                yield AOTConfig(_attn_fwd_kernel, sig, c, num_warps=nw, expect_no_spill=ok,
+                                label=f"fwd {tag} BL={bl} fin={int(finalize)} mask={mode} kv={int(shared)}")
+            sig = dict(CTX=p, W=p, S=p if ty == "fp32" else a, LSE=a, PM=a, PL=a, PACC=a, L=i32, DV=i32, NSPLIT=i32,
+                       ACC=cx, BLOCK_L=cx, BLOCK_D=cx)
             yield AOTConfig(_attn_combine_kernel, sig, dict(ACC=tl.float32, BLOCK_L=bl, BLOCK_D=block_d),
-                            num_warps=nw, expect_no_spill=ok, label=f"combine {ty} BD={block_d} BL={bl}")
+                            num_warps=nw, expect_no_spill=ok, label=f"combine {tag} BL={bl}")
+
+            _, bl, nw = block_config(block_d, block_d, "bwd_row")
             for write_kv in (True, False):
-                # T == 1 (write_kv) with a split dq (fp32 partials); T > 1 with a direct dq.
-                sig = dict(Q=p, K=p, V=p, MASK=mask_ty, CTX=p, W=p, LSE=a, DCTX=p, DW=p,
-                           DQ=a if write_kv else p, DK=p, DVAL=p, DELTA=a, **base, BLOCKS_PER_SPLIT="i32",
-                           NROWS="i32", **strides, **gstrides, MASK_MODE="constexpr", SHARED_KV="constexpr",
-                           HAS_DCTX="constexpr", HAS_DW="constexpr", WRITE_KV="constexpr", ACC="constexpr",
-                           BLOCK_L="constexpr", BLOCK_D="constexpr")
-                cx = dict(MASK_MODE=mode, SHARED_KV=shared, HAS_DCTX=True, HAS_DW=True, WRITE_KV=write_kv,
-                          ACC=tl.float32, BLOCK_L=bl, BLOCK_D=block_d)
-                yield AOTConfig(_attn_bwd_row_kernel, sig, cx, num_warps=nw, expect_no_spill=ok,
-                                label=f"bwd_row {ty} BD={block_d} BL={bl} kv={int(write_kv)} mask={mode}")
-            _, bl_kv, nw_kv = block_config(block_d, block_d, "bwd_kv")
-            sig = dict(Q=p, K=p, V=p, MASK=mask_ty, LSE=a, DELTA=a, DCTX=p, DW=p, DK=p, DVAL=p, **base,
-                       **strides, **gstrides, MASK_MODE="constexpr", SHARED_KV="constexpr",
-                       HAS_DCTX="constexpr", HAS_DW="constexpr", ACC="constexpr", BLOCK_L="constexpr",
-                       BLOCK_D="constexpr")
-            cx = dict(MASK_MODE=mode, SHARED_KV=shared, HAS_DCTX=True, HAS_DW=True, ACC=tl.float32,
-                      BLOCK_L=bl_kv, BLOCK_D=block_d)
-            yield AOTConfig(_attn_bwd_kv_kernel, sig, cx, num_warps=nw_kv, expect_no_spill=ok,
-                            label=f"bwd_kv {ty} BD={block_d} BL={bl_kv} mask={mode}")
+                # T == 1 (write_kv) with split fp32 dq partials; T > 1 with dq in the input dtype.
+                sig = dict(Q=p, K=p, V=p, MASK=mask_ty, CTX=p, W=p, LSE=a, DCTX=p, DW=p, DQ=a if write_kv else p,
+                           DK=p, DVAL=p, DELTA=a, **sizes, BLOCKS_PER_SPLIT=i32, NROWS=i32, **strides, **gstrides,
+                           MASK_MODE=cx, SHARED_KV=cx, HAS_DCTX=cx, HAS_DW=cx, WRITE_KV=cx, ACC=cx, BLOCK_L=cx,
+                           BLOCK_D=cx)
+                c = dict(unit, MASK_MODE=mode, SHARED_KV=shared, HAS_DCTX=True, HAS_DW=True, WRITE_KV=write_kv,
+                         ACC=tl.float32, BLOCK_L=bl, BLOCK_D=block_d)
+                yield AOTConfig(_attn_bwd_row_kernel, sig, c, num_warps=nw, expect_no_spill=ok,
+                                label=f"bwd_row {tag} BL={bl} kv={int(write_kv)} mask={mode} kv={int(shared)}")
+
+            _, bl, nw = block_config(block_d, block_d, "bwd_kv")
+            sig = dict(Q=p, K=p, V=p, MASK=mask_ty, LSE=a, DELTA=a, DCTX=p, DW=p, DK=p, DVAL=p, **sizes, **strides,
+                       **gstrides, MASK_MODE=cx, SHARED_KV=cx, HAS_DCTX=cx, HAS_DW=cx, ACC=cx, BLOCK_L=cx, BLOCK_D=cx)
+            c = dict(unit, MASK_MODE=mode, SHARED_KV=shared, HAS_DCTX=True, HAS_DW=True, ACC=tl.float32, BLOCK_L=bl,
+                     BLOCK_D=block_d)
+            yield AOTConfig(_attn_bwd_kv_kernel, sig, c, num_warps=nw, expect_no_spill=ok,
+                            label=f"bwd_kv {tag} BL={bl} mask={mode} kv={int(shared)}")
 
 
 fused_s2s.aot.register("attention", _aot_configs)
