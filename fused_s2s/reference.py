@@ -130,30 +130,32 @@ def attention_eager(query: Tensor, keys: Tensor, values: Tensor | None = None, m
 
 
 def gumbel_softmax_eager(logits: Tensor, tau: float, hard: bool = False, noise: Tensor | None = None, dim: int = -1):
-    """Gumbel-softmax over ``dim`` with explicit noise (SPEC section 2), in logits' dtype.
+    """Gumbel-softmax over ``dim`` with explicit noise (SPEC section 2); returns y in logits' dtype.
 
         y_soft = softmax((logits + g) / tau)                          (..., V)
         hard:  y = one_hot(argmax(logits + g)) + (y_soft - y_soft.detach())
 
     ``noise`` g has logits' shape (e.g. from ``philox.gumbel_noise``); None means g = 0, which is
-    the noise-free "softmax" mode softmax(logits / tau). The straight-through form is written so
-    that its forward value is exactly one-hot (y_soft - y_soft.detach() is exactly 0) while its
-    gradient is the soft one's.
+    the noise-free "softmax" mode softmax(logits / tau). Like the kernels (which load in fp32), the
+    math runs in float32 (float64 for float64 logits), so half-precision models pick the same argmax.
+    The straight-through form is written so that its forward value is exactly one-hot
+    (y_soft - y_soft.detach() is exactly 0) while its gradient is the soft one's.
     """
     check_float("logits", logits)
     tau = check_tau(tau)
-    z = logits
+    cdt = torch.float64 if logits.dtype == torch.float64 else torch.float32  # compute dtype
+    z = logits.to(cdt)  # (..., V)
     if noise is not None:
         check_float("noise", noise, device=logits.device)
         if noise.shape != logits.shape:
             raise ValueError(f"noise must have logits' shape {tuple(logits.shape)}, got {tuple(noise.shape)}")
-        z = logits + noise.to(logits.dtype)  # (..., V)  perturbed logits
+        z = z + noise.to(cdt)  # (..., V)  perturbed logits
     y_soft = torch.softmax(z / tau, dim=dim)  # (..., V)
-    if not hard:
-        return y_soft
-    index = z.argmax(dim=dim, keepdim=True)  # (..., 1)  Gumbel-max: a categorical sample
-    y_hard = torch.zeros_like(y_soft).scatter_(dim, index, 1.0)  # (..., V) exact one-hot
-    return y_hard + (y_soft - y_soft.detach())  # forward: y_hard; backward: d y_soft
+    if hard:
+        index = z.argmax(dim=dim, keepdim=True)  # (..., 1)  Gumbel-max: a categorical sample
+        y_hard = torch.zeros_like(y_soft).scatter_(dim, index, 1.0)  # (..., V) exact one-hot
+        y_soft = y_hard + (y_soft - y_soft.detach())  # forward: y_hard; backward: d y_soft
+    return y_soft.to(logits.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -432,7 +434,9 @@ class AttentionDecoder(nn.Module):
             if sampling == "argmax":
                 model_in = self.embedding(logits_d.argmax(-1))  # (B, D)
             elif sampling == "sample":
-                model_in = self.embedding((logits_d + g.to(logits_d.dtype)).argmax(-1))  # (B, D) Gumbel-max
+                cdt = torch.float64 if logits_d.dtype == torch.float64 else torch.float32  # fp32 like the kernels
+                z = logits_d.to(cdt) + g.to(cdt)  # (B, V)
+                model_in = self.embedding(z.argmax(-1))  # (B, D) Gumbel-max: a categorical sample
             elif sampling == "softmax":
                 y = gumbel_softmax_eager(logits_t, tau, False, None)  # (B, V) softmax(logits / tau)
                 model_in = y @ W_emb  # (B, D)

@@ -250,6 +250,15 @@ def test_gumbel_softmax_eager_soft_and_hard():
     (gs,) = torch.autograd.grad((y * up).sum(), logits)
     (gh,) = torch.autograd.grad((y_hard * up).sum(), logits)
     torch.testing.assert_close(gh, gs, rtol=0, atol=1e-15)  # straight-through: the soft gradient
+    # half precision: computed in fp32 like the kernels, returned in logits' dtype
+    for dt in (torch.float16, torch.bfloat16):
+        lh = (3 * torch.randn(64, 33)).to(dt)
+        gh32 = philox.gumbel_noise(8, (64, 33))
+        yh = gumbel_softmax_eager(lh, 0.5, True, gh32)
+        assert yh.dtype == dt
+        assert torch.equal(yh.argmax(-1), (lh.float() + gh32).argmax(-1))
+        ys = gumbel_softmax_eager(lh, 0.5, False, gh32)
+        torch.testing.assert_close(ys, torch.softmax((lh.float() + gh32) / 0.5, -1).to(dt), rtol=0, atol=0)
     # noise=None: softmax(logits / tau)
     torch.testing.assert_close(gumbel_softmax_eager(logits, 2.0, False, None), torch.softmax(logits / 2.0, -1))
 
