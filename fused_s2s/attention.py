@@ -8,8 +8,8 @@ bool (B, L) with True = attend. Returns ctx (B, [T,] Dv) and weights alpha (B, [
 dtype; a row with nothing to attend to gives ctx = 0, weights = 0 and zero gradient.
 
 backend "triton" runs ``fused_s2s.kernels.attention`` (one launch forward, split-L when the batch
-is small; Triton backward kernels), "eager" runs bmm -> masked softmax -> bmm in PyTorch; "auto"
-picks Triton for CUDA tensors (see fused_s2s.backend).
+is small; Triton backward kernels), "eager" runs ``fused_s2s.reference.attention_eager`` (bmm ->
+masked softmax -> bmm in PyTorch); "auto" picks Triton for CUDA tensors (see fused_s2s.backend).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch
 from fused_s2s import backend as _backend
 from fused_s2s._checks import check_float, check_same_device, check_tensor
 
-__all__ = ["attention_step", "attention_eager"]
+__all__ = ["attention_step"]
 
 
 def _validate(query, keys, values, mask):
@@ -56,38 +56,6 @@ def _validate(query, keys, values, mask):
             raise ValueError(f"mask of lengths must be (B,) = ({B},), got {tuple(mask.shape)}")
 
 
-def _attend_mask(mask, B, L, device):
-    """(B, 1, L) bool, True = attend, or None."""
-    if mask is None:
-        return None
-    if mask.dtype == torch.bool:
-        return mask[:, None, :]
-    return (torch.arange(L, device=device)[None, :] < mask.to(torch.long)[:, None])[:, None, :]
-
-
-def attention_eager(query, keys, values=None, mask=None):
-    """bmm -> masked softmax -> bmm in PyTorch, same contract as :func:`attention_step` (no checks).
-
-    Masked scores are filled with the dtype's lowest finite value (not -inf) so an empty row gives
-    a finite uniform softmax that the final masked_fill turns into zeros, with zero gradient.
-    """
-    squeeze = query.dim() == 2
-    q = query[:, None, :] if squeeze else query  # (B, T, D)
-    v = keys if values is None else values
-    B, L, _ = keys.shape
-    scores = torch.bmm(q, keys.transpose(1, 2))  # (B, T, L)
-    m = _attend_mask(mask, B, L, keys.device)
-    if m is not None:
-        scores = scores.masked_fill(~m, torch.finfo(scores.dtype).min)
-    weights = torch.softmax(scores, dim=-1)
-    if m is not None:
-        weights = weights.masked_fill(~m, 0.0)
-    ctx = torch.bmm(weights, v)  # (B, T, Dv)
-    if squeeze:
-        return ctx[:, 0], weights[:, 0]
-    return ctx, weights
-
-
 class _AttentionFn(torch.autograd.Function):
     """Triton forward (ctx, weights) and backward; saves inputs, outputs and lse (B*T,) only."""
 
@@ -119,6 +87,8 @@ def attention_step(query, keys, values=None, mask=None, *, backend="auto", split
     """
     _validate(query, keys, values, mask)
     if _backend.resolve(backend, query.device) == "eager":
+        from fused_s2s.reference import attention_eager  # bmm -> masked softmax -> bmm
+
         return attention_eager(query, keys, values, mask)
     squeeze = query.dim() == 2
     q = query[:, None, :] if squeeze else query  # (B, T, D): a view, strides go to the kernel
