@@ -349,6 +349,10 @@ class AttentionDecoder(nn.Module):
         mask = mask_from(memory_mask, B, L, memory.device, "memory_mask")  # (B, L) bool or None
         return self._step(inp, state, memory, mask)
 
+    def _attend(self, query: Tensor, memory: Tensor, mask):
+        """Steps 3-5 for a query already multiplied by W_a: -> context (B, [T,] D), alpha (B, [T,] L)."""
+        return attention_eager(query, memory, memory, mask)
+
     def _step(self, inp, state, memory, mask):
         # 1. input token y_{t-1} -> y_emb (B, D); a float input is already an embedding
         y_emb = self.embedding(inp.long()) if inp.dim() == 1 else inp  # (B, D)
@@ -357,7 +361,7 @@ class AttentionDecoder(nn.Module):
         out, rnn = self.cell(x.unsqueeze(1), state.rnn)  # out (B, 1, D)
         s_t = out.squeeze(1)  # (B, D)   top layer: the query
         # 3-5. E = (s_t W_a) H^T masked; alpha = softmax(E); c = alpha H
-        c_t, alpha = attention_eager(self.W_a(s_t), memory, memory, mask)  # (B, D), (B, L)
+        c_t, alpha = self._attend(self.W_a(s_t), memory, mask)  # (B, D), (B, L)
         # 6. h~_t = tanh([c_t ; s_t] W_c)   (context first, then s_t)
         h_tilde = torch.tanh(self.W_c(torch.cat([c_t, s_t], dim=-1)))  # (B, D)
         # 7. logits_t = h~_t W_out + b
@@ -375,7 +379,13 @@ class AttentionDecoder(nn.Module):
         and draws no random numbers. noise: optional explicit Gumbel noise (B, T, V); noise[:, t]
         perturbs logits_t (for "sample", "gumbel", "gumbel_hard"; ignored by the other modes).
         """
-        # ---- validation (shapes, dtypes, devices, Python scalars only) ----
+        args = self._check_forward_args(tgt_in, memory, memory_mask, state, teacher_forcing_ratio,
+                                        sampling, tau, coin, noise, generator)
+        return self._loop(tgt_in, memory, state, args, coin, noise, generator)
+
+    def _check_forward_args(self, tgt_in, memory, memory_mask, state, teacher_forcing_ratio, sampling,
+                            tau, coin, noise, generator) -> "ForwardArgs":
+        """Validate forward's arguments (shapes, dtypes, devices, Python scalars only: no host sync)."""
         ratio = _check_ratio(teacher_forcing_ratio)
         check_choice("sampling", sampling, SAMPLING_MODES)
         check_choice("coin", coin, COINS)
@@ -388,7 +398,6 @@ class AttentionDecoder(nn.Module):
         L, V, dev = memory.shape[1], self.vocab_size, memory.device
         self._check_state(state, B, dev)
         mask = mask_from(memory_mask, B, L, dev, "memory_mask")  # (B, L) bool or None
-        tgt_in = tgt_in.long()  # nn.Embedding takes int64 ids; any integer dtype is accepted
         if noise is not None:
             check_float("noise", noise, device=dev)
             if tuple(noise.shape) != (B, T, V):
@@ -398,15 +407,20 @@ class AttentionDecoder(nn.Module):
                 raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
             if generator.device.type != dev.type:
                 raise ValueError(f"generator is on {generator.device} but memory is on {dev}; expected one device")
+        return ForwardArgs(ratio, sampling, tau, coin, mask)
 
-        W_emb = self.embedding.weight  # (V, D)
-        teacher_forcing = ratio == 1.0
+    def _loop(self, tgt_in, memory, state, args: "ForwardArgs", coin, noise, generator) -> DecoderOutput:
+        """The per-step loop of SPEC section 2, with the documented order of random draws."""
+        B, T = tgt_in.shape
+        L, dev = memory.shape[1], memory.device
+        tgt_in = tgt_in.long()  # nn.Embedding takes int64 ids; any integer dtype is accepted
+        teacher_forcing = args.ratio == 1.0  # pure teacher forcing: no random draws at all
         if not teacher_forcing and coin == "sequence":
             u_seq = torch.rand(B, generator=generator, device=dev)  # (B,) one coin per sequence
         x = self.embedding(tgt_in[:, 0]) if T else None  # (B, D) step 0 input: gold (BOS)
         all_logits, all_alpha = [], []
         for t in range(T):
-            logits_t, alpha_t, state = self._step(x, state, memory, mask)  # (B, V), (B, L)
+            logits_t, alpha_t, state = self._step(x, state, memory, args.mask)  # (B, V), (B, L)
             all_logits.append(logits_t)
             all_alpha.append(alpha_t)
             if t == T - 1:
@@ -422,36 +436,52 @@ class AttentionDecoder(nn.Module):
                 u = torch.rand(1, generator=generator, device=dev).expand(B)  # (B,) one for the batch
             else:
                 u = u_seq  # (B,)
-            use_gold = u < ratio  # (B,) bool
-            # 2. the model-fed input from logits_t
-            logits_d = logits_t.detach() if sampling in ("argmax", "sample") else logits_t
-            if sampling in ("sample", "gumbel", "gumbel_hard"):
-                if noise is not None:
-                    g = noise[:, t]  # (B, V)
-                else:
-                    seed = philox.draw_seed(dev, generator)  # 0-d int64 on dev
-                    g = philox.gumbel_noise(seed, (B, V), dev)  # (B, V) float32
-            if sampling == "argmax":
-                model_in = self.embedding(logits_d.argmax(-1))  # (B, D)
-            elif sampling == "sample":
-                cdt = torch.float64 if logits_d.dtype == torch.float64 else torch.float32  # fp32 like the kernels
-                z = logits_d.to(cdt) + g.to(cdt)  # (B, V)
-                model_in = self.embedding(z.argmax(-1))  # (B, D) Gumbel-max: a categorical sample
-            elif sampling == "softmax":
-                y = gumbel_softmax_eager(logits_t, tau, False, None)  # (B, V) softmax(logits / tau)
-                model_in = y @ W_emb  # (B, D)
-            else:
-                y = gumbel_softmax_eager(logits_t, tau, sampling == "gumbel_hard", g)  # (B, V)
-                model_in = y @ W_emb  # (B, D)
+            use_gold = u < args.ratio  # (B,) bool
+            # 2. the model-fed input from logits_t (draws the Gumbel seed after the coin)
+            noise_t = noise[:, t] if noise is not None else None  # (B, V) or None
+            model_in = self._model_fed_input(logits_t, args.sampling, args.tau, noise_t, generator)  # (B, D)
             # 3. per row: gold or model-fed
             x = torch.where(use_gold.unsqueeze(-1), gold, model_in)  # (B, D)
         if T:
             logits = torch.stack(all_logits, dim=1)  # (B, T, V)
             attention = torch.stack(all_alpha, dim=1)  # (B, T, L)
         else:
-            logits = memory.new_zeros(B, 0, V)
+            logits = memory.new_zeros(B, 0, self.vocab_size)
             attention = memory.new_zeros(B, 0, L)
         return DecoderOutput(logits, attention, state)
+
+    def _model_fed_input(self, logits_t: Tensor, sampling: str, tau: float, noise_t, generator) -> Tensor:
+        """The model's own input for the next step, from logits_t (B, V) -> (B, D) (SPEC section 2).
+
+        "sample" / "gumbel" / "gumbel_hard" use noise_t (B, V), or when it is None draw one seed
+        from torch's RNG (``generator`` honoured) and the Philox noise the kernels draw in-kernel.
+        """
+        W_emb = self.embedding.weight  # (V, D)
+        if sampling == "argmax":
+            return self.embedding(logits_t.detach().argmax(-1))  # (B, D) greedy token
+        if sampling == "softmax":
+            y = gumbel_softmax_eager(logits_t, tau, False, None)  # (B, V) softmax(logits / tau), no noise
+            return y @ W_emb  # (B, D) soft mixture
+        g = noise_t
+        if g is None:
+            seed = philox.draw_seed(logits_t.device, generator)  # 0-d int64 on the device
+            g = philox.gumbel_noise(seed, logits_t.shape, logits_t.device)  # (B, V) float32
+        if sampling == "sample":
+            cdt = torch.float64 if logits_t.dtype == torch.float64 else torch.float32  # fp32 like the kernels
+            z = logits_t.detach().to(cdt) + g.to(cdt)  # (B, V)
+            return self.embedding(z.argmax(-1))  # (B, D) Gumbel-max: a categorical sample
+        y = gumbel_softmax_eager(logits_t, tau, sampling == "gumbel_hard", g)  # (B, V)
+        return y @ W_emb  # (B, D) soft mixture, or exactly one-hot rows with the soft gradient
+
+
+class ForwardArgs(NamedTuple):
+    """Validated arguments of AttentionDecoder.forward (shared with the fused subclass)."""
+
+    ratio: float  # teacher_forcing_ratio
+    sampling: str
+    tau: float
+    coin: str
+    mask: Tensor | None  # (B, L) bool, True = attend
 
 
 class Seq2SeqOutput(NamedTuple):
@@ -463,6 +493,9 @@ class Seq2SeqOutput(NamedTuple):
 class Seq2Seq(nn.Module):
     """Encoder + attention decoder with the loss of SPEC section 1 step 8."""
 
+    encoder_cls = Encoder
+    decoder_cls = AttentionDecoder  # the fused Seq2Seq swaps in its decoder here
+
     def __init__(self, src_vocab_size, tgt_vocab_size, hidden_size, cell="lstm", num_layers=1,
                  padding_idx=0, bos_idx=1, eos_idx=2, input_feed=False, backend="auto"):
         super().__init__()
@@ -472,8 +505,8 @@ class Seq2Seq(nn.Module):
         self.padding_idx = padding_idx
         self.bos_idx = int(bos_idx)
         self.eos_idx = int(eos_idx)
-        self.encoder = Encoder(src_vocab_size, hidden_size, cell, num_layers, padding_idx)
-        self.decoder = AttentionDecoder(tgt_vocab_size, hidden_size, cell, num_layers, padding_idx,
+        self.encoder = self.encoder_cls(src_vocab_size, hidden_size, cell, num_layers, padding_idx)
+        self.decoder = self.decoder_cls(tgt_vocab_size, hidden_size, cell, num_layers, padding_idx,
                                         input_feed=input_feed, backend=backend)
 
     def encode(self, src: Tensor, src_lengths: Tensor):
