@@ -218,8 +218,10 @@ class Encoder(nn.Module):
                              f"{self.embedding.weight.device}; expected one device")
         check_ids("src", src, self.vocab_size)
         B, L = src.shape
+        if B == 0 or L == 0:
+            raise ValueError(f"src must have shape (B, L) with B >= 1 and L >= 1, got {tuple(src.shape)}")
         lengths_cpu = src_lengths.detach().to("cpu", torch.long)  # pack_padded_sequence wants CPU lengths
-        if B and (int(lengths_cpu.min()) < 0 or int(lengths_cpu.max()) > L):
+        if (int(lengths_cpu.min()) < 0 or int(lengths_cpu.max()) > L):
             raise ValueError(f"src_lengths must be in [0, L={L}], got values in "
                              f"[{int(lengths_cpu.min())}, {int(lengths_cpu.max())}]")
         X = self.embedding(src.long())  # (B, L, D)
@@ -311,7 +313,8 @@ class AttentionDecoder(nn.Module):
                 raise ValueError(f"state.rnn must have shape {want}, got {tuple(s.shape)}")
         check_float("state.h_tilde", state.h_tilde, ndim=2, device=device)
         if tuple(state.h_tilde.shape) != (B, self.hidden_size):
-            raise ValueError(f"state.h_tilde must have shape ({B}, {self.hidden_size}), got {tuple(state.h_tilde.shape)}")
+            raise ValueError(f"state.h_tilde must have shape ({B}, {self.hidden_size}), "
+                             f"got {tuple(state.h_tilde.shape)}")
 
     def _check_memory(self, memory, B=None):
         check_float("memory", memory, ndim=3)

@@ -414,7 +414,8 @@ def test_gumbel_hard_forward_is_one_hot_rows_gradient_is_soft():
     for a, b in zip(g_model, g_hand):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     # and it is not the argmax gradient (which has no path through the previous logits)
-    exp_nd, _ = manual_decode(dec, tgt_in, memory, mask, state, lambda t, lg, gold: (lg.detach() + noise[:, t]).argmax(-1))
+    exp_nd, _ = manual_decode(dec, tgt_in, memory, mask, state,
+                              lambda t, lg, gold: (lg.detach() + noise[:, t]).argmax(-1))
     g_nd = torch.autograd.grad((exp_nd * w).sum(), dec.W_out.weight)[0]
     assert not torch.allclose(g_nd, g_model[list(dict(dec.named_parameters())).index("W_out.weight")])
 
@@ -630,6 +631,7 @@ def _bad_cases():
         (lambda: Seq2Seq(7, 7, 4, bos_idx=9), ValueError, "bos_idx"),
         (lambda: m.encoder(src.float(), lengths), TypeError, "src"),
         (lambda: m.encoder(src + 7, lengths), ValueError, "src"),
+        (lambda: m.encoder(src[:, :0], lengths * 0), ValueError, "src"),
         (lambda: dec.init_state(state.rnn[0]), TypeError, "encoder_final"),
         (lambda: m.generate(src, lengths, 5, strategy="nucleus"), ValueError, "strategy"),
         (lambda: attention_eager(memory[:, 0], memory, mask=torch.tensor([1, 2, 3])), ValueError, "mask"),
