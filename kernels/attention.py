@@ -7,15 +7,19 @@ values (L, Dv) (H itself when ``values`` is None), mask m_j in {0, 1}.
 Forward, per row::
 
     E_j     = q . H_j                      (masked: E_j = -inf)
-    lse     = log sum_j exp(E_j)           (+inf for a row with nothing to attend to)
-    alpha_j = exp(E_j - lse)               (0 where masked; all 0 for an empty row)
+    m       = max_j E_j,  l = sum_j exp(E_j - m)      (log-sum-exp lse = m + log l)
+    alpha_j = exp(E_j - m) / l             (0 where masked; all 0 for an empty row, l = 0)
     c       = sum_j alpha_j V_j            (0 for an empty row)
 
 One pass over L in blocks of BLOCK_L with an online softmax (running max m, running sum l and an
 unnormalised context rescaled by exp(m_old - m_new)). The raw scores of the pass go into a row
 buffer (the weights output itself for fp32/fp64, an fp32 scratch for fp16/bf16 so that the
-normalisation does not round E to 8 bits of mantissa); once lse is known the same program
+normalisation does not round E to 8 bits of mantissa); once (m, l) are known the same program
 normalises them into the weights: reading 4L bytes back is cheap next to the L*D of H.
+The per-row statistic saved for the backward is the log-sum-exp kept in two parts, (m, l), not
+lse = m + log l in one float: a rounded fp32 lse is off by up to ulp(|lse|)/2 (5e-7 at |lse| ~ 8),
+so exp(E - lse) would sum to 1 +- that for the whole row, an error the backward's
+alpha * (g - delta) amplifies (measured: 7x eager's dq error); exp(E - m) / l is exact to a few eps.
 
 Split-L (flash-decoding): when B*T rows are too few to fill the GPU, grid axis 1 splits L into
 chunks; each writes a partial (m, l, unnormalised context) and ``_attn_combine_kernel`` merges them:
@@ -30,8 +34,8 @@ Backward, per row, given dc (Dv,) and dalpha (L,) (either may be absent)::
     dq     = sum_j dE_j H_j
     dH_j  += sum_t dE_j q          dV_j += sum_t alpha_j dc           (summed over the T queries)
 
-alpha is recomputed in the accumulation dtype from the saved lse (exp(q.H_j - lse)), never stored
-beyond the returned weights. For T == 1 the row kernel writes dH, dV directly; for T > 1 the row
+alpha is recomputed in the accumulation dtype from the saved (m, l) (exp(q.H_j - m) / l), never
+stored beyond the returned weights. For T == 1 the row kernel writes dH, dV directly; for T > 1 the row
 kernel computes dq (and delta) and ``_attn_bwd_kv_kernel`` owns an L block of one batch and loops
 over its T queries, so dH, dV are reduced without atomics (deterministic).
 
@@ -76,14 +80,13 @@ def _mask_valid(MASK, b, l0, ar_l, in_l, s_mb, s_ml, MASK_MODE: tl.constexpr):
 @triton.jit
 def _finalize_row(CTX, W, S, LSE, row, m_i, l_i, acc, offs_d, L, DV,
                   ACC: tl.constexpr, BLOCK_L: tl.constexpr):
-    """c = acc / l, lse = m + log l; then weights_j = exp(E_j - lse) over the whole row."""
+    """c = acc / l; save (m, l), i.e. lse = m + log l in two parts; weights_j = exp(E_j - m) / l."""
     m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
-    has = l_i > 0
-    l_safe = tl.where(has, l_i, 1.0)
-    lse = tl.where(has, m_use + tl.log(l_safe), float("inf"))  # empty row: +inf so exp(E - lse) = 0
-    ctx = acc / l_safe  # acc is 0 when l is 0
+    inv_l = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)  # empty row: l = 0 -> weights 0
+    ctx = acc * inv_l  # acc is 0 when l is 0
     tl.store(CTX + row * DV + offs_d, ctx.to(CTX.dtype.element_ty), mask=offs_d < DV)
-    tl.store(LSE + row, lse)
+    tl.store(LSE + 2 * row, m_use)
+    tl.store(LSE + 2 * row + 1, l_i)
     # The raw scores were written by other threads of this program (another layout): make them visible.
     tl.debug_barrier()
     ar_l = tl.arange(0, BLOCK_L)
@@ -91,7 +94,7 @@ def _finalize_row(CTX, W, S, LSE, row, m_i, l_i, acc, offs_d, L, DV,
     while l0 < L:
         in_l = ar_l < L - l0
         e = tl.load(S + row * L + l0 + ar_l, mask=in_l, other=float("-inf")).to(ACC)
-        tl.store(W + row * L + l0 + ar_l, tl.exp(e - lse).to(W.dtype.element_ty), mask=in_l)
+        tl.store(W + row * L + l0 + ar_l, (tl.exp(e - m_use) * inv_l).to(W.dtype.element_ty), mask=in_l)
         l0 += BLOCK_L
 
 
@@ -209,7 +212,9 @@ def _attn_bwd_row_kernel(
     in_d = ar_d < D
     in_dv = ar_d < DV
     q = tl.load(Q + b * s_qb + t * s_qt + ar_d * s_qd, mask=in_d, other=0.0).to(ACC)  # (BLOCK_D,)
-    lse = tl.load(LSE + row).to(ACC)
+    m_row = tl.load(LSE + 2 * row).to(ACC)
+    l_row = tl.load(LSE + 2 * row + 1).to(ACC)
+    inv_l = tl.where(l_row > 0, 1.0 / tl.where(l_row > 0, l_row, 1.0), 0.0)
 
     # delta = sum_j alpha_j dalpha_j + dc . c
     delta = tl.zeros([], ACC)
@@ -240,7 +245,7 @@ def _attn_bwd_row_kernel(
         k = tl.load(K + b * s_kb + l0 * s_kl + k_tile,
                     mask=in_l[:, None] & in_d[None, :], other=0.0).to(ACC)  # (BLOCK_L, BLOCK_D)
         e = tl.sum(k * q[None, :], axis=1)
-        alpha = tl.where(valid, tl.exp(e - lse), 0.0)  # (BLOCK_L,)
+        alpha = tl.where(valid, tl.exp(e - m_row) * inv_l, 0.0)  # (BLOCK_L,)
         g = tl.zeros([BLOCK_L], ACC)
         if HAS_DW:
             g += tl.load(DW + b * s_wb + t * s_wt + l0 * s_wl + ar_l * s_wl, mask=in_l, other=0.0).to(ACC)
@@ -299,10 +304,12 @@ def _attn_bwd_kv_kernel(
     while t < T:
         row = b * T + t
         q = tl.load(Q + b * s_qb + t * s_qt + ar_d * s_qd, mask=in_d, other=0.0).to(ACC)
-        lse = tl.load(LSE + row).to(ACC)
+        m_row = tl.load(LSE + 2 * row).to(ACC)
+        l_row = tl.load(LSE + 2 * row + 1).to(ACC)
+        inv_l = tl.where(l_row > 0, 1.0 / tl.where(l_row > 0, l_row, 1.0), 0.0)
         delta = tl.load(DELTA + row).to(ACC)
         e = tl.sum(k * q[None, :], axis=1)
-        alpha = tl.where(valid, tl.exp(e - lse), 0.0)  # (BLOCK_L,)
+        alpha = tl.where(valid, tl.exp(e - m_row) * inv_l, 0.0)  # (BLOCK_L,)
         g = tl.zeros([BLOCK_L], ACC)
         if HAS_DW:
             g += tl.load(DW + b * s_wb + t * s_wt + l0 * s_wl + ar_l * s_wl, mask=in_l, other=0.0).to(ACC)
@@ -393,7 +400,7 @@ def attention_forward(query, keys, values, mask, *, splits=None, block_l=None):
     """query (B, T, D), keys (B, L, D), values (B, L, Dv) or None (= keys), mask None | (B,) int | (B, L) bool.
 
     Inputs already validated (fused_s2s.attention). Returns ctx (B, T, Dv), weights (B, T, L) in
-    query's dtype and lse (B*T,) in the accumulation dtype. ``splits``/``block_l`` override the
+    query's dtype and the log-sum-exp stats (B*T, 2) = (m, l) in the accumulation dtype. ``splits``/``block_l`` override the
     heuristics (tests).
     """
     B, T, D = query.shape
@@ -406,14 +413,16 @@ def attention_forward(query, keys, values, mask, *, splits=None, block_l=None):
     weights = torch.empty(B, T, L, device=dev, dtype=dtype)
     acc_t = torch.float64 if dtype == torch.float64 else torch.float32
     rows = B * T
-    lse = torch.empty(rows, device=dev, dtype=acc_t)
+    lse = torch.empty(rows, 2, device=dev, dtype=acc_t)  # (m, l) per row: lse = m + log(l)
     if rows == 0:
         return ctx, weights, lse
     block_d, bl, num_warps = block_config(D, Dv)
     bl = block_l or bl
     nsplit, per = split_plan(rows, L, bl, dev, splits)
     query = _tile_safe(query, block_d)
-    keys, values, mask = _tile_safe(keys, bl, block_d), _tile_safe(values, bl, block_d), _tile_safe(mask, bl) if mask is not None and mask.dim() == 2 else mask
+    keys, values = _tile_safe(keys, bl, block_d), _tile_safe(values, bl, block_d)
+    if mask is not None and mask.dim() == 2:
+        mask = _tile_safe(mask, bl)
     v = keys if shared else values
     # Raw scores: in place in the weights when they are already in the accumulation dtype.
     scores = weights if dtype == acc_t else torch.empty(B, T, L, device=dev, dtype=acc_t)
@@ -469,7 +478,9 @@ def attention_backward(query, keys, values, mask, ctx, weights, lse, dctx, dweig
     bl_kv = block_l or bl_kv
     blk = max(bl, bl_kv)
     query = _tile_safe(query, block_d)
-    keys, values, mask = _tile_safe(keys, blk, block_d), _tile_safe(values, blk, block_d), _tile_safe(mask, blk) if mask is not None and mask.dim() == 2 else mask
+    keys, values = _tile_safe(keys, blk, block_d), _tile_safe(values, blk, block_d)
+    if mask is not None and mask.dim() == 2:
+        mask = _tile_safe(mask, blk)
     dctx, dweights = _tile_safe(dctx, block_d), _tile_safe(dweights, blk)
     v = keys if shared else values
     write_kv = T == 1

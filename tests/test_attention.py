@@ -1,0 +1,268 @@
+"""Fused attention step (issue 4): Triton kernels vs the eager reference and a float64 oracle.
+
+Forward (ctx, weights) and backward (query, keys, values) across dtypes and awkward shapes, the
+three mask forms with empty rows, the split-L (flash-decoding) path, non-contiguous inputs,
+gradcheck in float64 through the Triton path, a cross-check against SDPA, and bad inputs.
+On CPU the kernels run under TRITON_INTERPRET=1 (set by conftest), so shapes stay small.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fused_s2s.attention import attention_step
+from fused_s2s.reference import attention_eager
+from tests.helpers import DTYPES, assert_oracle_close
+
+pytestmark = pytest.mark.kernels
+
+
+def _mask(kind, B, L, device, *, empty_row=True):
+    """lengths (B,) / bool (B, L) / None; with B >= 2 the first row attends to nothing."""
+    if kind is None:
+        return None
+    if kind == "len":
+        m = torch.randint(1, L + 1, (B,), device=device)
+        if empty_row and B >= 2:
+            m[0] = 0
+        return m
+    m = torch.rand(B, L, device=device) < 0.6
+    m[:, -1] = True  # every other row attends to something
+    if empty_row and B >= 2:
+        m[0] = False
+    return m
+
+
+def _inputs(B, T, L, D, Dv, dtype, device, *, shared=False):
+    """query (B, D) when T is None else (B, T, D); keys (B, L, D); values (B, L, Dv) or None."""
+    q = torch.randn(B, D, device=device) if T is None else torch.randn(B, T, D, device=device)
+    k = torch.randn(B, L, D, device=device)
+    v = None if shared else torch.randn(B, L, Dv, device=device)
+    return [x if x is None else x.to(dtype) for x in (q, k, v)]
+
+
+def _run(fn, q, k, v, mask, gc, gw, **kw):
+    """Outputs and grads of sum(ctx * gc) + sum(weights * gw) w.r.t. the given inputs."""
+    ins = [x.detach().clone().requires_grad_(True) for x in (q, k, v) if x is not None]
+    qq, kk = ins[0], ins[1]
+    vv = ins[2] if v is not None else None
+    ctx, w = fn(qq, kk, vv, mask, **kw)
+    loss = 0
+    if gc is not None:
+        loss = loss + (ctx * gc.to(ctx.dtype)).sum()
+    if gw is not None:
+        loss = loss + (w * gw.to(w.dtype)).sum()
+    grads = torch.autograd.grad(loss, ins, allow_unused=True)  # eager: V unused when only weights count
+    grads = tuple(torch.zeros_like(x) if g is None else g for x, g in zip(ins, grads))
+    return ctx.detach(), w.detach(), grads
+
+
+def _check_all(q, k, v, mask, *, gc=True, gw=True, **kw):
+    """Fused (Triton) vs eager in q's dtype vs float64 oracle, forward and backward."""
+    ctx_shape = q.shape[:-1] + ((k if v is None else v).shape[-1],)
+    w_shape = q.shape[:-1] + (k.shape[1],)
+    gc = torch.randn(ctx_shape, device=q.device, dtype=torch.float64) if gc else None
+    gw = torch.randn(w_shape, device=q.device, dtype=torch.float64) if gw else None
+    fused = _run(attention_step, q, k, v, mask, gc, gw, backend="triton", **kw)
+    eager = _run(attention_eager, q, k, v, mask, gc, gw)
+    d = lambda x: None if x is None else x.double()  # noqa: E731
+    oracle = _run(attention_eager, d(q), d(k), d(v), mask, gc, gw)
+    assert fused[0].dtype == q.dtype and fused[1].dtype == q.dtype
+    assert_oracle_close(fused[0], eager[0], oracle[0], name="ctx")
+    assert_oracle_close(fused[1], eager[1], oracle[1], name="weights")
+    for name, a, e, o in zip(("dquery", "dkeys", "dvalues"), fused[2], eager[2], oracle[2]):
+        assert a.dtype == q.dtype
+        assert_oracle_close(a, e, o, name=name)
+    return fused
+
+
+# (B, T, L, D, Dv, mask, shared, launcher overrides). T None = a (B, D) query.
+CASES = {
+    "B1_L1_T1": (1, None, 1, 8, 8, None, False, {}),
+    "notes_like": (4, None, 10, 32, 32, "len", False, {}),
+    "odd_multiblock": (3, 1, 37, 24, 40, "bool", False, dict(block_l=8)),
+    "T3_shared_kv": (2, 3, 37, 24, None, "len", True, dict(block_l=8)),
+    "T4_dv_ne_d": (3, 4, 13, 40, 24, "bool", False, {}),
+    "split_T1": (3, None, 37, 40, 24, "len", False, dict(splits=3, block_l=4)),
+    "split_T2_shared": (2, 2, 29, 17, None, "bool", True, dict(splits=2, block_l=8)),
+    "long_L_default": (2, None, 300, 24, 40, "len", False, {}),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(CASES))
+def test_forward_backward_vs_oracle(case, dtype, device):
+    B, T, L, D, Dv, mkind, shared, kw = CASES[case]
+    q, k, v = _inputs(B, T, L, D, Dv, dtype, device, shared=shared)
+    _check_all(q, k, v, _mask(mkind, B, L, device), **kw)
+
+
+@pytest.mark.parametrize("which", ["ctx_only", "weights_only"])
+@pytest.mark.parametrize("T", [None, 3])
+def test_one_output_gradient(which, T, device):
+    """Backward with only one output in the loss (the other's gradient is None in the kernel)."""
+    q, k, v = _inputs(3, T, 19, 12, 20, torch.float32, device)
+    _check_all(q, k, v, _mask("bool", 3, 19, device), gc=which == "ctx_only", gw=which == "weights_only",
+               block_l=8)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ["len", "bool"])
+@pytest.mark.parametrize("kw", [{}, dict(splits=2, block_l=4)], ids=["one_pass", "split"])
+def test_fully_masked_rows(kind, kw, dtype, device):
+    """A row with nothing to attend to: ctx 0, weights 0, zero gradient, never NaN."""
+    B, T, L = 3, 2, 11
+    q, k, v = _inputs(B, T, L, 16, 8, dtype, device)
+    mask = _mask(kind, B, L, device)  # row 0 empty
+    ctx, w, (dq, dk, dv) = _run(attention_step, q, k, v, mask, torch.randn(B, T, 8, dtype=torch.float64),
+                                torch.randn(B, T, L, dtype=torch.float64), backend="triton", **kw)
+    for name, x in (("ctx", ctx), ("weights", w), ("dq", dq), ("dk", dk), ("dv", dv)):
+        assert torch.isfinite(x).all(), name
+        assert (x[0] == 0).all(), f"{name} of the empty row is not 0"
+    assert (w[1:].float().sum(-1) - 1).abs().max() < 1e-2  # the other rows are proper softmaxes
+
+
+@pytest.mark.parametrize("ldtype", [torch.int64, torch.int32, torch.int16, torch.uint8])
+def test_lengths_any_integer_dtype(ldtype, device):
+    q, k, v = _inputs(3, 2, 9, 8, 8, torch.float32, device)
+    lengths = torch.tensor([0, 4, 9], device=device)
+    ctx, w = attention_step(q, k, v, lengths.to(ldtype), backend="triton")
+    ctx_b, w_b = attention_step(q, k, v, torch.arange(9, device=device)[None] < lengths[:, None], backend="triton")
+    torch.testing.assert_close(ctx, ctx_b, rtol=0, atol=0)
+    torch.testing.assert_close(w, w_b, rtol=0, atol=0)
+    assert (w[1, :, 4:] == 0).all() and (w[0] == 0).all()
+
+
+def test_split_matches_one_pass(device):
+    """The flash-decoding combine gives the one-pass result (up to fp32 rounding), forced splits."""
+    q, k, v = _inputs(2, None, 45, 20, 12, torch.float32, device)
+    mask = _mask("len", 2, 45, device, empty_row=False)
+    ref = attention_step(q, k, v, mask, backend="triton", block_l=4)
+    for splits in (2, 5, 12):
+        out = attention_step(q, k, v, mask, backend="triton", block_l=4, splits=splits)
+        for a, b in zip(out, ref):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_non_contiguous_inputs(dtype, device):
+    """Slices and transposed views of bigger tensors (strides go to the kernel), stride-0 grads."""
+    B, T, L, D, Dv = 3, 2, 21, 12, 10
+    qb = torch.randn(B, T, 2 * D, device=device, dtype=dtype)
+    q = qb[..., ::2]  # (B, T, D) stride 2
+    k = torch.randn(B, D, L, device=device, dtype=dtype).transpose(1, 2)  # (B, L, D) D-stride L
+    v = torch.randn(L, B, Dv + 3, device=device, dtype=dtype).transpose(0, 1)[..., 1:Dv + 1]  # (B, L, Dv)
+    mask = (torch.rand(B, 2 * L, device=device) < 0.7)[:, ::2]  # (B, L) bool, stride 2
+    mask[0] = False
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous() or mask.is_contiguous())
+    _check_all(q, k, v, mask, block_l=8)
+    # ctx.sum() hands the backward an expanded (stride 0) gradient
+    lengths = torch.tensor([3, 0, 21, 7, 1, 5], device=device)[::2]  # non-contiguous lengths
+    outs = []
+    for fn, kw in ((attention_step, dict(backend="triton", block_l=8)), (attention_eager, {})):
+        qq = q.detach().double().requires_grad_(True) if fn is attention_eager else q.detach().requires_grad_(True)
+        kk, vv = (x.detach().to(qq.dtype) for x in (k, v))
+        ctx, w = fn(qq, kk, vv, lengths, **kw)
+        (g,) = torch.autograd.grad(ctx.sum() + w[..., 2].sum(), qq)
+        outs.append(g)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(outs[0].double(), outs[1], rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("case", ["T2_bool_sep", "T1_len_shared_split"])
+def test_gradcheck_float64_triton(case, device):
+    """torch.autograd.gradcheck in float64 through the Triton kernels (fp64 loads, fp64 accumulation)."""
+    B, L, D, Dv = 2, 6, 3, 4
+    if case == "T2_bool_sep":
+        q, k, v = _inputs(B, 2, L, D, Dv, torch.float64, device)
+        mask = torch.tensor([[1, 0, 1, 1, 0, 1], [0, 0, 0, 0, 0, 0]], dtype=torch.bool, device=device)
+        mask[1, 2] = True
+        kw = dict(block_l=4)
+        args = (q, k, v)
+        fn = lambda q, k, v: attention_step(q, k, v, mask, backend="triton", **kw)  # noqa: E731
+    else:
+        q, k, _ = _inputs(B, None, L, D, D, torch.float64, device, shared=True)
+        mask = torch.tensor([4, 0], device=device)
+        args = (q, k)
+        fn = lambda q, k: attention_step(q, k, None, mask, backend="triton", splits=2, block_l=2)  # noqa: E731
+    args = tuple(a.requires_grad_(True) for a in args)
+    assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_vs_sdpa(device):
+    """ctx agrees with torch's scaled_dot_product_attention (scale 1, boolean mask)."""
+    B, T, L, D, Dv = 3, 4, 23, 16, 24
+    q, k, v = _inputs(B, T, L, D, Dv, torch.float32, device)
+    mask = _mask("bool", B, L, device, empty_row=False)
+    ctx, _ = attention_step(q, k, v, mask, backend="triton", block_l=8)
+    sdpa = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None], attn_mask=mask[:, None, None, :],
+                                          scale=1.0)[:, 0]
+    oracle, _ = attention_eager(q.double(), k.double(), v.double(), mask)
+    assert_oracle_close(sdpa, ctx, oracle, name="sdpa vs oracle (sanity)", factor=1e3)
+    assert_oracle_close(ctx, sdpa, oracle, name="ctx vs sdpa")
+
+
+def test_backends_and_2d_query(device):
+    q, k, v = _inputs(2, None, 7, 8, 5, torch.float32, device)
+    mask = torch.tensor([3, 7], device=device)
+    c_t, w_t = attention_step(q, k, v, mask, backend="triton")
+    c_e, w_e = attention_step(q, k, v, mask, backend="eager")
+    assert c_t.shape == (2, 5) and w_t.shape == (2, 7)
+    torch.testing.assert_close(c_t, c_e, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w_t, w_e, rtol=1e-5, atol=1e-6)
+    c_a, _ = attention_step(q, k, v, mask)  # auto: Triton on CUDA, eager on CPU
+    torch.testing.assert_close(c_a, c_e, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="backend"):
+        attention_step(q, k, v, mask, backend="cuda")
+
+
+def _bad_cases(device):
+    f = dict(device=device)
+    q, k, v = torch.randn(2, 4, **f), torch.randn(2, 5, 4, **f), torch.randn(2, 5, 3, **f)
+    return [
+        ("query", dict(query=[1.0, 2.0]), TypeError),
+        ("query", dict(query=torch.randn(2, 1, 1, 4, **f)), ValueError),
+        ("query", dict(query=torch.randint(0, 3, (2, 4), **f)), TypeError),
+        ("keys", dict(keys=torch.randn(2, 5, 4, **f).half()), TypeError),
+        ("values", dict(values=torch.randn(2, 5, 3, **f).double()), TypeError),
+        ("batch", dict(query=torch.randn(3, 4, **f)), ValueError),
+        ("feature size", dict(query=torch.randn(2, 6, **f)), ValueError),
+        ("values", dict(values=torch.randn(2, 6, 3, **f)), ValueError),
+        ("keys", dict(keys=torch.randn(2, 5, **f)), ValueError),
+        ("L >= 1", dict(keys=torch.randn(2, 0, 4, **f), values=torch.randn(2, 0, 3, **f)), ValueError),
+        ("mask", dict(mask=torch.ones(2, 5, **f)), TypeError),
+        ("mask", dict(mask=torch.ones(2, 4, dtype=torch.bool, **f)), ValueError),
+        ("mask", dict(mask=torch.tensor([1, 2, 3], **f)), ValueError),
+        ("mask", dict(mask=torch.ones(2, 5, dtype=torch.long, **f)), ValueError),
+        ("mask", dict(mask=[3, 4]), TypeError),
+    ], (q, k, v)
+
+
+def test_bad_inputs(device):
+    cases, (q, k, v) = _bad_cases(device)
+    for match, override, exc in cases:
+        args = dict(query=q, keys=k, values=v, mask=None)
+        args.update(override)
+        with pytest.raises(exc, match=match):
+            attention_step(args["query"], args["keys"], args["values"], args["mask"], backend="triton")
+
+
+@pytest.mark.gpu
+def test_device_mismatch_and_cuda_graph_capture():
+    """No host sync in the launcher: the step (lengths read in-kernel) is capturable in a CUDA graph."""
+    q, k, v = _inputs(4, None, 33, 64, 64, torch.float32, "cuda")
+    lengths = torch.tensor([0, 5, 33, 17], device="cuda")
+    with pytest.raises(ValueError, match="mask"):
+        attention_step(q, k, v, lengths.cpu())
+    ref = attention_step(q, k, v, lengths)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        attention_step(q, k, v, lengths)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = attention_step(q, k, v, lengths)
+    g.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b)
