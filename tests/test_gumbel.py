@@ -1,0 +1,476 @@
+"""Fused Gumbel-softmax (issue 5): kernels against F.gumbel_softmax, a float64 oracle and the
+Philox mirror; statistics of the in-kernel noise; block-size independence; edge cases.
+
+On CPU the kernels run under Triton's interpreter (conftest), so shapes stay small; the statistical
+tests pack many rows into one program (block_r) so 100k draws take one launch of ~100 programs.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fused_s2s
+from fused_s2s import philox
+from fused_s2s.kernels import gumbel as K
+from tests.helpers import DTYPES, assert_oracle_close
+
+pytestmark = pytest.mark.kernels
+
+SHAPES = [(1, 1), (3, 37), (2, 3, 300), (2, 5000)]  # V = 1, odd, leading dims, loop over V blocks
+
+
+def _gs(logits, tau=1.0, hard=False, **kw):
+    kw.setdefault("backend", "triton")
+    return fused_s2s.gumbel_softmax(logits, tau, hard, **kw)
+
+
+def _torch_noise(like):
+    # exactly how F.gumbel_softmax draws its noise
+    return -torch.empty_like(like, memory_format=torch.legacy_contiguous_format).exponential_().log()
+
+
+def _mirror_seed(seed_value, device):
+    """The seed a call made right after torch.manual_seed(seed_value) draws."""
+    torch.manual_seed(seed_value)
+    return philox.draw_seed(device)
+
+
+# ------------------------------------------------------------------------------------------------
+# same noise: equal to torch.nn.functional.gumbel_softmax
+
+
+@pytest.mark.parametrize("hard", [False, True])
+@pytest.mark.parametrize("shape,tau", [((4, 37), 0.7), ((2, 3, 300), 2.0), ((2, 5000), 1.0)])
+def test_matches_F_gumbel_softmax_with_same_noise(device, shape, tau, hard):
+    logits = torch.randn(shape, device=device) * 3
+    dy = torch.randn(shape, device=device)
+    torch.manual_seed(123)
+    noise = _torch_noise(logits)
+    x = logits.clone().requires_grad_()
+    y = _gs(x, tau, hard, noise=noise)
+    y.backward(dy)
+    torch.manual_seed(123)
+    x_ref = logits.clone().requires_grad_()
+    y_ref = F.gumbel_softmax(x_ref, tau=tau, hard=hard)
+    y_ref.backward(dy)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    if hard:
+        assert torch.equal(y.argmax(-1), y_ref.argmax(-1))
+        assert torch.equal(y, F.one_hot(y.argmax(-1), shape[-1]).float())  # exact 0/1 forward
+
+
+# ------------------------------------------------------------------------------------------------
+# the in-kernel noise is fused_s2s.philox's (what the reference model draws)
+
+
+@pytest.mark.parametrize("R,V,block_v", [(5, 37, None), (3, 300, 64), (2, 5000, None)])
+def test_kernel_noise_equals_philox_mirror(device, R, V, block_v):
+    x = torch.randn(R, V, device=device)
+    seed = philox.draw_seed(device)
+    _, idx, _, _, g = K.gumbel_fwd(x, 1.0, False, None, seed, block_v=block_v, write_noise=True)
+    g_ref = philox.gumbel_noise(seed, (R, V), device)
+    # the uniforms are bit-exact (test_philox); only the two logs may round differently
+    eps = torch.finfo(torch.float32).eps
+    torch.testing.assert_close(g, g_ref, rtol=4 * eps, atol=4 * eps)
+    assert torch.equal(idx, (x + g_ref).argmax(-1))
+
+
+@pytest.mark.parametrize("shape", [(64, 37), (16, 300), (3, 5000)])
+def test_sampled_index_is_argmax_of_logits_plus_mirror_noise(device, shape):
+    logits = torch.randn(shape, device=device) * 2
+    torch.manual_seed(7)
+    _, idx = _gs(logits, 0.5, return_index=True)
+    seed = _mirror_seed(7, device)
+    g = philox.gumbel_noise(seed, shape, device)
+    assert torch.equal(idx, (logits + g).argmax(-1))
+
+
+@pytest.mark.parametrize("hard", [False, True])
+def test_triton_and_eager_backends_draw_the_same_noise(device, hard):
+    logits = torch.randn(3, 6, 41, device=device)
+    torch.manual_seed(11)
+    y_t, i_t = _gs(logits, 0.8, hard, dim=1, return_index=True, backend="triton")
+    torch.manual_seed(11)
+    y_e, i_e = _gs(logits, 0.8, hard, dim=1, return_index=True, backend="eager")
+    assert torch.equal(i_t, i_e)
+    torch.testing.assert_close(y_t, y_e)
+
+
+# ------------------------------------------------------------------------------------------------
+# statistics of the in-kernel noise (>= 100k draws, one launch)
+
+_P_MIN = 1e-3  # seeds are fixed (conftest), so these are deterministic; a wrong noise gives p ~ 0
+
+
+@pytest.mark.parametrize("tau", [0.1, 1.0, 10.0])
+def test_argmax_frequencies_follow_softmax_chi2(device, tau):
+    """Gumbel-max: argmax(logits + g) ~ Categorical(softmax(logits)), whatever tau; the soft y
+    carries the same sample at every tau (its argmax), so both are counted."""
+    stats = pytest.importorskip("scipy.stats")
+    N, K_ = 100_000, 10
+    logits = torch.linspace(-2.0, 1.5, K_, device=device)
+    x = logits.expand(N, K_)  # (N, K) stride-0 rows: one launch of N draws
+    seed = philox.draw_seed(device)
+    y, idx, _, _ = K.gumbel_fwd(x, 1.0 / tau, False, None, seed, block_r=1024, block_v=16)
+    p = torch.softmax(logits.double(), 0).cpu().numpy()
+    for name, sample in (("index", idx), ("argmax of soft y", y.argmax(-1))):
+        counts = torch.bincount(sample.cpu(), minlength=K_).numpy()
+        res = stats.chisquare(counts, N * p)
+        assert res.pvalue > _P_MIN, f"{name} at tau={tau}: chi2={res.statistic:.1f} p={res.pvalue:.2e} counts={counts}"
+    # tau rescales only the soft y: mean of max(y) goes from ~1 (tau 0.1) to ~1/K (tau 10)
+    ymax = float(y.float().max(-1).values.mean())
+    assert (ymax > 0.9) if tau == 0.1 else (ymax < 0.25 if tau == 10.0 else 0.3 < ymax < 0.9), ymax
+
+
+@pytest.mark.parametrize("R,V", [(4, 25_000), (100_000, 1)])
+def test_noise_is_gumbel_ks(device, R, V):
+    stats = pytest.importorskip("scipy.stats")
+    x = torch.zeros(R, V, device=device)
+    seed = philox.draw_seed(device)
+    kw = {"block_r": 1024, "block_v": 16} if V == 1 else {}
+    *_, g = K.gumbel_fwd(x, 1.0, False, None, seed, write_noise=True, **kw)
+    g = g.double().flatten().cpu().numpy()
+    res = stats.kstest(g, "gumbel_r")
+    assert res.pvalue > _P_MIN, f"KS vs Gumbel(0, 1): D={res.statistic:.4f} p={res.pvalue:.2e}"
+    assert abs(g.mean() - 0.5772156649) < 0.02 and abs(g.var() - math.pi**2 / 6) < 0.05
+
+
+# ------------------------------------------------------------------------------------------------
+# bitwise reproducibility: block size, warps, seeds, generator
+
+
+@pytest.mark.parametrize("R,V", [(6, 300), (3, 1000)])
+def test_samples_bitwise_independent_of_block_size_and_warps(device, R, V):
+    x = torch.randn(R, V, device=device)
+    seed = philox.draw_seed(device)
+    configs = [dict(), dict(block_v=16), dict(block_v=64, num_warps=1), dict(block_r=2, block_v=1024, num_warps=8),
+               dict(block_v=256, num_warps=2)]
+    outs = [K.gumbel_fwd(x, 1 / 0.3, hard, None, seed, write_noise=True, **cfg) for cfg in configs for hard in (0, 1)]
+    y0s, i0, m0, _, g0 = outs[0]
+    y0h = outs[1][0]
+    for cfg_i, (y, idx, m, s, g) in enumerate(outs):
+        hard = cfg_i % 2
+        assert torch.equal(g, g0) and torch.equal(idx, i0) and torch.equal(m, m0)
+        if hard:
+            assert torch.equal(y, y0h)
+        else:  # the sum over V is accumulated in a block-dependent order: rounding only
+            torch.testing.assert_close(y, y0s, rtol=2e-6, atol=1e-7)
+    assert torch.equal(y0h, F.one_hot(i0, V).float())
+
+
+def test_manual_seed_reproduces_and_each_call_draws_fresh(device):
+    logits = torch.randn(4, 50, device=device)
+    torch.manual_seed(3)
+    a, ia = _gs(logits, 0.5, return_index=True)
+    b, ib = _gs(logits, 0.5, return_index=True)
+    torch.manual_seed(3)
+    c, ic = _gs(logits, 0.5, return_index=True)
+    assert torch.equal(a, c) and torch.equal(ia, ic)
+    assert not torch.equal(a, b)
+
+
+def test_generator_is_honoured(device):
+    logits = torch.randn(4, 50, device=device)
+    state = torch.get_rng_state()
+    a = _gs(logits, generator=torch.Generator(device).manual_seed(5))
+    b = _gs(logits, generator=torch.Generator(device).manual_seed(5))
+    c = _gs(logits, generator=torch.Generator(device).manual_seed(6))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    if device.type == "cpu":
+        assert torch.equal(torch.get_rng_state(), state)  # the global RNG was not touched
+    seed = philox.draw_seed(device, torch.Generator(device).manual_seed(5))
+    torch.testing.assert_close(a, torch.softmax(logits + philox.gumbel_noise(seed, (4, 50), device), -1))
+
+
+# ------------------------------------------------------------------------------------------------
+# accuracy: float64 oracle criterion, gradcheck
+
+
+def _oracle_case(shape, dtype, tau, device):
+    logits = (torch.randn(shape, device=device) * 2).to(dtype)
+    noise = philox.gumbel_noise(philox.draw_seed(device), shape, device).to(dtype)
+    dy = torch.randn(shape, device=device).to(dtype)
+    return logits, noise, dy
+
+
+def _softmax_grads(logits, noise, dy, tau, compute_dtype):
+    x = logits.to(compute_dtype).requires_grad_()
+    y = torch.softmax((x + noise.to(compute_dtype)) / tau, -1)
+    y.backward(dy.to(compute_dtype))
+    return y.detach(), x.grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("hard", [False, True])
+def test_float64_oracle_forward_backward(device, dtype, shape, hard):
+    tau = 0.6
+    logits, noise, dy = _oracle_case(shape, dtype, tau, device)
+    x = logits.clone().requires_grad_()
+    y, idx = _gs(x, tau, hard, noise=noise, return_index=True)
+    y.backward(dy)
+    assert y.dtype == dtype and x.grad.dtype == dtype and idx.dtype == torch.int64
+    y_o, dx_o = _softmax_grads(logits, noise, dy, tau, torch.float64)
+    y_e, dx_e = _softmax_grads(logits, noise, dy, tau, dtype)  # eager PyTorch in the same dtype
+    if hard:
+        # the sample of the perturbed logits t = x + g (rounded once to fp32, where t is formed)
+        t = logits.float() + noise.float()
+        assert torch.equal(idx, t.argmax(-1))
+        assert torch.equal(y, F.one_hot(idx, shape[-1]).to(dtype))
+    else:
+        assert_oracle_close(y, y_e, y_o, name="y")
+    assert_oracle_close(x.grad, dx_e, dx_o, name="dlogits")  # straight-through: the soft gradient
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_float64_oracle_loop_path_forced_small_blocks(device, dtype):
+    """V over several blocks (block_v=64) in both passes of the forward and the backward."""
+    tau, shape = 1.3, (3, 300)
+    logits, noise, dy = _oracle_case(shape, dtype, tau, device)
+    y, idx, m, s = K.gumbel_fwd(logits, 1 / tau, False, noise, None, block_v=64)
+    dx = K.gumbel_bwd(dy, logits, m, s, 1 / tau, noise, None, block_v=64)
+    y_o, dx_o = _softmax_grads(logits, noise, dy, tau, torch.float64)
+    y_e, dx_e = _softmax_grads(logits, noise, dy, tau, dtype)
+    assert_oracle_close(y, y_e, y_o, name="y")
+    assert_oracle_close(dx, dx_e, dx_o, name="dlogits")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_eager_backend_meets_oracle(device, dtype):
+    tau, shape = 0.6, (3, 37)
+    logits, noise, dy = _oracle_case(shape, dtype, tau, device)
+    x = logits.clone().requires_grad_()
+    y = _gs(x, tau, noise=noise, backend="eager")
+    y.backward(dy)
+    y_o, dx_o = _softmax_grads(logits, noise, dy, tau, torch.float64)
+    y_e, dx_e = _softmax_grads(logits, noise, dy, tau, dtype)
+    assert_oracle_close(y, y_e, y_o, name="y")
+    assert_oracle_close(x.grad, dx_e, dx_o, name="dlogits")
+
+
+def test_gradcheck_float64_explicit_noise(device):
+    logits = torch.randn(3, 7, dtype=torch.float64, device=device, requires_grad=True)
+    noise = philox.gumbel_noise(philox.draw_seed(device), (3, 7), device).double()
+    assert torch.autograd.gradcheck(lambda x: _gs(x, 0.7, noise=noise), (logits,))
+    # dim != -1 and leading dims
+    logits3 = torch.randn(2, 5, 3, dtype=torch.float64, device=device, requires_grad=True)
+    noise3 = torch.randn(2, 5, 3, dtype=torch.float64, device=device)
+    assert torch.autograd.gradcheck(lambda x: _gs(x, 1.7, noise=noise3, dim=1), (logits3,))
+
+
+def test_gradcheck_float64_in_kernel_noise_regenerated_in_backward(device):
+    logits = torch.randn(2, 9, dtype=torch.float64, device=device, requires_grad=True)
+    fn = lambda x: _gs(x, 0.9, generator=torch.Generator(device).manual_seed(17))  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (logits,))
+
+
+def test_hard_backward_is_the_soft_gradient(device):
+    logits = torch.randn(4, 33, device=device)
+    noise = _torch_noise(logits)
+    dy = torch.randn(4, 33, device=device)
+    grads = []
+    for hard in (False, True):
+        x = logits.clone().requires_grad_()
+        _gs(x, 0.5, hard, noise=noise).backward(dy)
+        grads.append(x.grad)
+    assert torch.equal(grads[0], grads[1])
+
+
+# ------------------------------------------------------------------------------------------------
+# extremes: +-1e4 logits, NaN, -inf
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tau", [0.1, 1.0])
+def test_huge_logits_stay_finite(device, dtype, tau):
+    logits = (torch.randn(4, 300, device=device).sign() * 1e4).to(dtype)
+    logits[1] = 1e4  # a row of equal huge logits
+    for hard in (False, True):
+        x = logits.clone().requires_grad_()
+        y = _gs(x, tau, hard)
+        y.float().square().sum().backward()
+        assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+        torch.testing.assert_close(y.float().sum(-1), torch.ones(4, device=device), atol=1e-2, rtol=0)
+
+
+def test_nan_logits_give_nan_rows(device):
+    logits = torch.randn(4, 40, device=device)
+    logits[1, 7] = float("nan")
+    logits[2, 30] = float("nan")
+    for hard in (False, True):
+        x = logits.clone().requires_grad_()
+        y, idx = _gs(x, 0.5, hard, return_index=True)
+        y.sum().backward()
+        bad = torch.tensor([False, True, True, False], device=device)
+        assert torch.isnan(y[bad]).all() and torch.isfinite(y[~bad]).all()
+        assert torch.isnan(x.grad[bad]).all() and torch.isfinite(x.grad[~bad]).all()
+        assert idx[1] == 7 and idx[2] == 30  # torch.argmax semantics: the NaN's column
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy warns on 1 / 0 (the NaN row)
+def test_neg_inf_logits_are_masked_across_blocks(device):
+    V = 40
+    logits = torch.randn(3, V, device=device)
+    logits[0, :20] = float("-inf")  # the first blocks (block_v=16) are all -inf
+    logits[1, 5] = float("-inf")
+    logits[2] = float("-inf")  # nothing to sample: NaN, like torch.softmax
+    noise = _torch_noise(logits)
+    y, idx, m, s = K.gumbel_fwd(logits, 2.0, False, noise, None, block_v=16)
+    y_ref = torch.softmax((logits + noise) * 2.0, -1)
+    torch.testing.assert_close(y[:2], y_ref[:2])
+    assert (y[0, :20] == 0).all() and y[1, 5] == 0 and idx[0] >= 20
+    assert torch.isnan(y[2]).all()
+    yh, *_ = K.gumbel_fwd(logits, 2.0, True, noise, None, block_v=16)
+    assert torch.isnan(yh[2]).all() and torch.equal(yh[:2], F.one_hot(idx[:2], V).float())
+
+
+@pytest.mark.parametrize("block_v", [None, 16])
+def test_ties_pick_the_first_column_like_torch_argmax(device, block_v):
+    logits = torch.zeros(3, 40, device=device)
+    logits[0, [3, 20, 37]] = 5.0  # equal maxima in different blocks of 16
+    logits[1, [17, 18]] = 5.0  # within one block
+    logits[2] = 1.0  # all equal
+    noise = torch.zeros_like(logits)
+    for hard in (False, True):
+        y, idx, _, _ = K.gumbel_fwd(logits, 1.0, hard, noise, None, block_v=block_v)
+        assert idx.tolist() == [3, 17, 0] == logits.argmax(-1).tolist()
+
+
+# ------------------------------------------------------------------------------------------------
+# shapes, dims, return_index, empty
+
+
+@pytest.mark.parametrize("dim", [0, 1, -2, 3])
+def test_leading_dims_and_dim(device, dim):
+    shape = (5, 3, 4, 6)
+    logits = torch.randn(shape, device=device)
+    noise = _torch_noise(logits)
+    y, idx = _gs(logits, 0.9, False, dim=dim, noise=noise, return_index=True)
+    y_ref = torch.softmax((logits + noise) / 0.9, dim)
+    torch.testing.assert_close(y, y_ref)
+    assert idx.shape == tuple(s for i, s in enumerate(shape) if i != dim % 4)
+    assert torch.equal(idx, (logits + noise).argmax(dim))
+    yh, idh = _gs(logits, 0.9, True, dim=dim, noise=noise, return_index=True)
+    assert torch.equal(idh, idx) and torch.equal(yh.argmax(dim), idx) and torch.equal(yh.sum(dim), torch.ones_like(idx).float())
+
+
+def test_non_contiguous_inputs(device):
+    base = torch.randn(6, 80, device=device)
+    logits = base[::2, ::2]  # (3, 40), strided both ways
+    noise = _torch_noise(base)[1::2, ::2]
+    x = logits.clone().requires_grad_()
+    y = _gs(x, 1.0, noise=noise)
+    dy = torch.randn(40, 3, device=device).t()  # non-contiguous upstream gradient
+    y.backward(dy)
+    x_ref = logits.clone().requires_grad_()
+    y_ref = torch.softmax(x_ref + noise, -1)
+    y_ref.backward(dy)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+
+
+def test_empty_rows(device):
+    logits = torch.randn(0, 7, device=device, requires_grad=True)
+    y, idx = _gs(logits, return_index=True)
+    assert y.shape == (0, 7) and idx.shape == (0,)
+    y.sum().backward()
+    assert logits.grad.shape == (0, 7)
+
+
+def test_auto_backend_on_cpu_is_eager(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("kernel launched for a CPU tensor with backend='auto'")
+
+    monkeypatch.setattr(K, "gumbel_fwd", boom)
+    monkeypatch.delenv("FUSED_S2S_BACKEND", raising=False)
+    y = fused_s2s.gumbel_softmax(torch.randn(2, 5), 1.0)
+    assert y.shape == (2, 5)
+
+
+# ------------------------------------------------------------------------------------------------
+# bad inputs: clear errors, raised before any kernel
+
+
+@pytest.fixture
+def no_kernels(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("a kernel ran before the input was validated")
+
+    monkeypatch.setattr(K, "gumbel_fwd", boom)
+    monkeypatch.setattr(K, "gumbel_bwd", boom)
+
+
+@pytest.mark.parametrize("tau", [0.0, -1.0, float("nan"), float("inf")])
+def test_bad_tau(device, no_kernels, tau):
+    with pytest.raises(ValueError, match="tau"):
+        _gs(torch.randn(2, 5, device=device), tau)
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(logits=torch.ones(2, 5, dtype=torch.int64)), TypeError, "logits"),
+    (dict(logits=torch.tensor(1.0)), ValueError, "logits"),
+    (dict(logits=torch.randn(2, 0)), ValueError, "category"),
+    (dict(tau=torch.tensor(1.0)), TypeError, "tau"),
+    (dict(dim=2), ValueError, "dim"),
+    (dict(dim=-3), ValueError, "dim"),
+    (dict(dim=1.0), TypeError, "dim"),
+    (dict(noise=torch.randn(2, 4)), ValueError, "noise"),
+    (dict(noise=torch.ones(2, 5, dtype=torch.int32)), TypeError, "noise"),
+    (dict(noise=torch.randn(2, 5, device="meta")), ValueError, "noise"),
+    (dict(noise=torch.randn(2, 5), generator=torch.Generator()), ValueError, "noise"),
+    (dict(generator=0), TypeError, "generator"),
+    (dict(backend="cuda"), ValueError, "backend"),
+])
+def test_bad_inputs(no_kernels, kwargs, exc, match):
+    args = dict(logits=torch.randn(2, 5), tau=1.0)
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        fused_s2s.gumbel_softmax(args.pop("logits"), args.pop("tau"), backend=args.pop("backend", "triton"), **args)
+
+
+@pytest.mark.gpu
+def test_generator_on_another_device_cuda(no_kernels):
+    with pytest.raises(ValueError, match="generator"):
+        fused_s2s.gumbel_softmax(torch.randn(2, 5, device="cuda"), generator=torch.Generator())
+
+
+def test_bad_launcher_block():
+    with pytest.raises(ValueError, match="block_v"):
+        K.pick_config(100, block_v=48)
+    with pytest.raises(ValueError, match="block_r"):
+        K.pick_config(100, block_r=4, block_v=32)
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU only: no host sync, offsets past 2**31
+
+
+@pytest.mark.gpu
+def test_no_host_sync_cuda():
+    logits = torch.randn(8, 3000, device="cuda", requires_grad=True)
+    fused_s2s.gumbel_softmax(logits, 0.5, True)  # warm up (compile)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y, idx = fused_s2s.gumbel_softmax(logits, 0.5, True, return_index=True)
+        y.sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_offsets_past_2_31_cuda():
+    V = 65_536
+    R = 2**31 // V + 3  # the last rows' element offsets exceed 2**31
+    row = torch.randn(1, V, device="cuda", dtype=torch.bfloat16)
+    x = row.expand(R, V)  # stride-0 rows: only the output is R x V
+    torch.manual_seed(9)
+    y, idx = fused_s2s.gumbel_softmax(x, 1.0, True, return_index=True)
+    seed = _mirror_seed(9, torch.device("cuda"))
+    for r in (0, R - 1):
+        offs = r * V + torch.arange(V, device="cuda", dtype=torch.int64)
+        t = row[0].float() + philox.gumbel(seed, offs)
+        assert int(idx[r]) == int(t.argmax())
+    del y
