@@ -464,7 +464,8 @@ def train(args, explicit: set[str] | None = None) -> dict:
     if world > 1:
         import torch.distributed as dist
 
-        dist.barrier()
+        dist.barrier()  # the others wait for rank 0's final evaluation and checkpoint
+        dist.destroy_process_group()
     return result
 
 
@@ -486,9 +487,9 @@ def _glyph_label(chars: list[str]) -> list[str]:
 
     if not hasattr(_glyph_label, "maps"):
         maps = []
-        for name in ("DejaVu Sans",):
+        for path in [font_manager.findfont("DejaVu Sans")] + [f for _, f in _cjk_fonts()]:
             try:
-                maps.append(FT2Font(font_manager.findfont(name)).get_charmap())
+                maps.append(FT2Font(path).get_charmap())
             except Exception:
                 pass
         _glyph_label.maps = maps
@@ -503,9 +504,21 @@ def _glyph_label(chars: list[str]) -> list[str]:
     return out
 
 
+def _cjk_fonts() -> list[tuple[str, str]]:
+    """(family, file) of installed fonts that draw Hangul/Kanji (none on a bare machine)."""
+    from matplotlib import font_manager
+
+    keys = ("CJK", "Nanum", "WenQuanYi", "Droid Sans Fallback", "Source Han", "IPAGothic", "IPAexGothic")
+    return sorted({(f.name, f.fname) for f in font_manager.fontManager.ttflist if any(k in f.name for k in keys)})
+
+
 def plot_attention(items, path: str) -> str:
-    """items: list of (source str, output chars list, alpha (T', L) array). One heatmap each."""
+    """items: list of (source str, output chars list, alpha (T', L) array). One heatmap each.
+    Characters no installed font can draw (Hangul, Kanji without a CJK font) are labelled U+XXXX."""
     plt = _mpl()
+    cjk = list(dict.fromkeys(name for name, _ in _cjk_fonts()))
+    if cjk:  # matplotlib >= 3.6 falls back glyph by glyph along the family list
+        plt.rcParams["font.family"] = ["DejaVu Sans", *cjk]
     n = len(items)
     cols = min(n, 3)
     rows = (n + cols - 1) // cols
@@ -690,8 +703,8 @@ def bench(args) -> int:
 
 
 # ================================================================================= demo
-DEMO_TRAIN = ["--task", "dates", "--hidden", "128", "--batch-size", "64", "--steps", "1500", "--lr", "3e-3",
-              "--eval-every", "500", "--valid-size", "300", "--train-size", "50000"]
+DEMO_TRAIN = ["--task", "dates", "--hidden", "128", "--batch-size", "64", "--steps", "1000", "--lr", "3e-3",
+              "--eval-every", "250", "--valid-size", "300", "--train-size", "50000"]
 DEMO_DATE = datetime.date(1969, 7, 20)
 DEMO_LOCALES = [("en_US", "short"), ("fr_FR", "long"), ("de_DE", "full"), ("ko_KR", "long"),
                 ("ja_JP", "full"), ("es_ES", "full")]

@@ -2,6 +2,7 @@
 translate / bench runs on the CPU, and bad flag values."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -283,3 +284,25 @@ def test_python_dash_m_entry_point():
     r = subprocess.run([sys.executable, "-m", "fused_s2s", "train", "--help"], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0 and "--tf-schedule" in r.stdout and "--plot-attention" not in r.stdout
+
+
+def test_torchrun_two_cpu_processes(tmp_path):
+    """DistributedDataParallel over gloo: two ranks train together, rank 0 writes the files."""
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    if not os.path.exists(torchrun):
+        pytest.skip("torchrun not installed next to this python")
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.Popen([torchrun, "--standalone", "--nproc_per_node=2", "-m", "fused_s2s", "train", *TINY,
+                          "--steps", "4", "--eval-every", "0", "--device", "cpu", "--out", str(out)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        _, err = p.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)  # torchrun and the workers it started: nothing left running
+        p.communicate()
+        pytest.fail("torchrun did not finish in 180 s")
+    assert p.returncode == 0, err[-2000:]
+    assert "world size 2" in err
+    ck = C.load(str(out / "checkpoint.pt"))
+    assert ck["step"] == 4 and sorted(os.listdir(out)) == ["checkpoint.pt", "metrics.jsonl", "metrics.png"]
