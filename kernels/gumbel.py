@@ -101,7 +101,8 @@ def _gumbel_fwd_kernel(
     best_t, best_i = tl.max(t, 1, return_indices=True)  # ties -> lowest column
     nan_i = tl.min(tl.where(t != t, cols[None, :], V), 1)  # torch.argmax picks the first NaN
     if not SINGLE:
-        for start in range(BLOCK_V, V, BLOCK_V):
+        start = BLOCK_V
+        while start < V:  # a while loop: triton 3.6's interpreter cannot range() over a runtime V
             c = start + cols
             mask = rmask[:, None] & (c < V)[None, :]
             t, g = _t_tile(x_ptr, noise_ptr, seed, rows, c, mask, stride_x, stride_n, V, HAS_NOISE, FP64)
@@ -118,6 +119,7 @@ def _gumbel_fwd_kernel(
             best_i = tl.where(better, bi + start, best_i)
             best_t = tl.where(better, bt, best_t)
             nan_i = tl.minimum(nan_i, tl.min(tl.where(t != t, c[None, :], V), 1))
+            start += BLOCK_V
     idx = tl.where(nan_i < V, nan_i, best_i)  # (BLOCK_R,)
     tl.store(idx_ptr + rows, idx.to(tl.int64), mask=rmask)
     tl.store(m_ptr + rows, m, mask=rmask)
@@ -129,21 +131,25 @@ def _gumbel_fwd_kernel(
         # exact one-hot; NaN row where softmax would be NaN (NaN / +-inf logits), as in torch
         ok = (s > 0) & (s < _INF) & (m > _NEG_INF) & (m < _INF)
         poison = tl.where(ok, 0.0, float("nan"))
-        for start in range(0, V, BLOCK_V):
+        start = 0
+        while start < V:
             c = start + cols
             y = tl.where(c[None, :] == idx[:, None], 1.0, 0.0) + poison[:, None]
             tl.store(y_rows + c[None, :], y.to(y_ptr.dtype.element_ty), mask=rmask[:, None] & (c < V)[None, :])
+            start += BLOCK_V
     elif SINGLE:
         y = tl.exp(z - m_sub[:, None]) * inv_s[:, None]
         tl.store(y_rows + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
     else:
         # second pass: logits re-read and noise drawn again (cheaper than writing it)
-        for start in range(0, V, BLOCK_V):
+        start = 0
+        while start < V:
             c = start + cols
             mask = rmask[:, None] & (c < V)[None, :]
             t, g = _t_tile(x_ptr, noise_ptr, seed, rows, c, mask, stride_x, stride_n, V, HAS_NOISE, FP64)
             y = tl.exp(t * inv_tau - m_sub[:, None]) * inv_s[:, None]
             tl.store(y_rows + c[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+            start += BLOCK_V
 
 
 @triton.jit
@@ -176,14 +182,17 @@ def _gumbel_bwd_kernel(
         dx = y * (dy - dot[:, None]) * inv_tau
         tl.store(dx_rows + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
     else:
-        for start in range(BLOCK_V, V, BLOCK_V):
+        start = BLOCK_V
+        while start < V:
             c = start + cols
             mask = rmask[:, None] & (c < V)[None, :]
             t, g = _t_tile(x_ptr, noise_ptr, seed, rows, c, mask, stride_x, stride_n, V, HAS_NOISE, FP64)
             y = tl.exp(t * inv_tau - m_sub) * inv_s
             dy = tl.load(dy_rows + c[None, :], mask=mask, other=0.0).to(y.dtype)
             dot += tl.sum(dy * y, 1)
-        for start in range(0, V, BLOCK_V):
+            start += BLOCK_V
+        start = 0
+        while start < V:
             c = start + cols
             mask = rmask[:, None] & (c < V)[None, :]
             t, g = _t_tile(x_ptr, noise_ptr, seed, rows, c, mask, stride_x, stride_n, V, HAS_NOISE, FP64)
@@ -191,6 +200,7 @@ def _gumbel_bwd_kernel(
             dy = tl.load(dy_rows + c[None, :], mask=mask, other=0.0).to(y.dtype)
             dx = y * (dy - dot[:, None]) * inv_tau
             tl.store(dx_rows + c[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            start += BLOCK_V
 
 
 # ----------------------------------------------------------------------------------------------
