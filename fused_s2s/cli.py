@@ -77,6 +77,16 @@ def _positive_float(s: str) -> float:
     return v
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" unless the help already says it or there is no meaningful default."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if "default" in h or action.default in (None, False, argparse.SUPPRESS) or not h:
+            return h
+        return h + " (default: %(default)s)"
+
+
 def _train_flags(p: argparse.ArgumentParser, suppress: bool = False) -> None:
     """Training flags. With ``suppress`` no defaults are set: parsing then yields only the flags the
     user gave explicitly (``--resume`` takes every other flag from the checkpoint)."""
@@ -84,17 +94,18 @@ def _train_flags(p: argparse.ArgumentParser, suppress: bool = False) -> None:
     def add(*flags, default=None, **kw):
         p.add_argument(*flags, default=argparse.SUPPRESS if suppress else default, **kw)
 
-    add("--task", choices=data_lib.TASKS, default="dates", help="built-in task (default: dates)")
+    add("--task", choices=data_lib.TASKS, default="dates", help="built-in task")
     add("--train", metavar="FILE", help="your own data: source<TAB>target lines (overrides --task)")
     add("--valid", metavar="FILE", help="held-out data for --train (default: ~5%% of --train by hash)")
     add("--train-size", type=_positive_int, default=50_000, help="built-in tasks: training pool size")
     add("--valid-size", type=_positive_int, default=500, help="built-in tasks: held-out examples evaluated")
     add("--max-len", type=_positive_int, help="longest decoded output (default: longest target + 5)")
-    add("--cell", choices=("lstm", "gru"), default="lstm")
-    add("--layers", type=_positive_int, default=1)
+    add("--cell", choices=("lstm", "gru"), default="lstm", help="RNN cell of encoder and decoder")
+    add("--layers", type=_positive_int, default=1, help="stacked RNN layers")
     add("--hidden", type=_positive_int, default=128, help="hidden size D (= embedding size)")
     add("--input-feed", action="store_true", default=False, help="feed h~_{t-1} into the decoder cell")
-    add("--backend", choices=("auto", "triton", "eager"), default="auto")
+    add("--backend", choices=("auto", "triton", "eager"), default="auto",
+        help="auto: Triton kernels on CUDA, eager on CPU (FUSED_S2S_BACKEND overrides)")
     add("--tf-schedule", choices=TF_SCHEDULES, default="constant",
         help="teacher-forcing ratio: constant=k, linear=max(eps, k-c*i), exponential=k**i, "
              "inverse_sigmoid=k/(k+exp(i/k))")
@@ -104,17 +115,17 @@ def _train_flags(p: argparse.ArgumentParser, suppress: bool = False) -> None:
     add("--tf-eps", type=float, help="linear schedule floor eps (default 0)")
     add("--sampling", choices=SAMPLING, default="argmax", help="what the model feeds itself when the coin says so")
     add("--tau0", type=_positive_float, default=1.0, help="Gumbel/softmax temperature at step 0")
-    add("--tau-min", type=_positive_float, default=0.5)
+    add("--tau-min", type=_positive_float, default=0.5, help="temperature floor")
     add("--tau-rate", type=float, default=1e-4, help="tau = max(tau_min, tau0*exp(-rate*i))")
     add("--tau-every", type=_positive_int, default=100, help="update tau every N steps")
     add("--coin", choices=COINS, default="token", help="scheduled-sampling coin per token / step / sequence")
-    add("--batch-size", type=_positive_int, default=64)
+    add("--batch-size", type=_positive_int, default=64, help="sequences per step (per rank)")
     add("--steps", type=_positive_int, default=2000, help="total optimiser steps")
-    add("--lr", type=_positive_float, default=3e-3)
+    add("--lr", type=_positive_float, default=3e-3, help="Adam learning rate")
     add("--clip", type=_positive_float, default=1.0, help="gradient-norm clipping")
     add("--amp", choices=tuple(AMP), default="none", help="autocast dtype")
-    add("--seed", type=int, default=0)
-    add("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    add("--seed", type=int, default=0, help="data split, initial weights, batches, draws")
+    add("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when available")
     add("--threads", type=_positive_int, help="CPU threads for torch (default: half the cores, at most 4)")
     add("--out", metavar="DIR", default="runs/train", help="checkpoint, metrics.jsonl, metrics.png go here")
     add("--eval-every", type=_nonneg_int, default=250, help="evaluate + checkpoint every N steps (0: at the end)")
@@ -129,7 +140,8 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="{train,translate,bench,demo}")
     sub.required = True
 
-    t = sub.add_parser("train", help="train a Seq2Seq and save a checkpoint")
+    t = sub.add_parser("train", help="train a Seq2Seq and save a checkpoint",
+                       formatter_class=_DefaultsFormatter)
     _train_flags(t, suppress)
 
     tr = sub.add_parser("translate", help="decode inputs (arguments or stdin) with a checkpoint")
@@ -628,7 +640,11 @@ def _bench_table(rows: list[dict]) -> str:
 def plot_bench(rows: list[dict], path: str, title: str) -> str:
     """Horizontal bars: median time per (case, dtype, pass), one bar per implementation."""
     plt = _mpl()
-    keys = list(dict.fromkeys(f"{r.get('case')} {r.get('dtype')} {r.get('pass')}" for r in rows))
+
+    def key(r):
+        return f"{r.get('bench')} {r.get('case')} {r.get('dtype')} {r.get('pass')}"
+
+    keys = list(dict.fromkeys(key(r) for r in rows))
     impls = list(dict.fromkeys(str(r.get("impl")) for r in rows))
     fig, ax = plt.subplots(figsize=(9, 0.45 * max(3, len(keys) * max(1, len(impls))) + 1))
     if not rows:
@@ -638,9 +654,9 @@ def plot_bench(rows: list[dict], path: str, title: str) -> str:
         h = 0.8 / len(impls)
         for j, impl in enumerate(impls):
             ys, xs = [], []
-            for i, key in enumerate(keys):
+            for i, k in enumerate(keys):
                 for r in rows:
-                    if str(r.get("impl")) == impl and f"{r.get('case')} {r.get('dtype')} {r.get('pass')}" == key:
+                    if str(r.get("impl")) == impl and key(r) == k:
                         ys.append(i + j * h)
                         xs.append(float(r["median_ms"]))
             ax.barh(ys, xs, height=h, label=impl)
@@ -719,6 +735,8 @@ def demo(args) -> int:
         argv.append("--no-progress")
     print(f"[demo] 1/3 fused-s2s {' '.join(argv)}", flush=True)
     res = main(argv)
+    if res != 0:
+        return res
     fmt = data_lib.DateFormatter([l for l, _ in DEMO_LOCALES])
     texts = [fmt(DEMO_DATE, l, f) for l, f in DEMO_LOCALES]
     ck = os.path.join(args.out, "checkpoint.pt")
@@ -748,6 +766,9 @@ def main(argv=None) -> int:
             return bench(args)
         if args.command == "demo":
             return demo(args)
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
     except (ValueError, FileNotFoundError) as e:  # bad data / checkpoint / option: one clear line
         if os.environ.get("FUSED_S2S_DEBUG"):
             raise
