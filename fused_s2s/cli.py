@@ -122,6 +122,8 @@ def _train_flags(p: argparse.ArgumentParser, suppress: bool = False) -> None:
     add("--batch-size", type=_positive_int, default=64, help="sequences per step (per rank)")
     add("--steps", type=_positive_int, default=2000, help="total optimiser steps")
     add("--lr", type=_positive_float, default=3e-3, help="Adam learning rate")
+    add("--lr-schedule", choices=("constant", "cosine"), default="constant",
+        help="cosine: lr decays to lr/20 at --steps (a pure function of the step: resumable)")
     add("--clip", type=_positive_float, default=1.0, help="gradient-norm clipping")
     add("--amp", choices=tuple(AMP), default="none", help="autocast dtype")
     add("--seed", type=int, default=0, help="data split, initial weights, batches, draws")
@@ -310,6 +312,13 @@ def _dist_setup():
     return dist.get_rank(), dist.get_world_size(), local
 
 
+def lr_at(step: int, args) -> float:
+    if args.lr_schedule == "cosine":
+        frac = min(step, args.steps) / args.steps
+        return args.lr * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * frac)))
+    return args.lr
+
+
 def _batch_indices(n: int, batch_size: int, seed: int, rank: int, step: int) -> torch.Tensor:
     """Batch of rank ``rank`` at ``step``: a pure function of (seed, rank, step), so a resumed run
     draws exactly the batches the uninterrupted run would have drawn."""
@@ -431,6 +440,8 @@ def train(args, explicit: set[str] | None = None) -> dict:
                 out = net(batch.src, batch.src_lengths, batch.tgt, teacher_forcing_ratio=ratio,
                           sampling=args.sampling, tau=tau, coin=args.coin)
             opt.zero_grad(set_to_none=True)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, args)
             scaler.scale(out.loss).backward()
             scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
@@ -719,8 +730,10 @@ def bench(args) -> int:
 
 
 # ================================================================================= demo
+# Tuned on a shared 2-core CPU: ~1 min of training, ~98% exact match on the held-out dates (the
+# misses are short en_US/es_ES forms such as 1/21/05, some of them ambiguous without a locale).
 DEMO_TRAIN = ["--task", "dates", "--hidden", "128", "--batch-size", "64", "--steps", "1000", "--lr", "3e-3",
-              "--eval-every", "250", "--valid-size", "300", "--train-size", "50000"]
+              "--lr-schedule", "cosine", "--eval-every", "250", "--valid-size", "300", "--train-size", "50000"]
 DEMO_DATE = datetime.date(1969, 7, 20)
 DEMO_LOCALES = [("en_US", "short"), ("fr_FR", "long"), ("de_DE", "full"), ("ko_KR", "long"),
                 ("ja_JP", "full"), ("es_ES", "full")]
