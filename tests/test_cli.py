@@ -306,3 +306,24 @@ def test_torchrun_two_cpu_processes(tmp_path):
     assert "world size 2" in err
     ck = C.load(str(out / "checkpoint.pt"))
     assert ck["step"] == 4 and sorted(os.listdir(out)) == ["checkpoint.pt", "metrics.jsonl", "metrics.png"]
+
+
+def test_lr_schedule_cosine():
+    import argparse
+
+    a = argparse.Namespace(lr=0.01, steps=100, lr_schedule="cosine")
+    lrs = [cli.lr_at(i, a) for i in range(101)]
+    assert lrs[0] == pytest.approx(0.01) and lrs[100] == pytest.approx(0.0005) and lrs[50] == pytest.approx(0.00525)
+    assert all(x >= y for x, y in zip(lrs, lrs[1:]))
+    assert cli.lr_at(7, argparse.Namespace(lr=0.01, steps=100, lr_schedule="constant")) == 0.01
+
+
+def test_demo_short_run(tmp_path, capsys):
+    out = tmp_path / "demo"
+    rc, stdout, err = _run(["demo", "--out", str(out), "--steps", "2", "--no-bench", "--no-progress"], capsys)
+    assert rc == 0, err
+    lines = [l for l in stdout.splitlines() if "\t" in l]
+    assert [l.split("\t")[0] for l in lines] == ["7/20/69", "20 juillet 1969", "Sonntag, 20. Juli 1969",
+                                                 "1969년 7월 20일", "1969年7月20日日曜日", "domingo, 20 de julio de 1969"]
+    assert _is_png(out / "attention.png") and _is_png(out / "metrics.png")
+    assert C.load(str(out / "checkpoint.pt"))["step"] == 2
