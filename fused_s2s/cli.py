@@ -638,6 +638,15 @@ def _import_bench(path: str, name: str):
     return mod
 
 
+def _read_csv(path: str) -> list[dict]:
+    import csv
+
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def _bench_table(rows: list[dict]) -> str:
     cols = ["bench", "impl", "case", "dtype", "pass", "median_ms", "gbps", "peak_mem_mb", "note"]
     cells = [[str(r.get(c, "")) for c in cols] for r in rows]
@@ -701,9 +710,13 @@ def bench(args) -> int:
                   f"installed package: run from a checkout or pass --bench-dir): skipped", flush=True)
             continue
         print(f"[bench] {name}: running {path}{' --quick' if args.quick else ''}", flush=True)
+        shared_csv = os.path.join(args.bench_dir, "results", "results.csv")
+        n_before = len(_read_csv(shared_csv))
         try:
             mod = _import_bench(path, name)
             rows = mod.main(["--quick"] if args.quick else [])
+            if rows is None:  # a main() that only appends to results.csv: take the rows it added
+                rows = _read_csv(shared_csv)[n_before:]
         except Exception as e:  # one broken benchmark must not hide the others' results
             failed.append(name)
             print(f"[bench] {name}: FAILED ({type(e).__name__}: {e})", flush=True)

@@ -236,6 +236,23 @@ def test_bench_writes_csv_and_png(tmp_path, capsys):
         assert "No CUDA device" in out
 
 
+def test_bench_main_returning_none_takes_rows_from_results_csv(tmp_path, capsys):
+    bdir = tmp_path / "benchmarks"
+    (bdir / "results").mkdir(parents=True)
+    (bdir / "results" / "results.csv").write_text("bench,impl,case,median_ms\nold,eager,x,9.0\n")
+    (bdir / "bench_gumbel.py").write_text(
+        "import os\n"
+        "def main(argv=None):\n"
+        "    p = os.path.join(os.path.dirname(__file__), 'results', 'results.csv')\n"
+        "    open(p, 'a').write('gumbel,eager,B4_V7,1.5\\n')\n")
+    rc, out, _ = _run(["bench", "--bench-dir", str(bdir), "--only", "gumbel"], capsys)
+    assert rc == 0
+    import csv
+
+    rows = list(csv.DictReader(open(bdir / "results" / "latest.csv")))
+    assert [(r["bench"], r["case"], r["median_ms"]) for r in rows] == [("gumbel", "B4_V7", "1.5")]
+
+
 def test_bench_without_benchmarks_still_writes_files(tmp_path, capsys):
     rc, out, _ = _run(["bench", "--bench-dir", str(tmp_path / "none"), "--only", "attention"], capsys)
     assert rc == 0 and "not found" in out
