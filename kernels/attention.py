@@ -342,7 +342,8 @@ def block_config(D: int, Dv: int, kind: str = "fwd") -> tuple[int, int, int]:
     kernels do not spill up to D = 1024.
     """
     block_d = max(_MIN_BLOCK_D, triton.next_power_of_2(max(D, Dv)))
-    num_warps = 4 if block_d <= 256 else 8
+    # The dH/dV kernel keeps 4 warps: with 8, ptxas spilled a few bytes at BLOCK_L = 2 (AOT tool).
+    num_warps = 4 if block_d <= 256 or kind == "bwd_kv" else 8
     tile = _TILE_PER_WARP[kind] * num_warps
     block_l = max(2, min(_MAX_BLOCK_L, tile // block_d))
     return block_d, block_l, num_warps
