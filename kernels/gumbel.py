@@ -28,7 +28,7 @@ _INF = tl.constexpr(float("inf"))
 # (max V, BLOCK_R, BLOCK_V, num_warps): small V packs BLOCK_R rows per program (one tile of
 # BLOCK_R x BLOCK_V); V beyond the last entry loops over BLOCK_V-wide blocks of one row.
 _SINGLE_CONFIGS = ((32, 32, 32, 4), (256, 4, 256, 4), (1024, 1, 1024, 4), (4096, 1, 4096, 8))
-_MULTI_CONFIG = (1, 4096, 8)
+_MULTI_CONFIG = (1, 4096, 16)
 # fp64 (gradcheck, verification) keeps its tiles small: twice the registers per element
 _SINGLE_CONFIGS_FP64 = ((256, 1, 256, 2), (1024, 1, 1024, 4))
 _MULTI_CONFIG_FP64 = (1, 1024, 4)
