@@ -93,7 +93,8 @@ def gumbel_softmax(logits: torch.Tensor, tau: float = 1.0, hard: bool = False, d
         dim: the category dimension.
         noise: explicit Gumbel noise of logits' shape, any float dtype, used in logits' dtype (as
             F.gumbel_softmax's own noise is); then nothing is drawn from torch's RNG.
-        generator: torch.Generator on the logits' device that seeds the in-kernel noise.
+        generator: torch.Generator on the logits' device that seeds the in-kernel noise (unused,
+            and not advanced, when ``noise`` is given).
         return_index: also return the sampled index, int64 of logits' shape without ``dim``.
         backend: "auto" (Triton on CUDA, eager on CPU), "triton" or "eager".
     Returns:
@@ -112,8 +113,6 @@ def gumbel_softmax(logits: torch.Tensor, tau: float = 1.0, hard: bool = False, d
         check_float("noise", noise, device=logits.device)
         if noise.shape != logits.shape:
             raise ValueError(f"noise must have logits' shape {tuple(logits.shape)}, got {tuple(noise.shape)}")
-        if generator is not None:
-            raise ValueError("pass either noise or generator, not both (explicit noise draws nothing)")
     _check_generator(generator, logits.device)
     impl = _backend.resolve(backend, logits.device)
 
