@@ -113,8 +113,9 @@ def test_fully_masked_rows(kind, kw, dtype, device):
     B, T, L = 3, 2, 11
     q, k, v = _inputs(B, T, L, 16, 8, dtype, device)
     mask = _mask(kind, B, L, device)  # row 0 empty
-    ctx, w, (dq, dk, dv) = _run(attention_step, q, k, v, mask, torch.randn(B, T, 8, dtype=torch.float64),
-                                torch.randn(B, T, L, dtype=torch.float64), backend="triton", **kw)
+    gc = torch.randn(B, T, 8, dtype=torch.float64, device=device)
+    gw = torch.randn(B, T, L, dtype=torch.float64, device=device)
+    ctx, w, (dq, dk, dv) = _run(attention_step, q, k, v, mask, gc, gw, backend="triton", **kw)
     for name, x in (("ctx", ctx), ("weights", w), ("dq", dq), ("dk", dk), ("dv", dv)):
         assert torch.isfinite(x).all(), name
         assert (x[0] == 0).all(), f"{name} of the empty row is not 0"
@@ -186,6 +187,28 @@ def test_gradcheck_float64_triton(case, device):
         fn = lambda q, k: attention_step(q, k, None, mask, backend="triton", splits=2, block_l=2)  # noqa: E731
     args = tuple(a.requires_grad_(True) for a in args)
     assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shapes", [((0, 4), (0, 3, 4)), ((2, 0, 4), (2, 3, 4))], ids=["B0", "T0"])
+def test_empty_batch_or_steps(shapes, device):
+    q = torch.randn(*shapes[0], device=device, requires_grad=True)
+    k = torch.randn(*shapes[1], device=device, requires_grad=True)
+    ctx, w = attention_step(q, k, backend="triton")
+    assert ctx.shape == q.shape and w.shape == q.shape[:-1] + (3,)
+    (ctx.sum() + w.sum()).backward()
+    assert q.grad.shape == q.shape and (k.grad == 0).all()
+
+
+def test_int32_tile_offsets_guard():
+    """A view whose tile span overflows int32 in-tile offsets is made contiguous; others pass through."""
+    from fused_s2s.kernels.attention import _tile_safe
+
+    ok = torch.empty_strided((2, 64, 32), (2**40, 2**20, 1), device="meta")  # 63 * 2^20 + 31 < 2^31
+    big = torch.empty_strided((2, 64, 32), (2**40, 2**26, 1), device="meta")  # 63 * 2^26 >= 2^31
+    assert _tile_safe(ok, 64, 32) is ok
+    out = _tile_safe(big, 64, 32)
+    assert out.is_contiguous() and out is not big
+    assert _tile_safe(big, 1, 32) is big  # one row per tile: only the feature stride counts
 
 
 def test_vs_sdpa(device):
