@@ -35,13 +35,14 @@ Backward, per row, given dc (Dv,) and dalpha (L,) (either may be absent)::
     dH_j  += sum_t dE_j q          dV_j += sum_t alpha_j dc           (summed over the T queries)
 
 alpha is recomputed in the accumulation dtype from the saved (m, l) (exp(q.H_j - m) / l), never
-stored beyond the returned weights. For T == 1 the row kernel writes dH, dV directly; for T > 1 the row
-kernel computes dq (and delta) and ``_attn_bwd_kv_kernel`` owns an L block of one batch and loops
+stored beyond the returned weights. For T == 1 the row kernel writes dH, dV directly; for T > 1
+the row kernel computes dq (and delta) and ``_attn_bwd_kv_kernel`` owns an L block of one batch and loops
 over its T queries, so dH, dV are reduced without atomics (deterministic).
 
 Loops over L are ``while`` loops: the triton 3.6 interpreter cannot take a runtime ``range`` bound
-(its scalars are 1-element numpy arrays that numpy 2.4 refuses to ``int()``). All pointer offsets
-are int64. Loads are cast to ACC (fp32, or fp64 for gradcheck); stores cast to the output dtype.
+(its scalars are 1-element numpy arrays that numpy 2.4 refuses to ``int()``). Batch, row and block
+starts are int64 (tensors past 2^31 elements), offsets inside a tile int32 (see ``_tile_safe``).
+Loads are cast to ACC (fp32, or fp64 for gradcheck); stores cast to the output dtype.
 """
 from __future__ import annotations
 
