@@ -57,7 +57,7 @@ def _validate(query, keys, values, mask):
 
 
 class _AttentionFn(torch.autograd.Function):
-    """Triton forward (ctx, weights) and backward; saves inputs, outputs and lse (B*T,) only."""
+    """Triton forward (ctx, weights) and backward; saves inputs, outputs and (m, l) (B*T, 2) only."""
 
     @staticmethod
     def forward(fctx, query, keys, values, mask, splits, block_l):
