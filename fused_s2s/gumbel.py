@@ -17,6 +17,7 @@ from torch.autograd.function import once_differentiable
 from fused_s2s import backend as _backend
 from fused_s2s import philox
 from fused_s2s._checks import check_float, check_tau
+from fused_s2s.reference import gumbel_softmax_eager
 
 
 class _GumbelSoftmaxFn(torch.autograd.Function):
@@ -46,20 +47,9 @@ class _GumbelSoftmaxFn(torch.autograd.Function):
 
 
 def _eager(x, noise, seed, tau: float, hard: bool):
-    """F.gumbel_softmax's math on x (R, V) with the Philox noise; fp32 (fp64) compute like the kernel."""
-    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    """The eager backend on x (R, V): the reference's Gumbel-softmax with the kernels' Philox noise."""
     g = noise if noise is not None else philox.gumbel_noise(seed, x.shape, x.device)  # (R, V)
-    t = x.to(cdt) + g.to(cdt)
-    y_soft = torch.softmax(t / tau, dim=-1)
-    idx = t.argmax(dim=-1)  # on t, not y_soft: tau-free, ties -> first column, NaN -> its column
-    if hard:
-        y_hard = torch.zeros_like(y_soft).scatter_(-1, idx.unsqueeze(-1), 1.0)
-        # exact 0/1 forward (F.gumbel_softmax's y_hard - y_soft.detach() + y_soft is within an ulp);
-        # y_soft - y_soft.detach() is 0 (NaN on a NaN row) and carries the soft gradient
-        y = y_hard + (y_soft - y_soft.detach())
-    else:
-        y = y_soft
-    return y.to(x.dtype), idx
+    return gumbel_softmax_eager(x, tau, hard, g, return_index=True)
 
 
 def _check_dim(dim, ndim: int) -> int:

@@ -129,7 +129,8 @@ def attention_eager(query: Tensor, keys: Tensor, values: Tensor | None = None, m
     return ctx, alpha
 
 
-def gumbel_softmax_eager(logits: Tensor, tau: float, hard: bool = False, noise: Tensor | None = None, dim: int = -1):
+def gumbel_softmax_eager(logits: Tensor, tau: float, hard: bool = False, noise: Tensor | None = None, dim: int = -1,
+                         return_index: bool = False):
     """Gumbel-softmax over ``dim`` with explicit noise (SPEC section 2); returns y in logits' dtype.
 
         y_soft = softmax((logits + g) / tau)                          (..., V)
@@ -140,6 +141,7 @@ def gumbel_softmax_eager(logits: Tensor, tau: float, hard: bool = False, noise: 
     math runs in float32 (float64 for float64 logits), so half-precision models pick the same argmax.
     The straight-through form is written so that its forward value is exactly one-hot
     (y_soft - y_soft.detach() is exactly 0) while its gradient is the soft one's.
+    ``return_index`` also returns the sample argmax(logits + g) over ``dim`` (ties: first; NaN wins).
     """
     check_float("logits", logits)
     tau = check_tau(tau)
@@ -151,10 +153,12 @@ def gumbel_softmax_eager(logits: Tensor, tau: float, hard: bool = False, noise: 
             raise ValueError(f"noise must have logits' shape {tuple(logits.shape)}, got {tuple(noise.shape)}")
         z = z + noise.to(cdt)  # (..., V)  perturbed logits
     y_soft = torch.softmax(z / tau, dim=dim)  # (..., V)
+    index = z.argmax(dim=dim, keepdim=True)  # (..., 1)  Gumbel-max: a categorical sample
     if hard:
-        index = z.argmax(dim=dim, keepdim=True)  # (..., 1)  Gumbel-max: a categorical sample
         y_hard = torch.zeros_like(y_soft).scatter_(dim, index, 1.0)  # (..., V) exact one-hot
         y_soft = y_hard + (y_soft - y_soft.detach())  # forward: y_hard; backward: d y_soft
+    if return_index:
+        return y_soft.to(logits.dtype), index.squeeze(dim)
     return y_soft.to(logits.dtype)
 
 

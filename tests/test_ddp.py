@@ -1,9 +1,6 @@
 """DistributedDataParallel on CPU (gloo): two processes on half batches give the gradients of one
 process on the concatenated batch (issue 6). Both halves have the same number of target tokens, so
 the mean of the per-rank mean losses is the global mean loss."""
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -28,9 +25,9 @@ def _model():
     return fused_s2s.Seq2Seq(V, V, D, padding_idx=0)
 
 
-def _worker(rank, world, port, out_path):
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _worker(rank, world, store_path, out_path):
+    # a file store: no TCP port to race for on a shared CI machine
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
     try:
         model = torch.nn.parallel.DistributedDataParallel(_model())
         src, lengths, tgt = _data()
@@ -40,20 +37,16 @@ def _worker(rank, world, port, out_path):
         out.loss.backward()
         if rank == 0:
             torch.save({n: p.grad for n, p in model.module.named_parameters()}, out_path)
+        dist.barrier()  # both ranks finish their gloo work before either tears the group down
     finally:
         dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 def test_ddp_two_processes_equal_one_process(tmp_path):
     out_path = str(tmp_path / "grads.pt")
-    mp.start_processes(_worker, args=(2, _free_port(), out_path), nprocs=2, join=True, start_method="spawn")
+    store = str(tmp_path / "store")
+    mp.start_processes(_worker, args=(2, store, out_path), nprocs=2, join=True, start_method="spawn")
     ddp = torch.load(out_path, weights_only=True)
     model = _model()
     model(*_data()).loss.backward()
