@@ -12,7 +12,6 @@ kernels run under the interpreter there: correct, not fast) and only the notes' 
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -108,32 +107,17 @@ def run(sizes=("notes", "large", "long"), dtypes=(torch.float32, torch.bfloat16)
                     if why:
                         print(f"{case:<18} {str(dtype):<15} {pass_:<8} {impl:<8} skipped: {why}")
                         continue
-                    try:
-                        fn = case_fn(impl, size, dtype, pass_)
-                        t = common.time_fn(fn, warmup=3 if quick else 10, rep=5 if quick else 50)
-                    except Exception as e:  # e.g. torch.compile without a C++ toolchain
-                        print(f"{case:<18} {str(dtype):<15} {pass_:<8} {impl:<8} failed: {type(e).__name__}: {e}"[:300])
-                        continue
-                    nbytes = traffic_bytes(size, dtype, pass_)
-                    row = common.make_row("attention", impl, case, dtype, pass_, t, nbytes, note="values=None lengths mask")
-                    rows.append(row)
-                    frac = f"{row['peak_bw_frac']:.0%} of peak" if row["peak_bw_frac"] != "" else ""
-                    print(f"{case:<18} {str(dtype):<15} {pass_:<8} {impl:<8} {t['median_ms']:9.4f} ms "
-                          f"{row['gbps'] or 0:8.1f} GB/s {frac}", flush=True)
+                    row = common.measure(
+                        f"{case:<18} {str(dtype):<15} {pass_:<8} {impl:<8}", lambda: case_fn(impl, size, dtype, pass_),
+                        bench="attention", impl=impl, case=case, dtype=dtype, pass_=pass_,
+                        nbytes=traffic_bytes(size, dtype, pass_), note="values=None lengths mask", quick=quick)
+                    if row:
+                        rows.append(row)
     return rows
 
 
 def main(argv=None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="fewer repetitions")
-    p.add_argument("--sizes", default="notes,large,long", help=f"comma list of {list(SIZES)}")
-    p.add_argument("--dtypes", default="float32,bfloat16")
-    a = p.parse_args(argv)
-    dtypes = tuple(getattr(torch, d) for d in a.dtypes.split(","))
-    rows = run(tuple(a.sizes.split(",")), dtypes, a.quick)
-    if rows:
-        print("appended to", common.append_rows(rows))
-    return rows
+    return common.main_for(run, SIZES, "notes,large,long", argv)
 
 
 @pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd"])

@@ -13,7 +13,6 @@ the noise and y_soft (O(B x V)). Without CUDA the fused and torch.compile column
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -99,32 +98,17 @@ def run(sizes=("notes", "mid", "large"), dtypes=(torch.float32, torch.bfloat16),
                         if why:
                             print(f"{label} skipped: {why}")
                             continue
-                        try:
-                            fn = case_fn(impl, size, dtype, pass_, hard)
-                            t = common.time_fn(fn, warmup=3 if quick else 10, rep=5 if quick else 50)
-                        except Exception as e:  # e.g. torch.compile without a C++ toolchain
-                            print(f"{label} failed: {type(e).__name__}: {e}"[:300])
-                            continue
-                        nbytes = traffic_bytes(size, dtype, pass_)
-                        row = common.make_row("gumbel", impl, case, dtype, pass_, t, nbytes, note=f"{mode} tau={TAU}")
-                        rows.append(row)
-                        frac = f"{row['peak_bw_frac']:.0%} of peak" if row["peak_bw_frac"] != "" else ""
-                        print(f"{label} {t['median_ms']:9.4f} ms {row['gbps'] or 0:8.1f} GB/s "
-                              f"peak {t['peak_mem_mb']:8.1f} MB {frac}", flush=True)
+                        row = common.measure(
+                            label, lambda: case_fn(impl, size, dtype, pass_, hard), bench="gumbel", impl=impl,
+                            case=case, dtype=dtype, pass_=pass_, nbytes=traffic_bytes(size, dtype, pass_),
+                            note=f"{mode} tau={TAU}", quick=quick)
+                        if row:
+                            rows.append(row)
     return rows
 
 
 def main(argv=None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="fewer repetitions")
-    p.add_argument("--sizes", default="notes,mid,large", help=f"comma list of {list(SIZES)}")
-    p.add_argument("--dtypes", default="float32,bfloat16")
-    a = p.parse_args(argv)
-    dtypes = tuple(getattr(torch, d) for d in a.dtypes.split(","))
-    rows = run(tuple(a.sizes.split(",")), dtypes, a.quick)
-    if rows:
-        print("appended to", common.append_rows(rows))
-    return rows
+    return common.main_for(run, SIZES, "notes,mid,large", argv)
 
 
 @pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])

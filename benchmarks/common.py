@@ -96,3 +96,34 @@ def append_rows(rows: list[dict], path: str = RESULTS_CSV) -> str:
             w.writeheader()
         w.writerows(rows)
     return path
+
+
+def measure(label: str, make_fn, *, bench: str, impl: str, case: str, dtype, pass_: str,
+            nbytes: int | None = None, note: str = "", quick: bool = False) -> dict | None:
+    """Build one case with ``make_fn()``, time it, print one line; the row, or None if it fails here."""
+    try:
+        t = time_fn(make_fn(), warmup=3 if quick else 10, rep=5 if quick else 50)
+    except Exception as e:  # e.g. torch.compile without a C++ toolchain: report, keep going
+        print(f"{label} failed: {type(e).__name__}: {e}"[:300])
+        return None
+    row = make_row(bench, impl, case, dtype, pass_, t, nbytes, note=note)
+    frac = f"{row['peak_bw_frac']:.0%} of peak" if row["peak_bw_frac"] != "" else ""
+    print(f"{label} {t['median_ms']:9.4f} ms {row['gbps'] or 0:8.1f} GB/s peak {t['peak_mem_mb']:8.1f} MB {frac}",
+          flush=True)
+    return row
+
+
+def main_for(run, sizes: dict, default_sizes: str, argv=None) -> list[dict]:
+    """The command line shared by the kernel benchmarks: --quick, --sizes, --dtypes; appends rows."""
+    import argparse
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true", help="fewer repetitions")
+    p.add_argument("--sizes", default=default_sizes, help=f"comma list of {list(sizes)}")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    a = p.parse_args(argv)
+    dtypes = tuple(getattr(torch, d) for d in a.dtypes.split(","))
+    rows = run(tuple(a.sizes.split(",")), dtypes, a.quick)
+    if rows:
+        print("appended to", append_rows(rows))
+    return rows
