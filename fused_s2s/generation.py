@@ -24,11 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fused_s2s import philox
 from fused_s2s._checks import check_batch, check_choice, check_int_tensor
+from fused_s2s.gumbel import gumbel_softmax
 
 STRATEGIES = ("greedy", "sample", "beam")
 LENGTH_PENALTIES = ("gnmt", "average", "none")
+EARLY_STOPS = ("count", "bound")
 SYNC_EVERY = 4  # host check "every sequence finished?" once per this many steps
 
 
@@ -150,11 +151,14 @@ def _filter_top_k_top_p(z: Tensor, top_k: int, top_p: float) -> Tensor:
 def sample(model, src: Tensor, src_lengths: Tensor, max_len: int, temperature: float = 1.0,
            top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None) -> GenerateOutput:
     """Ancestral sampling: exact categorical draws from softmax(logits / temperature) restricted to
-    top-k and the top-p nucleus, by the Gumbel-max trick with Philox noise (fused_s2s.philox).
+    top-k and the top-p nucleus, by the Gumbel-max trick: the index returned by the fused
+    ``gumbel_softmax(z, hard=True, return_index=True)`` is argmax(z + g), Philox noise g drawn in the
+    kernel on CUDA (eager mirror fused_s2s.philox otherwise); filtered tokens (z = -inf) never win.
 
-    One seed per step is drawn from torch's RNG (``generator`` if given), so torch.manual_seed or a
-    seeded generator reproduces a run. scores: the model's log-probs (untempered, unfiltered) of the
-    sampled tokens, so top_k=1 gives greedy's tokens and scores.
+    One seed per step is drawn from torch's RNG (``generator``, on the model's device, if given), so
+    torch.manual_seed or a seeded generator reproduces a run. The backend is the decoder's
+    ``backend`` attribute ("auto" if it has none). scores: the model's log-probs (untempered,
+    unfiltered) of the sampled tokens, so top_k=1 gives greedy's tokens and scores.
     """
     max_len = _check_inputs(src, src_lengths, max_len)
     temperature = _check_real("temperature", temperature)
@@ -164,14 +168,19 @@ def sample(model, src: Tensor, src_lengths: Tensor, max_len: int, temperature: f
     top_p = _check_real("top_p", top_p)
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        gdev, sdev = torch.device(generator.device), src.device  # src lives on the model's device
+        if gdev.type != sdev.type or (gdev.index is not None and sdev.index is not None and gdev.index != sdev.index):
+            raise ValueError(f"generator must be on the model's device {sdev} (src's), got a generator on {gdev}")
+    backend = getattr(model.decoder, "backend", "auto")
 
     def pick(z: Tensor) -> Tensor:  # z (B, V) float32, pad at -inf
-        z = _filter_top_k_top_p(z / temperature, top_k, top_p)
-        seed = philox.draw_seed(z.device, generator)  # 0-d int64, stays on its device
-        g = philox.gumbel_noise(seed, z.shape, z.device)  # (B, V) Gumbel(0, 1)
-        return (z + g).argmax(-1)  # (B,) argmax(z + g) ~ Categorical(softmax(z))
+        z = _filter_top_k_top_p(z / temperature, top_k, top_p)  # (B, V) filtered at -inf
+        # one seed per step from torch's RNG; index = argmax(z + g) ~ Categorical(softmax(z))
+        _, index = gumbel_softmax(z, tau=1.0, hard=True, return_index=True, generator=generator, backend=backend)
+        return index  # (B,)
 
     with torch.no_grad():
         return _decode_one(model, src, src_lengths, max_len, pick)
@@ -188,16 +197,25 @@ def _length_penalty(name: str, alpha: float, n: int) -> float:
 
 
 def beam_search(model, src: Tensor, src_lengths: Tensor, max_len: int, beam_size: int = 4,
-                length_penalty: str = "gnmt", alpha: float = 0.6, n_best: int = 1) -> GenerateOutput:
+                length_penalty: str = "gnmt", alpha: float = 0.6, n_best: int = 1,
+                early_stop: str = "count") -> GenerateOutput:
     """Batched beam search (B * beam_size rows); returns the n_best hypotheses per sentence.
 
     Each step, the top 2K of the K*V extensions are ranked (K = beam_size). Those among the first K
     that end in EOS are finished: scored sum(log p) / lp(len) and merged into the sentence's n-best
     list; the K best non-EOS extensions become the new beams. At step max_len every one of the first
-    K extensions is finished (truncated hypotheses have no EOS). A sentence stops when it has n_best
-    finished hypotheses and the worst of them is >= the best score any live beam could still reach:
-    live raw score s <= 0 can only fall, so its best is s / max(lp(t+1), lp(max_len)) over the
-    lengths still possible (exact for all three penalties, for any alpha). scores are penalised.
+    K extensions is finished (truncated hypotheses have no EOS). scores are penalised.
+
+    When a sentence stops (``early_stop``):
+    - "count" (default, fairseq's rule): once K hypotheses of it have finished (at most K ever
+      finish: within a step the best come first). beam_size=1 then equals greedy under every
+      length penalty (scores: greedy's sum of log-probs / lp(length)).
+    - "bound" (exact): once it has n_best finished hypotheses and the worst of them is >= the best
+      score any live beam could still reach: live raw score s <= 0 can only fall, so its best is
+      s / max(lp(t+2), lp(max_len)) over the lengths still possible (exact for all three penalties,
+      for any alpha). With a beam wide enough this equals exhaustive search; with "gnmt" or
+      "average" a small beam may continue past greedy's EOS to a longer, better-scoring hypothesis.
+    Under both rules a sentence with no live beam left is done.
     """
     max_len = _check_inputs(src, src_lengths, max_len)
     K = _check_int("beam_size", beam_size, 1)
@@ -206,6 +224,8 @@ def beam_search(model, src: Tensor, src_lengths: Tensor, max_len: int, beam_size
         raise ValueError(f"n_best must be in [1, beam_size={K}], got {N}")
     check_choice("length_penalty", length_penalty, LENGTH_PENALTIES)
     alpha = _check_real("alpha", alpha)
+    check_choice("early_stop", early_stop, EARLY_STOPS)
+    count = early_stop == "count"
     lp = lambda n: _length_penalty(length_penalty, alpha, n)  # noqa: E731  (Python float)
 
     with torch.no_grad():
@@ -230,6 +250,7 @@ def beam_search(model, src: Tensor, src_lengths: Tensor, max_len: int, beam_size
         fin_tok = torch.full((B, N, max_len), fill, dtype=torch.long, device=dev)  # (B, N, T)
         fin_attn = torch.zeros(B, N, max_len, L, dtype=torch.float32, device=dev)  # (B, N, T, L)
         fin_len = torch.zeros(B, N, dtype=torch.long, device=dev)  # (B, N)
+        fin_count = torch.zeros(B, dtype=torch.long, device=dev)  # (B,) hypotheses finished ("count")
         done = torch.zeros(B, dtype=torch.bool, device=dev)  # (B,)
         inp = torch.full((B * K,), bos, dtype=torch.long, device=dev)  # (B*K,)
 
@@ -259,7 +280,11 @@ def beam_search(model, src: Tensor, src_lengths: Tensor, max_len: int, beam_size
             first = torch.arange(min(K, C), device=dev).expand(B, -1)  # (B, K')
             ends = torch.ones_like(is_eos[:, : first.shape[1]]) if last else is_eos[:, : first.shape[1]]
             new_score = top_val[:, : first.shape[1]] / lp(t + 1)  # (B, K') penalised
-            new_score = torch.where(ends & torch.isfinite(new_score), new_score, torch.full_like(new_score, ninf))
+            ends = ends & torch.isfinite(new_score)
+            if count:  # at most K finish per sentence; same length within a step, so best come first
+                ends = ends & (fin_count[:, None] + ends.long().cumsum(1) <= K)
+                fin_count = fin_count + ends.long().sum(1)
+            new_score = torch.where(ends, new_score, torch.full_like(new_score, ninf))
             _, new_tok, new_attn = extend(first)
             all_score = torch.cat([fin_score, new_score], dim=1)  # (B, N+K')
             fin_score, keep = all_score.topk(N, dim=1)  # (B, N) best first
@@ -277,10 +302,13 @@ def beam_search(model, src: Tensor, src_lengths: Tensor, max_len: int, beam_size
             inp = top_tok.gather(1, live).view(B * K)  # (B*K,)
             state = state.reorder((base + parent).view(B * K))
 
-            # 3. per-sentence early stop: nothing a live beam can reach beats the n-th best finished
+            # 3. per-sentence early stop
             best_live = beam_score.max(dim=1).values  # (B,) <= 0, -inf when no live beam
-            bound = best_live / max(lp(t + 2), lp(max_len))  # (B,)
-            done |= fin_score[:, N - 1] >= bound
+            if count:  # K hypotheses finished (or nothing left alive)
+                done |= (fin_count >= K) | (best_live == ninf)
+            else:  # nothing a live beam can reach beats the n-th best finished (-inf >= -inf: none alive)
+                bound = best_live / max(lp(t + 2), lp(max_len))  # (B,)
+                done |= fin_score[:, N - 1] >= bound
             beam_score = beam_score.masked_fill(done[:, None], ninf)  # done sentences stop growing
             if (t + 1) % SYNC_EVERY == 0 and bool(done.all()):
                 break  # host sync, once per SYNC_EVERY steps
@@ -298,7 +326,7 @@ def generate(model, src: Tensor, src_lengths: Tensor, max_len: int, strategy: st
     check_choice("strategy", strategy, STRATEGIES)
     fn = {"greedy": greedy, "sample": sample, "beam": beam_search}[strategy]
     allowed = {"greedy": (), "sample": ("temperature", "top_k", "top_p", "generator"),
-               "beam": ("beam_size", "length_penalty", "alpha", "n_best")}[strategy]
+               "beam": ("beam_size", "length_penalty", "alpha", "n_best", "early_stop")}[strategy]
     unknown = sorted(set(kw) - set(allowed))
     if unknown:
         raise TypeError(f"strategy={strategy!r} got unexpected keyword argument(s) {unknown}; "

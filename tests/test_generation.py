@@ -148,7 +148,8 @@ def test_beam_matches_exhaustive_search(penalty, alpha, max_len):
     src, lengths = make_src(B=3, L=4, seed=max_len)
     K = 4 * 3 ** (max_len - 1)  # >= every finite candidate at every step: the search is complete
     n_best = 6
-    out = beam_search(model, src, lengths, max_len, beam_size=K, length_penalty=penalty, alpha=alpha, n_best=n_best)
+    out = beam_search(model, src, lengths, max_len, beam_size=K, length_penalty=penalty, alpha=alpha, n_best=n_best,
+                      early_stop="bound")
     assert out.tokens.shape[:2] == (3, n_best) and out.scores.shape == (3, n_best)
     for b in range(3):
         best = exhaustive(model, src[b : b + 1], lengths[b : b + 1], max_len, penalty, alpha)[:n_best]
@@ -161,33 +162,132 @@ def test_beam_matches_exhaustive_search(penalty, alpha, max_len):
             assert (got[len(seq) :] == PAD).all()
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2, 3])
-def test_beam_size_one_equals_greedy_without_penalty(seed):
+@pytest.mark.parametrize("penalty,alpha", [("none", 0.0), ("gnmt", 0.6), ("gnmt", 1.5), ("average", 0.0)])
+@pytest.mark.parametrize("seed", [0, 5])
+def test_beam_size_one_equals_greedy(penalty, alpha, seed):
+    """Default early_stop="count": one beam follows the argmax and stops at greedy's EOS, under every
+    penalty. Scores: the beam's are penalised, so they must equal greedy's sum of log-probs divided
+    by lp(length) of the same (identical) hypothesis — the same raw sum, the same division."""
     model = FakeModel(V=7, seed=seed)
-    src, lengths = make_src(B=6, L=5, seed=seed)
+    src, lengths = make_src(B=16, L=5, seed=seed)
     g = greedy(model, src, lengths, max_len=7)
-    b = beam_search(model, src, lengths, max_len=7, beam_size=1, length_penalty="none")
+    b = beam_search(model, src, lengths, max_len=7, beam_size=1, length_penalty=penalty, alpha=alpha)
     assert torch.equal(b.tokens, g.tokens)
-    torch.testing.assert_close(b.scores, g.scores, rtol=0, atol=1e-6)
+    n = torch.tensor([hyp_length(g.tokens[i, 0]) for i in range(16)])
+    want = g.scores / torch.tensor([[lp(penalty, alpha, int(k))] for k in n])
+    torch.testing.assert_close(b.scores, want, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(b.attention, g.attention, rtol=0, atol=0)
+    # Seq2Seq-style dispatch forwards early_stop too
+    b2 = generate(model, src, lengths, 7, strategy="beam", beam_size=1, length_penalty=penalty, alpha=alpha,
+                  early_stop="count")
+    assert torch.equal(b2.tokens, b.tokens) and torch.equal(b2.scores, b.scores)
 
 
 @pytest.mark.parametrize("penalty,alpha", [("gnmt", 0.6), ("gnmt", 1.5), ("average", 0.0)])
-def test_beam_size_one_never_worse_than_greedy_with_penalty(penalty, alpha):
-    """With a length-rewarding penalty beam 1 may continue past greedy's EOS (documented), but it
-    keeps greedy's hypothesis in its n-best list, so its penalised score is >= greedy's; where the
-    tokens agree the scores agree exactly."""
+def test_beam_size_one_bound_never_worse_than_greedy_with_penalty(penalty, alpha):
+    """early_stop="bound" with a length-rewarding penalty: beam 1 may continue past greedy's EOS
+    (documented), but it keeps greedy's hypothesis in its n-best list, so its penalised score is >=
+    greedy's; where the tokens agree the scores agree. (Some rows do differ: the case exists.)"""
     model = FakeModel(V=7, seed=5)
     src, lengths = make_src(B=16, L=5, seed=5)
     g = greedy(model, src, lengths, max_len=6)
-    b = beam_search(model, src, lengths, max_len=6, beam_size=1, length_penalty=penalty, alpha=alpha)
+    b = beam_search(model, src, lengths, max_len=6, beam_size=1, length_penalty=penalty, alpha=alpha,
+                    early_stop="bound")
     T = min(g.tokens.shape[-1], b.tokens.shape[-1])
+    differ = 0
     for i in range(16):
         n = hyp_length(g.tokens[i, 0])
         g_pen = float(g.scores[i, 0]) / lp(penalty, alpha, n)
         assert float(b.scores[i, 0]) >= g_pen - 1e-5
         if torch.equal(b.tokens[i, 0, :T], g.tokens[i, 0, :T]) and hyp_length(b.tokens[i, 0]) == n:
             assert abs(float(b.scores[i, 0]) - g_pen) < 1e-5
+        else:
+            differ += 1
+    assert differ > 0, "no row where the exact rule goes past greedy's EOS: the count test would be vacuous"
+
+
+# A scripted model (V = 5: PAD, BOS, EOS, A, B) where the count and bound rules part ways with
+# K = 2, "average": step 1 ranks A, EOS, B; after A, EOS then A; after A A, A is nearly certain.
+# count: [EOS] finishes at step 1 and [A EOS] at step 2 -> 2 = K finished, stop. bound: the live
+# beam A A (raw -1.31) can still reach -1.31 / max_len > -0.60 = [A EOS]'s score, so it goes on to
+# the truncated A^max_len (raw ~ -1.31 - 0.03 (max_len - 2)), the better average score.
+A_, B_ = 3, 4
+
+
+def _scripted_probs(prefix):
+    if prefix == ():
+        return {A_: 0.6, EOS: 0.3, B_: 0.1}
+    if prefix == (A_,):
+        return {EOS: 0.5, A_: 0.45, B_: 0.05}
+    if prefix[:2] == (A_, A_):
+        return {A_: 0.97, EOS: 0.02, B_: 0.01}
+    return {A_: 0.45, B_: 0.45, EOS: 0.1}
+
+
+class ScriptedState(NamedTuple):
+    prefix: Tensor  # (B, 16) tokens so far, PAD-filled
+    t: Tensor  # (B,) steps taken
+
+    def reorder(self, index):
+        return ScriptedState(self.prefix.index_select(0, index), self.t.index_select(0, index))
+
+
+class ScriptedDecoder:
+    V = 5
+
+    def __init__(self):
+        self.calls = 0
+
+    def step(self, inp, state, memory, memory_mask):
+        self.calls += 1
+        B = inp.shape[0]
+        prefix = state.prefix.clone()
+        rows = torch.arange(B)
+        started = state.t > 0  # the first input is BOS, not part of the prefix
+        prefix[rows[started], state.t[started] - 1] = inp[started]
+        logits = torch.full((B, self.V), -30.0)  # PAD and BOS: practically never
+        for i in range(B):
+            n = int(state.t[i])
+            for tok, p in _scripted_probs(tuple(prefix[i, :n].tolist())).items():
+                logits[i, tok] = math.log(p)
+        alpha = torch.zeros(B, memory.shape[1])
+        alpha[:, 0] = 1.0
+        return logits, alpha, ScriptedState(prefix, state.t + 1)
+
+
+class ScriptedModel:
+    padding_idx, bos_idx, eos_idx = PAD, BOS, EOS
+
+    def __init__(self):
+        self.decoder = ScriptedDecoder()
+
+    def encode(self, src, src_lengths):
+        B, L = src.shape
+        memory = torch.ones(B, L, 1)
+        return memory, src_lengths.long(), ScriptedState(torch.zeros(B, 16, dtype=torch.long), torch.zeros(B, dtype=torch.long))
+
+
+def test_beam_count_stops_at_beam_size_finished_bound_goes_on():
+    src, lengths = torch.full((1, 2), 5), torch.tensor([2])
+    max_len, K = 10, 2
+    model = ScriptedModel()
+    c = beam_search(model, src, lengths, max_len, beam_size=K, length_penalty="average", n_best=2)  # default
+    calls_count = model.decoder.calls
+    model = ScriptedModel()
+    b = beam_search(model, src, lengths, max_len, beam_size=K, length_penalty="average", n_best=2, early_stop="bound")
+    calls_bound = model.decoder.calls
+
+    # count: the n-best list is exactly the K = 2 hypotheses finished by step 2, best first
+    assert c.tokens[0, 0].tolist() == [A_, EOS] and c.tokens[0, 1].tolist() == [EOS, PAD]
+    want = torch.tensor([(math.log(0.6) + math.log(0.5)) / 2, math.log(0.3)])
+    torch.testing.assert_close(c.scores[0], want, rtol=1e-5, atol=1e-6)
+    assert calls_count <= 2 + generation.SYNC_EVERY - 1 < max_len
+    # bound: goes on to the truncated A^max_len, whose average score beats [A EOS]
+    assert b.tokens[0, 0].tolist() == [A_] * max_len
+    raw, _ = replay(ScriptedModel(), src, lengths, b.tokens[0, :1])
+    torch.testing.assert_close(b.scores[0, 0], raw[0] / max_len, rtol=1e-5, atol=1e-6)
+    assert float(b.scores[0, 0]) > float(c.scores[0, 0])
+    assert calls_bound == max_len
 
 
 @pytest.mark.parametrize("penalty,alpha", [("gnmt", 0.6), ("average", 0.0), ("none", 0.0)])
@@ -222,8 +322,9 @@ def test_beam_fewer_hypotheses_than_n_best():
     assert sorted(out.tokens[0, :4, 0].tolist()) == [1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("early_stop", ["count", "bound"])
 @pytest.mark.parametrize("penalty", ["none", "gnmt"])
-def test_beam_eos_handling_and_early_stop(penalty):
+def test_beam_eos_handling_and_early_stop(penalty, early_stop):
     """EOS forced at step 2/3/1 per sentence: the best hypotheses end there, padded after, and the
     search stops long before max_len."""
     eos_at = torch.tensor([2, 3, 1])
@@ -231,7 +332,8 @@ def test_beam_eos_handling_and_early_stop(penalty):
     src, lengths = make_src(B=3, L=4, seed=6)
     src = with_eos_at(src, eos_at)
     K, max_len = 4, 40
-    out = beam_search(model, src, lengths, max_len, beam_size=K, length_penalty=penalty, n_best=1)
+    out = beam_search(model, src, lengths, max_len, beam_size=K, length_penalty=penalty, n_best=1,
+                      early_stop=early_stop)
     for b in range(3):
         n = int(eos_at[b])
         assert out.tokens[b, 0, n - 1] == EOS and (out.tokens[b, 0, n:] == PAD).all()
@@ -347,6 +449,76 @@ def test_sample_first_token_frequencies_chi_square(temperature, top_k, top_p):
     assert res.pvalue > 1e-3, (counts.tolist(), (p * B).tolist())
 
 
+def _needs_triton_on_cpu():
+    from fused_s2s import backend
+
+    if not backend.interpret_mode():
+        pytest.skip("the FakeModel lives on the CPU: the Triton backend needs TRITON_INTERPRET=1 here")
+    pytest.importorskip("triton")
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(top_k=3), dict(top_p=0.6, temperature=0.7), dict(top_k=4, top_p=0.9)])
+def test_sample_through_fused_kernel_equals_eager(kw, monkeypatch):
+    """The decoder's backend attribute picks the Gumbel-softmax backend; the Triton kernel draws the
+    same Philox noise in-kernel, so the samples equal the eager ones, and -inf (filtered, pad) logits
+    are never chosen."""
+    _needs_triton_on_cpu()
+    from fused_s2s.kernels import gumbel as K
+
+    launches = []
+    fwd = K.gumbel_fwd
+    monkeypatch.setattr(K, "gumbel_fwd", lambda x, *a, **k: launches.append(x.clone()) or fwd(x, *a, **k))
+    model = FakeModel(V=12, seed=23, scale=1.5)
+    src, lengths = make_src(B=7, L=4, seed=23)
+    outs = {}
+    for be in ("eager", "triton"):
+        model.decoder.backend = be
+        outs[be] = sample(model, src, lengths, 6, generator=torch.Generator().manual_seed(3), **kw)
+        if be == "eager":
+            assert not launches
+    assert len(launches) >= 1, "the Triton backend was not used"
+    assert all(torch.isneginf(z[:, PAD]).all() for z in launches)
+    if kw:
+        assert any(torch.isneginf(z[:, 3:]).any() for z in launches), "no filtered logits reached the kernel"
+    assert torch.equal(outs["triton"].tokens, outs["eager"].tokens)
+    assert torch.equal(outs["triton"].scores, outs["eager"].scores)
+    for z, step in zip(launches, range(outs["triton"].tokens.shape[-1])):
+        tok = outs["triton"].tokens[:, 0, step]
+        alive = (outs["triton"].tokens[:, 0, :step] != EOS).all(1)
+        assert torch.isfinite(z.gather(1, tok[:, None]))[alive].all(), "a -inf logit was sampled"
+
+
+def test_sample_chi_square_through_fused_kernel():
+    """The in-kernel draw is a correct categorical sample too (filtered support, frequencies)."""
+    _needs_triton_on_cpu()
+    scipy_stats = pytest.importorskip("scipy.stats")
+    V, B, top_k = 8, 3000, 5
+    model = FakeModel(V=V, seed=11, scale=1.0)
+    model.decoder.backend = "triton"
+    src, lengths = torch.full((B, 3), 5), torch.full((B,), 3)
+    memory, mask, state = model.encode(src[:1], lengths[:1])
+    logits, _, _ = model.decoder.step(torch.tensor([BOS]), state, memory, mask)
+    z = logits[0].double() / 0.8
+    z[PAD] = -math.inf
+    z[z < z.topk(top_k).values[-1]] = -math.inf
+    p = torch.softmax(z, 0)
+    out = sample(model, src, lengths, 1, temperature=0.8, top_k=top_k, generator=torch.Generator().manual_seed(29))
+    counts = torch.bincount(out.tokens[:, 0, 0], minlength=V).double()
+    support = p > 0
+    assert counts[~support].sum() == 0, "sampled a token outside top-k / pad"
+    res = scipy_stats.chisquare(counts[support].numpy(), (p[support] * B).numpy())
+    assert res.pvalue > 1e-3, (counts.tolist(), (p * B).tolist())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device type")
+def test_sample_generator_on_another_device():
+    model = FakeModel()
+    src, lengths = make_src()
+    with pytest.raises(ValueError, match="generator"):
+        sample(model, src, lengths, 3, generator=torch.Generator(device="cuda"))
+    assert model.decoder.calls == 0
+
+
 def test_sample_eos_padding_and_early_stop():
     eos_at = torch.tensor([3, 1, 2])
     model = FakeModel(V=10, seed=12, force_eos=True, eos_boost=60.0)
@@ -394,6 +566,10 @@ def test_bad_inputs():
         (beam_search, dict(max_len=3, n_best=0), ValueError, "n_best"),
         (beam_search, dict(max_len=3, length_penalty="wu"), ValueError, "length_penalty"),
         (beam_search, dict(max_len=3, alpha=float("nan")), ValueError, "alpha"),
+        (beam_search, dict(max_len=3, early_stop="never"), ValueError, "early_stop"),
+        (beam_search, dict(max_len=3, early_stop=None), ValueError, "early_stop"),
+        (generate, dict(max_len=3, strategy="beam", early_stop="first"), ValueError, "early_stop"),
+        (generate, dict(max_len=3, strategy="sample", early_stop="count"), TypeError, "early_stop"),
         (sample, dict(max_len=3, temperature=0.0), ValueError, "temperature"),
         (sample, dict(max_len=3, temperature=-1.0), ValueError, "temperature"),
         (sample, dict(max_len=3, top_k=-1), ValueError, "top_k"),
@@ -491,7 +667,7 @@ def test_beam_early_stop_rule_is_exact(penalty, alpha, seed):
     src, lengths = make_src(B=4, L=4, seed=seed)
     max_len = 6
     out = beam_search(model, src, lengths, max_len, beam_size=4 * 3 ** (max_len - 1), length_penalty=penalty,
-                      alpha=alpha, n_best=1)
+                      alpha=alpha, n_best=1, early_stop="bound")
     for b in range(4):
         score, seq = exhaustive(model, src[b : b + 1], lengths[b : b + 1], max_len, penalty, alpha)[0]
         torch.testing.assert_close(out.scores[b, 0], torch.tensor(score), rtol=1e-5, atol=1e-5)
