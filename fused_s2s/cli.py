@@ -152,6 +152,8 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
     tr.add_argument("--strategy", choices=("greedy", "sample", "beam"), default="greedy")
     tr.add_argument("--beam-size", type=_positive_int, default=4)
     tr.add_argument("--n-best", type=_positive_int, default=1, help="beam: outputs per input (tab-separated)")
+    tr.add_argument("--early-stop", choices=("count", "bound"), default="count",
+                    help="beam: stop after beam-size finished hypotheses, or only when none can improve")
     tr.add_argument("--temperature", type=_positive_float, default=1.0)
     tr.add_argument("--top-k", type=_nonneg_int, default=0)
     tr.add_argument("--top-p", type=float, default=1.0)
@@ -613,7 +615,7 @@ def translate(args) -> int:
         gen = torch.Generator(device=device).manual_seed(args.seed)
         kw = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "generator": gen}
     elif args.strategy == "beam":
-        kw = {"beam_size": args.beam_size, "n_best": min(args.n_best, args.beam_size)}
+        kw = {"beam_size": args.beam_size, "n_best": min(args.n_best, args.beam_size), "early_stop": args.early_stop}
     results = translate_texts(model, vocab, texts, max_len=max_len, strategy=args.strategy,
                               batch_size=args.batch_size, **kw)
     for text, (outs, _, _, _) in zip(texts, results):

@@ -648,6 +648,26 @@ def test_reference_beam_one_equals_greedy_and_beam_replays():
             torch.testing.assert_close(out.attention[b, j, :n], alpha_ref[0], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("penalty", ["gnmt", "average"])
+def test_seq2seq_generate_forwards_early_stop(penalty):
+    """reference and fused Seq2Seq.generate(strategy="beam", early_stop=...): beam 1 = greedy by
+    default, and "bound" is the exact rule (equal to generation.beam_search's)."""
+    fused_s2s = pytest.importorskip("fused_s2s")
+    ref = _reference("lstm", True, 1, seed=2)
+    fused = fused_s2s.Seq2Seq(11, 13, 8, cell="lstm", num_layers=1, input_feed=True, backend="eager").eval()
+    fused.load_state_dict(ref.state_dict())
+    src, lengths = make_src(B=6, L=5, seed=15)
+    for model in (ref, fused):
+        g = model.generate(src, lengths, 8)
+        c = model.generate(src, lengths, 8, strategy="beam", beam_size=1, length_penalty=penalty, early_stop="count")
+        assert torch.equal(c.tokens, g.tokens)
+        b = model.generate(src, lengths, 8, strategy="beam", beam_size=1, length_penalty=penalty, early_stop="bound")
+        want = beam_search(model, src, lengths, 8, beam_size=1, length_penalty=penalty, early_stop="bound")
+        assert torch.equal(b.tokens, want.tokens) and torch.equal(b.scores, want.scores)
+        with pytest.raises(ValueError, match="early_stop"):
+            model.generate(src, lengths, 8, strategy="beam", early_stop="exact")
+
+
 def test_reference_sample_reproducible():
     model = _reference("gru", False, 1, seed=3)
     src, lengths = make_src(B=4, L=5, seed=16)
