@@ -235,8 +235,8 @@ class ScriptedState(NamedTuple):
 class ScriptedDecoder:
     V = 5
 
-    def __init__(self):
-        self.calls = 0
+    def __init__(self, probs):
+        self.calls, self.probs = 0, probs
 
     def step(self, inp, state, memory, memory_mask):
         self.calls += 1
@@ -248,7 +248,7 @@ class ScriptedDecoder:
         logits = torch.full((B, self.V), -30.0)  # PAD and BOS: practically never
         for i in range(B):
             n = int(state.t[i])
-            for tok, p in _scripted_probs(tuple(prefix[i, :n].tolist())).items():
+            for tok, p in self.probs(tuple(prefix[i, :n].tolist())).items():
                 logits[i, tok] = math.log(p)
         alpha = torch.zeros(B, memory.shape[1])
         alpha[:, 0] = 1.0
@@ -258,8 +258,8 @@ class ScriptedDecoder:
 class ScriptedModel:
     padding_idx, bos_idx, eos_idx = PAD, BOS, EOS
 
-    def __init__(self):
-        self.decoder = ScriptedDecoder()
+    def __init__(self, probs=_scripted_probs):
+        self.decoder = ScriptedDecoder(probs)
 
     def encode(self, src, src_lengths):
         B, L = src.shape
@@ -288,6 +288,31 @@ def test_beam_count_stops_at_beam_size_finished_bound_goes_on():
     torch.testing.assert_close(b.scores[0, 0], raw[0] / max_len, rtol=1e-5, atol=1e-6)
     assert float(b.scores[0, 0]) > float(c.scores[0, 0])
     assert calls_bound == max_len
+
+
+def _two_eos_probs(prefix):
+    """Step 1 ranks A, EOS, B; step 2's two best candidates are A EOS and B EOS."""
+    if prefix == ():
+        return {A_: 0.5, EOS: 0.35, B_: 0.15}
+    if len(prefix) == 1:
+        return {EOS: 0.9, A_: 0.05, B_: 0.05}
+    return {A_: 0.4, B_: 0.4, EOS: 0.2}
+
+
+def test_beam_count_finishes_at_most_beam_size_hypotheses():
+    """K = 2: [EOS] finishes at step 1; at step 2 both top candidates end in EOS, but only the
+    better one (A EOS) may finish — as in fairseq — although B EOS would beat [EOS] under "average".
+    The exact rule has no cap: it keeps both step-2 hypotheses."""
+    src, lengths = torch.full((1, 2), 5), torch.tensor([2])
+    lp_a, lp_b, lp_e = math.log(0.5), math.log(0.15), math.log(0.35)
+    assert (lp_b + math.log(0.9)) / 2 > lp_e  # B EOS does beat [EOS]: the cap is what drops it
+    c = beam_search(ScriptedModel(_two_eos_probs), src, lengths, 6, beam_size=2, length_penalty="average", n_best=2)
+    assert c.tokens[0].tolist() == [[A_, EOS], [EOS, PAD]]
+    torch.testing.assert_close(c.scores[0], torch.tensor([(lp_a + math.log(0.9)) / 2, lp_e]), rtol=1e-5, atol=1e-6)
+    b = beam_search(ScriptedModel(_two_eos_probs), src, lengths, 6, beam_size=2, length_penalty="average", n_best=2,
+                    early_stop="bound")
+    assert b.tokens[0, :, :2].tolist() == [[A_, EOS], [B_, EOS]]
+    assert (b.tokens[0, :, 2:] == PAD).all()
 
 
 @pytest.mark.parametrize("penalty,alpha", [("gnmt", 0.6), ("average", 0.0), ("none", 0.0)])
