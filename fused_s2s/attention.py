@@ -60,12 +60,13 @@ class _AttentionFn(torch.autograd.Function):
     """Triton forward (ctx, weights) and backward; saves inputs, outputs and (m, l) (B*T, 2) only."""
 
     @staticmethod
-    def forward(fctx, query, keys, values, mask, splits, block_l):
+    def forward(fctx, query, keys, values, mask, splits, block_l, tiled):
         from fused_s2s.kernels.attention import attention_forward
 
-        out, weights, lse = attention_forward(query, keys, values, mask, splits=splits, block_l=block_l)
+        out, weights, lse = attention_forward(query, keys, values, mask, splits=splits, block_l=block_l,
+                                              tiled=tiled)
         fctx.save_for_backward(query, keys, values, mask, out, weights, lse)
-        fctx.splits, fctx.block_l = splits, block_l
+        fctx.splits, fctx.block_l, fctx.tiled = splits, block_l, tiled
         fctx.set_materialize_grads(False)  # an output without gradient costs nothing in backward
         return out, weights
 
@@ -75,15 +76,20 @@ class _AttentionFn(torch.autograd.Function):
 
         query, keys, values, mask, out, weights, lse = fctx.saved_tensors
         dq, dk, dv = attention_backward(query, keys, values, mask, out, weights, lse, dctx, dweights,
-                                        splits=fctx.splits, block_l=fctx.block_l)
-        return dq, dk, dv, None, None, None
+                                        splits=fctx.splits, block_l=fctx.block_l, tiled=fctx.tiled)
+        return dq, dk, dv, None, None, None, None
 
 
-def attention_step(query, keys, values=None, mask=None, *, backend="auto", splits=None, block_l=None):
+def attention_step(query, keys, values=None, mask=None, *, backend="auto", splits=None, block_l=None,
+                   tiled=None):
     """Score -> masked softmax -> context. See the module docstring for shapes and masks.
 
     ``splits`` and ``block_l`` override the Triton launcher's split-L and block-size heuristics
-    (for tests and tuning); they are ignored by the eager backend.
+    (for tests and tuning); they are ignored by the eager backend. ``tiled`` picks the kernels for
+    T queries per batch row: None = heuristic (tiled, tl.dot, when T >= 16 for fp32/fp16/bf16 and a
+    tile config exists for max(D, Dv)), True forces the tiled kernels (ValueError where they cannot
+    run: fp64, max(D, Dv) too large), False the per-query-row kernels. The tiled kernels ignore
+    ``splits`` and raise ``block_l`` to at least 16.
     """
     _validate(query, keys, values, mask)
     if _backend.resolve(backend, query.device) == "eager":
@@ -92,7 +98,7 @@ def attention_step(query, keys, values=None, mask=None, *, backend="auto", split
         return attention_eager(query, keys, values, mask)
     squeeze = query.dim() == 2
     q = query[:, None, :] if squeeze else query  # (B, T, D): a view, strides go to the kernel
-    ctx, weights = _AttentionFn.apply(q, keys, values, mask, splits, block_l)
+    ctx, weights = _AttentionFn.apply(q, keys, values, mask, splits, block_l, tiled)
     if squeeze:
         return ctx[:, 0], weights[:, 0]
     return ctx, weights

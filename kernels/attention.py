@@ -398,18 +398,23 @@ def _tile_safe(x, *blocks):
     return x.contiguous() if span >= 2**31 else x
 
 
-def attention_forward(query, keys, values, mask, *, splits=None, block_l=None):
+def attention_forward(query, keys, values, mask, *, splits=None, block_l=None, tiled=None):
     """query (B, T, D), keys (B, L, D), values (B, L, Dv) or None (= keys), mask None | (B,) int | (B, L) bool.
 
     Inputs already validated (fused_s2s.attention). Returns ctx (B, T, Dv), weights (B, T, L) in
     query's dtype and the log-sum-exp stats (B*T, 2) = (m, l) in the accumulation dtype. ``splits``/``block_l`` override the
-    heuristics (tests).
+    heuristics (tests). ``tiled``: None = heuristic, True / False force the tiled (T > 1,
+    ``fused_s2s.kernels.attention_tiled``) or the per-row kernels.
     """
     B, T, D = query.shape
     L = keys.shape[1]
     shared = values is None
     v = keys if shared else values
     Dv = v.shape[2]
+    from fused_s2s.kernels import attention_tiled as _tiled
+
+    if _tiled.use_tiled(T, D, Dv, query.dtype, tiled):
+        return _tiled.attention_forward_tiled(query, keys, values, mask, block_l=block_l)
     dev, dtype = query.device, query.dtype
     ctx = torch.empty(B, T, Dv, device=dev, dtype=dtype)
     weights = torch.empty(B, T, L, device=dev, dtype=dtype)
@@ -452,7 +457,7 @@ def attention_forward(query, keys, values, mask, *, splits=None, block_l=None):
 
 
 def attention_backward(query, keys, values, mask, ctx, weights, lse, dctx, dweights, *,
-                       splits=None, block_l=None):
+                       splits=None, block_l=None, tiled=None):
     """Gradients (dquery (B, T, D), dkeys (B, L, D), dvalues (B, L, Dv) or None when values is None).
 
     dctx (B, T, Dv) and dweights (B, T, L) may be None (that output got no gradient) and may have
@@ -471,6 +476,11 @@ def attention_backward(query, keys, values, mask, ctx, weights, lse, dctx, dweig
         z = torch.zeros
         return z(B, T, D, device=dev, dtype=dtype), z(B, L, D, device=dev, dtype=dtype), \
             None if shared else z(B, L, Dv, device=dev, dtype=dtype)
+    from fused_s2s.kernels import attention_tiled as _tiled
+
+    if _tiled.use_tiled(T, D, Dv, dtype, tiled):
+        return _tiled.attention_backward_tiled(query, keys, values, mask, ctx, weights, lse, dctx, dweights,
+                                               block_l=block_l)
     dk = torch.empty(B, L, D, device=dev, dtype=dtype)
     # dV is only written where dc flows (HAS_DCTX); without it it is zero.
     dv = None if shared else (torch.empty if has_dc else torch.zeros)(B, L, Dv, device=dev, dtype=dtype)
@@ -585,4 +595,13 @@ def _aot_configs():
                             label=f"bwd_kv {tag} BL={bl} mask={mode} kv={int(shared)}")
 
 
-fused_s2s.aot.register("attention", _aot_configs)
+
+def _aot_configs_all():
+    """Per-row kernels, then the tiled (T > 1) kernels of ``attention_tiled``."""
+    from fused_s2s.kernels import attention_tiled
+
+    yield from _aot_configs()
+    yield from attention_tiled.aot_configs()
+
+
+fused_s2s.aot.register("attention", _aot_configs_all)

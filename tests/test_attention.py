@@ -122,6 +122,110 @@ def test_fully_masked_rows(kind, kw, dtype, device):
     assert (w[1:].float().sum(-1) - 1).abs().max() < 1e-2  # the other rows are proper softmaxes
 
 
+# Tiled (tl.dot, FlashAttention-style) path for T queries per batch row, forced with tiled=True.
+# (B, T, L, D, Dv, mask, shared, launcher overrides): T over one / several BLOCK_T = 16 tiles, odd L
+# over several BLOCK_L blocks, padded D / Dv.
+TILED_CASES = {
+    "T16_L23_len": (2, 16, 23, 24, 40, "len", False, {}),
+    "T37_L70_bool_shared": (3, 37, 70, 40, None, "bool", True, {}),
+    "T17_L1_nomask": (2, 17, 1, 8, 8, None, False, {}),
+    "T37_L23_none_bl16": (2, 37, 23, 40, 24, None, False, dict(block_l=16)),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(TILED_CASES))
+def test_tiled_forward_backward_vs_oracle(case, dtype, device):
+    B, T, L, D, Dv, mkind, shared, kw = TILED_CASES[case]
+    q, k, v = _inputs(B, T, L, D, Dv, dtype, device, shared=shared)
+    _check_all(q, k, v, _mask(mkind, B, L, device), tiled=True, **kw)
+
+
+@pytest.mark.parametrize("which", ["ctx_only", "weights_only"])
+@pytest.mark.parametrize("shared", [False, True], ids=["sep_v", "shared_kv"])
+def test_tiled_one_output_gradient(which, shared, device):
+    q, k, v = _inputs(2, 16, 19, 12, 20, torch.float32, device, shared=shared)
+    _check_all(q, k, v, _mask("len", 2, 19, device), gc=which == "ctx_only", gw=which == "weights_only",
+               tiled=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ["len", "bool"])
+def test_tiled_fully_masked_rows(kind, dtype, device):
+    """Tiled path: a batch row with nothing to attend to gives 0 outputs and 0 gradients, no NaN."""
+    B, T, L = 3, 17, 20
+    q, k, v = _inputs(B, T, L, 16, 8, dtype, device)
+    mask = _mask(kind, B, L, device)  # batch row 0 empty
+    gc = torch.randn(B, T, 8, dtype=torch.float64, device=device)
+    gw = torch.randn(B, T, L, dtype=torch.float64, device=device)
+    ctx, w, (dq, dk, dv) = _run(attention_step, q, k, v, mask, gc, gw, backend="triton", tiled=True)
+    for name, x in (("ctx", ctx), ("weights", w), ("dq", dq), ("dk", dk), ("dv", dv)):
+        assert torch.isfinite(x).all(), name
+        assert (x[0] == 0).all(), f"{name} of the empty row is not 0"
+    assert (w[1:].float().sum(-1) - 1).abs().max() < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_tiled_non_contiguous_inputs(dtype, device):
+    """Strided query / keys / values / mask and a stride-0 incoming gradient on the tiled path."""
+    B, T, L, D, Dv = 2, 18, 21, 12, 10
+    q = torch.randn(B, 2 * T, D, device=device, dtype=dtype)[:, ::2]  # (B, T, D) T-stride 2D
+    k = torch.randn(B, D, L, device=device, dtype=dtype).transpose(1, 2)  # (B, L, D) D-stride L
+    v = torch.randn(L, B, Dv + 3, device=device, dtype=dtype).transpose(0, 1)[..., 1:Dv + 1]
+    mask = (torch.rand(B, 2 * L, device=device) < 0.7)[:, ::2]
+    mask[:, 0] = True
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous() or mask.is_contiguous())
+    _check_all(q, k, v, mask, tiled=True)
+    # ctx.sum() hands the backward an expanded (stride 0) gradient; dweights a strided one
+    gw = torch.randn(B, L, T, device=device, dtype=dtype).transpose(1, 2)
+    res = []
+    for kw in (dict(tiled=True), dict(tiled=False)):
+        ins = [x.detach().requires_grad_(True) for x in (q, k, v)]
+        ctx, w = attention_step(*ins, mask, backend="triton", **kw)
+        res.append(torch.autograd.grad(ctx.sum() + (w * gw).sum(), ins))
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    for a, b in zip(*res):
+        torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["sep_v", "shared_kv"])
+def test_tiled_matches_per_row(shared, device):
+    """The tiled and per-query-row kernels agree (fp32 rounding) on outputs and all gradients."""
+    B, T, L, D, Dv = 3, 20, 45, 33, 17
+    q, k, v = _inputs(B, T, L, D, Dv, torch.float32, device, shared=shared)
+    mask = _mask("len", B, L, device)
+    gc = torch.randn(B, T, D if shared else Dv, dtype=torch.float64, device=device)
+    gw = torch.randn(B, T, L, dtype=torch.float64, device=device)
+    tiled = _run(attention_step, q, k, v, mask, gc, gw, backend="triton", tiled=True)
+    rows = _run(attention_step, q, k, v, mask, gc, gw, backend="triton", tiled=False)
+    for a, b in zip((tiled[0], tiled[1], *tiled[2]), (rows[0], rows[1], *rows[2])):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_tiled_heuristic_and_bad_force(device, monkeypatch):
+    """The launcher tiles T >= 16 queries where a config exists; tiled=True elsewhere raises."""
+    from fused_s2s.kernels import attention_tiled
+
+    calls = []
+    fwd, bwd = attention_tiled.attention_forward_tiled, attention_tiled.attention_backward_tiled
+    monkeypatch.setattr(attention_tiled, "attention_forward_tiled", lambda *a, **k: calls.append("f") or fwd(*a, **k))
+    monkeypatch.setattr(attention_tiled, "attention_backward_tiled", lambda *a, **k: calls.append("b") or bwd(*a, **k))
+    for T, dtype, D, expect in ((16, torch.float32, 24, ["f", "b"]), (15, torch.float32, 24, []),
+                                (16, torch.bfloat16, 200, ["f", "b"]), (16, torch.float32, 200, []),
+                                (16, torch.float64, 8, [])):
+        calls.clear()
+        q, k, v = (x.requires_grad_(True) for x in _inputs(1, T, 5, D, 8, dtype, device))
+        ctx, w = attention_step(q, k, v, backend="triton")
+        (ctx.sum() + w[..., 0].sum()).backward()
+        assert calls == expect, (T, dtype, D)
+    q, k, _ = _inputs(1, 16, 5, 8, 8, torch.float64, device, shared=True)
+    with pytest.raises(ValueError, match="tiled"):
+        attention_step(q, k, backend="triton", tiled=True)
+    q, k, _ = _inputs(1, 16, 5, 300, 8, torch.float16, device, shared=True)
+    with pytest.raises(ValueError, match="tiled"):
+        attention_step(q, k, backend="triton", tiled=True)
+
+
 @pytest.mark.parametrize("ldtype", [torch.int64, torch.int32, torch.int16, torch.uint8])
 def test_lengths_any_integer_dtype(ldtype, device):
     q, k, v = _inputs(3, 2, 9, 8, 8, torch.float32, device)

@@ -1,0 +1,427 @@
+"""Tiled (FlashAttention-style) attention for T > 1 queries per batch row: the teacher-forcing path.
+
+Same math, outputs and saved statistics as ``fused_s2s.kernels.attention`` (see its docstring),
+but a program owns BLOCK_T queries of one batch row, so a (BLOCK_L, BLOCK_D) tile of H is read once
+per BLOCK_T queries instead of once per query, and the products run on ``tl.dot``::
+
+    forward, grid (B, cdiv(T, BLOCK_T)), loop over L:
+        E   = Q_tile (BT, BD) @ H_tile^T (BD, BL)              (masked: -inf)
+        online softmax per query row (m, l), acc = acc * exp(m_old - m_new) + P @ V_tile
+        raw E -> row buffer; after the loop weights = exp(E - m) / l, ctx = acc / l, save (m, l)
+    backward dq, grid (B, cdiv(T, BLOCK_T)), loop over L:
+        delta = rowsum(alpha * dW) + rowsum(dc * c)             (saved weights and context)
+        alpha = exp(Q H^T - m) / l,  g = dW + dc @ V^T,  dE = alpha * (g - delta),  dq = dE @ H
+    backward dH/dV, grid (B, cdiv(L, BLOCK_L)), loop over T (reduced in registers, no atomics):
+        alpha^T = exp(H Q^T - m) / l,  dE^T = alpha^T * (g^T - delta)
+        dH = sum_T dE^T @ Q  (+ alpha^T @ dc when V = H),  dV = sum_T alpha^T @ dc
+
+Precision: scores, softmax and every accumulation are fp32 (tl.dot accumulates in fp32). fp32
+inputs use ``input_precision="ieee"`` (no TF32: the tests hold the result to fp32 eager's error);
+fp16 / bf16 inputs feed tl.dot in their own dtype, with P, dE and alpha rounded to that dtype as
+dot operands (as eager's bmm sees them). DOT_T is the operand type: the input dtype on the GPU,
+fp32 under the CPU interpreter, whose tl.dot multiplies bf16 as raw uint16 bits; the operands are
+first rounded to RND_T (the input dtype), so the interpreter computes the GPU's products exactly.
+fp64 (gradcheck) stays on the per-row kernels.
+
+tl.dot needs every tile dimension >= 16: BLOCK_T, BLOCK_L, BLOCK_D are >= 16, padding is masked.
+Loops are ``while`` loops (triton 3.6's interpreter fails on a runtime ``range`` bound).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fused_s2s.kernels.attention import _mask_args, _mask_valid, _tile_safe
+
+_MIN_T = 16  # the launcher's heuristic: tiles pay once a batch row has this many queries
+
+# (BLOCK_T, BLOCK_L, num_warps) per operand width ("fp32": ieee FMA dot, "16": tensor cores), kernel
+# ("fwd", "bwd": both backward kernels share one BLOCK_L, which keeps g = dc @ V^T bit-identical
+# between them) and BLOCK_D. A BLOCK_D missing here is not tiled: the per-row kernels run. Sized
+# with the AOT tool for zero spills on sm_80 / sm_90 (shared memory <= 50 KB). fp32's FMA dot
+# keeps whole operand slices in registers: it spills beyond BLOCK_D 64 even with BLOCK_L 16, and
+# 16-bit beyond BLOCK_D 256 (D = 512 would need a D-chunked score loop and Dv-split accumulators).
+_TILED_CONFIGS = {
+    "fp32": {
+        "fwd": {16: (16, 16, 4), 32: (16, 16, 4), 64: (16, 16, 8)},
+        "bwd": {16: (16, 16, 4), 32: (16, 16, 4), 64: (16, 16, 8)},
+    },
+    "16": {
+        "fwd": {16: (16, 64, 4), 32: (16, 64, 4), 64: (16, 64, 4), 128: (16, 32, 4), 256: (16, 32, 8)},
+        "bwd": {16: (16, 32, 4), 32: (16, 32, 4), 64: (16, 32, 8), 128: (16, 16, 8), 256: (16, 16, 8)},
+    },
+}
+
+_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def _table(dtype: torch.dtype) -> dict:
+    return _TILED_CONFIGS["fp32" if dtype == torch.float32 else "16"]
+
+
+def tiled_config(D: int, Dv: int, dtype: torch.dtype, kind: str) -> tuple[int, int, int, int] | None:
+    """(BLOCK_T, BLOCK_L, BLOCK_D, num_warps) of the tiled kernel ``kind``, or None when not tiled."""
+    if dtype not in _TL:
+        return None  # fp64: per-row kernels (tl.dot in fp64 is not worth AOT configs for gradcheck)
+    block_d = max(16, triton.next_power_of_2(max(D, Dv)))
+    cfg = _table(dtype)[kind].get(block_d)
+    if cfg is None:
+        return None
+    bt, bl, nw = cfg
+    return bt, bl, block_d, nw
+
+
+def use_tiled(T: int, D: int, Dv: int, dtype: torch.dtype, tiled: bool | None) -> bool:
+    """Launcher choice: ``tiled`` None = heuristic (T >= 16 and a config exists); True forces it."""
+    ok = all(tiled_config(D, Dv, dtype, k) is not None for k in ("fwd", "bwd"))
+    if tiled is None:
+        return ok and T >= _MIN_T
+    if tiled and not ok:
+        raise ValueError(f"tiled=True needs float32 inputs with max(D, Dv) <= {max(_TILED_CONFIGS['fp32']['fwd'])} "
+                         f"or float16/bfloat16 with max(D, Dv) <= {max(_TILED_CONFIGS['16']['fwd'])}, "
+                         f"got dtype {dtype}, D={D}, Dv={Dv}")
+    return bool(tiled)
+
+
+def _dot_types(x: torch.Tensor):
+    """(DOT_T, RND_T): tl.dot operand dtype and the rounding of computed operands (module docstring)."""
+    rnd = _TL[x.dtype]
+    return (rnd if x.device.type == "cuda" else tl.float32), rnd
+
+
+@triton.jit
+def _attn_fwd_tiled_kernel(
+    Q, K, V, MASK, CTX, W, S, LSE,
+    T, L, D, DV,
+    s_qb, s_qt, s_qd, s_kb, s_kl, s_kd, s_vb, s_vl, s_vd, s_mb, s_ml,
+    MASK_MODE: tl.constexpr, SHARED_KV: tl.constexpr, DOT_T: tl.constexpr, RND_T: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Grid (B, cdiv(T, BLOCK_T)). Writes ctx (B, T, DV), weights (B, T, L), (m, l) per row."""
+    b = tl.program_id(0).to(tl.int64)
+    t0 = tl.program_id(1).to(tl.int64) * BLOCK_T
+    ar_t = tl.arange(0, BLOCK_T)
+    ar_l = tl.arange(0, BLOCK_L)
+    ar_d = tl.arange(0, BLOCK_D)
+    in_t = ar_t < T - t0
+    in_d = ar_d < D
+    in_dv = ar_d < DV
+    rows = b * T + t0 + ar_t  # (BT,) int64: row = b * T + t
+    q = tl.load(Q + b * s_qb + t0 * s_qt + ar_t[:, None] * s_qt + ar_d[None, :] * s_qd,
+                mask=in_t[:, None] & in_d[None, :], other=0.0).to(DOT_T)  # (BT, BD)
+    k_tile = ar_l[:, None] * s_kl + ar_d[None, :] * s_kd  # (BL, BD)
+    v_tile = ar_l[:, None] * s_vl + ar_d[None, :] * s_vd
+    s_tile = rows[:, None] * L + ar_l[None, :]  # (BT, BL) into the (B*T, L) score buffer
+
+    m_i = tl.full([BLOCK_T], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_T], tl.float32)
+    acc = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+    l0 = b * 0
+    while l0 < L:
+        in_l = ar_l < L - l0
+        valid = _mask_valid(MASK, b, l0, ar_l, in_l, s_mb, s_ml, MASK_MODE)
+        k = tl.load(K + b * s_kb + l0 * s_kl + k_tile, mask=in_l[:, None] & in_d[None, :], other=0.0).to(DOT_T)
+        e = tl.dot(q, tl.trans(k), input_precision="ieee")  # (BT, BL) fp32
+        e = tl.where(valid[None, :], e, float("-inf"))
+        tl.store(S + s_tile + l0, e.to(S.dtype.element_ty), mask=in_t[:, None] & in_l[None, :])
+        m_new = tl.maximum(m_i, tl.max(e, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: keep exp() finite
+        p = tl.exp(e - m_use[:, None])  # (BT, BL), 0 where masked
+        corr = tl.exp(m_i - m_use)
+        l_i = l_i * corr + tl.sum(p, axis=1)
+        if SHARED_KV:
+            v = k  # H read once for the score and the context
+        else:
+            v = tl.load(V + b * s_vb + l0 * s_vl + v_tile, mask=in_l[:, None] & in_dv[None, :], other=0.0).to(DOT_T)
+        acc = acc * corr[:, None] + tl.dot(p.to(RND_T).to(DOT_T), v, input_precision="ieee")
+        m_i = m_new
+        l0 += BLOCK_L
+
+    m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
+    inv_l = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)  # empty row: l = 0 -> all 0
+    tl.store(CTX + rows[:, None] * DV + ar_d[None, :], (acc * inv_l[:, None]).to(CTX.dtype.element_ty),
+             mask=in_t[:, None] & in_dv[None, :])
+    tl.store(LSE + 2 * rows, m_use, mask=in_t)
+    tl.store(LSE + 2 * rows + 1, l_i, mask=in_t)
+    # The raw scores were stored by other threads of this program (another layout): make them visible.
+    tl.debug_barrier()
+    l0 = b * 0
+    while l0 < L:
+        msk = in_t[:, None] & (ar_l < L - l0)[None, :]
+        e = tl.load(S + s_tile + l0, mask=msk, other=float("-inf")).to(tl.float32)
+        tl.store(W + s_tile + l0, (tl.exp(e - m_use[:, None]) * inv_l[:, None]).to(W.dtype.element_ty), mask=msk)
+        l0 += BLOCK_L
+
+
+@triton.jit
+def _attn_bwd_dq_tiled_kernel(
+    Q, K, V, MASK, CTX, W, LSE, DCTX, DW, DQ, DELTA,
+    T, L, D, DV,
+    s_qb, s_qt, s_qd, s_kb, s_kl, s_kd, s_vb, s_vl, s_vd, s_mb, s_ml,
+    s_cb, s_ct, s_cd, s_wb, s_wt, s_wl,
+    MASK_MODE: tl.constexpr, SHARED_KV: tl.constexpr, HAS_DCTX: tl.constexpr, HAS_DW: tl.constexpr,
+    DOT_T: tl.constexpr, RND_T: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Grid (B, cdiv(T, BLOCK_T)). delta (B*T,) fp32 for the dH/dV kernel, and dq (B, T, D)."""
+    b = tl.program_id(0).to(tl.int64)
+    t0 = tl.program_id(1).to(tl.int64) * BLOCK_T
+    ar_t = tl.arange(0, BLOCK_T)
+    ar_l = tl.arange(0, BLOCK_L)
+    ar_d = tl.arange(0, BLOCK_D)
+    in_t = ar_t < T - t0
+    in_d = ar_d < D
+    in_dv = ar_d < DV
+    rows = b * T + t0 + ar_t  # (BT,)
+    q = tl.load(Q + b * s_qb + t0 * s_qt + ar_t[:, None] * s_qt + ar_d[None, :] * s_qd,
+                mask=in_t[:, None] & in_d[None, :], other=0.0).to(DOT_T)  # (BT, BD)
+    m_r = tl.load(LSE + 2 * rows, mask=in_t, other=0.0).to(tl.float32)
+    l_r = tl.load(LSE + 2 * rows + 1, mask=in_t, other=0.0).to(tl.float32)
+    inv_l = tl.where(l_r > 0, 1.0 / tl.where(l_r > 0, l_r, 1.0), 0.0)  # empty row: alpha = 0
+    dw_tile = b * s_wb + t0 * s_wt + ar_t[:, None] * s_wt + ar_l[None, :] * s_wl  # (BT, BL)
+
+    # delta = rowsum(alpha * dalpha) + rowsum(dc * c), from the saved weights and context
+    delta = tl.zeros([BLOCK_T], tl.float32)
+    if HAS_DCTX:
+        dc = tl.load(DCTX + b * s_cb + t0 * s_ct + ar_t[:, None] * s_ct + ar_d[None, :] * s_cd,
+                     mask=in_t[:, None] & in_dv[None, :], other=0.0)  # (BT, BD)
+        c = tl.load(CTX + rows[:, None] * DV + ar_d[None, :], mask=in_t[:, None] & in_dv[None, :], other=0.0)
+        dc = dc.to(DOT_T)
+        # dc . c as the diagonal of a tl.dot, the same reduction as the dc . V_j in g below: when a row
+        # attends to one position (c = V_j, alpha_j = 1) g_j - delta is then exactly 0, as in eager.
+        dcc = tl.dot(dc, tl.trans(c.to(DOT_T)), input_precision="ieee")  # (BT, BT)
+        delta += tl.sum(tl.where(ar_t[:, None] == ar_t[None, :], dcc, 0.0), axis=1)
+    if HAS_DW:
+        j0 = b * 0
+        while j0 < L:
+            msk = in_t[:, None] & (ar_l < L - j0)[None, :]
+            wj = tl.load(W + rows[:, None] * L + j0 + ar_l[None, :], mask=msk, other=0.0).to(tl.float32)
+            dwj = tl.load(DW + j0 * s_wl + dw_tile, mask=msk, other=0.0).to(tl.float32)
+            delta += tl.sum(wj * dwj, axis=1)
+            j0 += BLOCK_L
+    tl.store(DELTA + rows, delta, mask=in_t)
+
+    k_tile = ar_l[:, None] * s_kl + ar_d[None, :] * s_kd  # (BL, BD)
+    v_tile = ar_l[:, None] * s_vl + ar_d[None, :] * s_vd
+    dq = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+    l0 = b * 0
+    while l0 < L:
+        in_l = ar_l < L - l0
+        valid = _mask_valid(MASK, b, l0, ar_l, in_l, s_mb, s_ml, MASK_MODE)
+        k = tl.load(K + b * s_kb + l0 * s_kl + k_tile, mask=in_l[:, None] & in_d[None, :], other=0.0).to(DOT_T)
+        e = tl.dot(q, tl.trans(k), input_precision="ieee")  # (BT, BL)
+        alpha = tl.where(valid[None, :], tl.exp(e - m_r[:, None]) * inv_l[:, None], 0.0)
+        g = tl.zeros([BLOCK_T, BLOCK_L], tl.float32)
+        if HAS_DW:
+            g += tl.load(DW + l0 * s_wl + dw_tile, mask=in_t[:, None] & in_l[None, :], other=0.0).to(tl.float32)
+        if HAS_DCTX:
+            if SHARED_KV:
+                v = k
+            else:
+                v = tl.load(V + b * s_vb + l0 * s_vl + v_tile, mask=in_l[:, None] & in_dv[None, :],
+                            other=0.0).to(DOT_T)
+            g += tl.dot(dc, tl.trans(v), input_precision="ieee")
+        de = alpha * (g - delta[:, None])  # (BT, BL)
+        dq += tl.dot(de.to(RND_T).to(DOT_T), k, input_precision="ieee")
+        l0 += BLOCK_L
+    tl.store(DQ + rows[:, None] * D + ar_d[None, :], dq.to(DQ.dtype.element_ty), mask=in_t[:, None] & in_d[None, :])
+
+
+@triton.jit
+def _attn_bwd_kv_tiled_kernel(
+    Q, K, V, MASK, LSE, DELTA, DCTX, DW, DK, DVAL,
+    T, L, D, DV,
+    s_qb, s_qt, s_qd, s_kb, s_kl, s_kd, s_vb, s_vl, s_vd, s_mb, s_ml,
+    s_cb, s_ct, s_cd, s_wb, s_wt, s_wl,
+    MASK_MODE: tl.constexpr, SHARED_KV: tl.constexpr, HAS_DCTX: tl.constexpr, HAS_DW: tl.constexpr,
+    DOT_T: tl.constexpr, RND_T: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Grid (B, cdiv(L, BLOCK_L)). dH (B, L, D) and dV (B, L, DV), reduced over T in registers.
+
+    Works on transposed tiles (BL, BT) so that dH = dE^T @ Q needs no transpose of the big tile.
+    """
+    b = tl.program_id(0).to(tl.int64)
+    l0 = tl.program_id(1).to(tl.int64) * BLOCK_L
+    ar_t = tl.arange(0, BLOCK_T)
+    ar_l = tl.arange(0, BLOCK_L)
+    ar_d = tl.arange(0, BLOCK_D)
+    in_l = ar_l < L - l0
+    in_d = ar_d < D
+    in_dv = ar_d < DV
+    valid = _mask_valid(MASK, b, l0, ar_l, in_l, s_mb, s_ml, MASK_MODE)  # (BL,)
+    k = tl.load(K + b * s_kb + l0 * s_kl + ar_l[:, None] * s_kl + ar_d[None, :] * s_kd,
+                mask=in_l[:, None] & in_d[None, :], other=0.0).to(DOT_T)  # (BL, BD)
+    if HAS_DCTX:
+        if SHARED_KV:
+            v = k
+        else:
+            v = tl.load(V + b * s_vb + l0 * s_vl + ar_l[:, None] * s_vl + ar_d[None, :] * s_vd,
+                        mask=in_l[:, None] & in_dv[None, :], other=0.0).to(DOT_T)
+    q_tile = ar_t[:, None] * s_qt + ar_d[None, :] * s_qd  # (BT, BD)
+    dc_tile = ar_t[:, None] * s_ct + ar_d[None, :] * s_cd
+    dwT_tile = ar_l[:, None] * s_wl + ar_t[None, :] * s_wt  # (BL, BT): dW read transposed
+    dk = tl.zeros([BLOCK_L, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_L, BLOCK_D], tl.float32)
+    t0 = b * 0
+    while t0 < T:
+        in_t = ar_t < T - t0
+        rows = b * T + t0 + ar_t
+        q = tl.load(Q + b * s_qb + t0 * s_qt + q_tile, mask=in_t[:, None] & in_d[None, :], other=0.0).to(DOT_T)
+        m_r = tl.load(LSE + 2 * rows, mask=in_t, other=0.0).to(tl.float32)
+        l_r = tl.load(LSE + 2 * rows + 1, mask=in_t, other=0.0).to(tl.float32)
+        inv_l = tl.where(l_r > 0, 1.0 / tl.where(l_r > 0, l_r, 1.0), 0.0)  # also 0 for t >= T
+        delta = tl.load(DELTA + rows, mask=in_t, other=0.0)
+        eT = tl.dot(k, tl.trans(q), input_precision="ieee")  # (BL, BT)
+        aT = tl.where(valid[:, None] & in_t[None, :], tl.exp(eT - m_r[None, :]) * inv_l[None, :], 0.0)
+        gT = tl.zeros([BLOCK_L, BLOCK_T], tl.float32)
+        if HAS_DW:
+            gT += tl.load(DW + b * s_wb + l0 * s_wl + t0 * s_wt + dwT_tile,
+                          mask=in_l[:, None] & in_t[None, :], other=0.0).to(tl.float32)
+        if HAS_DCTX:
+            dc = tl.load(DCTX + b * s_cb + t0 * s_ct + dc_tile, mask=in_t[:, None] & in_dv[None, :],
+                         other=0.0).to(DOT_T)  # (BT, BD)
+            # g = dc @ V^T in the orientation of the dq kernel (bit-identical g there and here)
+            gT += tl.trans(tl.dot(dc, tl.trans(v), input_precision="ieee"))
+            a_dc = tl.dot(aT.to(RND_T).to(DOT_T), dc, input_precision="ieee")  # (BL, BD)
+            if SHARED_KV:
+                dk += a_dc
+            else:
+                dv += a_dc
+        deT = aT * (gT - delta[None, :])  # (BL, BT)
+        dk += tl.dot(deT.to(RND_T).to(DOT_T), q, input_precision="ieee")
+        t0 += BLOCK_T
+    tl.store(DK + (b * L + l0) * D + ar_l[:, None] * D + ar_d[None, :], dk.to(DK.dtype.element_ty),
+             mask=in_l[:, None] & in_d[None, :])
+    if not SHARED_KV:
+        tl.store(DVAL + (b * L + l0) * DV + ar_l[:, None] * DV + ar_d[None, :], dv.to(DVAL.dtype.element_ty),
+                 mask=in_l[:, None] & in_dv[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers (called by fused_s2s.kernels.attention when use_tiled() says so)
+# ----------------------------------------------------------------------------------------------
+
+def _block_l(cfg_bl: int, block_l: int | None) -> int:
+    """The tile's BLOCK_L, or the caller's override raised to tl.dot's minimum of 16."""
+    return cfg_bl if block_l is None else max(16, triton.next_power_of_2(int(block_l)))
+
+
+def attention_forward_tiled(query, keys, values, mask, *, block_l=None):
+    """As ``attention_forward`` (same outputs and (m, l) stats) for fp32/fp16/bf16, tiled over T."""
+    B, T, D = query.shape
+    L = keys.shape[1]
+    shared = values is None
+    Dv = (keys if shared else values).shape[2]
+    dev, dtype = query.device, query.dtype
+    ctx = torch.empty(B, T, Dv, device=dev, dtype=dtype)
+    weights = torch.empty(B, T, L, device=dev, dtype=dtype)
+    lse = torch.empty(B * T, 2, device=dev, dtype=torch.float32)  # (m, l) per row
+    if B * T == 0:
+        return ctx, weights, lse
+    bt, bl, block_d, nw = tiled_config(D, Dv, dtype, "fwd")
+    bl = _block_l(bl, block_l)
+    query = _tile_safe(query, bt, block_d)
+    keys, values = _tile_safe(keys, bl, block_d), _tile_safe(values, bl, block_d)
+    if mask is not None and mask.dim() == 2:
+        mask = _tile_safe(mask, bl)
+    v = keys if shared else values
+    # Raw fp32 scores: in place in the weights for fp32 inputs, else an fp32 scratch.
+    scores = weights if dtype == torch.float32 else torch.empty(B, T, L, device=dev, dtype=torch.float32)
+    m_ptr, mode, s_mb, s_ml = _mask_args(mask, query)
+    dot_t, rnd_t = _dot_types(query)
+    _attn_fwd_tiled_kernel[(B, triton.cdiv(T, bt))](
+        query, keys, v, m_ptr, ctx, weights, scores, lse,
+        T, L, D, Dv,
+        *query.stride(), *keys.stride(), *v.stride(), s_mb, s_ml,
+        MASK_MODE=mode, SHARED_KV=shared, DOT_T=dot_t, RND_T=rnd_t,
+        BLOCK_T=bt, BLOCK_L=bl, BLOCK_D=block_d, num_warps=nw,
+    )
+    return ctx, weights, lse
+
+
+def attention_backward_tiled(query, keys, values, mask, ctx, weights, lse, dctx, dweights, *, block_l=None):
+    """As ``attention_backward`` (at least one of dctx / dweights is given), tiled over T and L."""
+    B, T, D = query.shape
+    L = keys.shape[1]
+    shared = values is None
+    Dv = (keys if shared else values).shape[2]
+    dev, dtype = query.device, query.dtype
+    has_dc, has_dw = dctx is not None, dweights is not None
+    bt, bl, block_d, nw = tiled_config(D, Dv, dtype, "bwd")
+    bl = _block_l(bl, block_l)
+    query = _tile_safe(query, bt, block_d)
+    keys, values = _tile_safe(keys, bl, block_d), _tile_safe(values, bl, block_d)
+    if mask is not None and mask.dim() == 2:
+        mask = _tile_safe(mask, bl)
+    dctx, dweights = _tile_safe(dctx, bt, block_d), _tile_safe(dweights, bt, bl)
+    v = keys if shared else values
+    dq = torch.empty(B, T, D, device=dev, dtype=dtype)
+    dk = torch.empty(B, L, D, device=dev, dtype=dtype)
+    dv = None if shared else torch.empty(B, L, Dv, device=dev, dtype=dtype)  # all of it written (0 without dc)
+    delta = torch.empty(B * T, device=dev, dtype=torch.float32)
+    m_ptr, mode, s_mb, s_ml = _mask_args(mask, query)
+    dc = dctx if has_dc else ctx
+    dw = dweights if has_dw else weights
+    dot_t, rnd_t = _dot_types(query)
+    common = dict(MASK_MODE=mode, SHARED_KV=shared, HAS_DCTX=has_dc, HAS_DW=has_dw, DOT_T=dot_t, RND_T=rnd_t,
+                  BLOCK_D=block_d)
+    strides = (*query.stride(), *keys.stride(), *v.stride(), s_mb, s_ml, *dc.stride(), *dw.stride())
+    _attn_bwd_dq_tiled_kernel[(B, triton.cdiv(T, bt))](
+        query, keys, v, m_ptr, ctx, weights, lse, dc, dw, dq, delta, T, L, D, Dv, *strides,
+        BLOCK_T=bt, BLOCK_L=bl, num_warps=nw, **common,
+    )
+    dv_ptr = dk if dv is None else dv
+    _attn_bwd_kv_tiled_kernel[(B, triton.cdiv(L, bl))](
+        query, keys, v, m_ptr, lse, delta, dc, dw, dk, dv_ptr, T, L, D, Dv, *strides,
+        BLOCK_T=bt, BLOCK_L=bl, num_warps=nw, **common,
+    )
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------
+# Ahead-of-time compile configurations (part of ``python -m fused_s2s.aot attention``)
+# ----------------------------------------------------------------------------------------------
+
+def aot_configs():
+    """Every (dtype, BLOCK_D) tile config of the three tiled kernels, with GPU operand types (DOT_T =
+    the input dtype). Innermost strides are the constant 1 (triton's JIT specialisation); mask form
+    and SHARED_KV rotate over the configs (separate V, the larger footprint, for most)."""
+    from fused_s2s.aot import AOTConfig
+
+    masks = [("*i1", 2), ("*i64", 1), ("*i32", 1), ("*i64", 0)]
+    i32, cx = "i32", "constexpr"
+    names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+    i = 0
+    for dtype, ty in names.items():
+        tdt, table = _TL[dtype], _table(dtype)
+        for block_d in table["fwd"]:
+            mask_ty, mode = masks[i % len(masks)]
+            shared = i % 5 == 4
+            i += 1
+            p, a = f"*{ty}", "*fp32"
+            sizes = dict(T=i32, L=i32, D=i32, DV=i32)
+            strides = dict(s_qb=i32, s_qt=i32, s_qd=cx, s_kb=i32, s_kl=i32, s_kd=cx, s_vb=i32, s_vl=i32, s_vd=cx,
+                           s_mb=i32, s_ml=cx)
+            gstrides = dict(s_cb=i32, s_ct=i32, s_cd=cx, s_wb=i32, s_wt=i32, s_wl=cx)
+            unit = dict(s_qd=1, s_kd=1, s_vd=1, s_ml=1)
+            flags = dict(MASK_MODE=mode, SHARED_KV=shared, DOT_T=tdt, RND_T=tdt, BLOCK_D=block_d)
+            tag = f"{ty} BD={block_d} mask={mode} kv={int(shared)}"
+
+            bt, bl, nw = table["fwd"][block_d]
+            sig = dict(Q=p, K=p, V=p, MASK=mask_ty, CTX=p, W=p, S=a, LSE=a, **sizes, **strides, MASK_MODE=cx,
+                       SHARED_KV=cx, DOT_T=cx, RND_T=cx, BLOCK_T=cx, BLOCK_L=cx, BLOCK_D=cx)
+            yield AOTConfig(_attn_fwd_tiled_kernel, sig, dict(unit, BLOCK_T=bt, BLOCK_L=bl, **flags), num_warps=nw,
+                            label=f"fwd_tiled {tag} BT={bt} BL={bl}")
+
+            bt, bl, nw = table["bwd"][block_d]
+            c = dict(unit, s_cd=1, s_wl=1, HAS_DCTX=True, HAS_DW=True, BLOCK_T=bt, BLOCK_L=bl, **flags)
+            bwd = dict(MASK_MODE=cx, SHARED_KV=cx, HAS_DCTX=cx, HAS_DW=cx, DOT_T=cx, RND_T=cx, BLOCK_T=cx,
+                       BLOCK_L=cx, BLOCK_D=cx)
+            sig = dict(Q=p, K=p, V=p, MASK=mask_ty, CTX=p, W=p, LSE=a, DCTX=p, DW=p, DQ=p, DELTA=a, **sizes,
+                       **strides, **gstrides, **bwd)
+            yield AOTConfig(_attn_bwd_dq_tiled_kernel, sig, c, num_warps=nw, label=f"bwd_dq_tiled {tag} BT={bt} BL={bl}")
+            sig = dict(Q=p, K=p, V=p, MASK=mask_ty, LSE=a, DELTA=a, DCTX=p, DW=p, DK=p, DVAL=p, **sizes, **strides,
+                       **gstrides, **bwd)
+            yield AOTConfig(_attn_bwd_kv_tiled_kernel, sig, c, num_warps=nw, label=f"bwd_kv_tiled {tag} BT={bt} BL={bl}")
