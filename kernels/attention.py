@@ -39,6 +39,10 @@ stored beyond the returned weights. For T == 1 the row kernel writes dH, dV dire
 the row kernel computes dq (and delta) and ``_attn_bwd_kv_kernel`` owns an L block of one batch and loops
 over its T queries, so dH, dV are reduced without atomics (deterministic).
 
+With T >= 16 queries per batch row the launchers hand over to ``fused_s2s.kernels.attention_tiled``
+(tl.dot tiles of BLOCK_T queries x BLOCK_L keys, same outputs and (m, l) statistics); the kernels
+here remain the T == 1 (decode step), fp64 and large-D path.
+
 Loops over L are ``while`` loops: the triton 3.6 interpreter cannot take a runtime ``range`` bound
 (its scalars are 1-element numpy arrays that numpy 2.4 refuses to ``int()``). Batch, row and block
 starts are int64 (tensors past 2^31 elements), offsets inside a tile int32 (see ``_tile_safe``).
