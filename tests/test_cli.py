@@ -344,3 +344,19 @@ def test_demo_short_run(tmp_path, capsys):
                                                  "1969년 7월 20일", "1969年7月20日日曜日", "domingo, 20 de julio de 1969"]
     assert _is_png(out / "attention.png") and _is_png(out / "metrics.png")
     assert C.load(str(out / "checkpoint.pt"))["step"] == 2
+
+
+def test_translate_beam_early_stop_flag(trained, capsys):
+    model, vocab, _ = cli.load_model(trained)
+    src, lengths = D.encode_sources(["123", "98765"], vocab)
+    for rule in ("count", "bound"):
+        rc, out, err = _run(["translate", "-c", trained, "--strategy", "beam", "--beam-size", "3",
+                             "--early-stop", rule, "123", "98765"], capsys)
+        assert rc == 0, err
+        ref = model.generate(src, lengths, 15, strategy="beam", beam_size=3, early_stop=rule)
+        assert out.splitlines() == [vocab.decode(ref.tokens[i, 0]) for i in range(2)]
+    with pytest.raises(SystemExit) as e:
+        cli.main(["translate", "-c", trained, "--strategy", "beam", "--early-stop", "never", "1"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice" in err and "'count'" in err and "'bound'" in err  # the valid choices are listed
