@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fused_s2s.kernels import attention_tiled_wide as _wide
 from fused_s2s.kernels.attention import _mask_args, _mask_valid, _tile_safe
 
 _MIN_T = 16  # the launcher's heuristic: tiles pay once a batch row has this many queries
@@ -72,15 +73,27 @@ def tiled_config(D: int, Dv: int, dtype: torch.dtype, kind: str) -> tuple[int, i
     return bt, bl, block_d, nw
 
 
+# Wide features (no _TILED_CONFIGS entry for BLOCK_D): the chunked kernels of attention_tiled_wide,
+# (BLOCK_T, BLOCK_L, BLOCK_K feature chunk of the score / g sums, BLOCK_O output features, num_warps);
+# their tiles do not depend on D, so one config per dtype and kernel covers every D.
+_WIDE_CONFIGS = {
+    "fp32": {"fwd": (16, 16, 32, 64, 8), "bwd": (16, 16, 32, 32, 8)},
+    "16": {"fwd": (16, 32, 64, 128, 8), "bwd": (16, 32, 64, 128, 8)},
+}
+
+
+def wide_config(dtype: torch.dtype, kind: str) -> tuple[int, int, int, int, int]:
+    return _WIDE_CONFIGS["fp32" if dtype == torch.float32 else "16"][kind]
+
+
 def use_tiled(T: int, D: int, Dv: int, dtype: torch.dtype, tiled: bool | None) -> bool:
-    """Launcher choice: ``tiled`` None = heuristic (T >= 16 and a config exists); True forces it."""
-    ok = all(tiled_config(D, Dv, dtype, k) is not None for k in ("fwd", "bwd"))
+    """Launcher choice: ``tiled`` None = heuristic (T >= 16, fp32/fp16/bf16); True forces it."""
+    ok = dtype in _TL
     if tiled is None:
         return ok and T >= _MIN_T
     if tiled and not ok:
-        raise ValueError(f"tiled=True needs float32 inputs with max(D, Dv) <= {max(_TILED_CONFIGS['fp32']['fwd'])} "
-                         f"or float16/bfloat16 with max(D, Dv) <= {max(_TILED_CONFIGS['16']['fwd'])}, "
-                         f"got dtype {dtype}, D={D}, Dv={Dv}")
+        raise ValueError(f"tiled=True needs float32/float16/bfloat16 inputs (fp64 runs the per-row kernels), "
+                         f"got dtype {dtype}")
     return bool(tiled)
 
 
@@ -320,7 +333,10 @@ def attention_forward_tiled(query, keys, values, mask, *, block_l=None):
     lse = torch.empty(B * T, 2, device=dev, dtype=torch.float32)  # (m, l) per row
     if B * T == 0:
         return ctx, weights, lse
-    bt, bl, block_d, nw = tiled_config(D, Dv, dtype, "fwd")
+    cfg = tiled_config(D, Dv, dtype, "fwd")
+    if cfg is None:
+        return _wide.attention_forward_wide(query, keys, values, mask, wide_config(dtype, "fwd"), block_l=block_l)
+    bt, bl, block_d, nw = cfg
     bl = _block_l(bl, block_l)
     query = _tile_safe(query, bt, block_d)
     keys, values = _tile_safe(keys, bl, block_d), _tile_safe(values, bl, block_d)
@@ -349,7 +365,11 @@ def attention_backward_tiled(query, keys, values, mask, ctx, weights, lse, dctx,
     Dv = (keys if shared else values).shape[2]
     dev, dtype = query.device, query.dtype
     has_dc, has_dw = dctx is not None, dweights is not None
-    bt, bl, block_d, nw = tiled_config(D, Dv, dtype, "bwd")
+    cfg = tiled_config(D, Dv, dtype, "bwd")
+    if cfg is None:
+        return _wide.attention_backward_wide(query, keys, values, mask, ctx, weights, lse, dctx, dweights,
+                                             wide_config(dtype, "bwd"), block_l=block_l)
+    bt, bl, block_d, nw = cfg
     bl = _block_l(bl, block_l)
     query = _tile_safe(query, bt, block_d)
     keys, values = _tile_safe(keys, bl, block_d), _tile_safe(values, bl, block_d)
@@ -425,3 +445,4 @@ def aot_configs():
             sig = dict(Q=p, K=p, V=p, MASK=mask_ty, LSE=a, DELTA=a, DCTX=p, DW=p, DK=p, DVAL=p, **sizes, **strides,
                        **gstrides, **bwd)
             yield AOTConfig(_attn_bwd_kv_tiled_kernel, sig, c, num_warps=nw, label=f"bwd_kv_tiled {tag} BT={bt} BL={bl}")
+    yield from _wide.aot_configs(_WIDE_CONFIGS)

@@ -141,11 +141,33 @@ def test_tiled_forward_backward_vs_oracle(case, dtype, device):
     _check_all(q, k, v, _mask(mkind, B, L, device), tiled=True, **kw)
 
 
+# Wide features (fp32 beyond BLOCK_D 64, fp16/bf16 beyond 256): the chunked kernels, several
+# feature chunks of the score sums and of the outputs, with padded tails. (B, T, L, mask, shared,
+# fp32 (D, Dv), 16-bit (D, Dv)).
+WIDE_CASES = {
+    "T16_L23_len": (2, 16, 23, "len", False, (70, 90), (300, 260)),
+    "T17_L37_bool_shared": (2, 17, 37, "bool", True, (100, None), (280, None)),
+    "T17_L1_nomask": (1, 17, 1, None, False, (130, 8), (520, 8)),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(WIDE_CASES))
+def test_tiled_wide_vs_oracle(case, dtype, device):
+    B, T, L, mkind, shared, d32, d16 = WIDE_CASES[case]
+    D, Dv = d32 if dtype == torch.float32 else d16
+    q, k, v = _inputs(B, T, L, D, Dv, dtype, device, shared=shared)
+    _check_all(q, k, v, _mask(mkind, B, L, device), tiled=True)
+
+
 @pytest.mark.parametrize("which", ["ctx_only", "weights_only"])
 @pytest.mark.parametrize("shared", [False, True], ids=["sep_v", "shared_kv"])
 def test_tiled_one_output_gradient(which, shared, device):
     q, k, v = _inputs(2, 16, 19, 12, 20, torch.float32, device, shared=shared)
     _check_all(q, k, v, _mask("len", 2, 19, device), gc=which == "ctx_only", gw=which == "weights_only",
+               tiled=True)
+    q, k, v = _inputs(2, 16, 19, 70, 36, torch.float32, device, shared=shared)  # wide kernels
+    _check_all(q, k, v, _mask("bool", 2, 19, device), gc=which == "ctx_only", gw=which == "weights_only",
                tiled=True)
 
 
@@ -165,10 +187,11 @@ def test_tiled_fully_masked_rows(kind, dtype, device):
     assert (w[1:].float().sum(-1) - 1).abs().max() < 1e-2
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_tiled_non_contiguous_inputs(dtype, device):
+@pytest.mark.parametrize("dtype,D", [(torch.float32, 12), (torch.bfloat16, 12), (torch.float32, 72)],
+                         ids=["fp32", "bf16", "fp32_wide"])
+def test_tiled_non_contiguous_inputs(dtype, D, device):
     """Strided query / keys / values / mask and a stride-0 incoming gradient on the tiled path."""
-    B, T, L, D, Dv = 2, 18, 21, 12, 10
+    B, T, L, Dv = 2, 18, 21, 10
     q = torch.randn(B, 2 * T, D, device=device, dtype=dtype)[:, ::2]  # (B, T, D) T-stride 2D
     k = torch.randn(B, D, L, device=device, dtype=dtype).transpose(1, 2)  # (B, L, D) D-stride L
     v = torch.randn(L, B, Dv + 3, device=device, dtype=dtype).transpose(0, 1)[..., 1:Dv + 1]
@@ -188,10 +211,11 @@ def test_tiled_non_contiguous_inputs(dtype, device):
         torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("D", [33, 70], ids=["one_tile", "wide"])
 @pytest.mark.parametrize("shared", [False, True], ids=["sep_v", "shared_kv"])
-def test_tiled_matches_per_row(shared, device):
+def test_tiled_matches_per_row(shared, D, device):
     """The tiled and per-query-row kernels agree (fp32 rounding) on outputs and all gradients."""
-    B, T, L, D, Dv = 3, 20, 45, 33, 17
+    B, T, L, Dv = 2, 20, 29, 17
     q, k, v = _inputs(B, T, L, D, Dv, torch.float32, device, shared=shared)
     mask = _mask("len", B, L, device)
     gc = torch.randn(B, T, D if shared else Dv, dtype=torch.float64, device=device)
@@ -203,7 +227,7 @@ def test_tiled_matches_per_row(shared, device):
 
 
 def test_tiled_heuristic_and_bad_force(device, monkeypatch):
-    """The launcher tiles T >= 16 queries where a config exists; tiled=True elsewhere raises."""
+    """The launcher tiles T >= 16 fp32/fp16/bf16 queries (any D); tiled=True with fp64 raises."""
     from fused_s2s.kernels import attention_tiled
 
     calls = []
@@ -211,17 +235,14 @@ def test_tiled_heuristic_and_bad_force(device, monkeypatch):
     monkeypatch.setattr(attention_tiled, "attention_forward_tiled", lambda *a, **k: calls.append("f") or fwd(*a, **k))
     monkeypatch.setattr(attention_tiled, "attention_backward_tiled", lambda *a, **k: calls.append("b") or bwd(*a, **k))
     for T, dtype, D, expect in ((16, torch.float32, 24, ["f", "b"]), (15, torch.float32, 24, []),
-                                (16, torch.bfloat16, 200, ["f", "b"]), (16, torch.float32, 200, []),
-                                (16, torch.float64, 8, [])):
+                                (16, torch.bfloat16, 200, ["f", "b"]), (16, torch.float32, 200, ["f", "b"]),
+                                (16, torch.float64, 8, []), (1, torch.float32, 8, [])):
         calls.clear()
         q, k, v = (x.requires_grad_(True) for x in _inputs(1, T, 5, D, 8, dtype, device))
         ctx, w = attention_step(q, k, v, backend="triton")
         (ctx.sum() + w[..., 0].sum()).backward()
         assert calls == expect, (T, dtype, D)
     q, k, _ = _inputs(1, 16, 5, 8, 8, torch.float64, device, shared=True)
-    with pytest.raises(ValueError, match="tiled"):
-        attention_step(q, k, backend="triton", tiled=True)
-    q, k, _ = _inputs(1, 16, 5, 300, 8, torch.float16, device, shared=True)
     with pytest.raises(ValueError, match="tiled"):
         attention_step(q, k, backend="triton", tiled=True)
 
