@@ -21,7 +21,8 @@ fp16 / bf16 inputs feed tl.dot in their own dtype, with P, dE and alpha rounded 
 dot operands (as eager's bmm sees them). DOT_T is the operand type: the input dtype on the GPU,
 fp32 under the CPU interpreter, whose tl.dot multiplies bf16 as raw uint16 bits; the operands are
 first rounded to RND_T (the input dtype), so the interpreter computes the GPU's products exactly.
-fp64 (gradcheck) stays on the per-row kernels.
+fp64 (gradcheck) stays on the per-row kernels. Features too wide for one register tile (fp32
+BLOCK_D > 64, fp16/bf16 > 256) go to the chunked kernels of ``attention_tiled_wide``.
 
 tl.dot needs every tile dimension >= 16: BLOCK_T, BLOCK_L, BLOCK_D are >= 16, padding is masked.
 Loops are ``while`` loops (triton 3.6's interpreter fails on a runtime ``range`` bound).
@@ -39,10 +40,10 @@ _MIN_T = 16  # the launcher's heuristic: tiles pay once a batch row has this man
 
 # (BLOCK_T, BLOCK_L, num_warps) per operand width ("fp32": ieee FMA dot, "16": tensor cores), kernel
 # ("fwd", "bwd": both backward kernels share one BLOCK_L, which keeps g = dc @ V^T bit-identical
-# between them) and BLOCK_D. A BLOCK_D missing here is not tiled: the per-row kernels run. Sized
-# with the AOT tool for zero spills on sm_80 / sm_90 (shared memory <= 50 KB). fp32's FMA dot
-# keeps whole operand slices in registers: it spills beyond BLOCK_D 64 even with BLOCK_L 16, and
-# 16-bit beyond BLOCK_D 256 (D = 512 would need a D-chunked score loop and Dv-split accumulators).
+# between them) and BLOCK_D. Sized with the AOT tool for zero spills on sm_80 / sm_90 (shared
+# memory <= 25 KB). fp32's FMA dot keeps whole operand slices in registers: it spills beyond
+# BLOCK_D 64 even with BLOCK_L 16, and 16-bit beyond BLOCK_D 256; a BLOCK_D missing here runs the
+# chunked kernels of attention_tiled_wide (_WIDE_CONFIGS below).
 _TILED_CONFIGS = {
     "fp32": {
         "fwd": {16: (16, 16, 4), 32: (16, 16, 4), 64: (16, 16, 8)},
@@ -62,7 +63,7 @@ def _table(dtype: torch.dtype) -> dict:
 
 
 def tiled_config(D: int, Dv: int, dtype: torch.dtype, kind: str) -> tuple[int, int, int, int] | None:
-    """(BLOCK_T, BLOCK_L, BLOCK_D, num_warps) of the tiled kernel ``kind``, or None when not tiled."""
+    """(BLOCK_T, BLOCK_L, BLOCK_D, num_warps) of the one-tile kernel ``kind``; None: too wide (or fp64)."""
     if dtype not in _TL:
         return None  # fp64: per-row kernels (tl.dot in fp64 is not worth AOT configs for gradcheck)
     block_d = max(16, triton.next_power_of_2(max(D, Dv)))
