@@ -442,8 +442,10 @@ def aot_configs():
                        BLOCK_L=cx, BLOCK_D=cx)
             sig = dict(Q=p, K=p, V=p, MASK=mask_ty, CTX=p, W=p, LSE=a, DCTX=p, DW=p, DQ=p, DELTA=a, **sizes,
                        **strides, **gstrides, **bwd)
-            yield AOTConfig(_attn_bwd_dq_tiled_kernel, sig, c, num_warps=nw, label=f"bwd_dq_tiled {tag} BT={bt} BL={bl}")
+            yield AOTConfig(_attn_bwd_dq_tiled_kernel, sig, c, num_warps=nw,
+                            label=f"bwd_dq_tiled {tag} BT={bt} BL={bl}")
             sig = dict(Q=p, K=p, V=p, MASK=mask_ty, LSE=a, DELTA=a, DCTX=p, DW=p, DK=p, DVAL=p, **sizes, **strides,
                        **gstrides, **bwd)
-            yield AOTConfig(_attn_bwd_kv_tiled_kernel, sig, c, num_warps=nw, label=f"bwd_kv_tiled {tag} BT={bt} BL={bl}")
+            yield AOTConfig(_attn_bwd_kv_tiled_kernel, sig, c, num_warps=nw,
+                            label=f"bwd_kv_tiled {tag} BT={bt} BL={bl}")
     yield from _wide.aot_configs(_WIDE_CONFIGS)
