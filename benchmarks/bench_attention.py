@@ -1,10 +1,12 @@
 """Attention step (issue 4): fused Triton vs eager (bmm -> masked softmax -> bmm) vs torch.compile(eager).
 
-    python benchmarks/bench_attention.py [--quick] [--sizes notes,large,long] [--dtypes float32,bfloat16]
+    python benchmarks/bench_attention.py [--quick] [--sizes notes,large,long,tf] [--dtypes float32,bfloat16]
     pytest benchmarks/bench_attention.py --benchmark-only
 
 One decoder step as the model runs it: query (B, D) = s_t W_a, keys = values = H (B, L, D)
-(``values=None``), lengths mask. "fwd" is the forward under no_grad; "fwd+bwd" is the forward with
+(``values=None``), lengths mask; "tf" is teacher forcing, T = 50 queries per batch row at once
+(query (B, T, D)), where "fused" runs the tiled tl.dot kernels and "fused_rows" the per-query-row
+kernels (``tiled=False``) for comparison. "fwd" is the forward under no_grad; "fwd+bwd" is the forward with
 grad plus the backward for a gradient on the context (the weights are returned, not differentiated).
 Bandwidth counts the minimal traffic: fwd reads q, H and writes ctx, weights; the backward also
 reads q, H, ctx, weights, dctx and writes dq, dH. Without CUDA the fused column is skipped (the
@@ -21,9 +23,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-# name -> (B, L, D); T = 1 (one decoder step)
-SIZES = {"notes": (32, 10, 256), "large": (256, 512, 1024), "long": (8, 4096, 512)}
-IMPLS = ("fused", "eager", "compile")
+# name -> (B, T, L, D); T = 1: one decoder step (a (B, D) query); T > 1: teacher forcing
+SIZES = {"notes": (32, 1, 10, 256), "large": (256, 1, 512, 1024), "long": (8, 1, 4096, 512),
+         "tf": (128, 50, 50, 512)}
+IMPLS = ("fused", "fused_rows", "eager", "compile")
 
 
 def _eager(query, keys, values=None, mask=None):
@@ -41,6 +44,10 @@ def impl_fn(impl: str):
         from fused_s2s.attention import attention_step
 
         return lambda q, k, v, m: attention_step(q, k, v, m, backend="triton")
+    if impl == "fused_rows":
+        from fused_s2s.attention import attention_step
+
+        return lambda q, k, v, m: attention_step(q, k, v, m, backend="triton", tiled=False)
     if impl == "eager":
         return _eager
     if "fn" not in _COMPILED:
@@ -49,9 +56,9 @@ def impl_fn(impl: str):
 
 
 def make_inputs(size: str, dtype, device, requires_grad=False):
-    B, L, D = SIZES[size]
+    B, T, L, D = SIZES[size]
     g = torch.Generator(device="cpu").manual_seed(0)
-    q = torch.randn(B, D, generator=g).to(device, dtype)
+    q = torch.randn(*((B, D) if T == 1 else (B, T, D)), generator=g).to(device, dtype)
     H = (torch.randn(B, L, D, generator=g) / D ** 0.5).to(device, dtype)
     lengths = torch.randint(max(1, L // 2), L + 1, (B,), generator=g).to(device)
     q.requires_grad_(requires_grad)
@@ -60,10 +67,11 @@ def make_inputs(size: str, dtype, device, requires_grad=False):
 
 
 def traffic_bytes(size: str, dtype, pass_: str) -> int:
-    B, L, D = SIZES[size]
+    B, T, L, D = SIZES[size]
     e = torch.finfo(dtype).bits // 8
-    fwd = B * D + B * L * D + B * D + B * L  # q, H in; ctx, weights out
-    bwd = B * D + B * L * D + B * D + B * L + B * D + B * D + B * L * D  # q, H, ctx, w, dctx in; dq, dH out
+    R = B * T  # query rows
+    fwd = R * D + B * L * D + R * D + R * L  # q, H in; ctx, weights out
+    bwd = R * D + B * L * D + R * D + R * L + R * D + R * D + B * L * D  # q, H, ctx, w, dctx in; dq, dH out
     return e * (fwd if pass_ == "fwd" else fwd + bwd)
 
 
@@ -84,26 +92,28 @@ def case_fn(impl: str, size: str, dtype, pass_: str):
     return run
 
 
-def available(impl: str) -> str | None:
+def available(impl: str, size: str = "notes") -> str | None:
     """None when impl can run here, else why not."""
-    if impl == "fused" and not common.HAS_CUDA:
+    if impl == "fused_rows" and SIZES[size][1] == 1:
+        return "same kernels as fused at T = 1"
+    if impl.startswith("fused") and not common.HAS_CUDA:
         return "fused column needs CUDA (the kernels only run interpreted on CPU)"
     return None
 
 
-def run(sizes=("notes", "large", "long"), dtypes=(torch.float32, torch.bfloat16), quick=False) -> list[dict]:
+def run(sizes=("notes", "large", "long", "tf"), dtypes=(torch.float32, torch.bfloat16), quick=False) -> list[dict]:
     rows = []
     if not common.HAS_CUDA:
         print("bench_attention: no CUDA device: the fused column needs CUDA; timing eager and "
               "torch.compile(eager) at the notes' size only")
         sizes = ("notes",)
     for size in sizes:
-        B, L, D = SIZES[size]
+        B, T, L, D = SIZES[size]
         for dtype in dtypes:
             for pass_ in ("fwd", "fwd+bwd"):
                 for impl in IMPLS:
-                    why = available(impl)
-                    case = f"B{B}_L{L}_D{D}"
+                    why = available(impl, size)
+                    case = f"B{B}_L{L}_D{D}" if T == 1 else f"B{B}_T{T}_L{L}_D{D}"
                     if why:
                         print(f"{case:<18} {str(dtype):<15} {pass_:<8} {impl:<8} skipped: {why}")
                         continue
@@ -117,14 +127,14 @@ def run(sizes=("notes", "large", "long"), dtypes=(torch.float32, torch.bfloat16)
 
 
 def main(argv=None) -> list[dict]:
-    return common.main_for(run, SIZES, "notes,large,long", argv)
+    return common.main_for(run, SIZES, "notes,large,long,tf", argv)
 
 
 @pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_attention(benchmark, impl, dtype, pass_):
-    why = available(impl)
+    why = available(impl, "notes")
     if why:
         pytest.skip(why)
     if not common.HAS_CUDA and dtype != torch.float32:
