@@ -395,9 +395,10 @@ def test_bad_inputs(device):
 
 
 @pytest.mark.gpu
-def test_device_mismatch_and_cuda_graph_capture():
+@pytest.mark.parametrize("T", [None, 20], ids=["step", "tiled_T20"])
+def test_device_mismatch_and_cuda_graph_capture(T):
     """No host sync in the launcher: the step (lengths read in-kernel) is capturable in a CUDA graph."""
-    q, k, v = _inputs(4, None, 33, 64, 64, torch.float32, "cuda")
+    q, k, v = _inputs(4, T, 33, 64, 64, torch.float32, "cuda")
     lengths = torch.tensor([0, 5, 33, 17], device="cuda")
     with pytest.raises(ValueError, match="mask"):
         attention_step(q, k, v, lengths.cpu())
@@ -414,3 +415,12 @@ def test_device_mismatch_and_cuda_graph_capture():
     torch.cuda.synchronize()
     for a, b in zip(out, ref):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("D", [64, 512], ids=["one_tile", "wide"])
+def test_tiled_on_gpu_vs_oracle(D, dtype):
+    """The compiled tiled kernels (tensor-core dots for fp16/bf16, ieee fp32) at the training size."""
+    q, k, _ = _inputs(8, 50, 50, D, D, dtype, "cuda", shared=True)
+    _check_all(q, k, None, _mask("len", 8, 50, "cuda"))  # heuristic: T = 50 tiles
