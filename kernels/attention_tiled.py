@@ -33,7 +33,6 @@ import torch
 import triton
 import triton.language as tl
 
-from fused_s2s.kernels import attention_tiled_wide as _wide
 from fused_s2s.kernels.attention import _mask_args, _mask_valid, _tile_safe
 
 _MIN_T = 16  # the launcher's heuristic: tiles pay once a batch row has this many queries
@@ -322,6 +321,36 @@ def _block_l(cfg_bl: int, block_l: int | None) -> int:
     return cfg_bl if block_l is None else max(16, triton.next_power_of_2(int(block_l)))
 
 
+def _tiled_inputs(query, keys, values, mask, bt: int, bl: int, bd: int):
+    """(query, keys, v, mask) made tile-safe for BLOCK_T=bt, BLOCK_L=bl, feature tile bd; v = keys
+    when values is None. Shared by the tiled and the wide (chunked) launchers."""
+    query = _tile_safe(query, bt, bd)
+    keys, values = _tile_safe(keys, bl, bd), _tile_safe(values, bl, bd)
+    if mask is not None and mask.dim() == 2:
+        mask = _tile_safe(mask, bl)
+    return query, keys, keys if values is None else values, mask
+
+
+def _tiled_bwd_setup(query, keys, values, mask, ctx, weights, dctx, dweights, bt: int, bl: int, bd: int):
+    """Inputs and outputs of the tiled / wide backward launchers:
+    (query, keys, v, mask, dc, dw, dq, dk, dv, delta). A missing incoming gradient is replaced by
+    its forward output as a placeholder pointer (HAS_DCTX / HAS_DW tell the kernels to skip it);
+    dv is None when values is None (dk then takes both contributions)."""
+    B, T, D = query.shape
+    L = keys.shape[1]
+    Dv = (keys if values is None else values).shape[2]
+    dev, dtype = query.device, query.dtype
+    query, keys, v, mask = _tiled_inputs(query, keys, values, mask, bt, bl, bd)
+    dctx, dweights = _tile_safe(dctx, bt, bd), _tile_safe(dweights, bt, bl)
+    dq = torch.empty(B, T, D, device=dev, dtype=dtype)
+    dk = torch.empty(B, L, D, device=dev, dtype=dtype)
+    dv = None if values is None else torch.empty(B, L, Dv, device=dev, dtype=dtype)  # all written (0 without dc)
+    delta = torch.empty(B * T, device=dev, dtype=torch.float32)
+    dc = ctx if dctx is None else dctx
+    dw = weights if dweights is None else dweights
+    return query, keys, v, mask, dc, dw, dq, dk, dv, delta
+
+
 def attention_forward_tiled(query, keys, values, mask, *, block_l=None):
     """As ``attention_forward`` (same outputs and (m, l) stats) for fp32/fp16/bf16, tiled over T."""
     B, T, D = query.shape
@@ -336,14 +365,12 @@ def attention_forward_tiled(query, keys, values, mask, *, block_l=None):
         return ctx, weights, lse
     cfg = tiled_config(D, Dv, dtype, "fwd")
     if cfg is None:
+        from fused_s2s.kernels import attention_tiled_wide as _wide
+
         return _wide.attention_forward_wide(query, keys, values, mask, wide_config(dtype, "fwd"), block_l=block_l)
     bt, bl, block_d, nw = cfg
     bl = _block_l(bl, block_l)
-    query = _tile_safe(query, bt, block_d)
-    keys, values = _tile_safe(keys, bl, block_d), _tile_safe(values, bl, block_d)
-    if mask is not None and mask.dim() == 2:
-        mask = _tile_safe(mask, bl)
-    v = keys if shared else values
+    query, keys, v, mask = _tiled_inputs(query, keys, values, mask, bt, bl, block_d)
     # Raw fp32 scores: in place in the weights for fp32 inputs, else an fp32 scratch.
     scores = weights if dtype == torch.float32 else torch.empty(B, T, L, device=dev, dtype=torch.float32)
     m_ptr, mode, s_mb, s_ml = _mask_args(mask, query)
@@ -364,27 +391,19 @@ def attention_backward_tiled(query, keys, values, mask, ctx, weights, lse, dctx,
     L = keys.shape[1]
     shared = values is None
     Dv = (keys if shared else values).shape[2]
-    dev, dtype = query.device, query.dtype
+    dtype = query.dtype
     has_dc, has_dw = dctx is not None, dweights is not None
     cfg = tiled_config(D, Dv, dtype, "bwd")
     if cfg is None:
+        from fused_s2s.kernels import attention_tiled_wide as _wide
+
         return _wide.attention_backward_wide(query, keys, values, mask, ctx, weights, lse, dctx, dweights,
                                              wide_config(dtype, "bwd"), block_l=block_l)
     bt, bl, block_d, nw = cfg
     bl = _block_l(bl, block_l)
-    query = _tile_safe(query, bt, block_d)
-    keys, values = _tile_safe(keys, bl, block_d), _tile_safe(values, bl, block_d)
-    if mask is not None and mask.dim() == 2:
-        mask = _tile_safe(mask, bl)
-    dctx, dweights = _tile_safe(dctx, bt, block_d), _tile_safe(dweights, bt, bl)
-    v = keys if shared else values
-    dq = torch.empty(B, T, D, device=dev, dtype=dtype)
-    dk = torch.empty(B, L, D, device=dev, dtype=dtype)
-    dv = None if shared else torch.empty(B, L, Dv, device=dev, dtype=dtype)  # all of it written (0 without dc)
-    delta = torch.empty(B * T, device=dev, dtype=torch.float32)
+    query, keys, v, mask, dc, dw, dq, dk, dv, delta = _tiled_bwd_setup(
+        query, keys, values, mask, ctx, weights, dctx, dweights, bt, bl, block_d)
     m_ptr, mode, s_mb, s_ml = _mask_args(mask, query)
-    dc = dctx if has_dc else ctx
-    dw = dweights if has_dw else weights
     dot_t, rnd_t = _dot_types(query)
     common = dict(MASK_MODE=mode, SHARED_KV=shared, HAS_DCTX=has_dc, HAS_DW=has_dw, DOT_T=dot_t, RND_T=rnd_t,
                   BLOCK_D=block_d)
@@ -448,4 +467,6 @@ def aot_configs():
                        **gstrides, **bwd)
             yield AOTConfig(_attn_bwd_kv_tiled_kernel, sig, c, num_warps=nw,
                             label=f"bwd_kv_tiled {tag} BT={bt} BL={bl}")
+    from fused_s2s.kernels import attention_tiled_wide as _wide
+
     yield from _wide.aot_configs(_WIDE_CONFIGS)

@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fused_s2s.kernels.attention import _mask_args, _mask_valid, _tile_safe
+from fused_s2s.kernels.attention import _mask_args, _mask_valid
+from fused_s2s.kernels.attention_tiled import _block_l, _dot_types, _tiled_bwd_setup, _tiled_inputs
 
 
 @triton.jit
@@ -232,16 +233,6 @@ def _attn_bwd_kv_wide_kernel(
 # Launchers (called by attention_tiled's launchers for a BLOCK_D without a one-tile config)
 # ----------------------------------------------------------------------------------------------
 
-def _types(x):
-    from fused_s2s.kernels.attention_tiled import _dot_types
-
-    return _dot_types(x)
-
-
-def _bl(cfg_bl, block_l):
-    return cfg_bl if block_l is None else max(16, triton.next_power_of_2(int(block_l)))
-
-
 def attention_forward_wide(query, keys, values, mask, cfg, *, block_l=None):
     """As ``attention_forward_tiled``; cfg = (BLOCK_T, BLOCK_L, BLOCK_K, BLOCK_O, num_warps)."""
     B, T, D = query.shape
@@ -250,19 +241,15 @@ def attention_forward_wide(query, keys, values, mask, cfg, *, block_l=None):
     Dv = (keys if shared else values).shape[2]
     dev, dtype = query.device, query.dtype
     bt, bl, bk, bo, nw = cfg
-    bl = _bl(bl, block_l)
+    bl = _block_l(bl, block_l)
     blk = max(bk, bo)
-    query = _tile_safe(query, bt, blk)
-    keys, values = _tile_safe(keys, bl, blk), _tile_safe(values, bl, blk)
-    if mask is not None and mask.dim() == 2:
-        mask = _tile_safe(mask, bl)
-    v = keys if shared else values
+    query, keys, v, mask = _tiled_inputs(query, keys, values, mask, bt, bl, blk)
     ctx = torch.empty(B, T, Dv, device=dev, dtype=dtype)
     weights = torch.empty(B, T, L, device=dev, dtype=dtype)
     lse = torch.empty(B * T, 2, device=dev, dtype=torch.float32)  # (m, l) per row
     scores = weights if dtype == torch.float32 else torch.empty(B, T, L, device=dev, dtype=torch.float32)
     m_ptr, mode, s_mb, s_ml = _mask_args(mask, query)
-    dot_t, rnd_t = _types(query)
+    dot_t, rnd_t = _dot_types(query)
     _attn_fwd_wide_kernel[(B, triton.cdiv(T, bt), triton.cdiv(Dv, bo))](
         query, keys, v, m_ptr, ctx, weights, scores, lse,
         T, L, D, Dv,
@@ -278,25 +265,14 @@ def attention_backward_wide(query, keys, values, mask, ctx, weights, lse, dctx, 
     L = keys.shape[1]
     shared = values is None
     Dv = (keys if shared else values).shape[2]
-    dev, dtype = query.device, query.dtype
     has_dc, has_dw = dctx is not None, dweights is not None
     bt, bl, bk, bo, nw = cfg
-    bl = _bl(bl, block_l)
+    bl = _block_l(bl, block_l)
     blk = max(bk, bo)
-    query = _tile_safe(query, bt, blk)
-    keys, values = _tile_safe(keys, bl, blk), _tile_safe(values, bl, blk)
-    if mask is not None and mask.dim() == 2:
-        mask = _tile_safe(mask, bl)
-    dctx, dweights = _tile_safe(dctx, bt, blk), _tile_safe(dweights, bt, bl)
-    v = keys if shared else values
-    dq = torch.empty(B, T, D, device=dev, dtype=dtype)
-    dk = torch.empty(B, L, D, device=dev, dtype=dtype)
-    dv = None if shared else torch.empty(B, L, Dv, device=dev, dtype=dtype)  # all of it written (0 without dc)
-    delta = torch.empty(B * T, device=dev, dtype=torch.float32)
+    query, keys, v, mask, dc, dw, dq, dk, dv, delta = _tiled_bwd_setup(
+        query, keys, values, mask, ctx, weights, dctx, dweights, bt, bl, blk)
     m_ptr, mode, s_mb, s_ml = _mask_args(mask, query)
-    dc = dctx if has_dc else ctx
-    dw = dweights if has_dw else weights
-    dot_t, rnd_t = _types(query)
+    dot_t, rnd_t = _dot_types(query)
     common = dict(MASK_MODE=mode, HAS_DCTX=has_dc, HAS_DW=has_dw, DOT_T=dot_t, RND_T=rnd_t,
                   BLOCK_T=bt, BLOCK_L=bl, BLOCK_K=bk, BLOCK_O=bo, num_warps=nw)
     strides = (*query.stride(), *keys.stride(), *v.stride(), s_mb, s_ml, *dc.stride(), *dw.stride())
