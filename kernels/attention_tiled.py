@@ -104,6 +104,22 @@ def _dot_types(x: torch.Tensor):
 
 
 @triton.jit
+def _store_stats_and_weights(S, W, LSE, rows, s_tile, in_t, ar_l, m_use, l_i, inv_l, L, BLOCK_L: tl.constexpr):
+    """Forward epilogue shared by the tiled and wide kernels: store the row stats (m, l) and
+    normalise the raw scores S into the weights, alpha = exp(E - m) / l (0 for an empty row)."""
+    tl.store(LSE + 2 * rows, m_use, mask=in_t)
+    tl.store(LSE + 2 * rows + 1, l_i, mask=in_t)
+    # The raw scores were stored by other threads of this program (another layout): make them visible.
+    tl.debug_barrier()
+    l0 = tl.program_id(0).to(tl.int64) * 0  # an int64 loop counter, as in the kernels
+    while l0 < L:
+        msk = in_t[:, None] & (ar_l < L - l0)[None, :]
+        e = tl.load(S + s_tile + l0, mask=msk, other=float("-inf")).to(tl.float32)
+        tl.store(W + s_tile + l0, (tl.exp(e - m_use[:, None]) * inv_l[:, None]).to(W.dtype.element_ty), mask=msk)
+        l0 += BLOCK_L
+
+
+@triton.jit
 def _attn_fwd_tiled_kernel(
     Q, K, V, MASK, CTX, W, S, LSE,
     T, L, D, DV,
@@ -155,16 +171,7 @@ def _attn_fwd_tiled_kernel(
     inv_l = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)  # empty row: l = 0 -> all 0
     tl.store(CTX + rows[:, None] * DV + ar_d[None, :], (acc * inv_l[:, None]).to(CTX.dtype.element_ty),
              mask=in_t[:, None] & in_dv[None, :])
-    tl.store(LSE + 2 * rows, m_use, mask=in_t)
-    tl.store(LSE + 2 * rows + 1, l_i, mask=in_t)
-    # The raw scores were stored by other threads of this program (another layout): make them visible.
-    tl.debug_barrier()
-    l0 = b * 0
-    while l0 < L:
-        msk = in_t[:, None] & (ar_l < L - l0)[None, :]
-        e = tl.load(S + s_tile + l0, mask=msk, other=float("-inf")).to(tl.float32)
-        tl.store(W + s_tile + l0, (tl.exp(e - m_use[:, None]) * inv_l[:, None]).to(W.dtype.element_ty), mask=msk)
-        l0 += BLOCK_L
+    _store_stats_and_weights(S, W, LSE, rows, s_tile, in_t, ar_l, m_use, l_i, inv_l, L, BLOCK_L)
 
 
 @triton.jit

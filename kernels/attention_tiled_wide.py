@@ -21,7 +21,13 @@ import triton
 import triton.language as tl
 
 from fused_s2s.kernels.attention import _mask_args, _mask_valid
-from fused_s2s.kernels.attention_tiled import _block_l, _dot_types, _tiled_bwd_setup, _tiled_inputs
+from fused_s2s.kernels.attention_tiled import (
+    _block_l,
+    _dot_types,
+    _store_stats_and_weights,
+    _tiled_bwd_setup,
+    _tiled_inputs,
+)
 
 
 @triton.jit
@@ -89,15 +95,7 @@ def _attn_fwd_wide_kernel(
     tl.store(CTX + rows[:, None] * DV + o0 + ar_o[None, :], (acc * inv_l[:, None]).to(CTX.dtype.element_ty),
              mask=in_t[:, None] & in_o[None, :])
     if o0 == 0:
-        tl.store(LSE + 2 * rows, m_use, mask=in_t)
-        tl.store(LSE + 2 * rows + 1, l_i, mask=in_t)
-        tl.debug_barrier()  # the raw scores were stored by other threads of this program
-        l0 = b * 0
-        while l0 < L:
-            msk = in_t[:, None] & (ar_l < L - l0)[None, :]
-            e = tl.load(S + s_tile + l0, mask=msk, other=float("-inf")).to(tl.float32)
-            tl.store(W + s_tile + l0, (tl.exp(e - m_use[:, None]) * inv_l[:, None]).to(W.dtype.element_ty), mask=msk)
-            l0 += BLOCK_L
+        _store_stats_and_weights(S, W, LSE, rows, s_tile, in_t, ar_l, m_use, l_i, inv_l, L, BLOCK_L)
 
 
 @triton.jit
