@@ -7,6 +7,7 @@ Every error names the argument and says what was expected.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -39,7 +40,7 @@ def check_int_tensor(name: str, x, **kw) -> torch.Tensor:
     return x
 
 
-def check_ids(name: str, ids: torch.Tensor, vocab_size: int, *, allow: int | None = None) -> torch.Tensor:
+def check_ids(name: str, ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Integer ids in [0, vocab_size). Reads values: call once per batch, never per step."""
     check_int_tensor(name, ids)
     if ids.numel():
@@ -58,11 +59,26 @@ def check_tau(tau) -> float:
     return tau
 
 
-def check_ratio(name: str, r) -> float:
-    r = float(r)
-    if not (0.0 <= r <= 1.0):
-        raise ValueError(f"{name} must be in [0, 1], got {r}")
-    return r
+def check_ratio(name: str, value) -> float:
+    """A Python real in [0, 1] (a tensor would need a host sync to validate)."""
+    if isinstance(value, torch.Tensor) or isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a Python float in [0, 1], got {type(value).__name__}")
+    value = float(value)
+    if not (0.0 <= value <= 1.0):
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+    return value
+
+
+def check_generator(generator, device: torch.device, where: str) -> None:
+    """None, or a torch.Generator on ``device`` (``where`` names whose device that is, for the message)."""
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    gdev = torch.device(generator.device)
+    same = gdev.type == device.type and (gdev.index is None or device.index is None or gdev.index == device.index)
+    if not same:
+        raise ValueError(f"generator must be on {where} {device}, got a generator on {gdev}")
 
 
 def check_choice(name: str, value, choices) -> str:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fused_s2s._checks import check_batch, check_choice, check_int_tensor
+from fused_s2s._checks import check_batch, check_choice, check_generator, check_int_tensor
 from fused_s2s.gumbel import gumbel_softmax
 
 STRATEGIES = ("greedy", "sample", "beam")
@@ -168,12 +168,7 @@ def sample(model, src: Tensor, src_lengths: Tensor, max_len: int, temperature: f
     top_p = _check_real("top_p", top_p)
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if generator is not None:
-        if not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-        gdev, sdev = torch.device(generator.device), src.device  # src lives on the model's device
-        if gdev.type != sdev.type or (gdev.index is not None and sdev.index is not None and gdev.index != sdev.index):
-            raise ValueError(f"generator must be on the model's device {sdev} (src's), got a generator on {gdev}")
+    check_generator(generator, src.device, "the model's device (src's)")  # src lives on the model's device
     backend = getattr(model.decoder, "backend", "auto")
 
     def pick(z: Tensor) -> Tensor:  # z (B, V) float32, pad at -inf

@@ -16,7 +16,7 @@ from torch.autograd.function import once_differentiable
 
 from fused_s2s import backend as _backend
 from fused_s2s import philox
-from fused_s2s._checks import check_float, check_tau
+from fused_s2s._checks import check_float, check_generator, check_tau
 from fused_s2s.reference import gumbel_softmax_eager
 
 
@@ -60,17 +60,6 @@ def _check_dim(dim, ndim: int) -> int:
     return dim % ndim
 
 
-def _check_generator(generator, device: torch.device):
-    if generator is None:
-        return
-    if not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-    gdev = torch.device(generator.device)
-    same = gdev.type == device.type and (gdev.index is None or device.index is None or gdev.index == device.index)
-    if not same:
-        raise ValueError(f"generator must be on the logits' device {device}, got a generator on {gdev}")
-
-
 def gumbel_softmax(logits: torch.Tensor, tau: float = 1.0, hard: bool = False, dim: int = -1, *,
                    noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
                    return_index: bool = False, backend: str = "auto"):
@@ -103,7 +92,7 @@ def gumbel_softmax(logits: torch.Tensor, tau: float = 1.0, hard: bool = False, d
         check_float("noise", noise, device=logits.device)
         if noise.shape != logits.shape:
             raise ValueError(f"noise must have logits' shape {tuple(logits.shape)}, got {tuple(noise.shape)}")
-    _check_generator(generator, logits.device)
+    check_generator(generator, logits.device, "the logits' device")
     impl = _backend.resolve(backend, logits.device)
 
     x = logits.movedim(dim, -1)

@@ -28,8 +28,10 @@ from fused_s2s._checks import (
     check_batch,
     check_choice,
     check_float,
+    check_generator,
     check_ids,
     check_int_tensor,
+    check_ratio,
     check_same_device,
     check_tau,
     check_tensor,
@@ -184,15 +186,6 @@ def _check_padding_idx(padding_idx, vocab_size):
     ):
         raise ValueError(f"padding_idx must be None or an integer in [0, {vocab_size}), got {padding_idx!r}")
     return int(padding_idx)
-
-
-def _check_ratio(value) -> float:
-    if isinstance(value, torch.Tensor) or isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"teacher_forcing_ratio must be a Python float in [0, 1], got {type(value).__name__}")
-    value = float(value)
-    if not (0.0 <= value <= 1.0):
-        raise ValueError(f"teacher_forcing_ratio must be in [0, 1], got {value}")
-    return value
 
 
 class Encoder(nn.Module):
@@ -393,7 +386,7 @@ class AttentionDecoder(nn.Module):
     def _check_forward_args(self, tgt_in, memory, memory_mask, state, teacher_forcing_ratio, sampling,
                             tau, coin, noise, generator) -> "ForwardArgs":
         """Validate forward's arguments (shapes, dtypes, devices, Python scalars only: no host sync)."""
-        ratio = _check_ratio(teacher_forcing_ratio)
+        ratio = check_ratio("teacher_forcing_ratio", teacher_forcing_ratio)
         check_choice("sampling", sampling, SAMPLING_MODES)
         check_choice("coin", coin, COINS)
         tau = check_tau(tau)
@@ -409,11 +402,7 @@ class AttentionDecoder(nn.Module):
             check_float("noise", noise, device=dev)
             if tuple(noise.shape) != (B, T, V):
                 raise ValueError(f"noise must have shape (B, T, V) = ({B}, {T}, {V}), got {tuple(noise.shape)}")
-        if generator is not None:
-            if not isinstance(generator, torch.Generator):
-                raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-            if generator.device.type != dev.type:
-                raise ValueError(f"generator is on {generator.device} but memory is on {dev}; expected one device")
+        check_generator(generator, dev, "memory's device")
         return ForwardArgs(ratio, sampling, tau, coin, mask)
 
     def _loop(self, tgt_in, memory, state, args: "ForwardArgs", coin, noise, generator) -> DecoderOutput:
@@ -526,7 +515,7 @@ class Seq2Seq(nn.Module):
                 sampling="argmax", tau=1.0, *, coin="token", noise=None, generator=None) -> Seq2SeqOutput:
         """tgt (B, T+1) = BOS y_1 .. y_T EOS, right-padded. Loss: mean CE over non-pad targets."""
         # cheap argument checks first, so bad options fail before the encoder runs
-        _check_ratio(teacher_forcing_ratio)
+        check_ratio("teacher_forcing_ratio", teacher_forcing_ratio)
         check_choice("sampling", sampling, SAMPLING_MODES)
         check_choice("coin", coin, COINS)
         check_tau(tau)
