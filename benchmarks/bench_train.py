@@ -60,7 +60,8 @@ def train_step_fn(impl: str, size, ratio: float, sampling: str, dtype=torch.floa
 
 
 def impls():
-    return ["fused", "reference", "compile"] if common.HAS_CUDA else ["reference"]
+    names = ["fused", "reference", "compile"] if common.HAS_CUDA else ["reference"]
+    return [i for i in names if common.wanted(i)]  # $FUSED_S2S_BENCH_IMPLS
 
 
 def run(quick: bool = False) -> list[dict]:
@@ -74,12 +75,17 @@ def run(quick: bool = False) -> list[dict]:
         for dtype in dtypes:
             for mode, ratio, sampling in MODES:
                 for impl in impls():
-                    fn = train_step_fn(impl, size, ratio, sampling, dtype)
-                    t = common.time_fn(fn, warmup=3 if quick else 5, rep=5 if quick else 20)
-                    tok_s = B * T / (t["median_ms"] * 1e-3)
                     case = f"B{B}_L{L}_T{T}_V{V}_D{D}_{mode}"
+                    try:
+                        fn = train_step_fn(impl, size, ratio, sampling, dtype)
+                        t = common.time_fn(fn, warmup=3 if quick else 5, rep=5 if quick else 20)
+                    except Exception as e:  # like common.measure: report (e.g. torch.compile), keep going
+                        print(f"{case:<44} {str(dtype):<15} {impl:<10} failed: {type(e).__name__}: {e}"[:300])
+                        continue
+                    tok_s = B * T / (t["median_ms"] * 1e-3)
                     rows.append(common.make_row("train_step", impl, case, dtype, "fwd+bwd+opt", t,
                                                 note=f"tokens_per_s={tok_s:.0f}"))
+                    common.append_rows(rows[-1:])  # at once: a run killed half-way keeps its rows
                     print(f"{case:<44} {str(dtype):<15} {impl:<10} {t['median_ms']:9.3f} ms  {tok_s:12.0f} tok/s  "
                           f"peak {t['peak_mem_mb']:.1f} MB", flush=True)
     return rows
@@ -90,7 +96,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--quick", action="store_true")
     a = p.parse_args(argv)
     rows = run(a.quick)
-    print("appended to", common.append_rows(rows))
+    print(f"{len(rows)} rows appended to", common.results_csv())
     return rows
 
 

@@ -1,7 +1,11 @@
 """Shared benchmark plumbing: timing with CUDA events, peak memory, bandwidth, one results CSV.
 
 Every row carries the device name and the torch / triton versions so figures from different
-cards are never mixed (SPEC section 6). Rows are appended to benchmarks/results/results.csv.
+cards are never mixed (SPEC section 6). Rows are appended to benchmarks/results/results.csv as
+they are measured (a benchmark killed half-way keeps the rows it had), or to the file named by the
+environment variable FUSED_S2S_RESULTS_CSV. FUSED_S2S_BENCH_IMPLS (a comma list, e.g. "fused,eager")
+restricts which implementations are timed, so the GPU runbook can time the fused and eager columns
+before the slow-to-compile torch.compile ones (benchmarks/gpu_session.sh).
 """
 from __future__ import annotations
 
@@ -15,6 +19,8 @@ import torch
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 RESULTS_CSV = os.path.join(RESULTS_DIR, "results.csv")
+RESULTS_CSV_ENV = "FUSED_S2S_RESULTS_CSV"
+IMPLS_ENV = "FUSED_S2S_BENCH_IMPLS"
 FIELDS = ["timestamp", "device", "torch", "triton", "bench", "impl", "case", "dtype", "pass",
           "median_ms", "p20_ms", "p80_ms", "bytes", "gbps", "peak_bw_frac", "peak_mem_mb", "note"]
 
@@ -87,8 +93,20 @@ def make_row(bench: str, impl: str, case: str, dtype, pass_: str, timing: dict, 
     }
 
 
-def append_rows(rows: list[dict], path: str = RESULTS_CSV) -> str:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+def results_csv() -> str:
+    """Where rows go: $FUSED_S2S_RESULTS_CSV, else benchmarks/results/results.csv."""
+    return os.environ.get(RESULTS_CSV_ENV) or RESULTS_CSV
+
+
+def wanted(impl: str) -> bool:
+    """False when $FUSED_S2S_BENCH_IMPLS is set and does not list impl."""
+    only = os.environ.get(IMPLS_ENV, "").strip()
+    return not only or impl in {s.strip() for s in only.split(",")}
+
+
+def append_rows(rows: list[dict], path: str | None = None) -> str:
+    path = path or results_csv()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     new = not os.path.exists(path)
     with open(path, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS)
@@ -100,7 +118,10 @@ def append_rows(rows: list[dict], path: str = RESULTS_CSV) -> str:
 
 def measure(label: str, make_fn, *, bench: str, impl: str, case: str, dtype, pass_: str,
             nbytes: int | None = None, note: str = "", quick: bool = False) -> dict | None:
-    """Build one case with ``make_fn()``, time it, print one line; the row, or None if it fails here."""
+    """Build one case with ``make_fn()``, time it, print one line and append the row to the results
+    CSV at once; the row, or None if it fails here or impl is not in $FUSED_S2S_BENCH_IMPLS."""
+    if not wanted(impl):
+        return None
     try:
         t = time_fn(make_fn(), warmup=3 if quick else 10, rep=5 if quick else 50)
     except Exception as e:  # e.g. torch.compile without a C++ toolchain: report, keep going
@@ -110,11 +131,13 @@ def measure(label: str, make_fn, *, bench: str, impl: str, case: str, dtype, pas
     frac = f"{row['peak_bw_frac']:.0%} of peak" if row["peak_bw_frac"] != "" else ""
     print(f"{label} {t['median_ms']:9.4f} ms {row['gbps'] or 0:8.1f} GB/s peak {t['peak_mem_mb']:8.1f} MB {frac}",
           flush=True)
+    append_rows([row])
     return row
 
 
 def main_for(run, sizes: dict, default_sizes: str, argv=None) -> list[dict]:
-    """The command line shared by the kernel benchmarks: --quick, --sizes, --dtypes; appends rows."""
+    """The command line shared by the kernel benchmarks: --quick, --sizes, --dtypes; the rows (measure()
+    has already appended each one to the results CSV)."""
     import argparse
 
     p = argparse.ArgumentParser()
@@ -125,5 +148,5 @@ def main_for(run, sizes: dict, default_sizes: str, argv=None) -> list[dict]:
     dtypes = tuple(getattr(torch, d) for d in a.dtypes.split(","))
     rows = run(tuple(a.sizes.split(",")), dtypes, a.quick)
     if rows:
-        print("appended to", append_rows(rows))
+        print(f"{len(rows)} rows appended to", results_csv())
     return rows

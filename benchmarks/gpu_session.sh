@@ -1,0 +1,257 @@
+#!/usr/bin/env bash
+# One-command GPU runbook (docs/gpu.md): the test suite and the benchmarks on a CUDA machine whose
+# python3 already has torch + triton, within one 10-minute command each, output kept short (the
+# device tool returns only the last 12,000 characters; the details go to log files under $OUT).
+#
+#   benchmarks/gpu_session.sh setup   install the package (editable, --no-deps), babel from .whl/ if
+#                                     missing, print torch / triton / GPU; idempotent, run by the others
+#   benchmarks/gpu_session.sh test    pytest -m gpu first (never run before), then -m "not gpu" on
+#                                     pytest-xdist; a pass/fail/skip summary as the last lines
+#   benchmarks/gpu_session.sh bench   bench_attention, bench_gumbel, bench_train: fused + eager first,
+#                                     then torch.compile, each under its own time budget; rows go to
+#                                     $OUT/results.csv as they are measured; a compact table last
+#   benchmarks/gpu_session.sh all     setup + test + bench (for a machine with more time)
+#
+# Files under $OUT (default /tmp/fused_s2s_out), at most 7: setup.log, pytest_gpu.{log,xml},
+# pytest_rest.{log,xml}, bench.log, results.csv.
+# Environment (all optional):
+#   PYTHON=python3            interpreter (locally: PYTHON=.venv/bin/python)
+#   GPU_SKIP_INSTALL=1        skip the pip install of the package (already installed)
+#   GPU_SITE=/tmp/site        where .whl/*.whl are installed (prepended to PYTHONPATH)
+#   GPU_TEST_TIMEOUT=520      wall limit (s) of the whole test phase; GPU_TEST_GPU_TIMEOUT=150 of the -m gpu pass
+#   GPU_PYTEST_ARGS=          test selection / extra pytest args (word-split), e.g. "tests/test_gumbel.py -x"
+#   GPU_XDIST=8               pytest-xdist workers for the -m "not gpu" pass (0: no xdist)
+#   GPU_PYTEST_PER_TEST=300   pytest-timeout per test (when pytest-timeout is importable)
+#   GPU_BENCH_ONLY=attention,gumbel,train      which benchmarks
+#   GPU_BENCH_NO_COMPILE=1    skip the torch.compile passes
+#   GPU_BENCH_QUICK=1         --quick (fewer repetitions; bench_train: the notes' size only)
+#   GPU_BENCH_ARGS=           extra args for bench_attention / bench_gumbel (e.g. "--dtypes bfloat16")
+#   GPU_BENCH_T_{ATTENTION,GUMBEL,TRAIN}=110,80,110 and GPU_BENCH_T_{ATTENTION,GUMBEL,TRAIN}_COMPILE=80,60,80:
+#                             seconds per benchmark pass (sum 520)
+set -uo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
+REPO=$(pwd)
+PY=${PYTHON:-python3}
+OUT=${OUT:-/tmp/fused_s2s_out}
+SITE=${GPU_SITE:-/tmp/site}
+mkdir -p "$OUT"
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONDONTWRITEBYTECODE=1
+
+say() { echo "[gpu_session] $*"; }
+have_module() { "$PY" -c "import $1" >/dev/null 2>&1; }
+
+# ------------------------------------------------------------------------------------------ setup
+installed_here() {  # fused_s2s (and its kernels) import from this checkout
+    "$PY" - "$REPO" >/dev/null 2>&1 <<'EOF'
+import os, sys
+import fused_s2s, fused_s2s.kernels
+repo = os.path.realpath(sys.argv[1])
+assert os.path.realpath(fused_s2s.__file__).startswith(os.path.join(repo, "fused_s2s"))
+assert os.path.realpath(fused_s2s.kernels.__file__).startswith(os.path.join(repo, "kernels"))
+EOF
+}
+
+path_fallback() {  # no pip -e (read-only env, no setuptools): a sitecustomize that maps the package
+    mkdir -p "$SITE"
+    cat > "$SITE/sitecustomize.py" <<EOF
+# written by benchmarks/gpu_session.sh: import fused_s2s from $REPO without installing it
+import importlib.util, sys
+sys.path.insert(0, "$REPO")
+class _KernelsFinder:
+    def find_spec(self, name, path=None, target=None):
+        if name == "fused_s2s.kernels":
+            return importlib.util.spec_from_file_location(
+                name, "$REPO/kernels/__init__.py", submodule_search_locations=["$REPO/kernels"])
+        return None
+sys.meta_path.insert(0, _KernelsFinder())
+EOF
+}
+
+setup() {
+    local log="$OUT/setup.log"
+    if [ "${GPU_SKIP_INSTALL:-0}" = 1 ]; then
+        say "setup: install skipped (GPU_SKIP_INSTALL=1)"
+    elif installed_here; then
+        say "setup: fused_s2s already imports from $REPO"
+    else
+        say "setup: pip install -e . (log: $log)"
+        if ! "$PY" -m pip install -q --no-deps --no-build-isolation -e . >>"$log" 2>&1 || ! installed_here; then
+            say "setup: pip install -e . failed (tail of $log below); using a sitecustomize path mapping"
+            tail -n 5 "$log"
+            path_fallback
+            installed_here || say "setup: WARNING: fused_s2s still does not import from $REPO"
+        fi
+    fi
+    if ! have_module babel; then
+        if ls .whl/*.whl >/dev/null 2>&1; then
+            say "setup: babel missing: installing .whl/*.whl into $SITE"
+            "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+                --target "$SITE" .whl/*.whl >>"$log" 2>&1 || { say "setup: wheel install failed:"; tail -n 5 "$log"; }
+        else
+            say "setup: WARNING: no babel and no .whl/ (make gpu-wheels; carry .whl): dates tests will fail"
+        fi
+    fi
+    "$PY" - <<'EOF'
+import sys
+import torch
+try:
+    import triton
+    tv = triton.__version__
+except ImportError:
+    tv = "none"
+try:
+    import babel
+    bv = babel.__version__
+except ImportError:
+    bv = "MISSING"
+cuda = torch.cuda.is_available()
+print(f"[gpu_session] python {sys.version.split()[0]} | torch {torch.__version__} (cuda {torch.version.cuda}) | "
+      f"triton {tv} | babel {bv} | device {torch.cuda.get_device_name() if cuda else 'cpu (no CUDA)'}")
+EOF
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        say "nvidia-smi: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -n 2 | tr '\n' ' ')"
+    fi
+}
+
+# ------------------------------------------------------------------------------------------- test
+test_summary() {  # counts and failing ids from the junit XML files (or the logs when pytest was killed)
+    "$PY" - "$OUT" "$@" <<'EOF'
+import os, re, sys
+import xml.etree.ElementTree as ET
+
+out, passes = sys.argv[1], [p.split("=") for p in sys.argv[2:]]  # name=pytest exit status
+total = {"passed": 0, "failed": 0, "error": 0, "skipped": 0}
+lines, bad, incomplete = [], [], False
+for name, rc in passes:
+    xml, log = os.path.join(out, f"pytest_{name}.xml"), os.path.join(out, f"pytest_{name}.log")
+    c = dict.fromkeys(total, 0)
+    if os.path.exists(xml) and os.path.getsize(xml) > 0:
+        for tc in ET.parse(xml).getroot().iter("testcase"):
+            f = tc.get("file") or tc.get("classname", "").replace(".", "/") + ".py"
+            tid = f"{f}::{tc.get('name')}"
+            kids = {k.tag: k for k in tc}
+            for tag, key in (("failure", "failed"), ("error", "error"), ("skipped", "skipped")):
+                if tag in kids:
+                    c[key] += 1
+                    if tag != "skipped":
+                        msg = (kids[tag].get("message") or "").strip().splitlines()
+                        bad.append(f"{key.upper():6} {tid}  {(msg[0] if msg else '')[:160]}")
+                    break
+            else:
+                c["passed"] += 1
+        src = "xml"
+    else:  # killed before the XML was written: what the log says
+        text = open(log, errors="replace").read() if os.path.exists(log) else ""
+        for m in re.finditer(r"(\d+) (passed|failed|errors?|skipped)", text.splitlines()[-1] if text else ""):
+            c["error" if m.group(2).startswith("error") else m.group(2)] += int(m.group(1))
+        bad += [ln.strip()[:200] for ln in text.splitlines() if re.match(r"(FAILED|ERROR) ", ln)]
+        src = "log (no XML: killed?)"
+    for k in total:
+        total[k] += c[k]
+    cut = " INCOMPLETE: hit its time limit" if rc in ("124", "137") else ""
+    crash = f" pytest exit {rc}" if rc not in ("0", "1", "5", "124", "137") else ""
+    lines.append(f"[test] {name:<5} {c['passed']} passed, {c['failed']} failed, {c['error']} errors, "
+                 f"{c['skipped']} skipped (from {src}){cut}{crash}")
+    incomplete = incomplete or bool(cut or crash)
+for b in bad[:40]:
+    print("[test]   " + b)
+if len(bad) > 40:
+    print(f"[test]   ... {len(bad) - 40} more (see {out}/pytest_*.log)")
+print("\n".join(lines))
+print(f"[test] TOTAL {total['passed']} passed, {total['failed']} failed, {total['error']} errors, "
+      f"{total['skipped']} skipped" + (" (INCOMPLETE)" if incomplete else ""))
+sys.exit(1 if total["failed"] or total["error"] or incomplete or not total["passed"] else 0)
+EOF
+}
+
+run_pytest() {  # name wall_limit args...: one pytest pass, output to $OUT/pytest_<name>.log
+    local name=$1 limit=$2 t0=$SECONDS rc
+    shift 2
+    rm -f "$OUT/pytest_$name.xml"
+    timeout -s INT -k 30 "$limit" "$PY" -m pytest "$@" -o junit_family=xunit1 \
+        --junitxml="$OUT/pytest_$name.xml" >"$OUT/pytest_$name.log" 2>&1
+    rc=$?
+    PASS_STATUS+=("$name=$rc")
+    case $rc in
+        124|137) say "test: $name pass hit its ${limit}s limit (rc $rc): tail of $OUT/pytest_$name.log"
+                 tail -n 5 "$OUT/pytest_$name.log" ;;
+        *) say "test: $name pass rc $rc in $((SECONDS - t0)) s: $(tail -n 1 "$OUT/pytest_$name.log" | cut -c1-150)" ;;
+    esac
+}
+
+test_phase() {
+    local t0=$SECONDS total=${GPU_TEST_TIMEOUT:-520} gpu_limit=${GPU_TEST_GPU_TIMEOUT:-150}
+    local -a sel=() common=(-q -rfEs -p no:cacheprovider --durations=15) xdist=()
+    read -r -a sel <<<"${GPU_PYTEST_ARGS:-}"
+    if have_module pytest_timeout; then common+=(--timeout="${GPU_PYTEST_PER_TEST:-300}"); fi
+    if [ "${GPU_XDIST:-8}" != 0 ] && have_module xdist; then xdist=(-n "${GPU_XDIST:-8}" --dist loadfile); fi
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}  # 8 workers on 16 cores: no thread oversubscription
+    [ "$gpu_limit" -gt "$total" ] && gpu_limit=$total
+    say "test: -m gpu first (limit ${gpu_limit}s), then -m 'not gpu' ${xdist[*]} (whole phase ${total}s)"
+    PASS_STATUS=()
+    run_pytest gpu "$gpu_limit" "${sel[@]}" -m gpu "${common[@]}"
+    local left=$((total - (SECONDS - t0)))
+    if [ "$left" -ge 20 ]; then
+        run_pytest rest "$left" "${sel[@]}" -m "not gpu" "${common[@]}" "${xdist[@]}"
+    else
+        say "test: no time left for the -m 'not gpu' pass"
+        PASS_STATUS+=("rest=124")
+    fi
+    test_summary "${PASS_STATUS[@]}"
+}
+
+# ------------------------------------------------------------------------------------------ bench
+csv_rows() { [ -f "$1" ] && echo $(($(wc -l <"$1") - 1)) || echo 0; }
+
+bench_pass() {  # name impls budget args...: one benchmark script, restricted to impls, under a limit
+    local name=$1 impls=$2 budget=$3 csv="$OUT/results.csv" before t0=$SECONDS rc
+    shift 3
+    before=$(csv_rows "$csv")
+    echo "===== bench_$name.py $* | impls $impls | budget ${budget}s | $(date -u +%H:%M:%S)" >>"$OUT/bench.log"
+    FUSED_S2S_BENCH_IMPLS=$impls timeout -s INT -k 15 "$budget" \
+        "$PY" "benchmarks/bench_$name.py" "$@" >>"$OUT/bench.log" 2>&1
+    rc=$?
+    local note="rc $rc"
+    case $rc in 124|137) note="hit its ${budget}s budget (rows so far kept)" ;; esac
+    say "bench: $name [$impls] $(($(csv_rows "$csv") - before)) rows in $((SECONDS - t0)) s, $note"
+}
+
+bench_phase() {
+    export FUSED_S2S_RESULTS_CSV="$OUT/results.csv"
+    local only=",${GPU_BENCH_ONLY:-attention,gumbel,train}," b
+    local -a quick=() extra=()
+    [ "${GPU_BENCH_QUICK:-0}" = 1 ] && quick=(--quick)
+    read -r -a extra <<<"${GPU_BENCH_ARGS:-}"
+    say "bench: rows -> $FUSED_S2S_RESULTS_CSV, log $OUT/bench.log"
+    # fused + eager first (a timeout still leaves those rows), torch.compile afterwards
+    for b in attention gumbel train; do
+        [[ $only == *",$b,"* ]] || continue
+        local var="GPU_BENCH_T_${b^^}" impls="fused,fused_rows,eager" args=("${quick[@]}" "${extra[@]}")
+        [ "$b" = train ] && { impls="fused,reference"; args=("${quick[@]}"); }
+        local def; case $b in attention) def=110 ;; gumbel) def=80 ;; train) def=110 ;; esac
+        bench_pass "$b" "$impls" "${!var:-$def}" "${args[@]}"
+    done
+    if [ "${GPU_BENCH_NO_COMPILE:-0}" != 1 ]; then
+        for b in attention gumbel train; do
+            [[ $only == *",$b,"* ]] || continue
+            local var="GPU_BENCH_T_${b^^}_COMPILE" args=("${quick[@]}" "${extra[@]}")
+            [ "$b" = train ] && args=("${quick[@]}")
+            local def; case $b in attention) def=80 ;; gumbel) def=60 ;; train) def=80 ;; esac
+            bench_pass "$b" compile "${!var:-$def}" "${args[@]}"
+        done
+    fi
+    "$PY" benchmarks/summarize.py "$OUT/results.csv"  # rc 1 when no row was measured
+}
+
+# ------------------------------------------------------------------------------------------- main
+phase=${1:-}
+case $phase in  # exit status: 1 when a test failed (test), no row was measured (bench), either (all)
+    setup) setup ;;
+    test) setup; test_phase ;;
+    bench) setup; bench_phase ;;
+    all) setup; test_phase; t=$?; bench_phase; b=$?; exit $((t || b)) ;;
+    *) echo "usage: $0 setup|test|bench|all   (see the header of this file for the environment knobs)" >&2
+       exit 2 ;;
+esac

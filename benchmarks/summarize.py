@@ -1,0 +1,138 @@
+"""Compact table of a benchmark results CSV: one line per (bench, case, variant, dtype, pass) and
+fused implementation, with the eager and torch.compile times beside it and the speed-ups
+fused / eager and fused / compile (> 1: fused is faster). Stdlib only (runs without torch).
+
+    python benchmarks/summarize.py [CSV]                # default: benchmarks/results/results.csv
+    python benchmarks/summarize.py --merge DEVICE.csv   # append DEVICE.csv's new rows to results.csv, then show them
+    python benchmarks/summarize.py CSV --device H100 --full
+
+A CSV may hold several runs and devices: the table is per device (never mixing cards), and for each
+(device, bench, impl, case, variant, dtype, pass) the latest row wins. The variant is the row's
+note without its per-run figures (bench_gumbel's "soft tau=0.5" / "hard tau=0.5"; bench_train's
+tokens_per_s is dropped), shown only when it differs within a bench.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import re
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS_CSV = os.path.join(HERE, "results", "results.csv")
+FIELDS = ["timestamp", "device", "torch", "triton", "bench", "impl", "case", "dtype", "pass",
+          "median_ms", "p20_ms", "p80_ms", "bytes", "gbps", "peak_bw_frac", "peak_mem_mb", "note"]
+EAGER = ("eager", "reference")  # the eager baseline's name in bench_attention/bench_gumbel, bench_train
+COMPILE = "compile"
+# identity of a measurement (a merge skips a row whose identity is already in the target)
+ROW_ID = ("timestamp", "device", "bench", "impl", "case", "dtype", "pass", "note", "median_ms")
+
+
+def read_rows(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return [r for r in csv.DictReader(f) if r.get("bench")]
+
+
+def variant(note: str) -> str:
+    """The note without per-run figures such as tokens_per_s=1234."""
+    return " ".join(t for t in (note or "").split() if not re.match(r"\w+_per_s=", t))
+
+
+def _ms(row: dict | None) -> float | None:
+    try:
+        return float(row["median_ms"]) if row else None
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _f(x, fmt: str) -> str:
+    return "" if x is None or x == "" else format(float(x), fmt)
+
+
+def table(rows: list[dict], device_filter: str = "", full: bool = False) -> str:
+    """The compact table(s), one per device, as text."""
+    out = []
+    devices = list(dict.fromkeys(r.get("device", "?") for r in rows))
+    for dev in devices:
+        if device_filter and device_filter.lower() not in dev.lower():
+            continue
+        drows = [r for r in rows if r.get("device", "?") == dev]
+        latest = {}  # the latest row per measurement key (timestamps are ISO: string order is time order)
+        for r in sorted(drows, key=lambda r: r.get("timestamp", "")):
+            latest[(r["bench"], r["impl"], r["case"], variant(r.get("note", "")), r["dtype"], r["pass"])] = r
+        vers = sorted({(r.get("torch", ""), r.get("triton", "")) for r in drows})
+        out.append(f"== {dev} | torch/triton {', '.join('/'.join(v) for v in vers)} | {len(latest)} measurements")
+        shown_var = {b: len({k[3] for k in latest if k[0] == b}) > 1 for b in {k[0] for k in latest}}
+        groups = {}  # (bench, case, variant, dtype, pass) -> {impl: row}, in first-seen order
+        for (b, impl, case, var, dt, ps), r in latest.items():
+            groups.setdefault((b, case, var, dt, ps), {})[impl] = r
+        head = (f"{'bench':<10} {'case':<30} {'dtype':<8} {'pass':<11} {'impl':<10} {'ms':>9} "
+                f"{'eager_ms':>9} {'comp_ms':>9} {'GB/s':>7} {'%peak':>5} {'x_eager':>7} {'x_comp':>6}")
+        out.append(head)
+        for (b, case, var, dt, ps), by_impl in groups.items():
+            eager = next((by_impl[e] for e in EAGER if e in by_impl), None)
+            comp = by_impl.get(COMPILE)
+            label = case + (f" {var.split()[0]}" if shown_var.get(b) and var else "")
+            fused = [i for i in by_impl if i.startswith("fused")]
+            # full: every impl on its own line; compact: the fused ones (or the baseline when none ran)
+            impls = list(by_impl) if full else (fused or [next(iter(by_impl))])
+            for impl in impls:
+                r = by_impl[impl]
+                ms, e_ms, c_ms = _ms(r), _ms(eager), _ms(comp)
+                x_e = e_ms / ms if ms and e_ms and impl.startswith("fused") else None
+                x_c = c_ms / ms if ms and c_ms and impl.startswith("fused") else None
+                frac = r.get("peak_bw_frac", "")
+                out.append(
+                    f"{b[:10]:<10} {label[:30]:<30} {dt[:8]:<8} {ps[:11]:<11} {impl[:10]:<10} {_f(ms, '9.4f'):>9} "
+                    f"{_f(e_ms, '9.4f'):>9} {_f(c_ms, '9.4f'):>9} {_f(r.get('gbps', ''), '7.0f'):>7} "
+                    f"{_f(float(frac) * 100 if frac not in ('', None) else None, '5.0f'):>5} "
+                    f"{_f(x_e, '7.2f'):>7} {_f(x_c, '6.2f'):>6}")
+    return "\n".join(out) if out else "(no rows)"
+
+
+def merge(src: str, dst: str = RESULTS_CSV) -> tuple[int, int]:
+    """Append src's rows that dst lacks to dst (columns FIELDS); (added, skipped as duplicates)."""
+    have = {tuple(r.get(k, "") for k in ROW_ID) for r in read_rows(dst)}
+    new = [r for r in read_rows(src) if tuple(r.get(k, "") for k in ROW_ID) not in have]
+    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+    write_header = not os.path.exists(dst) or os.path.getsize(dst) == 0
+    fields = FIELDS  # common.FIELDS (not imported: common needs torch); dst's own header if it has one
+    if not write_header:
+        with open(dst, newline="") as f:
+            fields = next(csv.reader(f), None) or FIELDS
+    with open(dst, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore", restval="")
+        if write_header:
+            w.writeheader()
+        w.writerows(new)
+    return len(new), len(read_rows(src)) - len(new)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("csv", nargs="?", default=None, help="results CSV to show (default: results/results.csv)")
+    p.add_argument("--merge", metavar="FILE", help="append FILE's new rows to --into, then show FILE's rows")
+    p.add_argument("--into", default=RESULTS_CSV, help="merge target (default: benchmarks/results/results.csv)")
+    p.add_argument("--device", default="", help="only devices whose name contains this")
+    p.add_argument("--full", action="store_true", help="one line per implementation, not only the fused ones")
+    a = p.parse_args(argv)
+    if a.merge:
+        if not read_rows(a.merge):
+            print(f"{a.merge}: no rows", file=sys.stderr)
+            return 1
+        added, dup = merge(a.merge, a.into)
+        print(f"merged {added} new rows from {a.merge} into {a.into} ({dup} already there)")
+    path = a.merge or a.csv or RESULTS_CSV
+    rows = read_rows(path)
+    if not rows:
+        print(f"{path}: no rows")
+        return 1
+    print(table(rows, a.device, a.full))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
