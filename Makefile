@@ -44,3 +44,12 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) .venv-triton* .pytest_cache build *.egg-info
+
+# make gpu-wheels   the pure-Python wheels the GPU machine lacks (babel; it has no network), in .whl/
+# (git-ignored) for benchmarks/gpu_session.sh to install from: carry=[".whl"] (docs/gpu.md)
+.PHONY: gpu-wheels
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform any -d .whl babel
+	@git check-ignore -q .whl/ || echo "/.whl/" >> "$$(git rev-parse --git-path info/exclude)"
+	@ls -l .whl
