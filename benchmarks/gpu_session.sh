@@ -228,8 +228,9 @@ bench_phase() {
     # fused + eager first (a timeout still leaves those rows), torch.compile afterwards
     for b in attention gumbel train; do
         [[ $only == *",$b,"* ]] || continue
-        local var="GPU_BENCH_T_${b^^}" impls="fused,fused_rows,eager" args=("${quick[@]}" "${extra[@]}")
-        [ "$b" = train ] && { impls="fused,reference"; args=("${quick[@]}"); }
+        local var="GPU_BENCH_T_${b^^}" impls="fused,eager" args=("${quick[@]}" "${extra[@]}")
+        [ "$b" = attention ] && impls="fused,fused_rows,eager"  # fused_rows: per-row kernels at T > 1
+        [ "$b" = train ] && { impls="fused,reference"; args=("${quick[@]}"); }  # bench_train: --quick only
         local def; case $b in attention) def=110 ;; gumbel) def=80 ;; train) def=110 ;; esac
         bench_pass "$b" "$impls" "${!var:-$def}" "${args[@]}"
     done
