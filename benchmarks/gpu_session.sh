@@ -20,7 +20,8 @@
 #   GPU_SITE=/tmp/site        where .whl/*.whl are installed (prepended to PYTHONPATH)
 #   GPU_TEST_TIMEOUT=520      wall limit (s) of the whole test phase; GPU_TEST_GPU_TIMEOUT=150 of the -m gpu pass
 #   GPU_PYTEST_ARGS=          test selection / extra pytest args (word-split), e.g. "tests/test_gumbel.py -x"
-#   GPU_XDIST=8               pytest-xdist workers for the -m "not gpu" pass (0: no xdist)
+#   GPU_XDIST=8               pytest-xdist workers for the -m "not gpu" pass (0: no xdist);
+#   GPU_XDIST_DIST=loadfile   its --dist mode ("load" balances better when one file dominates)
 #   GPU_PYTEST_PER_TEST=300   pytest-timeout per test (when pytest-timeout is importable)
 #   GPU_BENCH_ONLY=attention,gumbel,train      which benchmarks
 #   GPU_BENCH_NO_COMPILE=1    skip the torch.compile passes
@@ -186,7 +187,7 @@ test_phase() {
     local -a sel=() common=(-q -rfEs -p no:cacheprovider --durations=15) xdist=()
     read -r -a sel <<<"${GPU_PYTEST_ARGS:-}"
     if have_module pytest_timeout; then common+=(--timeout="${GPU_PYTEST_PER_TEST:-300}"); fi
-    if [ "${GPU_XDIST:-8}" != 0 ] && have_module xdist; then xdist=(-n "${GPU_XDIST:-8}" --dist loadfile); fi
+    if [ "${GPU_XDIST:-8}" != 0 ] && have_module xdist; then xdist=(-n "${GPU_XDIST:-8}" --dist "${GPU_XDIST_DIST:-loadfile}"); fi
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}  # 8 workers on 16 cores: no thread oversubscription
     [ "$gpu_limit" -gt "$total" ] && gpu_limit=$total
     say "test: -m gpu first (limit ${gpu_limit}s), then -m 'not gpu' ${xdist[*]} (whole phase ${total}s)"
