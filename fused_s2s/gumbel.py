@@ -4,7 +4,8 @@
     hard=True: y = one_hot(argmax(logits + g)) forward, gradient of the soft y backward.
 
 The noise is Philox-4x32-10 keyed by a per-call seed drawn from torch's RNG and by each element's
-logical index ``row * V + col`` of the logits moved to dim -1 and flattened to (rows, V); the eager
+logical (row, col) in the logits moved to dim -1 and flattened to (rows, V) (one Philox call per
+four columns: counter (col // 4, row, 0), word col % 4; see ``fused_s2s.philox``); the eager
 mirror is ``fused_s2s.philox.gumbel_noise(seed, (rows, V))``, so both backends (and the reference
 model) draw the same noise for the same seed. The Triton path never writes the noise: the backward
 kernel draws it again and rebuilds the soft y from the saved per-row max and sum (O(rows) state).

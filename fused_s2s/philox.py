@@ -1,15 +1,24 @@
-"""Philox-4x32-10 in torch integer ops: the same random numbers as Triton's ``tl.rand``.
+"""Philox-4x32-10 in torch integer ops: the same random numbers as Triton's ``tl.philox``/``tl.rand``.
 
 The fused kernels draw Gumbel noise inside the kernel with a counter-based generator keyed by
 (seed, logical element index); the eager reference calls this module with the same seed and the
 same indices, so both see the same noise (SPEC section 5, "same seed, same run").
 
-Counter layout (matches ``tl.randint4x(seed, offset)`` for int64 offsets in triton >= 3.7, and for
-offsets < 2**32 in every version; our kernels build the counter themselves with
-``tl.philox(seed, lo, hi, 0, 0)`` so they do not depend on the version):
+Noise layout of a (rows, V) tensor (``uniform_noise`` / ``gumbel_noise``; the kernels in
+``fused_s2s.kernels.gumbel`` build the same counters with ``tl.philox``):
     key     = (seed & 0xffffffff, seed >> 32)
-    counter = (offset & 0xffffffff, offset >> 32, 0, 0)
-The first output word becomes a float in [0, 1) exactly as ``tl.uint_to_uniform_float`` does:
+    counter = (col // 4, row & 0xffffffff, row >> 32, 0)      -> four 32-bit words w0..w3
+    element (row, col) takes word w[col % 4]
+One Philox evaluation (10 rounds of 32-bit multiplies) serves four neighbouring columns: the
+noise costs a quarter of the integer work of one ``tl.rand`` per element, which is what bounds
+the kernel on a GPU (it is not memory-bound otherwise). The element is named by its logical
+(row, col), never by a memory address or a block index, so the noise does not depend on block
+sizes, warps or strides, and no ``row * V + col`` product can overflow.
+
+``uniform(seed, offsets)`` is ``tl.rand(seed, offsets)`` itself (counter (offset lo, offset hi, 0,
+0), first word), kept to test this module's Philox rounds against Triton's bit for bit.
+
+A word becomes a float in [0, 1) exactly as ``tl.uint_to_uniform_float`` does:
     x = int32(bits);  x = ~x if x < 0;  u = float32(x) * 4.6566127342e-10
 Gumbel noise: g = -log(-log(max(u, U_MIN))), U_MIN the smallest non-zero u, so g is always finite.
 
@@ -60,27 +69,60 @@ def randint(seed, offsets: torch.Tensor) -> torch.Tensor:
     return philox4x32(seed, lo, hi, zero, zero)[0]
 
 
-def uniform(seed, offsets: torch.Tensor) -> torch.Tensor:
-    """float32 in [0, 1), bit for bit what ``tl.rand(seed, offsets)`` returns."""
-    x = randint(seed, offsets)
+def _word_to_uniform(x: torch.Tensor) -> torch.Tensor:
+    """int64 tensor of uint32 words -> float32 in [0, 1), as tl.uint_to_uniform_float."""
     x = torch.where(x >= 2**31, x - 2**32, x)  # bitcast to int32
     x = torch.where(x < 0, -x - 1, x)  # ~x
     return x.to(torch.float32) * torch.tensor(UNIFORM_SCALE, dtype=torch.float32)
 
 
-def gumbel(seed, offsets: torch.Tensor) -> torch.Tensor:
-    """Gumbel(0, 1) noise in float32 for the given logical element offsets."""
-    u = uniform(seed, offsets).clamp_min(U_MIN)
-    return -torch.log(-torch.log(u))
+def _gumbel_of(u: torch.Tensor) -> torch.Tensor:
+    return -torch.log(-torch.log(u.clamp_min(U_MIN)))
+
+
+def uniform(seed, offsets: torch.Tensor) -> torch.Tensor:
+    """float32 in [0, 1), bit for bit what ``tl.rand(seed, offsets)`` returns."""
+    return _word_to_uniform(randint(seed, offsets))
+
+
+def _rows_cols(shape):
+    shape = tuple(int(s) for s in shape)
+    V = shape[-1] if shape else 1
+    R = 1
+    for s in shape[:-1]:
+        R *= s
+    return R, V
+
+
+def uniform_noise(seed, shape, device=None) -> torch.Tensor:
+    """Uniforms of the kernels' noise layout for a tensor of ``shape`` (rows = leading dims flattened).
+
+    Element (row, col) takes word ``col % 4`` of Philox(seed, (col // 4, row lo, row hi, 0)).
+    """
+    R, V = _rows_cols(shape)
+    K = -(-V // 4)  # counters per row
+    c0 = torch.arange(K, dtype=torch.int64, device=device).expand(R, K)  # (R, K)
+    row = torch.arange(R, dtype=torch.int64, device=device)[:, None].expand(R, K)
+    w = philox4x32(seed, c0, row & _M32, (row >> 32) & _M32, torch.zeros_like(c0))  # 4 x (R, K)
+    u = torch.stack([_word_to_uniform(x) for x in w], dim=-1).reshape(R, 4 * K)[:, :V]  # word col % 4
+    return u.reshape(tuple(shape))
 
 
 def gumbel_noise(seed, shape, device=None) -> torch.Tensor:
-    """Noise for a contiguous tensor of ``shape``: element i (row-major) gets offset i."""
-    n = 1
-    for s in shape:
-        n *= int(s)
-    offsets = torch.arange(n, dtype=torch.int64, device=device)
-    return gumbel(seed, offsets).reshape(tuple(shape))
+    """Gumbel(0, 1) noise in float32 for a tensor of ``shape``: what the fused kernel draws."""
+    return _gumbel_of(uniform_noise(seed, shape, device))
+
+
+def uniform_at(seed, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """The uniforms of single elements (row, col) of that layout (broadcast), e.g. rows past 2**31 / V."""
+    rows, cols = torch.broadcast_tensors(rows.to(torch.int64), cols.to(torch.int64))
+    w = philox4x32(seed, cols >> 2, rows & _M32, (rows >> 32) & _M32, torch.zeros_like(rows))
+    return torch.stack([_word_to_uniform(x) for x in w], dim=-1).gather(-1, (cols & 3)[..., None])[..., 0]
+
+
+def gumbel_at(seed, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Gumbel noise of single elements (row, col) (broadcast)."""
+    return _gumbel_of(uniform_at(seed, rows, cols))
 
 
 def draw_seed(device=None, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -1,12 +1,12 @@
 """Fused Gumbel-softmax over the last dimension of a (rows, V) tensor: kernels + plain launchers.
 
 Forward (one launch; a program owns BLOCK_R rows, one row when V is large):
-    g   = -log(-log(max(u, U_MIN))),  u = uniform(philox(seed, offset = row * V + col))   fp32
+    g   = -log(-log(max(u, U_MIN))),  u = uniform(word col % 4 of philox(seed, (col // 4, row, 0)))
     t   = logits + g                                          (argmax taken on t: tau-free)
     z   = t / tau                                             (computed as t * inv_tau)
     y   = softmax(z) = exp(z - m) / s,   m = max z,  s = sum exp(z - m)    (online over V blocks)
     hard: y = one_hot(argmax t) (exact 0/1; a row whose m or s is not finite becomes NaN)
-The noise is never written: the backward pass draws it again from the same seed and offsets and
+The noise is never written: the backward pass draws it again from the same seed and counters and
 rebuilds y from the saved per-row (m, s): O(rows) saved state beyond the logits.
 Backward (straight-through for hard: the gradient of the soft y):
     dlogits = y * (dy - sum(dy * y)) / tau
@@ -18,8 +18,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from fused_s2s import aot, philox
+from fused_s2s.backend import interpret_mode
 
 _U_MIN = tl.constexpr(philox.U_MIN)
 _NEG_INF = tl.constexpr(float("-inf"))
@@ -36,26 +38,59 @@ _AOT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 @triton.jit
-def _gumbel_noise(seed, offs):
-    """Gumbel(0, 1) in fp32 for int64 logical offsets (fused_s2s.philox.gumbel)."""
-    lo = offs.to(tl.uint32)
-    hi = (offs >> 32).to(tl.uint32)
-    zero = lo * 0
-    c0, _c1, _c2, _c3 = tl.philox(seed, lo, hi, zero, zero)
-    u = tl.random.uint_to_uniform_float(c0)
-    u = tl.maximum(u, _U_MIN)  # u = 0 would give g = -inf
-    return -tl.log(-tl.log(u))
+def _uniform_tile(seed, rows, start, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
+    """u in [0, 1) for rows x columns [start, start + BLOCK_V), fused_s2s.philox.uniform_noise's layout.
+
+    One Philox-4x32-10 call per 4 columns: counter (col // 4, row lo, row hi, 0), element (row, col)
+    takes word col % 4. Philox's integer rounds dominate this kernel's instruction count, so using
+    all four words (not tl.rand's first) cuts them 4x. start is a multiple of BLOCK_V (>= 16), so
+    the groups of 4 never straddle tiles. rows (BLOCK_R,) int64 -> (BLOCK_R, BLOCK_V) fp32.
+    """
+    k = start // 4 + tl.arange(0, BLOCK_V // 4)  # (BLOCK_V/4,) counter word 0
+    zero = tl.zeros((BLOCK_R, BLOCK_V // 4), dtype=tl.uint32)
+    c0 = k.to(tl.uint32)[None, :] + zero
+    c1 = rows.to(tl.uint32)[:, None] + zero  # rows is int64: row lo / row hi, no row * V product
+    c2 = (rows >> 32).to(tl.uint32)[:, None] + zero
+    w0, w1, w2, w3 = tl.philox(seed, c0, c1, c2, zero)
+    u0 = tl.random.uint_to_uniform_float(w0)
+    u1 = tl.random.uint_to_uniform_float(w1)
+    u2 = tl.random.uint_to_uniform_float(w2)
+    u3 = tl.random.uint_to_uniform_float(w3)
+    # interleave: [r, 4k + 2i + j] = u_{2i+j}[r, k]
+    u = tl.join(tl.join(u0, u2), tl.join(u1, u3))  # (BLOCK_R, BLOCK_V/4, 2, 2)
+    return tl.reshape(u, (BLOCK_R, BLOCK_V))
 
 
 @triton.jit
-def _t_tile(x_ptr, noise_ptr, seed, rows, cols, mask, stride_x, stride_n, V,
-            HAS_NOISE: tl.constexpr, FP64: tl.constexpr):
-    """t = logits + g and g on the tile rows x cols, in the compute dtype; masked lanes t = -inf.
+def _gumbel_tile(seed, rows, start, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, FAST_LOG: tl.constexpr):
+    """Gumbel(0, 1) noise in fp32 on the tile (fused_s2s.philox.gumbel_noise).
 
-    rows (BLOCK_R,) int64, cols (BLOCK_V,) int32, mask (BLOCK_R, BLOCK_V).
+    e = -log(u) needs the accurate log: near u = 1 it is a small difference (down to 6e-8) that an
+    approximate log (absolute error ~2^-22) could round to 0 or below. The outer log of e in
+    [6e-8, 21.5] only needs relative accuracy, so on a GPU (FAST_LOG) it is the hardware lg2
+    (__nv_fast_logf: 2 instructions instead of ~25 for libdevice's logf; |error| < 2e-7 on g,
+    under fp32 resolution of logits + g). The interpreter has no fast_logf: there it is tl.log.
+    """
+    u = _uniform_tile(seed, rows, start, BLOCK_R, BLOCK_V)
+    u = tl.maximum(u, _U_MIN)  # u = 0 would give g = -inf
+    e = -tl.log(u)  # (0, 21.5]: Exp(1) noise
+    if FAST_LOG:
+        return -libdevice.fast_logf(e)
+    else:
+        return -tl.log(e)
+
+
+@triton.jit
+def _t_tile(x_ptr, noise_ptr, seed, rows, start, mask, stride_x, stride_n,
+            BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, HAS_NOISE: tl.constexpr, FP64: tl.constexpr,
+            FAST_LOG: tl.constexpr):
+    """t = logits + g and g on the tile rows x [start, start + BLOCK_V), in the compute dtype;
+    masked lanes t = -inf.
+
+    rows (BLOCK_R,) int64, mask (BLOCK_R, BLOCK_V).
     """
     r = rows[:, None]
-    c = cols[None, :]
+    c = start + tl.arange(0, BLOCK_V)[None, :]
     x = tl.load(x_ptr + r * stride_x + c, mask=mask, other=0.0)
     if FP64:
         x = x.to(tl.float64)
@@ -64,7 +99,7 @@ def _t_tile(x_ptr, noise_ptr, seed, rows, cols, mask, stride_x, stride_n, V,
     if HAS_NOISE:
         g = tl.load(noise_ptr + r * stride_n + c, mask=mask, other=0.0).to(x.dtype)
     else:
-        g = _gumbel_noise(seed, r * V + c).to(x.dtype)  # r is int64: offsets past 2**31 are safe
+        g = _gumbel_tile(seed, rows, start, BLOCK_R, BLOCK_V, FAST_LOG).to(x.dtype)
     t = tl.where(mask, x + g, _NEG_INF)
     return t, g
 
@@ -74,7 +109,7 @@ def _gumbel_fwd_kernel(
     x_ptr, noise_ptr, seed_ptr, y_ptr, idx_ptr, m_ptr, s_ptr, g_ptr,
     stride_x, stride_n, stride_y, R, V, inv_tau,
     BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, SINGLE: tl.constexpr, HARD: tl.constexpr,
-    HAS_NOISE: tl.constexpr, FP64: tl.constexpr, WRITE_NOISE: tl.constexpr,
+    HAS_NOISE: tl.constexpr, FP64: tl.constexpr, WRITE_NOISE: tl.constexpr, FAST_LOG: tl.constexpr,
 ):
     """BLOCK_R rows: online (m, s) over z = (x + g) / tau, argmax of t = x + g, then y.
 
@@ -91,7 +126,8 @@ def _gumbel_fwd_kernel(
 
     # first block (the only one when SINGLE) initialises the running statistics, all (BLOCK_R,)
     mask = rmask[:, None] & (cols < V)[None, :]
-    t, g = _t_tile(x_ptr, noise_ptr, seed, rows, cols, mask, stride_x, stride_n, V, HAS_NOISE, FP64)
+    t, g = _t_tile(x_ptr, noise_ptr, seed, rows, 0, mask, stride_x, stride_n,
+                   BLOCK_R, BLOCK_V, HAS_NOISE, FP64, FAST_LOG)
     if WRITE_NOISE:  # debug/test only: never picked by the launcher's default path
         tl.store(g_ptr + rows[:, None] * V + cols[None, :], g.to(tl.float32), mask=mask)
     z = t * inv_tau
@@ -105,7 +141,8 @@ def _gumbel_fwd_kernel(
         while start < V:  # a while loop: triton 3.6's interpreter cannot range() over a runtime V
             c = start + cols
             mask = rmask[:, None] & (c < V)[None, :]
-            t, g = _t_tile(x_ptr, noise_ptr, seed, rows, c, mask, stride_x, stride_n, V, HAS_NOISE, FP64)
+            t, g = _t_tile(x_ptr, noise_ptr, seed, rows, start, mask, stride_x, stride_n,
+                          BLOCK_R, BLOCK_V, HAS_NOISE, FP64, FAST_LOG)
             if WRITE_NOISE:
                 tl.store(g_ptr + rows[:, None] * V + c[None, :], g.to(tl.float32), mask=mask)
             z = t * inv_tau
@@ -146,7 +183,8 @@ def _gumbel_fwd_kernel(
         while start < V:
             c = start + cols
             mask = rmask[:, None] & (c < V)[None, :]
-            t, g = _t_tile(x_ptr, noise_ptr, seed, rows, c, mask, stride_x, stride_n, V, HAS_NOISE, FP64)
+            t, g = _t_tile(x_ptr, noise_ptr, seed, rows, start, mask, stride_x, stride_n,
+                          BLOCK_R, BLOCK_V, HAS_NOISE, FP64, FAST_LOG)
             y = tl.exp(t * inv_tau - m_sub[:, None]) * inv_s[:, None]
             tl.store(y_rows + c[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
             start += BLOCK_V
@@ -157,7 +195,7 @@ def _gumbel_bwd_kernel(
     x_ptr, noise_ptr, seed_ptr, m_ptr, s_ptr, dy_ptr, dx_ptr,
     stride_x, stride_n, stride_dy, stride_dx, R, V, inv_tau,
     BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, SINGLE: tl.constexpr, HAS_NOISE: tl.constexpr,
-    FP64: tl.constexpr,
+    FP64: tl.constexpr, FAST_LOG: tl.constexpr,
 ):
     """dx = y * (dy - sum(dy * y)) * inv_tau, y rebuilt from logits, the same noise and (m, s)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,) int64
@@ -174,7 +212,8 @@ def _gumbel_bwd_kernel(
     dx_rows = dx_ptr + rows[:, None] * stride_dx
 
     mask = rmask[:, None] & (cols < V)[None, :]
-    t, g = _t_tile(x_ptr, noise_ptr, seed, rows, cols, mask, stride_x, stride_n, V, HAS_NOISE, FP64)
+    t, g = _t_tile(x_ptr, noise_ptr, seed, rows, 0, mask, stride_x, stride_n,
+                   BLOCK_R, BLOCK_V, HAS_NOISE, FP64, FAST_LOG)
     y = tl.exp(t * inv_tau - m_sub) * inv_s
     dy = tl.load(dy_rows + cols[None, :], mask=mask, other=0.0).to(y.dtype)
     dot = tl.sum(dy * y, 1)
@@ -186,7 +225,8 @@ def _gumbel_bwd_kernel(
         while start < V:
             c = start + cols
             mask = rmask[:, None] & (c < V)[None, :]
-            t, g = _t_tile(x_ptr, noise_ptr, seed, rows, c, mask, stride_x, stride_n, V, HAS_NOISE, FP64)
+            t, g = _t_tile(x_ptr, noise_ptr, seed, rows, start, mask, stride_x, stride_n,
+                          BLOCK_R, BLOCK_V, HAS_NOISE, FP64, FAST_LOG)
             y = tl.exp(t * inv_tau - m_sub) * inv_s
             dy = tl.load(dy_rows + c[None, :], mask=mask, other=0.0).to(y.dtype)
             dot += tl.sum(dy * y, 1)
@@ -195,7 +235,8 @@ def _gumbel_bwd_kernel(
         while start < V:
             c = start + cols
             mask = rmask[:, None] & (c < V)[None, :]
-            t, g = _t_tile(x_ptr, noise_ptr, seed, rows, c, mask, stride_x, stride_n, V, HAS_NOISE, FP64)
+            t, g = _t_tile(x_ptr, noise_ptr, seed, rows, start, mask, stride_x, stride_n,
+                          BLOCK_R, BLOCK_V, HAS_NOISE, FP64, FAST_LOG)
             y = tl.exp(t * inv_tau - m_sub) * inv_s
             dy = tl.load(dy_rows + c[None, :], mask=mask, other=0.0).to(y.dtype)
             dx = y * (dy - dot[:, None]) * inv_tau
@@ -235,6 +276,11 @@ def pick_config(V: int, dtype=torch.float32, *, block_r=None, block_v=None, num_
     return br, bv, num_warps or nw, V <= bv
 
 
+def _fast_log(x) -> bool:
+    # the hardware log for the noise's outer log: compiled kernels only (the interpreter lacks it)
+    return x.is_cuda and not interpret_mode()
+
+
 def _placeholder_seed(device):
     # the seed pointer is not read when the noise is explicit; any int64 tensor keeps the signature
     return torch.empty((1,), dtype=torch.int64, device=device)
@@ -263,7 +309,7 @@ def gumbel_fwd(x, inv_tau: float, hard: bool, noise=None, seed=None, *, block_r=
             x, noise if has_noise else x, idx if has_noise else seed, y, idx, m, s, g,
             x.stride(0), noise.stride(0) if has_noise else 0, y.stride(0), R, V, float(inv_tau),
             BLOCK_R=BR, BLOCK_V=BV, SINGLE=single, HARD=bool(hard), HAS_NOISE=has_noise,
-            FP64=x.dtype == torch.float64, WRITE_NOISE=bool(write_noise), num_warps=nw,
+            FP64=x.dtype == torch.float64, WRITE_NOISE=bool(write_noise), FAST_LOG=_fast_log(x), num_warps=nw,
         )
     if write_noise:
         return y, idx, m, s, g
@@ -282,7 +328,7 @@ def gumbel_bwd(dy, x, m, s, inv_tau: float, noise=None, seed=None, *, block_r=No
             x, noise if has_noise else x, _placeholder_seed(x.device) if has_noise else seed, m, s, dy, dx,
             x.stride(0), noise.stride(0) if has_noise else 0, dy.stride(0), dx.stride(0), R, V, float(inv_tau),
             BLOCK_R=BR, BLOCK_V=BV, SINGLE=single, HAS_NOISE=has_noise, FP64=x.dtype == torch.float64,
-            num_warps=nw,
+            FAST_LOG=_fast_log(x), num_warps=nw,
         )
     return dx
 
@@ -309,7 +355,7 @@ def _aot_configs():
         for has_noise in (False, True):  # explicit noise comes in logits' dtype (fused_s2s.gumbel casts it)
             for br, bv, nw, single in _block_configs(dtype):
                 common = {"BLOCK_R": br, "BLOCK_V": bv, "SINGLE": single, "HAS_NOISE": has_noise,
-                          "FP64": dtype == torch.float64}
+                          "FP64": dtype == torch.float64, "FAST_LOG": True}  # what a CUDA launch picks
                 label = f"{dt} noise={'given' if has_noise else 'philox'} {br}x{bv}{'' if single else ' loop'}"
                 for hard in (False, True):
                     sig = {"x_ptr": f"*{dt}", "noise_ptr": f"*{dt}", "seed_ptr": "*i64", "y_ptr": f"*{dt}",
@@ -317,14 +363,14 @@ def _aot_configs():
                            "stride_x": "i32", "stride_n": "i32", "stride_y": "i32", "R": "i32", "V": "i32",
                            "inv_tau": "fp32", "BLOCK_R": "constexpr", "BLOCK_V": "constexpr", "SINGLE": "constexpr",
                            "HARD": "constexpr", "HAS_NOISE": "constexpr", "FP64": "constexpr",
-                           "WRITE_NOISE": "constexpr"}
+                           "WRITE_NOISE": "constexpr", "FAST_LOG": "constexpr"}
                     yield aot.AOTConfig(_gumbel_fwd_kernel, sig, dict(common, HARD=hard, WRITE_NOISE=False),
                                         num_warps=nw, label=f"fwd {label}{' hard' if hard else ''}")
                 sig = {"x_ptr": f"*{dt}", "noise_ptr": f"*{dt}", "seed_ptr": "*i64", "m_ptr": f"*{st}",
                        "s_ptr": f"*{st}", "dy_ptr": f"*{dt}", "dx_ptr": f"*{dt}", "stride_x": "i32",
                        "stride_n": "i32", "stride_dy": "i32", "stride_dx": "i32", "R": "i32", "V": "i32",
                        "inv_tau": "fp32", "BLOCK_R": "constexpr", "BLOCK_V": "constexpr", "SINGLE": "constexpr",
-                       "HAS_NOISE": "constexpr", "FP64": "constexpr"}
+                       "HAS_NOISE": "constexpr", "FP64": "constexpr", "FAST_LOG": "constexpr"}
                 yield aot.AOTConfig(_gumbel_bwd_kernel, sig, common, num_warps=nw, label=f"bwd {label}")
 
 

@@ -473,14 +473,13 @@ def test_no_host_sync_cuda():
 @pytest.mark.slow
 def test_offsets_past_2_31_cuda():
     V = 65_536
-    R = 2**31 // V + 3  # the last rows' element offsets exceed 2**31
+    R = 2**31 // V + 3  # the last rows' elements lie past 2**31 (row * stride overflows int32)
     row = torch.randn(1, V, device="cuda", dtype=torch.bfloat16)
     x = row.expand(R, V)  # stride-0 rows: only the output is R x V
     torch.manual_seed(9)
     y, idx = fused_s2s.gumbel_softmax(x, 1.0, True, return_index=True)
     seed = _mirror_seed(9, torch.device("cuda"))
     for r in (0, R - 1):
-        offs = r * V + torch.arange(V, device="cuda", dtype=torch.int64)
-        t = row[0].float() + philox.gumbel(seed, offs)
+        t = row[0].float() + philox.gumbel_at(seed, torch.tensor(r, device="cuda"), torch.arange(V, device="cuda"))
         assert int(idx[r]) == int(t.argmax())
     del y
