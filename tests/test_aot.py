@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from fused_s2s import aot
+
 pytestmark = pytest.mark.kernels
 
 
@@ -21,6 +23,17 @@ def test_aot_compile_all_registered(tmp_path):
     fams = {r["kernel"] for r in rows}
     assert {"attention", "gumbel"} <= fams, f"kernel families registered: {sorted(fams)}"
     assert {r["arch"] for r in rows} == {"sm_80", "sm_90"}
-    bad = [r for r in rows if r["error"] or (r["expect_no_spill"] and (r["spill_stores"] or r["spill_loads"]))]
-    assert not bad, "\n".join(f"{r['kernel']} {r['config']} {r['arch']}: {r['error'] or 'spills'}" for r in bad)
+    bad = aot.failures(rows)
+    assert not bad, "\n".join(f"{r['kernel']} {r['config']} {r['arch']}: {r['error'] or 'spills or shared memory'}"
+                               for r in bad)
     assert proc.returncode == 0
+
+
+def test_failures_flags_errors_spills_and_shared_memory():
+    ok = {"kernel": "k", "config": "c", "arch": "sm_80", "error": "", "expect_no_spill": True,
+          "spill_stores": 0, "spill_loads": 0, "shared": 1024}
+    assert aot.failures([ok]) == []
+    for change in ({"error": "CompilationError"}, {"spill_stores": 8}, {"shared": aot.SMEM_LIMIT["sm_80"] + 1}):
+        assert aot.failures([dict(ok, **change)]) != [], change
+    # a config the launcher never picks for D <= 1024 may spill
+    assert aot.failures([dict(ok, spill_stores=8, expect_no_spill=False)]) == []
