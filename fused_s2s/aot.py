@@ -6,8 +6,16 @@ compiles each one with ``triton.compile(ASTSource(...), target=GPUTarget("cuda",
 sm_80 and sm_90, runs the ptxas that ships with triton in verbose mode on the PTX for spill counts,
 and ``cuobjdump -res-usage`` on the cubin for registers, local (spill) memory and shared memory.
 
-    python -m fused_s2s.aot            # table of every kernel x config x arch; exit 1 on error/spill
+    python -m fused_s2s.aot            # table of every kernel x config x arch x variant; exit 1 on error/spill
     python -m fused_s2s.aot --json F   # also write the rows as JSON
+    python -m fused_s2s.aot gumbel --jobs 2 --variants aligned
+
+Each config compiles in two variants, because Triton's JIT specialises every launch on the
+arguments it sees: "generic" knows nothing of the integer arguments and pointers (e.g. a row
+stride of 300 floats: scalar loads), "aligned" marks every pointer and integer argument divisible
+by 16, as Triton does for contiguous tensors whose sizes are multiples of 16 (128-bit loads, other
+register allocation). Both run on a GPU, so both must compile without spills. Configurations
+compile in parallel (``--jobs``, default: all cores), in forked worker processes.
 
 It must run without ``TRITON_INTERPRET=1`` (interpreted kernels cannot be compiled): the tool
 refuses to start when it is set.
@@ -27,6 +35,7 @@ import tempfile
 from typing import Callable, Iterable
 
 ARCHS = (80, 90)
+VARIANTS = ("generic", "aligned")
 # shared memory a block may opt into (CUDA programming guide, compute capabilities table): a kernel
 # over it compiles fine here and fails only at launch on the GPU ("out of resource: shared memory")
 SMEM_LIMIT = {"sm_80": 166_912, "sm_90": 232_448}
@@ -100,14 +109,26 @@ def _ptxas_flags() -> list:
         return []
 
 
-def compile_config(cfg: AOTConfig, cc: int) -> dict:
+def _attrs(cfg: AOTConfig, variant: str) -> dict:
+    """ASTSource attrs: the divisibility Triton's JIT would infer for the variant's arguments."""
+    if variant == "generic":
+        return {}
+    if variant != "aligned":
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    names = list(cfg.signature)
+    return {(names.index(n),): [["tt.divisibility", 16]] for n, t in cfg.signature.items()
+            if t.startswith("*") or t in ("i32", "i64")}
+
+
+def compile_config(cfg: AOTConfig, cc: int, variant: str = "generic") -> dict:
     """Compile one config for sm_<cc>; return registers, spills, shared and local memory."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    src = ASTSource(fn=cfg.kernel, signature=cfg.signature, constexprs=cfg.constexprs)
-    opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    src = ASTSource(fn=cfg.kernel, signature=cfg.signature, constexprs=cfg.constexprs, attrs=_attrs(cfg, variant))
+    # enable_fp_fusion as every launcher passes it (triton 3.10 turns the default off)
+    opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "enable_fp_fusion": True}
     compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=opts)
     row = {"arch": f"sm_{cc}", "shared": int(compiled.metadata.shared)}
     with tempfile.TemporaryDirectory() as tmp:
@@ -127,34 +148,88 @@ def compile_config(cfg: AOTConfig, cc: int) -> dict:
         )
         s = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", v.stderr + v.stdout)
         row["spill_stores"], row["spill_loads"] = (int(s[1]), int(s[2])) if s else (-1, -1)
+        row["loop_spills"] = 0
+        if row["spill_stores"] or row["spill_loads"] or row.get("stack") or row.get("local"):
+            # disassembling costs more than compiling a small kernel: only where there is a spill
+            sass = subprocess.run([_tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True).stdout
+            row["loop_spills"] = loop_spills(sass)
     return row
 
 
-def run(names: Iterable[str] | None = None, archs=ARCHS, out=sys.stdout) -> list[dict]:
+_SASS_LINE = re.compile(r"\s+/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+
+
+def loop_spills(sass: str) -> int:
+    """Local-memory spill instructions (STL / LDL) inside a loop body of the SASS: a loop is the span
+    from a backward branch's target to the branch. Spills there cost on every iteration; a register
+    saved once before the loops and reloaded after them costs a few instructions per program."""
+    ins = [(int(m[1], 16), m[2], m[3]) for m in _SASS_LINE.finditer(sass)]
+    loops = []
+    for addr, op, rest in ins:
+        t = re.search(r"0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
+        if t and int(t[1], 16) < addr:
+            loops.append((int(t[1], 16), addr))
+    return sum(1 for addr, op, _ in ins if op.startswith(("STL", "LDL")) and any(a <= addr <= b for a, b in loops))
+
+
+_CONFIGS: dict[str, list] = {}  # per process: the registry's configs, listed once
+
+
+def _configs(name: str) -> list:
+    if name not in _CONFIGS:
+        _CONFIGS[name] = list(registered()[name]())
+    return _CONFIGS[name]
+
+
+def _compile_task(task) -> dict:
+    """One (family, config index, arch, variant): the table row, errors included (worker side)."""
+    name, i, cc, variant = task
+    cfg = _configs(name)[i]
+    row = {"kernel": name, "fn": getattr(cfg.kernel, "__name__", str(cfg.kernel)), "config": cfg.label,
+           "variant": variant, "num_warps": cfg.num_warps, "expect_no_spill": cfg.expect_no_spill}
+    try:
+        row.update(compile_config(cfg, cc, variant))
+        row["error"] = ""
+    except Exception as e:  # report every failing config, not only the first
+        row.update(arch=f"sm_{cc}", error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    return row
+
+
+def run(names: Iterable[str] | None = None, archs=ARCHS, variants=VARIANTS, jobs: int | None = None,
+        out=sys.stdout) -> list[dict]:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("fused_s2s.aot: unset TRITON_INTERPRET; interpreted kernels cannot be compiled")
-    rows = []
     reg = registered()
-    for name in names or sorted(reg):
-        for cfg in reg[name]():
-            for cc in archs:
-                row = {"kernel": name, "fn": getattr(cfg.kernel, "__name__", str(cfg.kernel)),
-                       "config": cfg.label, "num_warps": cfg.num_warps, "expect_no_spill": cfg.expect_no_spill}
-                try:
-                    row.update(compile_config(cfg, cc))
-                    row["error"] = ""
-                except Exception as e:  # report every failing config, not only the first
-                    row.update(arch=f"sm_{cc}", error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-                rows.append(row)
-                print(_fmt(row), file=out, flush=True)
+    tasks = [(name, i, cc, variant) for name in (names or sorted(reg)) for i in range(len(_configs(name)))
+             for cc in archs for variant in variants]
+    jobs = max(1, min(jobs or os.cpu_count() or 1, len(tasks)))
+    rows = []
+    if jobs == 1:
+        results = map(_compile_task, tasks)
+    else:
+        import multiprocessing
+
+        # fork: the workers inherit the imported kernels (JITFunctions do not pickle); nothing has
+        # been compiled in this process yet, so no compiler state is shared
+        pool = multiprocessing.get_context("fork").Pool(jobs)
+        results = pool.imap(_compile_task, tasks, chunksize=4)
+    try:
+        for row in results:  # in task order
+            rows.append(row)
+            print(_fmt(row), file=out, flush=True)
+    finally:
+        if jobs > 1:
+            pool.close()
+            pool.join()
     return rows
 
 
 def _fmt(r: dict) -> str:
+    head = f"{r['kernel']:<10} {r['fn']:<28} {r['config']:<44} {r['variant']:<7} {r['arch']:<6}"
     if r["error"]:
-        return f"{r['kernel']:<14} {r['fn']:<28} {r['config']:<44} {r['arch']:<6} ERROR {r['error']}"
-    return (f"{r['kernel']:<14} {r['fn']:<28} {r['config']:<44} {r['arch']:<6} "
-            f"regs={r.get('regs', '?'):<4} spill={r['spill_stores']}/{r['spill_loads']:<4} "
+        return f"{head} ERROR {r['error']}"
+    return (f"{head} "
+            f"regs={r.get('regs', '?'):<4} spill={r['spill_stores']}/{r['spill_loads']:<4} in_loops={r['loop_spills']:<3} "
             f"local={r.get('local', '?'):<5} smem={r['shared']}")
 
 
@@ -169,8 +244,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("names", nargs="*", help="kernel families to compile (default: all registered)")
     p.add_argument("--json", help="write the rows to this JSON file")
+    p.add_argument("--jobs", type=int, default=None, help="parallel compiles (default: all cores)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {VARIANTS}")
     a = p.parse_args(argv)
-    rows = run(a.names or None)
+    rows = run(a.names or None, variants=tuple(a.variants.split(",")), jobs=a.jobs)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -348,7 +348,7 @@ def block_config(D: int, Dv: int, kind: str = "fwd") -> tuple[int, int, int]:
     """
     block_d = max(_MIN_BLOCK_D, triton.next_power_of_2(max(D, Dv)))
     # The dH/dV kernel keeps 4 warps: with 8, ptxas spilled a few bytes at BLOCK_L = 2 (AOT tool).
-    num_warps = 4 if block_d <= 256 or kind == "bwd_kv" else 8
+    num_warps = 4 if block_d <= 256 or kind == "bwd_kv" or (kind == "bwd_row" and block_d <= 512) else 8
     tile = _TILE_PER_WARP[kind] * num_warps
     block_l = max(2, min(_MAX_BLOCK_L, tile // block_d))
     return block_d, block_l, num_warps
@@ -450,12 +450,12 @@ def attention_forward(query, keys, values, mask, *, splits=None, block_l=None, t
         T, L, D, Dv, per,
         *query.stride(), *keys.stride(), *v.stride(), s_mb, s_ml,
         MASK_MODE=mode, SHARED_KV=shared, FINALIZE=finalize, ACC=_acc(dtype),
-        BLOCK_L=bl, BLOCK_D=block_d, num_warps=num_warps,
+        BLOCK_L=bl, BLOCK_D=block_d, num_warps=num_warps, enable_fp_fusion=True,
     )
     if not finalize:
         _attn_combine_kernel[(rows,)](
             ctx, weights, scores, lse, pm, pl, pacc, L, Dv, nsplit,
-            ACC=_acc(dtype), BLOCK_L=bl, BLOCK_D=block_d, num_warps=num_warps,
+            ACC=_acc(dtype), BLOCK_L=bl, BLOCK_D=block_d, num_warps=num_warps, enable_fp_fusion=True,
         )
     return ctx, weights, lse
 
@@ -508,7 +508,7 @@ def attention_backward(query, keys, values, mask, ctx, weights, lse, dctx, dweig
     dc = dctx if has_dc else ctx
     dw = dweights if has_dw else weights
     common = dict(MASK_MODE=mode, SHARED_KV=shared, HAS_DCTX=has_dc, HAS_DW=has_dw, ACC=_acc(dtype),
-                  BLOCK_D=block_d, num_warps=num_warps)
+                  BLOCK_D=block_d, num_warps=num_warps, enable_fp_fusion=True)
     dv_ptr = dk if dv is None else dv
     _attn_bwd_row_kernel[(rows, nsplit)](
         query, keys, v, m_ptr, ctx, weights, lse, dc, dw, dq, dk, dv_ptr, delta,

@@ -49,8 +49,8 @@ _TILED_CONFIGS = {
         "bwd": {16: (16, 16, 4), 32: (16, 16, 4), 64: (16, 16, 8)},
     },
     "16": {
-        "fwd": {16: (16, 64, 4), 32: (16, 64, 4), 64: (16, 64, 4), 128: (16, 32, 4), 256: (16, 32, 8)},
-        "bwd": {16: (16, 32, 4), 32: (16, 32, 4), 64: (16, 32, 8), 128: (16, 16, 8), 256: (16, 16, 8)},
+        "fwd": {16: (16, 64, 4), 32: (16, 64, 4), 64: (16, 32, 4), 128: (16, 32, 4), 256: (16, 32, 8)},
+        "bwd": {16: (16, 16, 4), 32: (16, 16, 4), 64: (16, 32, 8), 128: (16, 16, 4), 256: (16, 16, 8)},
     },
 }
 
@@ -387,7 +387,7 @@ def attention_forward_tiled(query, keys, values, mask, *, block_l=None):
         T, L, D, Dv,
         *query.stride(), *keys.stride(), *v.stride(), s_mb, s_ml,
         MASK_MODE=mode, SHARED_KV=shared, DOT_T=dot_t, RND_T=rnd_t,
-        BLOCK_T=bt, BLOCK_L=bl, BLOCK_D=block_d, num_warps=nw,
+        BLOCK_T=bt, BLOCK_L=bl, BLOCK_D=block_d, num_warps=nw, enable_fp_fusion=True,
     )
     return ctx, weights, lse
 
@@ -417,12 +417,12 @@ def attention_backward_tiled(query, keys, values, mask, ctx, weights, lse, dctx,
     strides = (*query.stride(), *keys.stride(), *v.stride(), s_mb, s_ml, *dc.stride(), *dw.stride())
     _attn_bwd_dq_tiled_kernel[(B, triton.cdiv(T, bt))](
         query, keys, v, m_ptr, ctx, weights, lse, dc, dw, dq, delta, T, L, D, Dv, *strides,
-        BLOCK_T=bt, BLOCK_L=bl, num_warps=nw, **common,
+        BLOCK_T=bt, BLOCK_L=bl, num_warps=nw, enable_fp_fusion=True, **common,
     )
     dv_ptr = dk if dv is None else dv
     _attn_bwd_kv_tiled_kernel[(B, triton.cdiv(L, bl))](
         query, keys, v, m_ptr, lse, delta, dc, dw, dk, dv_ptr, T, L, D, Dv, *strides,
-        BLOCK_T=bt, BLOCK_L=bl, num_warps=nw, **common,
+        BLOCK_T=bt, BLOCK_L=bl, num_warps=nw, enable_fp_fusion=True, **common,
     )
     return dq, dk, dv
 

@@ -253,6 +253,7 @@ def attention_forward_wide(query, keys, values, mask, cfg, *, block_l=None):
         T, L, D, Dv,
         *query.stride(), *keys.stride(), *v.stride(), s_mb, s_ml,
         MASK_MODE=mode, DOT_T=dot_t, RND_T=rnd_t, BLOCK_T=bt, BLOCK_L=bl, BLOCK_K=bk, BLOCK_O=bo, num_warps=nw,
+        enable_fp_fusion=True,
     )
     return ctx, weights, lse
 
@@ -272,7 +273,7 @@ def attention_backward_wide(query, keys, values, mask, ctx, weights, lse, dctx, 
     m_ptr, mode, s_mb, s_ml = _mask_args(mask, query)
     dot_t, rnd_t = _dot_types(query)
     common = dict(MASK_MODE=mode, HAS_DCTX=has_dc, HAS_DW=has_dw, DOT_T=dot_t, RND_T=rnd_t,
-                  BLOCK_T=bt, BLOCK_L=bl, BLOCK_K=bk, BLOCK_O=bo, num_warps=nw)
+                  BLOCK_T=bt, BLOCK_L=bl, BLOCK_K=bk, BLOCK_O=bo, num_warps=nw, enable_fp_fusion=True)
     strides = (*query.stride(), *keys.stride(), *v.stride(), s_mb, s_ml, *dc.stride(), *dw.stride())
     _attn_bwd_dq_wide_kernel[(B, triton.cdiv(T, bt), triton.cdiv(D, bo))](
         query, keys, v, m_ptr, ctx, weights, lse, dc, dw, dq, delta, T, L, D, Dv, *strides, **common,

@@ -310,6 +310,7 @@ def gumbel_fwd(x, inv_tau: float, hard: bool, noise=None, seed=None, *, block_r=
             x.stride(0), noise.stride(0) if has_noise else 0, y.stride(0), R, V, float(inv_tau),
             BLOCK_R=BR, BLOCK_V=BV, SINGLE=single, HARD=bool(hard), HAS_NOISE=has_noise,
             FP64=x.dtype == torch.float64, WRITE_NOISE=bool(write_noise), FAST_LOG=_fast_log(x), num_warps=nw,
+            enable_fp_fusion=True,
         )
     if write_noise:
         return y, idx, m, s, g
@@ -329,6 +330,7 @@ def gumbel_bwd(dy, x, m, s, inv_tau: float, noise=None, seed=None, *, block_r=No
             x.stride(0), noise.stride(0) if has_noise else 0, dy.stride(0), dx.stride(0), R, V, float(inv_tau),
             BLOCK_R=BR, BLOCK_V=BV, SINGLE=single, HAS_NOISE=has_noise, FP64=x.dtype == torch.float64,
             FAST_LOG=_fast_log(x), num_warps=nw,
+            enable_fp_fusion=True,
         )
     return dx
 

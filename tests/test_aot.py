@@ -23,6 +23,7 @@ def test_aot_compile_all_registered(tmp_path):
     fams = {r["kernel"] for r in rows}
     assert {"attention", "gumbel"} <= fams, f"kernel families registered: {sorted(fams)}"
     assert {r["arch"] for r in rows} == {"sm_80", "sm_90"}
+    assert {r["variant"] for r in rows} == set(aot.VARIANTS)  # generic and 16-aligned specialisations
     bad = aot.failures(rows)
     assert not bad, "\n".join(f"{r['kernel']} {r['config']} {r['arch']}: {r['error'] or 'spills or shared memory'}"
                                for r in bad)
@@ -33,7 +34,31 @@ def test_failures_flags_errors_spills_and_shared_memory():
     ok = {"kernel": "k", "config": "c", "arch": "sm_80", "error": "", "expect_no_spill": True,
           "spill_stores": 0, "spill_loads": 0, "shared": 1024}
     assert aot.failures([ok]) == []
-    for change in ({"error": "CompilationError"}, {"spill_stores": 8}, {"shared": aot.SMEM_LIMIT["sm_80"] + 1}):
+    for change in ({"error": "CompilationError"}, {"spill_stores": 8}, {"spill_loads": 4},
+                   {"shared": aot.SMEM_LIMIT["sm_80"] + 1}):
         assert aot.failures([dict(ok, **change)]) != [], change
     # a config the launcher never picks for D <= 1024 may spill
     assert aot.failures([dict(ok, spill_stores=8, expect_no_spill=False)]) == []
+
+
+def test_loop_spills_counts_local_memory_ops_inside_loops_only():
+    sass = """
+        /*0100*/                   STL [R1], R0 ;
+        /*0110*/                   FADD R2, R2, R3 ;
+        /*0120*/                   LDL R4, [R1+0x4] ;
+        /*0130*/              @!P0 BRA 0x110 ;
+        /*0140*/                   LDL.LU R0, [R1] ;
+        /*0150*/                   EXIT ;
+    """
+    assert aot.loop_spills(sass) == 1  # the LDL at 0x120 is in the loop 0x110-0x130; 0x100 and 0x140 are not
+    assert aot.loop_spills(sass.replace("@!P0 BRA 0x110", "@!P0 BRA 0x150")) == 0  # a forward branch is no loop
+
+
+def test_aligned_variant_marks_pointers_and_ints_divisible_by_16():
+    cfg = aot.AOTConfig(kernel=None, signature={"x": "*fp32", "n": "i32", "s": "i64", "t": "fp32", "B": "constexpr"},
+                        constexprs={"B": 4})
+    assert aot._attrs(cfg, "generic") == {}
+    assert aot._attrs(cfg, "aligned") == {(0,): [["tt.divisibility", 16]], (1,): [["tt.divisibility", 16]],
+                                          (2,): [["tt.divisibility", 16]]}
+    with pytest.raises(ValueError, match="variant"):
+        aot._attrs(cfg, "other")
