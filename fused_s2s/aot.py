@@ -9,6 +9,7 @@ and ``cuobjdump -res-usage`` on the cubin for registers, local (spill) memory an
     python -m fused_s2s.aot            # table of every kernel x config x arch x variant; exit 1 on error/spill
     python -m fused_s2s.aot --json F   # also write the rows as JSON
     python -m fused_s2s.aot gumbel --jobs 2 --variants aligned
+    python -m fused_s2s.aot gumbel --loops "fp32 noise=philox 1x4096 loop"   # SASS per loop body
 
 Each config compiles in two variants, because Triton's JIT specialises every launch on the
 arguments it sees: "generic" knows nothing of the integer arguments and pointers (e.g. a row
@@ -23,6 +24,7 @@ refuses to start when it is set.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import importlib
 import json
@@ -120,8 +122,7 @@ def _attrs(cfg: AOTConfig, variant: str) -> dict:
             if t.startswith("*") or t in ("i32", "i64")}
 
 
-def compile_config(cfg: AOTConfig, cc: int, variant: str = "generic") -> dict:
-    """Compile one config for sm_<cc>; return registers, spills, shared and local memory."""
+def _compile(cfg: AOTConfig, cc: int, variant: str):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -129,7 +130,12 @@ def compile_config(cfg: AOTConfig, cc: int, variant: str = "generic") -> dict:
     src = ASTSource(fn=cfg.kernel, signature=cfg.signature, constexprs=cfg.constexprs, attrs=_attrs(cfg, variant))
     # enable_fp_fusion as every launcher passes it (triton 3.10 turns the default off)
     opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "enable_fp_fusion": True}
-    compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=opts)
+    return triton.compile(src, target=GPUTarget("cuda", cc, 32), options=opts)
+
+
+def compile_config(cfg: AOTConfig, cc: int, variant: str = "generic") -> dict:
+    """Compile one config for sm_<cc>; return registers, spills, shared and local memory."""
+    compiled = _compile(cfg, cc, variant)
     row = {"arch": f"sm_{cc}", "shared": int(compiled.metadata.shared)}
     with tempfile.TemporaryDirectory() as tmp:
         ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
@@ -159,17 +165,47 @@ def compile_config(cfg: AOTConfig, cc: int, variant: str = "generic") -> dict:
 _SASS_LINE = re.compile(r"\s+/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
 
 
-def loop_spills(sass: str) -> int:
-    """Local-memory spill instructions (STL / LDL) inside a loop body of the SASS: a loop is the span
-    from a backward branch's target to the branch. Spills there cost on every iteration; a register
-    saved once before the loops and reloaded after them costs a few instructions per program."""
+def sass_loops(sass: str) -> list[tuple[int, int, collections.Counter]]:
+    """(start, end, opcode counts) of each loop body in a SASS listing: a loop is the span from a
+    backward branch's target to the branch."""
     ins = [(int(m[1], 16), m[2], m[3]) for m in _SASS_LINE.finditer(sass)]
     loops = []
     for addr, op, rest in ins:
         t = re.search(r"0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
         if t and int(t[1], 16) < addr:
-            loops.append((int(t[1], 16), addr))
-    return sum(1 for addr, op, _ in ins if op.startswith(("STL", "LDL")) and any(a <= addr <= b for a, b in loops))
+            lo = int(t[1], 16)
+            loops.append((lo, addr, collections.Counter(o.split(".")[0] for a, o, _ in ins if lo <= a <= addr)))
+    return loops
+
+
+def loop_spills(sass: str) -> int:
+    """Local-memory spill instructions (STL / LDL) inside a loop body of the SASS. Spills there cost
+    on every iteration; a register saved once before the loops and reloaded after them costs a few
+    instructions per program."""
+    return sum(c["STL"] + c["LDL"] for _, _, c in sass_loops(sass))
+
+
+def print_loops(names, match: str, variants=VARIANTS, cc: int = 90, out=sys.stdout) -> int:
+    """Instruction counts of each loop body, for the configs whose label contains ``match``: the
+    static cost per iteration (divide by the elements a thread handles per iteration)."""
+    n = 0
+    reg = registered()
+    for name in names or sorted(reg):
+        for cfg in _configs(name):
+            if match not in cfg.label:
+                continue
+            for variant in variants:
+                with tempfile.TemporaryDirectory() as tmp:
+                    cubin = os.path.join(tmp, "k.cubin")
+                    with open(cubin, "wb") as f:
+                        f.write(_compile(cfg, cc, variant).asm["cubin"])
+                    sass = subprocess.run([_tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True).stdout
+                print(f"{name} {cfg.label} [{variant}, sm_{cc}, {cfg.num_warps} warps]", file=out)
+                for lo, hi, c in sass_loops(sass):
+                    top = ", ".join(f"{k} {v}" for k, v in c.most_common(8))
+                    print(f"    loop {lo:#06x}-{hi:#06x}: {sum(c.values())} instructions ({top})", file=out)
+                n += 1
+    return n
 
 
 _CONFIGS: dict[str, list] = {}  # per process: the registry's configs, listed once
@@ -246,7 +282,11 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write the rows to this JSON file")
     p.add_argument("--jobs", type=int, default=None, help="parallel compiles (default: all cores)")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {VARIANTS}")
+    p.add_argument("--loops", metavar="MATCH", help="instead: instruction counts per loop body (sm_90) of the "
+                   "configs whose label contains MATCH")
     a = p.parse_args(argv)
+    if a.loops is not None:
+        return 0 if print_loops(a.names or None, a.loops, tuple(a.variants.split(","))) else 1
     rows = run(a.names or None, variants=tuple(a.variants.split(",")), jobs=a.jobs)
     if a.json:
         with open(a.json, "w") as f:
