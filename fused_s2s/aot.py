@@ -265,8 +265,8 @@ def _fmt(r: dict) -> str:
     if r["error"]:
         return f"{head} ERROR {r['error']}"
     return (f"{head} "
-            f"regs={r.get('regs', '?'):<4} spill={r['spill_stores']}/{r['spill_loads']:<4} in_loops={r['loop_spills']:<3} "
-            f"local={r.get('local', '?'):<5} smem={r['shared']}")
+            f"regs={r.get('regs', '?'):<4} spill={r['spill_stores']}/{r['spill_loads']:<4} "
+            f"in_loops={r['loop_spills']:<3} local={r.get('local', '?'):<5} smem={r['shared']}")
 
 
 def failures(rows: list[dict]) -> list[dict]:

@@ -28,8 +28,13 @@ _NEG_INF = tl.constexpr(float("-inf"))
 _INF = tl.constexpr(float("inf"))
 
 # (max V, BLOCK_R, BLOCK_V, num_warps): small V packs BLOCK_R rows per program (one tile of
-# BLOCK_R x BLOCK_V); V beyond the last entry loops over BLOCK_V-wide blocks of one row.
-_SINGLE_CONFIGS = ((32, 32, 32, 4), (256, 4, 256, 4), (1024, 1, 1024, 4), (4096, 1, 4096, 8))
+# BLOCK_R x BLOCK_V); V beyond the last entry loops over BLOCK_V-wide blocks of one row. A row in
+# one block is read once and its noise drawn once per pass; the loop reads the logits and draws the
+# noise twice in the soft forward and in the backward. Up to 16384 columns fit one block without
+# spilling (AOT tool: at most 64 registers at 32 warps; 8192 at 16 warps spilled 8 bytes under
+# triton 3.6 on sm_80, so it takes 32 warps too).
+_SINGLE_CONFIGS = ((32, 32, 32, 4), (256, 4, 256, 4), (1024, 1, 1024, 4), (4096, 1, 4096, 8),
+                   (8192, 1, 8192, 32), (16384, 1, 16384, 32))
 _MULTI_CONFIG = (1, 4096, 16)
 # fp64 (gradcheck, verification) keeps its tiles small: twice the registers per element
 _SINGLE_CONFIGS_FP64 = ((256, 1, 256, 2), (1024, 1, 1024, 4))

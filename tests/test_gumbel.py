@@ -17,7 +17,8 @@ from tests.helpers import DTYPES, assert_oracle_close
 
 pytestmark = pytest.mark.kernels
 
-SHAPES = [(1, 1), (3, 37), (2, 3, 300), (2, 5000)]  # V = 1, odd, leading dims, loop over V blocks
+# V = 1, odd, leading dims, one 8192-wide block, the loop over 4096-wide blocks (V > 16384)
+SHAPES = [(1, 1), (3, 37), (2, 3, 300), (2, 5000), (2, 17000)]
 
 
 def _gs(logits, tau=1.0, hard=False, **kw):
@@ -41,7 +42,7 @@ def _mirror_seed(seed_value, device):
 
 
 @pytest.mark.parametrize("hard", [False, True])
-@pytest.mark.parametrize("shape,tau", [((4, 37), 0.7), ((2, 3, 300), 2.0), ((2, 5000), 1.0)])
+@pytest.mark.parametrize("shape,tau", [((4, 37), 0.7), ((2, 3, 300), 2.0), ((2, 5000), 1.0), ((2, 17000), 1.5)])
 def test_matches_F_gumbel_softmax_with_same_noise(device, shape, tau, hard):
     logits = torch.randn(shape, device=device) * 3
     dy = torch.randn(shape, device=device)
@@ -65,7 +66,7 @@ def test_matches_F_gumbel_softmax_with_same_noise(device, shape, tau, hard):
 # the in-kernel noise is fused_s2s.philox's (what the reference model draws)
 
 
-@pytest.mark.parametrize("R,V,block_v", [(5, 37, None), (3, 300, 64), (2, 5000, None)])
+@pytest.mark.parametrize("R,V,block_v", [(5, 37, None), (3, 300, 64), (2, 5000, None), (2, 17000, None)])
 def test_kernel_noise_equals_philox_mirror(device, R, V, block_v):
     x = torch.randn(R, V, device=device)
     seed = philox.draw_seed(device)
@@ -77,7 +78,7 @@ def test_kernel_noise_equals_philox_mirror(device, R, V, block_v):
     assert torch.equal(idx, (x + g_ref).argmax(-1))
 
 
-@pytest.mark.parametrize("shape", [(64, 37), (16, 300), (3, 5000)])
+@pytest.mark.parametrize("shape", [(64, 37), (16, 300), (3, 5000), (2, 17000)])
 def test_sampled_index_is_argmax_of_logits_plus_mirror_noise(device, shape):
     logits = torch.randn(shape, device=device) * 2
     torch.manual_seed(7)
