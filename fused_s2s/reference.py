@@ -413,7 +413,8 @@ class AttentionDecoder(nn.Module):
         teacher_forcing = args.ratio == 1.0  # pure teacher forcing: no random draws at all
         if not teacher_forcing and coin == "sequence":
             u_seq = torch.rand(B, generator=generator, device=dev)  # (B,) one coin per sequence
-        x = self.embedding(tgt_in[:, 0]) if T else None  # (B, D) step 0 input: gold (BOS)
+        golds = self._gold_inputs(tgt_in)  # T x (B, D) embeddings of the gold inputs
+        x = golds[0] if T else None  # (B, D) step 0 input: gold (BOS)
         all_logits, all_alpha = [], []
         for t in range(T):
             logits_t, alpha_t, state = self._step(x, state, memory, args.mask)  # (B, V), (B, L)
@@ -421,7 +422,7 @@ class AttentionDecoder(nn.Module):
             all_alpha.append(alpha_t)
             if t == T - 1:
                 break
-            gold = self.embedding(tgt_in[:, t + 1])  # (B, D) gold input of step t+1
+            gold = golds[t + 1]  # (B, D) gold input of step t+1
             if teacher_forcing:
                 x = gold
                 continue
@@ -445,6 +446,10 @@ class AttentionDecoder(nn.Module):
             logits = memory.new_zeros(B, 0, self.vocab_size)
             attention = memory.new_zeros(B, 0, L)
         return DecoderOutput(logits, attention, state)
+
+    def _gold_inputs(self, tgt_in: Tensor) -> list:
+        """Embeddings of the gold inputs, one (B, D) per step: one lookup per step, as in the notes."""
+        return [self.embedding(tgt_in[:, t]) for t in range(tgt_in.shape[1])]
 
     def _model_fed_input(self, logits_t: Tensor, sampling: str, tau: float, noise_t, generator) -> Tensor:
         """The model's own input for the next step, from logits_t (B, V) -> (B, D) (SPEC section 2).

@@ -175,6 +175,46 @@ def test_hard_embedding_gradient_is_straight_through():
         torch.testing.assert_close(a, b)
 
 
+def test_step_loop_looks_up_the_gold_inputs_once(device):
+    """Fused: one embedding call for all T gold inputs (one (V, D) gradient scatter); reference: T."""
+    ref, fused, _ = _models(device)
+    batch = _batch(device, T=5)
+    calls = {}
+    for name, model in (("ref", ref), ("fused", fused)):
+        calls[name] = 0
+
+        def count(*_, name=name):
+            calls[name] += 1
+
+        model.decoder.embedding.register_forward_hook(count)
+        _run(model, batch, 0.5, "gumbel")  # "gumbel" feeds y @ W_emb: no lookup for the model's input
+    assert calls == {"ref": 5, "fused": 1}
+
+
+def test_hard_embedding_rows_summed_once_per_pass(device, monkeypatch):
+    """gumbel_hard: every step adds its W_emb rows to one buffer (no per-step (V, D) gradient); the
+    result equals the reference's and a second backward (retain_graph) sums afresh."""
+    from fused_s2s import model as fused_model
+
+    added = []
+    add = fused_model._GradRows.add
+    monkeypatch.setattr(fused_model._GradRows, "add", lambda self, *a: (added.append(1), add(self, *a)))
+    ref, fused, _ = _models(device)
+    batch = _batch(device, T=4)
+    grads = {}
+    for name, model in (("ref", ref), ("fused", fused)):
+        torch.manual_seed(1)
+        out = model(*batch, teacher_forcing_ratio=0.0, sampling="gumbel_hard", tau=0.7)
+        model.zero_grad(set_to_none=True)
+        out.loss.backward(retain_graph=True)
+        grads[name] = model.decoder.embedding.weight.grad.clone()
+        out.loss.backward()
+        torch.testing.assert_close(model.decoder.embedding.weight.grad, 2 * grads[name])
+    assert len(added) == 2 * 3  # T - 1 model-fed steps, twice
+    torch.testing.assert_close(grads["fused"], grads["ref"], rtol=1e-5, atol=1e-6)
+    assert fused.decoder._hard_W_emb is None  # nothing kept on the module between passes
+
+
 def test_autocast_bf16_runs_with_fp32_accumulation(device):
     _, fused, _ = _models(device)
     batch = _batch(device)
