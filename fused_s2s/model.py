@@ -9,8 +9,9 @@ What differs is where the per-step work runs:
 - the model-fed input of "gumbel", "gumbel_hard" and "sample": ``fused_s2s.gumbel_softmax``, noise
   drawn inside the kernel from the same Philox stream the reference computes in torch; the hard
   mode gathers the embedding row of the sampled index instead of a (B, V) x (V, D) product, with the
-  soft straight-through gradient in the backward pass, and its W_emb gradient rows of all steps
-  summed in one (V, D) buffer (one dense gradient per pass, not one per step);
+  soft straight-through gradient in the backward pass;
+- the W_emb gradient of the model-fed inputs (every mode) is collected over the pass and formed once
+  (one index_add, one (V, B*T) x (B*T, D) product) instead of one whole (V, D) gradient per step;
 - the gold inputs of the step loop: one embedding lookup for all T steps (one (V, D) gradient
   scatter in the backward pass instead of T);
 - teacher forcing (ratio 1.0, no input feeding): the decoder RNN runs over the whole target at
@@ -31,40 +32,55 @@ from fused_s2s.reference import DecoderOutput, DecoderState, Encoder, Seq2SeqOut
 __all__ = ["Encoder", "AttentionDecoder", "Seq2Seq", "DecoderState", "DecoderOutput", "Seq2SeqOutput"]
 
 
-class _GradRows:
-    """The W_emb gradient of one decoder pass's hard embeddings, summed row by row in one (V, D) buffer."""
+class _WembGrad:
+    """W_emb's gradient from the model-fed inputs of one decoder pass, formed once.
 
-    def __init__(self):
-        self.buf = None
+    Each step's model-fed input touches W_emb through a lookup (rows: index, grad) or a soft mixture
+    y @ W_emb (pairs: y, grad). Returned per step, each would be a whole (V, D) gradient to write and
+    add to the parameter's, T times per pass; collected here they become one index_add and one
+    (V, B*T) x (B*T, D) product at the end of the backward pass.
+    """
 
-    def add(self, index: Tensor, grad: Tensor, weight: Tensor) -> None:
-        if self.buf is None:
-            self.buf = torch.zeros_like(weight)  # (V, D), once per backward pass
-        self.buf.index_add_(0, index, grad.to(weight.dtype))
+    def __init__(self, padding_idx: int | None):
+        self.padding_idx = padding_idx
+        self.rows: list = []  # (index (B,), grad (B, D))
+        self.pairs: list = []  # (y (B, V), grad (B, D))
 
-    def take(self):
-        buf, self.buf = self.buf, None  # reset: a second backward (retain_graph) sums afresh
+    def add_rows(self, index: Tensor, grad: Tensor, lookup: bool) -> None:
+        if lookup and self.padding_idx is not None:  # nn.Embedding's rule: the padding row gets no gradient
+            grad = grad.masked_fill((index == self.padding_idx).unsqueeze(-1), 0)
+        self.rows.append((index, grad))
+
+    def take(self, weight: Tensor):
+        """The summed (V, D) gradient (None if no step contributed); resets for a second backward."""
+        buf = None
+        if self.pairs:
+            Y = torch.cat([y for y, _ in self.pairs]).to(weight.dtype)  # (B*T', V)
+            G = torch.cat([g for _, g in self.pairs]).to(weight.dtype)  # (B*T', D)
+            buf = Y.t() @ G  # (V, D)
+        if self.rows:
+            buf = torch.zeros_like(weight) if buf is None else buf
+            buf.index_add_(0, torch.cat([i for i, _ in self.rows]),
+                           torch.cat([g for _, g in self.rows]).to(weight.dtype))
+        self.rows, self.pairs = [], []
         return buf
 
 
-class _SharedEmbeddingGrad(torch.autograd.Function):
-    """W_emb handed to every hard embedding of one decoder pass (identity forward).
-
-    Each per-step embedding's W_emb gradient is one_hot(index)^T grad: B rows. Returned per step it
-    would be a whole (V, D) tensor to write and accumulate, T times; instead the steps add their rows
-    into one shared buffer and this node, which autograd runs after all of them (they all consume its
-    output), hands the buffer to W_emb once.
-    """
+class _SharedWemb(torch.autograd.Function):
+    """W_emb handed to every model-fed input of one decoder pass (identity forward); autograd runs
+    this node's backward after all of theirs (they all consume its output), and it hands W_emb the
+    gradient they collected in ``sink``."""
 
     @staticmethod
-    def forward(ctx, weight, rows: _GradRows):
-        ctx.rows = rows
+    def forward(ctx, weight, sink: _WembGrad):
+        ctx.sink = sink
+        ctx.weight_like = weight.detach()  # dtype / shape / device of the gradient (no copy)
         ctx.set_materialize_grads(False)  # the steps pass None: no (V, D) zeros
         return weight.view_as(weight)
 
     @staticmethod
     def backward(ctx, grad):
-        buf = ctx.rows.take()
+        buf = ctx.sink.take(ctx.weight_like)
         if grad is not None:
             buf = grad if buf is None else buf + grad
         return buf, None
@@ -75,15 +91,17 @@ class _HardEmbedding(torch.autograd.Function):
 
     forward:  W_emb[index]                                   (B, D)   (y_st is one-hot forward)
     backward: d y     = grad @ W_emb^T                       (B, V)   (flows into the soft y)
-              d W_emb = one_hot(index)^T grad = index_add    (V, D)   (into ``rows`` when given)
+              d W_emb = one_hot(index)^T grad = index_add    (V, D)   (rows into ``sink`` when given)
     which is exactly the gradient of y_st @ W_emb with y_st = y_hard - y_soft.detach() + y_soft.
+    With y None it is a plain lookup W_emb[index] (argmax / sample inputs; nn.Embedding's gradient,
+    the padding row left out).
     """
 
     @staticmethod
-    def forward(ctx, y, index, weight, rows: _GradRows | None = None):
+    def forward(ctx, y, index, weight, sink: _WembGrad | None = None):
         ctx.save_for_backward(index, weight)
-        ctx.y_dtype = y.dtype
-        ctx.rows = rows
+        ctx.y_dtype = None if y is None else y.dtype
+        ctx.sink = sink
         return weight.index_select(0, index)  # (B, D)
 
     @staticmethod
@@ -93,11 +111,31 @@ class _HardEmbedding(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_y = (grad.to(weight.dtype) @ weight.t()).to(ctx.y_dtype)  # (B, V)
         if ctx.needs_input_grad[2]:
-            if ctx.rows is not None:
-                ctx.rows.add(index, grad, weight)  # B rows into the pass's shared buffer
+            if ctx.sink is not None:
+                ctx.sink.add_rows(index, grad, lookup=ctx.y_dtype is None)  # B rows, summed once per pass
             else:
                 grad_w = torch.zeros_like(weight).index_add_(0, index, grad.to(weight.dtype))  # (V, D)
         return grad_y, None, grad_w, None
+
+
+class _SoftEmbedding(torch.autograd.Function):
+    """y @ W_emb (B, V) x (V, D) whose W_emb gradient y^T grad is formed once per pass in ``sink``."""
+
+    @staticmethod
+    def forward(ctx, y, weight, sink: _WembGrad):
+        ctx.save_for_backward(y, weight)
+        ctx.sink = sink
+        return y.to(weight.dtype) @ weight  # (B, D)
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, weight = ctx.saved_tensors
+        grad_y = None
+        if ctx.needs_input_grad[0]:
+            grad_y = (grad.to(weight.dtype) @ weight.t()).to(y.dtype)  # (B, V)
+        if ctx.needs_input_grad[1]:
+            ctx.sink.pairs.append((y.detach(), grad))
+        return grad_y, None, None
 
 
 class AttentionDecoder(reference.AttentionDecoder):
@@ -119,21 +157,32 @@ class AttentionDecoder(reference.AttentionDecoder):
         return self.embedding(tgt_in).unbind(1)  # T x (B, D)
 
     def _model_fed_input(self, logits_t: Tensor, sampling: str, tau: float, noise_t, generator) -> Tensor:
-        if sampling not in ("sample", "gumbel", "gumbel_hard"):
-            return super()._model_fed_input(logits_t, sampling, tau, noise_t, generator)  # argmax, softmax
-        W_emb = self.embedding.weight  # (V, D)
+        # W_emb as all steps of this pass share it (see _loop), or the plain parameter
+        W_emb, sink = getattr(self, "_pass_W_emb", None) or (self.embedding.weight, None)
+        if sampling == "argmax":
+            return self._lookup(logits_t.detach().argmax(-1), W_emb, sink)  # (B, D) greedy token
+        if sampling == "softmax":
+            return self._mix(reference.gumbel_softmax_eager(logits_t, tau, False, None), W_emb, sink)
         src = logits_t.detach() if sampling == "sample" else logits_t
         # one launch: noise (drawn in-kernel from the same seed the reference draws), softmax, argmax
         y, index = gumbel_softmax(src, tau, hard=sampling != "gumbel", noise=noise_t, generator=generator,
                                   return_index=True, backend=self.backend)  # (B, V), (B,)
         if sampling == "sample":
-            return self.embedding(index)  # (B, D) Gumbel-max sample, not differentiable
+            return self._lookup(index, W_emb, sink)  # (B, D) Gumbel-max sample, not differentiable
         if sampling == "gumbel":
-            return y.to(W_emb.dtype) @ W_emb  # (B, D) soft mixture
-        shared = getattr(self, "_hard_W_emb", None)  # set by _loop for this pass: (W_emb view, rows)
-        if shared is not None:
-            return _HardEmbedding.apply(y, index, *shared)  # (B, D) straight-through
-        return _HardEmbedding.apply(y, index, W_emb)  # (B, D) straight-through
+            return self._mix(y, W_emb, sink)  # (B, D) soft mixture
+        return _HardEmbedding.apply(y, index, W_emb, sink)  # (B, D) straight-through
+
+    def _lookup(self, index: Tensor, W_emb: Tensor, sink) -> Tensor:
+        if sink is None:
+            return self.embedding(index)  # (B, D)
+        return _HardEmbedding.apply(None, index, W_emb, sink)  # (B, D), gradient rows into the sink
+
+    @staticmethod
+    def _mix(y: Tensor, W_emb: Tensor, sink) -> Tensor:
+        if sink is None:
+            return y.to(W_emb.dtype) @ W_emb  # (B, D)
+        return _SoftEmbedding.apply(y, W_emb, sink)  # (B, D), W_emb gradient formed once per pass
 
     def forward(self, tgt_in: Tensor, memory: Tensor, memory_mask, state: DecoderState,
                 teacher_forcing_ratio=1.0, sampling="argmax", tau=1.0, *, coin="token",
@@ -146,14 +195,16 @@ class AttentionDecoder(reference.AttentionDecoder):
         return self._loop(tgt_in, memory, state, args, coin, noise, generator)
 
     def _loop(self, tgt_in, memory, state, args, coin, noise, generator) -> DecoderOutput:
+        """The reference's step loop; with model-fed inputs (ratio < 1) and gradients, their W_emb
+        gradient is collected over the pass and formed once (_WembGrad)."""
         W_emb = self.embedding.weight
-        if args.sampling == "gumbel_hard" and args.ratio < 1.0 and torch.is_grad_enabled() and W_emb.requires_grad:
-            rows = _GradRows()
-            self._hard_W_emb = (_SharedEmbeddingGrad.apply(W_emb, rows), rows)
+        if args.ratio < 1.0 and torch.is_grad_enabled() and W_emb.requires_grad:
+            sink = _WembGrad(self.padding_idx)
+            self._pass_W_emb = (_SharedWemb.apply(W_emb, sink), sink)
         try:
             return super()._loop(tgt_in, memory, state, args, coin, noise, generator)
         finally:
-            self._hard_W_emb = None
+            self._pass_W_emb = None
 
     def _teacher_forced(self, tgt_in, memory, mask, state) -> DecoderOutput:
         """All T gold inputs at once: one RNN call and one attention launch instead of T steps."""

@@ -191,28 +191,50 @@ def test_step_loop_looks_up_the_gold_inputs_once(device):
     assert calls == {"ref": 5, "fused": 1}
 
 
-def test_hard_embedding_rows_summed_once_per_pass(device, monkeypatch):
-    """gumbel_hard: every step adds its W_emb rows to one buffer (no per-step (V, D) gradient); the
-    result equals the reference's and a second backward (retain_graph) sums afresh."""
+@pytest.mark.parametrize("sampling", MODES)
+def test_model_fed_W_emb_gradient_formed_once_per_pass(device, monkeypatch, sampling):
+    """Every step's model-fed input hands its W_emb gradient to one sink, formed once at the end of
+    the backward pass; it equals the reference's, and a second backward (retain_graph) sums afresh."""
     from fused_s2s import model as fused_model
 
-    added = []
-    add = fused_model._GradRows.add
-    monkeypatch.setattr(fused_model._GradRows, "add", lambda self, *a: (added.append(1), add(self, *a)))
+    taken = []
+    take = fused_model._WembGrad.take
+
+    def spy(self, weight):
+        taken.append((len(self.rows), len(self.pairs)))
+        return take(self, weight)
+
+    monkeypatch.setattr(fused_model._WembGrad, "take", spy)
     ref, fused, _ = _models(device)
+    for m in (ref, fused):  # a padding row: lookups (argmax / sample) leave it out, as nn.Embedding does
+        m.decoder.padding_idx = m.decoder.embedding.padding_idx = 0
     batch = _batch(device, T=4)
     grads = {}
     for name, model in (("ref", ref), ("fused", fused)):
         torch.manual_seed(1)
-        out = model(*batch, teacher_forcing_ratio=0.0, sampling="gumbel_hard", tau=0.7)
+        out = model(*batch, teacher_forcing_ratio=0.0, sampling=sampling, tau=0.7)
         model.zero_grad(set_to_none=True)
         out.loss.backward(retain_graph=True)
         grads[name] = model.decoder.embedding.weight.grad.clone()
         out.loss.backward()
         torch.testing.assert_close(model.decoder.embedding.weight.grad, 2 * grads[name])
-    assert len(added) == 2 * 3  # T - 1 model-fed steps, twice
+    soft = sampling in ("gumbel", "softmax")
+    assert taken == [(0, 3) if soft else (3, 0)] * 2  # T - 1 model-fed steps, two backward passes
     torch.testing.assert_close(grads["fused"], grads["ref"], rtol=1e-5, atol=1e-6)
-    assert fused.decoder._hard_W_emb is None  # nothing kept on the module between passes
+    assert fused.decoder._pass_W_emb is None  # nothing kept on the module between passes
+
+
+def test_W_emb_sink_leaves_the_padding_row_out_of_lookups_only():
+    from fused_s2s.model import _WembGrad
+
+    W = torch.zeros(5, 2)
+    index, grad = torch.tensor([0, 3, 0]), torch.ones(3, 2)
+    sink = _WembGrad(padding_idx=0)
+    sink.add_rows(index, grad, lookup=True)  # nn.Embedding: no gradient for the padding row
+    sink.add_rows(index, grad, lookup=False)  # y_st @ W_emb (gumbel_hard): the padding row is a row
+    sink.pairs.append((torch.eye(5)[[0, 4]], torch.full((2, 2), 2.0)))  # y @ W_emb: y^T grad
+    torch.testing.assert_close(sink.take(W), torch.tensor([[4.0, 4.0], [0, 0], [0, 0], [2, 2], [2, 2]]))
+    assert sink.take(W) is None  # emptied: a second backward starts afresh
 
 
 def test_autocast_bf16_runs_with_fp32_accumulation(device):
