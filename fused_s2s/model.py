@@ -10,8 +10,9 @@ What differs is where the per-step work runs:
   drawn inside the kernel from the same Philox stream the reference computes in torch; the hard
   mode gathers the embedding row of the sampled index instead of a (B, V) x (V, D) product, with the
   soft straight-through gradient in the backward pass;
-- the W_emb gradient of the model-fed inputs (every mode) is collected over the pass and formed once
-  (one index_add, one (V, B*T) x (B*T, D) product) instead of one whole (V, D) gradient per step;
+- in the step loop, the gradients of W_out (step 7) and of W_emb through the model-fed inputs are
+  collected over the pass and formed in a few large ops (index_add, (V, 8B) x (8B, D) products)
+  instead of one whole (V, D) gradient written and accumulated per step;
 - the gold inputs of the step loop: one embedding lookup for all T steps (one (V, D) gradient
   scatter in the backward pass instead of T);
 - teacher forcing (ratio 1.0, no input feeding): the decoder RNN runs over the whole target at
@@ -32,58 +33,80 @@ from fused_s2s.reference import DecoderOutput, DecoderState, Encoder, Seq2SeqOut
 __all__ = ["Encoder", "AttentionDecoder", "Seq2Seq", "DecoderState", "DecoderOutput", "Seq2SeqOutput"]
 
 
-class _WembGrad:
-    """W_emb's gradient from the model-fed inputs of one decoder pass, formed once.
+class _PassGrad:
+    """The gradient of one weight (and bias) from every step of one decoder pass, formed in large ops.
 
-    Each step's model-fed input touches W_emb through a lookup (rows: index, grad) or a soft mixture
-    y @ W_emb (pairs: y, grad). Returned per step, each would be a whole (V, D) gradient to write and
-    add to the parameter's, T times per pass; collected here they become one index_add and one
-    (V, B*T) x (B*T, D) product at the end of the backward pass.
+    Per step, autograd would produce a whole (V, D) gradient of W_emb or W_out, write it and add it
+    to the parameter's, T times per pass, for B rows of work each. Here each step leaves its
+    factors: lookup rows (index, grad), or a product a^T b (y^T grad for y @ W_emb, grad^T h for
+    h W_out^T), summed FLUSH steps at a time by one (V, FLUSH*B) x (FLUSH*B, D) product (bounded
+    extra memory) into one buffer in the weight's dtype, which a _PassParam node hands over once.
     """
 
-    def __init__(self, padding_idx: int | None):
+    FLUSH = 8
+
+    def __init__(self, weight: Tensor, padding_idx: int | None = None):
+        self.like = weight.detach()  # dtype, shape, device of the gradient (no copy)
         self.padding_idx = padding_idx
         self.rows: list = []  # (index (B,), grad (B, D))
-        self.pairs: list = []  # (y (B, V), grad (B, D))
+        self.pairs: list = []  # (a (B, V), b (B, D)): buf += a^T b
+        self.buf = self.bias = None
 
     def add_rows(self, index: Tensor, grad: Tensor, lookup: bool) -> None:
         if lookup and self.padding_idx is not None:  # nn.Embedding's rule: the padding row gets no gradient
             grad = grad.masked_fill((index == self.padding_idx).unsqueeze(-1), 0)
         self.rows.append((index, grad))
 
-    def take(self, weight: Tensor):
-        """The summed (V, D) gradient (None if no step contributed); resets for a second backward."""
-        buf = None
+    def add_product(self, a: Tensor, b: Tensor) -> None:
+        self.pairs.append((a, b))
+        if len(self.pairs) >= self.FLUSH:
+            self._flush()
+
+    def add_bias(self, grad: Tensor) -> None:
+        g = grad.sum(0).to(self.like.dtype)
+        self.bias = g if self.bias is None else self.bias.add_(g)
+
+    def _flush(self) -> None:
+        dt = self.like.dtype
         if self.pairs:
-            Y = torch.cat([y for y, _ in self.pairs]).to(weight.dtype)  # (B*T', V)
-            G = torch.cat([g for _, g in self.pairs]).to(weight.dtype)  # (B*T', D)
-            buf = Y.t() @ G  # (V, D)
+            A = torch.cat([a for a, _ in self.pairs]).to(dt)  # (k*B, V)
+            Bm = torch.cat([b for _, b in self.pairs]).to(dt)  # (k*B, D)
+            self.buf = A.t() @ Bm if self.buf is None else self.buf.addmm_(A.t(), Bm)
+            self.pairs = []
         if self.rows:
-            buf = torch.zeros_like(weight) if buf is None else buf
-            buf.index_add_(0, torch.cat([i for i, _ in self.rows]),
-                           torch.cat([g for _, g in self.rows]).to(weight.dtype))
-        self.rows, self.pairs = [], []
+            if self.buf is None:
+                self.buf = torch.zeros_like(self.like)
+            self.buf.index_add_(0, torch.cat([i for i, _ in self.rows]), torch.cat([g for _, g in self.rows]).to(dt))
+            self.rows = []
+
+    def take_weight(self):
+        """The summed weight gradient (None if no step contributed); reset for a second backward."""
+        self._flush()
+        buf, self.buf = self.buf, None
         return buf
 
+    def take_bias(self):
+        bias, self.bias = self.bias, None
+        return bias
 
-class _SharedWemb(torch.autograd.Function):
-    """W_emb handed to every model-fed input of one decoder pass (identity forward); autograd runs
-    this node's backward after all of theirs (they all consume its output), and it hands W_emb the
-    gradient they collected in ``sink``."""
+
+class _PassParam(torch.autograd.Function):
+    """A parameter handed to every step of one decoder pass (identity forward). Autograd runs this
+    node's backward after all of theirs (they all consume its output, directly or through one cast),
+    and it hands the parameter what they collected: ``take()``."""
 
     @staticmethod
-    def forward(ctx, weight, sink: _WembGrad):
-        ctx.sink = sink
-        ctx.weight_like = weight.detach()  # dtype / shape / device of the gradient (no copy)
+    def forward(ctx, param, take):
+        ctx.take = take
         ctx.set_materialize_grads(False)  # the steps pass None: no (V, D) zeros
-        return weight.view_as(weight)
+        return param.view_as(param)
 
     @staticmethod
     def backward(ctx, grad):
-        buf = ctx.sink.take(ctx.weight_like)
+        g = ctx.take()
         if grad is not None:
-            buf = grad if buf is None else buf + grad
-        return buf, None
+            g = grad if g is None else g + grad
+        return g, None
 
 
 class _HardEmbedding(torch.autograd.Function):
@@ -98,7 +121,7 @@ class _HardEmbedding(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, y, index, weight, sink: _WembGrad | None = None):
+    def forward(ctx, y, index, weight, sink: _PassGrad | None = None):
         ctx.save_for_backward(index, weight)
         ctx.y_dtype = None if y is None else y.dtype
         ctx.sink = sink
@@ -119,13 +142,18 @@ class _HardEmbedding(torch.autograd.Function):
 
 
 class _SoftEmbedding(torch.autograd.Function):
-    """y @ W_emb (B, V) x (V, D) whose W_emb gradient y^T grad is formed once per pass in ``sink``."""
+    """y @ W_emb (B, V) x (V, D), its W_emb gradient y^T grad left in ``sink``.
+
+    ``weight`` is already in the compute dtype (cast once per pass under autocast), so the product
+    runs with autocast off, as the reference's autocast matmul would.
+    """
 
     @staticmethod
-    def forward(ctx, y, weight, sink: _WembGrad):
+    def forward(ctx, y, weight, sink: _PassGrad):
         ctx.save_for_backward(y, weight)
         ctx.sink = sink
-        return y.to(weight.dtype) @ weight  # (B, D)
+        with torch.autocast(y.device.type, enabled=False):
+            return y.to(weight.dtype) @ weight  # (B, D)
 
     @staticmethod
     def backward(ctx, grad):
@@ -134,8 +162,34 @@ class _SoftEmbedding(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_y = (grad.to(weight.dtype) @ weight.t()).to(y.dtype)  # (B, V)
         if ctx.needs_input_grad[1]:
-            ctx.sink.pairs.append((y.detach(), grad))
+            ctx.sink.add_product(y, grad)  # dW_emb += y^T grad
         return grad_y, None, None
+
+
+class _CollectedLinear(torch.autograd.Function):
+    """Step 7, logits_t = h~_t W_out^T + b, its W_out and b gradients left in ``sink``.
+
+    ``weight``, ``bias`` are in the compute dtype (cast once per pass under autocast).
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, sink: _PassGrad):
+        ctx.save_for_backward(h, weight)
+        ctx.sink = sink
+        with torch.autocast(h.device.type, enabled=False):
+            return torch.nn.functional.linear(h.to(weight.dtype), weight, bias)  # (B, V)
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, weight = ctx.saved_tensors
+        grad_h = None
+        if ctx.needs_input_grad[0]:
+            grad_h = (grad.to(weight.dtype) @ weight).to(h.dtype)  # (B, D)
+        if ctx.needs_input_grad[1]:
+            ctx.sink.add_product(grad, h)  # dW_out += grad^T h~
+        if ctx.needs_input_grad[2]:
+            ctx.sink.add_bias(grad)
+        return grad_h, None, None, None
 
 
 class AttentionDecoder(reference.AttentionDecoder):
@@ -157,12 +211,13 @@ class AttentionDecoder(reference.AttentionDecoder):
         return self.embedding(tgt_in).unbind(1)  # T x (B, D)
 
     def _model_fed_input(self, logits_t: Tensor, sampling: str, tau: float, noise_t, generator) -> Tensor:
-        # W_emb as all steps of this pass share it (see _loop), or the plain parameter
-        W_emb, sink = getattr(self, "_pass_W_emb", None) or (self.embedding.weight, None)
+        # W_emb as this pass's steps share it (see _loop): a view for lookups, one in the compute
+        # dtype for mixtures, and the sink of its gradient; outside a training pass the parameter
+        W_emb, W_mix, sink = getattr(self, "_pass_emb", None) or (self.embedding.weight, self.embedding.weight, None)
         if sampling == "argmax":
             return self._lookup(logits_t.detach().argmax(-1), W_emb, sink)  # (B, D) greedy token
         if sampling == "softmax":
-            return self._mix(reference.gumbel_softmax_eager(logits_t, tau, False, None), W_emb, sink)
+            return self._mix(reference.gumbel_softmax_eager(logits_t, tau, False, None), W_mix, sink)
         src = logits_t.detach() if sampling == "sample" else logits_t
         # one launch: noise (drawn in-kernel from the same seed the reference draws), softmax, argmax
         y, index = gumbel_softmax(src, tau, hard=sampling != "gumbel", noise=noise_t, generator=generator,
@@ -170,7 +225,7 @@ class AttentionDecoder(reference.AttentionDecoder):
         if sampling == "sample":
             return self._lookup(index, W_emb, sink)  # (B, D) Gumbel-max sample, not differentiable
         if sampling == "gumbel":
-            return self._mix(y, W_emb, sink)  # (B, D) soft mixture
+            return self._mix(y, W_mix, sink)  # (B, D) soft mixture
         return _HardEmbedding.apply(y, index, W_emb, sink)  # (B, D) straight-through
 
     def _lookup(self, index: Tensor, W_emb: Tensor, sink) -> Tensor:
@@ -184,6 +239,12 @@ class AttentionDecoder(reference.AttentionDecoder):
             return y.to(W_emb.dtype) @ W_emb  # (B, D)
         return _SoftEmbedding.apply(y, W_emb, sink)  # (B, D), W_emb gradient formed once per pass
 
+    def _project(self, h_tilde: Tensor) -> Tensor:
+        shared = getattr(self, "_pass_out", None)  # (W_out, b, sink) of this pass, see _loop
+        if shared is None:
+            return super()._project(h_tilde)
+        return _CollectedLinear.apply(h_tilde, *shared)  # (B, V)
+
     def forward(self, tgt_in: Tensor, memory: Tensor, memory_mask, state: DecoderState,
                 teacher_forcing_ratio=1.0, sampling="argmax", tau=1.0, *, coin="token",
                 noise: Tensor | None = None, generator: torch.Generator | None = None) -> DecoderOutput:
@@ -195,16 +256,30 @@ class AttentionDecoder(reference.AttentionDecoder):
         return self._loop(tgt_in, memory, state, args, coin, noise, generator)
 
     def _loop(self, tgt_in, memory, state, args, coin, noise, generator) -> DecoderOutput:
-        """The reference's step loop; with model-fed inputs (ratio < 1) and gradients, their W_emb
-        gradient is collected over the pass and formed once (_WembGrad)."""
-        W_emb = self.embedding.weight
-        if args.ratio < 1.0 and torch.is_grad_enabled() and W_emb.requires_grad:
-            sink = _WembGrad(self.padding_idx)
-            self._pass_W_emb = (_SharedWemb.apply(W_emb, sink), sink)
+        """The reference's step loop. In a training pass, W_out (step 7, every step) and W_emb (the
+        model-fed inputs, ratio < 1) are handed to the steps through _PassParam nodes, cast once
+        under autocast, and their gradients are formed once per pass (_PassGrad) instead of one
+        whole (V, D) gradient per step."""
+        if torch.is_grad_enabled():
+            dev = memory.device.type
+            dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+
+            def cast(t):  # the autocast dtype once per pass (the reference's autocast caches it likewise)
+                return t if dt is None or t is None else t.to(dt)
+
+            W_emb, W_out, b_out = self.embedding.weight, self.W_out.weight, self.W_out.bias
+            if args.ratio < 1.0 and W_emb.requires_grad:
+                sink = _PassGrad(W_emb, self.padding_idx)
+                W = _PassParam.apply(W_emb, sink.take_weight)
+                self._pass_emb = (W, cast(W), sink)
+            if W_out.requires_grad and (b_out is None or b_out.requires_grad):
+                sink = _PassGrad(W_out)
+                b = None if b_out is None else cast(_PassParam.apply(b_out, sink.take_bias))
+                self._pass_out = (cast(_PassParam.apply(W_out, sink.take_weight)), b, sink)
         try:
             return super()._loop(tgt_in, memory, state, args, coin, noise, generator)
         finally:
-            self._pass_W_emb = None
+            self._pass_emb = self._pass_out = None
 
     def _teacher_forced(self, tgt_in, memory, mask, state) -> DecoderOutput:
         """All T gold inputs at once: one RNN call and one attention launch instead of T steps."""

@@ -351,6 +351,8 @@ class AttentionDecoder(nn.Module):
 
     def _attend(self, query: Tensor, memory: Tensor, mask):
         """Steps 3-5 for a query already multiplied by W_a: -> context (B, [T,] D), alpha (B, [T,] L)."""
+        if memory.dtype != query.dtype:  # autocast: the query (a Linear output) in bf16/fp16, memory (RNN) may not be
+            memory = memory.to(query.dtype)
         return attention_eager(query, memory, memory, mask)
 
     def _step(self, inp, state, memory, mask):
@@ -365,8 +367,12 @@ class AttentionDecoder(nn.Module):
         # 6. h~_t = tanh([c_t ; s_t] W_c)   (context first, then s_t)
         h_tilde = torch.tanh(self.W_c(torch.cat([c_t, s_t], dim=-1)))  # (B, D)
         # 7. logits_t = h~_t W_out + b
-        logits = self.W_out(h_tilde)  # (B, V)
+        logits = self._project(h_tilde)  # (B, V)
         return logits, alpha, DecoderState(rnn, h_tilde)
+
+    def _project(self, h_tilde: Tensor) -> Tensor:
+        """Step 7: logits_t = h~_t W_out + b, (B, D) -> (B, V)."""
+        return self.W_out(h_tilde)
 
     # -- whole sequence ---------------------------------------------------------------------------
     def forward(self, tgt_in: Tensor, memory: Tensor, memory_mask, state: DecoderState,

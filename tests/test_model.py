@@ -192,20 +192,21 @@ def test_step_loop_looks_up_the_gold_inputs_once(device):
 
 
 @pytest.mark.parametrize("sampling", MODES)
-def test_model_fed_W_emb_gradient_formed_once_per_pass(device, monkeypatch, sampling):
-    """Every step's model-fed input hands its W_emb gradient to one sink, formed once at the end of
-    the backward pass; it equals the reference's, and a second backward (retain_graph) sums afresh."""
+def test_step_loop_forms_W_out_and_W_emb_gradients_once_per_pass(device, monkeypatch, sampling):
+    """In the step loop every step leaves its W_out / W_emb gradient factors in one sink per weight,
+    formed once at the end of the backward pass; the gradients equal the reference's, and a second
+    backward (retain_graph) sums afresh."""
     from fused_s2s import model as fused_model
 
     taken = []
-    take = fused_model._WembGrad.take
+    take = fused_model._PassGrad.take_weight
 
-    def spy(self, weight):
-        taken.append((len(self.rows), len(self.pairs)))
-        return take(self, weight)
+    def spy(self):
+        taken.append((self.like.shape, len(self.rows), len(self.pairs)))  # before the last flush
+        return take(self)
 
-    monkeypatch.setattr(fused_model._WembGrad, "take", spy)
-    ref, fused, _ = _models(device)
+    monkeypatch.setattr(fused_model._PassGrad, "take_weight", spy)
+    ref, fused, _ = _models(device, V=11, D=8)
     for m in (ref, fused):  # a padding row: lookups (argmax / sample) leave it out, as nn.Embedding does
         m.decoder.padding_idx = m.decoder.embedding.padding_idx = 0
     batch = _batch(device, T=4)
@@ -215,26 +216,46 @@ def test_model_fed_W_emb_gradient_formed_once_per_pass(device, monkeypatch, samp
         out = model(*batch, teacher_forcing_ratio=0.0, sampling=sampling, tau=0.7)
         model.zero_grad(set_to_none=True)
         out.loss.backward(retain_graph=True)
-        grads[name] = model.decoder.embedding.weight.grad.clone()
+        grads[name] = {n: p.grad.clone() for n, p in model.named_parameters()}
         out.loss.backward()
-        torch.testing.assert_close(model.decoder.embedding.weight.grad, 2 * grads[name])
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, 2 * grads[name][n], msg=n)
     soft = sampling in ("gumbel", "softmax")
-    assert taken == [(0, 3) if soft else (3, 0)] * 2  # T - 1 model-fed steps, two backward passes
-    torch.testing.assert_close(grads["fused"], grads["ref"], rtol=1e-5, atol=1e-6)
-    assert fused.decoder._pass_W_emb is None  # nothing kept on the module between passes
+    emb = (torch.Size([11, 8]), 0, 3) if soft else (torch.Size([11, 8]), 3, 0)  # T - 1 model-fed steps
+    out_ = (torch.Size([11, 8]), 0, 4)  # W_out (V, D): T steps
+    assert sorted(taken) == sorted([emb, out_] * 2)  # one take per weight and backward pass
+    for n in grads["ref"]:
+        torch.testing.assert_close(grads["fused"][n], grads["ref"][n], rtol=1e-5, atol=1e-6, msg=n)
+    assert fused.decoder._pass_emb is None and fused.decoder._pass_out is None  # nothing kept
+
+
+def test_pass_grad_flushes_products_in_bounded_chunks():
+    from fused_s2s.model import _PassGrad
+
+    torch.manual_seed(0)
+    W = torch.zeros(6, 3, dtype=torch.float64)
+    sink = _PassGrad(W)
+    A = [torch.randn(2, 6, dtype=torch.float64) for _ in range(19)]
+    Bs = [torch.randn(2, 3, dtype=torch.float64) for _ in range(19)]
+    for a, b in zip(A, Bs):
+        sink.add_product(a, b)
+        assert len(sink.pairs) < _PassGrad.FLUSH  # never more than FLUSH steps held
+    ref = sum(a.t() @ b for a, b in zip(A, Bs))
+    torch.testing.assert_close(sink.take_weight(), ref)
+    assert sink.take_weight() is None
 
 
 def test_W_emb_sink_leaves_the_padding_row_out_of_lookups_only():
-    from fused_s2s.model import _WembGrad
+    from fused_s2s.model import _PassGrad
 
     W = torch.zeros(5, 2)
     index, grad = torch.tensor([0, 3, 0]), torch.ones(3, 2)
-    sink = _WembGrad(padding_idx=0)
+    sink = _PassGrad(W, padding_idx=0)
     sink.add_rows(index, grad, lookup=True)  # nn.Embedding: no gradient for the padding row
     sink.add_rows(index, grad, lookup=False)  # y_st @ W_emb (gumbel_hard): the padding row is a row
-    sink.pairs.append((torch.eye(5)[[0, 4]], torch.full((2, 2), 2.0)))  # y @ W_emb: y^T grad
-    torch.testing.assert_close(sink.take(W), torch.tensor([[4.0, 4.0], [0, 0], [0, 0], [2, 2], [2, 2]]))
-    assert sink.take(W) is None  # emptied: a second backward starts afresh
+    sink.add_product(torch.eye(5)[[0, 4]], torch.full((2, 2), 2.0))  # y @ W_emb: y^T grad
+    torch.testing.assert_close(sink.take_weight(), torch.tensor([[4.0, 4.0], [0, 0], [0, 0], [2, 2], [2, 2]]))
+    assert sink.take_weight() is None  # emptied: a second backward starts afresh
 
 
 def test_autocast_bf16_runs_with_fp32_accumulation(device):
@@ -247,6 +268,25 @@ def test_autocast_bf16_runs_with_fp32_accumulation(device):
     assert all(torch.isfinite(p.grad).all() for p in fused.parameters())
     torch.testing.assert_close(out.attention.float().sum(-1), torch.ones(out.attention.shape[:2], device=device),
                                atol=2e-2, rtol=0)
+
+
+@pytest.mark.parametrize("ratio,sampling", [(1.0, "argmax"), (0.5, "gumbel"), (0.5, "gumbel_hard"), (0.0, "sample")])
+def test_autocast_bf16_matches_reference_against_oracle(device, ratio, sampling):
+    """Under autocast the step loop casts W_out / W_emb once per pass (as autocast's cache does for
+    the reference): loss and every gradient meet the float64 oracle as well as the reference's."""
+    ref, fused, oracle = _models(device)
+    batch = _batch(device)
+    outs, grads = {}, {}
+    for name, model in (("ref", ref), ("fused", fused), ("oracle", oracle)):
+        torch.manual_seed(1)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=name != "oracle"):
+            out = model(*batch, teacher_forcing_ratio=ratio, sampling=sampling, tau=0.7)
+        model.zero_grad(set_to_none=True)
+        out.loss.backward()
+        outs[name], grads[name] = out, {n: p.grad for n, p in model.named_parameters()}
+    assert_oracle_close(outs["fused"].loss, outs["ref"].loss, outs["oracle"].loss, factor=4.0, name="loss")
+    for n in grads["oracle"]:
+        assert_oracle_close(grads["fused"][n], grads["ref"][n], grads["oracle"][n], factor=4.0, name=f"grad {n}")
 
 
 def test_bad_input_names_argument(device):
