@@ -40,14 +40,11 @@ _COMPILED = {}
 
 def impl_fn(impl: str):
     """(query, keys, values, mask) -> (ctx, weights) for impl in IMPLS."""
-    if impl == "fused":
+    if impl in ("fused", "fused_rows"):
         from fused_s2s.attention import attention_step
 
-        return lambda q, k, v, m: attention_step(q, k, v, m, backend="triton")
-    if impl == "fused_rows":
-        from fused_s2s.attention import attention_step
-
-        return lambda q, k, v, m: attention_step(q, k, v, m, backend="triton", tiled=False)
+        tiled = None if impl == "fused" else False  # fused_rows: the per-row kernels even at T >= 16
+        return lambda q, k, v, m: attention_step(q, k, v, m, backend="triton", tiled=tiled)
     if impl == "eager":
         return _eager
     if "fn" not in _COMPILED:
