@@ -1,6 +1,7 @@
 """Compact table of a benchmark results CSV: one line per (bench, case, variant, dtype, pass) and
 fused implementation, with the eager and torch.compile times beside it and the speed-ups
-fused / eager and fused / compile (> 1: fused is faster). Stdlib only (runs without torch).
+fused / eager and fused / compile (> 1: fused is faster); for the training step, each
+scheduled-sampling mode's time over the teacher-forced step's. Stdlib only (runs without torch).
 
     python benchmarks/summarize.py [CSV]                # default: benchmarks/results/results.csv
     python benchmarks/summarize.py --merge DEVICE.csv   # append DEVICE.csv's new rows to results.csv, then show them
@@ -92,7 +93,31 @@ def table(rows: list[dict], device_filter: str = "", full: bool = False) -> str:
                     f"{_f(e_ms, '9.4f'):>9} {_f(c_ms, '9.4f'):>9} {_f(r.get('gbps', ''), '7.0f'):>7} "
                     f"{_f(float(frac) * 100 if frac not in ('', None) else None, '5.0f'):>5} "
                     f"{_f(x_e, '7.2f'):>7} {_f(x_c, '6.2f'):>6}")
+        out += ss_over_tf(latest)
     return "\n".join(out) if out else "(no rows)"
+
+
+TF_MODE = "teacher_forcing"  # bench_train's case names end in _<mode>: teacher_forcing, ss_gumbel_hard, ...
+SS_TARGET = 1.5  # issue 6: a scheduled-sampling training step costs at most 1.5x a teacher-forced one
+
+
+def ss_over_tf(latest: dict) -> list[str]:
+    """Per (impl, size, dtype) of the train_step bench: each scheduled-sampling mode's time over the
+    teacher-forced step's, against the target."""
+    by = {}  # (impl, size, dtype) -> {mode: ms}
+    for (b, impl, case, _var, dt, _ps), r in latest.items():
+        if b != "train_step" or "_" not in case:
+            continue
+        m = re.match(r"(.*?)_(teacher_forcing|ss_\w+)$", case)
+        if m and _ms(r):
+            by.setdefault((impl, m[1], dt), {})[m[2]] = _ms(r)
+    lines = []
+    for (impl, size, dt), modes in by.items():
+        tf = modes.get(TF_MODE)
+        parts = [f"{mode} {ms / tf:.2f}x" for mode, ms in modes.items() if mode != TF_MODE and tf]
+        if parts:
+            lines.append(f"[ss/tf] {impl:<10} {size} {dt}: " + ", ".join(parts) + f" (target <= {SS_TARGET}x)")
+    return lines
 
 
 def merge(src: str, dst: str = RESULTS_CSV) -> tuple[int, int]:

@@ -1,0 +1,46 @@
+"""benchmarks/summarize.py: the compact table's ratios and the scheduled-sampling / teacher-forcing
+ratio of the training step, from a made-up results CSV (no GPU needed)."""
+import csv
+import importlib.util
+import os
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+_spec = importlib.util.spec_from_file_location("summarize", os.path.join(HERE, "..", "benchmarks", "summarize.py"))
+summarize = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(summarize)
+
+
+def _row(impl, case, ms, bench="train_step", ts="2026-11-25T00:00:00+00:00"):
+    return {"timestamp": ts, "device": "NVIDIA H100 80GB HBM3", "torch": "2.11", "triton": "3.6.0",
+            "bench": bench, "impl": impl, "case": case, "dtype": "float32", "pass": "fwd+bwd+opt",
+            "median_ms": str(ms), "note": "tokens_per_s=1"}
+
+
+def _write(path, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=summarize.FIELDS, restval="")
+        w.writeheader()
+        w.writerows(rows)
+
+
+def test_table_speedups_and_ss_over_tf(tmp_path):
+    size = "B32_L10_T10_V10000_D256"
+    rows = [_row("fused", f"{size}_teacher_forcing", 2.0), _row("reference", f"{size}_teacher_forcing", 5.0),
+            _row("compile", f"{size}_teacher_forcing", 4.0), _row("fused", f"{size}_ss_gumbel_hard", 2.6),
+            _row("fused", f"{size}_ss_gumbel", 3.4),
+            _row("fused", f"{size}_teacher_forcing", 9.0, ts="2026-11-24T00:00:00+00:00")]  # older: ignored
+    path = tmp_path / "r.csv"
+    _write(path, rows)
+    text = summarize.table(summarize.read_rows(str(path)))
+    tf_line = next(ln for ln in text.splitlines() if ln.startswith("train_step") and "teacher_forcing" in ln)
+    assert tf_line.split()[-2:] == ["2.50", "2.00"]  # x_eager = 5 / 2, x_comp = 4 / 2 (latest fused row)
+    assert f"[ss/tf] fused      {size} float32: ss_gumbel_hard 1.30x, ss_gumbel 1.70x" in text
+
+
+def test_merge_appends_only_new_rows(tmp_path):
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    _write(a, [_row("fused", "x_teacher_forcing", 1.0)])
+    _write(b, [_row("fused", "x_teacher_forcing", 1.0), _row("fused", "x_ss_gumbel", 1.2)])
+    assert summarize.merge(str(b), str(a)) == (1, 1)
+    assert summarize.merge(str(b), str(a)) == (0, 2)
+    assert len(summarize.read_rows(str(a))) == 2
