@@ -229,6 +229,25 @@ def test_step_loop_forms_W_out_and_W_emb_gradients_once_per_pass(device, monkeyp
     assert fused.decoder._pass_emb is None and fused.decoder._pass_out is None  # nothing kept
 
 
+def test_no_gradient_sinks_without_autograd(device, monkeypatch):
+    """Inference (no_grad) and frozen weights take the plain per-step ops: no _PassGrad is built."""
+    from fused_s2s import model as fused_model
+
+    def refuse(*a, **k):
+        raise AssertionError("_PassGrad built")
+
+    _, fused, _ = _models(device)
+    batch = _batch(device)
+    monkeypatch.setattr(fused_model._PassGrad, "__init__", refuse)
+    with torch.no_grad():
+        fused(*batch, teacher_forcing_ratio=0.0, sampling="gumbel_hard", tau=0.7)
+    for p in (fused.decoder.embedding.weight, fused.decoder.W_out.weight):
+        p.requires_grad_(False)
+    out = fused(*batch, teacher_forcing_ratio=0.0, sampling="gumbel", tau=0.7)
+    out.loss.backward()  # the other parameters still get their gradients
+    assert fused.decoder.W_c.weight.grad is not None and fused.decoder.embedding.weight.grad is None
+
+
 def test_pass_grad_flushes_products_in_bounded_chunks():
     from fused_s2s.model import _PassGrad
 
