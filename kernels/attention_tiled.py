@@ -104,6 +104,15 @@ def _dot_types(x: torch.Tensor):
 
 
 @triton.jit
+def _load_row_stats(LSE, rows, in_t):
+    """Backward prologue shared by the tiled and wide kernels: the forward's row max m and 1 / l
+    (0 for an empty row, and for rows t >= T, which load l = 0)."""
+    m_r = tl.load(LSE + 2 * rows, mask=in_t, other=0.0).to(tl.float32)
+    l_r = tl.load(LSE + 2 * rows + 1, mask=in_t, other=0.0).to(tl.float32)
+    return m_r, tl.where(l_r > 0, 1.0 / tl.where(l_r > 0, l_r, 1.0), 0.0)
+
+
+@triton.jit
 def _store_stats_and_weights(S, W, LSE, rows, s_tile, in_t, ar_l, m_use, l_i, inv_l, L, BLOCK_L: tl.constexpr):
     """Forward epilogue shared by the tiled and wide kernels: store the row stats (m, l) and
     normalise the raw scores S into the weights, alpha = exp(E - m) / l (0 for an empty row)."""
@@ -196,9 +205,7 @@ def _attn_bwd_dq_tiled_kernel(
     rows = b * T + t0 + ar_t  # (BT,)
     q = tl.load(Q + b * s_qb + t0 * s_qt + ar_t[:, None] * s_qt + ar_d[None, :] * s_qd,
                 mask=in_t[:, None] & in_d[None, :], other=0.0).to(DOT_T)  # (BT, BD)
-    m_r = tl.load(LSE + 2 * rows, mask=in_t, other=0.0).to(tl.float32)
-    l_r = tl.load(LSE + 2 * rows + 1, mask=in_t, other=0.0).to(tl.float32)
-    inv_l = tl.where(l_r > 0, 1.0 / tl.where(l_r > 0, l_r, 1.0), 0.0)  # empty row: alpha = 0
+    m_r, inv_l = _load_row_stats(LSE, rows, in_t)  # empty row: alpha = 0
     dw_tile = b * s_wb + t0 * s_wt + ar_t[:, None] * s_wt + ar_l[None, :] * s_wl  # (BT, BL)
 
     # delta = rowsum(alpha * dalpha) + rowsum(dc * c), from the saved weights and context
@@ -289,9 +296,7 @@ def _attn_bwd_kv_tiled_kernel(
         in_t = ar_t < T - t0
         rows = b * T + t0 + ar_t
         q = tl.load(Q + b * s_qb + t0 * s_qt + q_tile, mask=in_t[:, None] & in_d[None, :], other=0.0).to(DOT_T)
-        m_r = tl.load(LSE + 2 * rows, mask=in_t, other=0.0).to(tl.float32)
-        l_r = tl.load(LSE + 2 * rows + 1, mask=in_t, other=0.0).to(tl.float32)
-        inv_l = tl.where(l_r > 0, 1.0 / tl.where(l_r > 0, l_r, 1.0), 0.0)  # also 0 for t >= T
+        m_r, inv_l = _load_row_stats(LSE, rows, in_t)  # also 0 for t >= T
         delta = tl.load(DELTA + rows, mask=in_t, other=0.0)
         eT = tl.dot(k, tl.trans(q), input_precision="ieee")  # (BL, BT)
         aT = tl.where(valid[:, None] & in_t[None, :], tl.exp(eT - m_r[None, :]) * inv_l[None, :], 0.0)

@@ -24,6 +24,7 @@ from fused_s2s.kernels.attention import _mask_args, _mask_valid
 from fused_s2s.kernels.attention_tiled import (
     _block_l,
     _dot_types,
+    _load_row_stats,
     _store_stats_and_weights,
     _tiled_bwd_setup,
     _tiled_inputs,
@@ -119,9 +120,7 @@ def _attn_bwd_dq_wide_kernel(
     in_t = ar_t < T - t0
     in_o = ar_o < D - o0
     rows = b * T + t0 + ar_t
-    m_r = tl.load(LSE + 2 * rows, mask=in_t, other=0.0).to(tl.float32)
-    l_r = tl.load(LSE + 2 * rows + 1, mask=in_t, other=0.0).to(tl.float32)
-    inv_l = tl.where(l_r > 0, 1.0 / tl.where(l_r > 0, l_r, 1.0), 0.0)
+    m_r, inv_l = _load_row_stats(LSE, rows, in_t)
     dw_tile = b * s_wb + t0 * s_wt + ar_t[:, None] * s_wt + ar_l[None, :] * s_wl  # (BT, BL)
 
     delta = tl.zeros([BLOCK_T], tl.float32)
@@ -192,9 +191,7 @@ def _attn_bwd_kv_wide_kernel(
     while t0 < T:
         in_t = ar_t < T - t0
         rows = b * T + t0 + ar_t
-        m_r = tl.load(LSE + 2 * rows, mask=in_t, other=0.0).to(tl.float32)
-        l_r = tl.load(LSE + 2 * rows + 1, mask=in_t, other=0.0).to(tl.float32)
-        inv_l = tl.where(l_r > 0, 1.0 / tl.where(l_r > 0, l_r, 1.0), 0.0)  # also 0 for t >= T
+        m_r, inv_l = _load_row_stats(LSE, rows, in_t)  # also 0 for t >= T
         delta = tl.load(DELTA + rows, mask=in_t, other=0.0)
         # scores and g in the dq kernel's orientation (BT, BL), then transposed
         e = _chunked_dot_t(Q, K, b * s_qb + t0 * s_qt, b * s_kb + l0 * s_kl, s_qt, s_qd, s_kl, s_kd,
