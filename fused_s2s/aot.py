@@ -110,24 +110,28 @@ def _compile(cfg: AOTConfig, cc: int, variant: str):
     return triton.compile(src, target=GPUTarget("cuda", cc, 32), options=opts)
 
 
+def _cuobjdump(cubin: bytes, flag: str) -> str:
+    """``cuobjdump <flag>`` on a cubin (it reads files only)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        return subprocess.run([_tool("cuobjdump"), flag, path], capture_output=True, text=True).stdout
+
+
 def compile_config(cfg: AOTConfig, cc: int, variant: str = "generic") -> dict:
     """Compile one config for sm_<cc>; return registers, spills, shared and local memory."""
     compiled = _compile(cfg, cc, variant)
     row = {"arch": f"sm_{cc}", "shared": int(compiled.metadata.shared), "loop_spills": 0}
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = os.path.join(tmp, "k.cubin")
-        with open(cubin, "wb") as f:
-            f.write(compiled.asm["cubin"])
-        res = subprocess.run([_tool("cuobjdump"), "-res-usage", cubin], capture_output=True, text=True).stdout
-        m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", res)
-        if not m:
-            raise RuntimeError(f"cuobjdump -res-usage printed no resource line: {res[:200]!r}")
-        row.update(regs=int(m[1]), stack=int(m[2]), local=int(m[4]))
-        row["spill_bytes"] = row["stack"] + row["local"]
-        if row["spill_bytes"]:
-            # disassembling costs more than compiling a small kernel: only where there is a spill
-            sass = subprocess.run([_tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True).stdout
-            row["loop_spills"] = loop_spills(sass)
+    res = _cuobjdump(compiled.asm["cubin"], "-res-usage")
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", res)
+    if not m:
+        raise RuntimeError(f"cuobjdump -res-usage printed no resource line: {res[:200]!r}")
+    row.update(regs=int(m[1]), stack=int(m[2]), local=int(m[4]))
+    row["spill_bytes"] = row["stack"] + row["local"]
+    if row["spill_bytes"]:
+        # disassembling costs more than compiling a small kernel: only where there is a spill
+        row["loop_spills"] = loop_spills(_cuobjdump(compiled.asm["cubin"], "-sass"))
     return row
 
 
@@ -158,17 +162,12 @@ def print_loops(names, match: str, variants=VARIANTS, cc: int = 90, out=sys.stdo
     """Instruction counts of each loop body, for the configs whose label contains ``match``: the
     static cost per iteration (divide by the elements a thread handles per iteration)."""
     n = 0
-    reg = registered()
-    for name in names or sorted(reg):
+    for name in names or sorted(registered()):
         for cfg in _configs(name):
             if match not in cfg.label:
                 continue
             for variant in variants:
-                with tempfile.TemporaryDirectory() as tmp:
-                    cubin = os.path.join(tmp, "k.cubin")
-                    with open(cubin, "wb") as f:
-                        f.write(_compile(cfg, cc, variant).asm["cubin"])
-                    sass = subprocess.run([_tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True).stdout
+                sass = _cuobjdump(_compile(cfg, cc, variant).asm["cubin"], "-sass")
                 print(f"{name} {cfg.label} [{variant}, sm_{cc}, {cfg.num_warps} warps]", file=out)
                 for lo, hi, c in sass_loops(sass):
                     top = ", ".join(f"{k} {v}" for k, v in c.most_common(8))

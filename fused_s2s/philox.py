@@ -76,6 +76,11 @@ def _word_to_uniform(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32) * torch.tensor(UNIFORM_SCALE, dtype=torch.float32)
 
 
+def _uniforms4(w) -> torch.Tensor:
+    """The four Philox words, each (...,), as uniforms stacked on a last axis: (..., 4)."""
+    return torch.stack([_word_to_uniform(x) for x in w], dim=-1)
+
+
 def _gumbel_of(u: torch.Tensor) -> torch.Tensor:
     return -torch.log(-torch.log(u.clamp_min(U_MIN)))
 
@@ -104,7 +109,7 @@ def uniform_noise(seed, shape, device=None) -> torch.Tensor:
     c0 = torch.arange(K, dtype=torch.int64, device=device).expand(R, K)  # (R, K)
     row = torch.arange(R, dtype=torch.int64, device=device)[:, None].expand(R, K)
     w = philox4x32(seed, c0, row & _M32, (row >> 32) & _M32, torch.zeros_like(c0))  # 4 x (R, K)
-    u = torch.stack([_word_to_uniform(x) for x in w], dim=-1).reshape(R, 4 * K)[:, :V]  # word col % 4
+    u = _uniforms4(w).reshape(R, 4 * K)[:, :V]  # word col % 4
     return u.reshape(tuple(shape))
 
 
@@ -117,7 +122,7 @@ def uniform_at(seed, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """The uniforms of single elements (row, col) of that layout (broadcast), e.g. rows past 2**31 / V."""
     rows, cols = torch.broadcast_tensors(rows.to(torch.int64), cols.to(torch.int64))
     w = philox4x32(seed, cols >> 2, rows & _M32, (rows >> 32) & _M32, torch.zeros_like(rows))
-    return torch.stack([_word_to_uniform(x) for x in w], dim=-1).gather(-1, (cols & 3)[..., None])[..., 0]
+    return _uniforms4(w).gather(-1, (cols & 3)[..., None])[..., 0]
 
 
 def gumbel_at(seed, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
