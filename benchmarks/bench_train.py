@@ -1,12 +1,23 @@
 """Whole training step (forward, loss, backward, optimiser step): fused vs reference vs
 torch.compile(reference), for teacher forcing and scheduled sampling ("gumbel_hard", "gumbel").
 
-    python benchmarks/bench_train.py [--quick]       # table + rows appended to results/results.csv
+    python benchmarks/bench_train.py [--quick] [--sizes notes,large]   # rows appended to results/results.csv
     pytest benchmarks/bench_train.py --benchmark-only
 
 Tokens/s counts target tokens (B * T) per step. Without CUDA the fused rows are skipped (the
 kernels need a GPU to be fast; under the interpreter they are only correct) and the eager rows run
-at the notes' size only.
+at the notes' size only. ``--quick``: fewer repetitions, and the notes' size unless ``--sizes`` says.
+
+"fused_graphed" (experimental, benchmark only) is the fused model with its decoder pass and loss
+captured once by ``torch.cuda.make_graphed_callables`` and replayed every step (the encoder, whose
+packed sequence needs the lengths on the host, and the optimiser stay eager): the per-step loop of
+scheduled sampling launches ~30 small kernels a step from Python, which at these sizes costs more
+host time than the GPU work, and a replay removes that cost. It measures what CUDA graphs would
+give before the library offers them.
+
+"compile" compiles each case afresh (``torch._dynamo.reset()``): one compiled function shared by
+every size, mode and dtype would go dynamic-shape after the second shape and fall back to eager
+past dynamo's recompile limit, silently.
 """
 from __future__ import annotations
 
@@ -27,31 +38,73 @@ MODES = [("teacher_forcing", 1.0, "argmax"), ("ss_gumbel_hard", 0.5, "gumbel_har
 
 
 def make_case(impl: str, size, dtype=torch.float32, seed: int = 0):
-    """Model, optimiser and one batch for ``impl`` in {"fused", "reference", "compile"}."""
+    """Model, optimiser and one batch for ``impl`` in {"fused", "fused_graphed", "reference", "compile"}."""
     import fused_s2s
     from fused_s2s import reference
 
     _, B, L, T, V, D = size
     dev = torch.device("cuda" if common.HAS_CUDA else "cpu")
     torch.manual_seed(seed)
-    cls = fused_s2s.Seq2Seq if impl == "fused" else reference.Seq2Seq
+    cls = fused_s2s.Seq2Seq if impl.startswith("fused") else reference.Seq2Seq
     model = cls(V, V, D, cell="lstm", padding_idx=0).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     src = torch.randint(3, V, (B, L), device=dev)
     src_lengths = torch.randint(max(1, L // 2), L + 1, (B,), device=dev)
     tgt = torch.randint(3, V, (B, T + 1), device=dev)
     tgt[:, 0] = 1
+    if impl == "compile":
+        torch._dynamo.reset()  # a fresh compile per case (see the module docstring)
     fwd = torch.compile(model) if impl == "compile" else model
     return model, opt, fwd, (src, src_lengths, tgt)
+
+
+class _DecoderLoss(torch.nn.Module):
+    """The decoder pass and the loss as a function of tensors only, for make_graphed_callables."""
+
+    def __init__(self, model, ratio: float, sampling: str, tau: float):
+        super().__init__()
+        self.decoder = model.decoder  # only the decoder's parameters are the graph's inputs
+        self.loss, self.mode = model.loss, (ratio, sampling, tau)
+
+    def forward(self, tgt, memory, lengths, h, c):  # (B, T+1), (B, L, D), (B,), 2 x (layers, B, D)
+        out = self.decoder(tgt[:, :-1], memory, lengths, self.decoder.init_state((h, c)), *self.mode)
+        return self.loss(out.logits, tgt[:, 1:])  # ()
+
+
+def _graphed_step(model, opt, batch, ratio: float, sampling: str, amp_ctx):
+    """One training step of model with its decoder pass + loss replayed from CUDA graphs."""
+    src, src_lengths, tgt = batch
+    with amp_ctx():
+        memory, lengths, state = model.encode(src, src_lengths)
+        sample = (tgt, memory.detach().requires_grad_(), lengths,
+                  *(s.detach().requires_grad_() for s in state.rnn))
+        graphed = torch.cuda.make_graphed_callables(_DecoderLoss(model, ratio, sampling, 1.0), sample,
+                                                    allow_unused_input=True)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with amp_ctx():
+            memory, lengths, state = model.encode(src, src_lengths)
+            loss = graphed(tgt, memory, lengths, *state.rnn)
+        loss.backward()
+        opt.step()
+
+    return step
 
 
 def train_step_fn(impl: str, size, ratio: float, sampling: str, dtype=torch.float32):
     model, opt, fwd, (src, src_lengths, tgt) = make_case(impl, size, dtype)
     amp = dtype != torch.float32 and common.HAS_CUDA
 
+    def amp_ctx():  # make_graphed_callables needs autocast's weight cache off; the model casts once per pass
+        return torch.autocast("cuda", dtype=dtype, enabled=amp, cache_enabled=False if impl == "fused_graphed" else None)
+
+    if impl == "fused_graphed":
+        return _graphed_step(model, opt, (src, src_lengths, tgt), ratio, sampling, amp_ctx)
+
     def step():
         opt.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=dtype, enabled=amp):
+        with amp_ctx():
             out = fwd(src, src_lengths, tgt, teacher_forcing_ratio=ratio, sampling=sampling, tau=1.0)
         out.loss.backward()
         opt.step()
@@ -60,13 +113,17 @@ def train_step_fn(impl: str, size, ratio: float, sampling: str, dtype=torch.floa
 
 
 def impls():
-    names = ["fused", "reference", "compile"] if common.HAS_CUDA else ["reference"]
+    names = ["fused", "fused_graphed", "reference", "compile"] if common.HAS_CUDA else ["reference"]
     return [i for i in names if common.wanted(i)]  # $FUSED_S2S_BENCH_IMPLS
 
 
-def run(quick: bool = False) -> list[dict]:
+def run(quick: bool = False, sizes: tuple | None = None) -> list[dict]:
     rows = []
-    sizes = SIZES[:1] if (quick or not common.HAS_CUDA) else SIZES
+    if not common.HAS_CUDA:
+        sizes = ("notes",)
+    elif sizes is None:
+        sizes = ("notes",) if quick else tuple(s[0] for s in SIZES)
+    sizes = [s for name in sizes for s in SIZES if s[0] == name]
     dtypes = [torch.float32, torch.bfloat16] if common.HAS_CUDA else [torch.float32]
     if not common.HAS_CUDA:
         print("bench_train: no CUDA device: fused and torch.compile rows need a GPU; timing the eager reference only")
@@ -93,15 +150,20 @@ def run(quick: bool = False) -> list[dict]:
 
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true")
+    p.add_argument("--quick", action="store_true", help="fewer repetitions (and only the notes' size by default)")
+    p.add_argument("--sizes", default=None, help=f"comma list of {[s[0] for s in SIZES]} (CUDA only)")
     a = p.parse_args(argv)
-    rows = run(a.quick)
+    if a.sizes:
+        unknown = set(a.sizes.split(",")) - {s[0] for s in SIZES}
+        if unknown:
+            p.error(f"--sizes: unknown {sorted(unknown)}; expected a comma list of {[s[0] for s in SIZES]}")
+    rows = run(a.quick, tuple(a.sizes.split(",")) if a.sizes else None)
     print(f"{len(rows)} rows appended to", common.results_csv())
     return rows
 
 
 @pytest.mark.parametrize("mode,ratio,sampling", MODES, ids=[m[0] for m in MODES])
-@pytest.mark.parametrize("impl", ["fused", "reference", "compile"])
+@pytest.mark.parametrize("impl", ["fused", "fused_graphed", "reference", "compile"])
 def test_train_step(benchmark, impl, mode, ratio, sampling):
     if impl != "reference" and not common.HAS_CUDA:
         pytest.skip("fused and torch.compile rows need CUDA")

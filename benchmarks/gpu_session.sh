@@ -11,8 +11,13 @@
 #                                     then torch.compile, each under its own time budget; rows go to
 #                                     $OUT/results.csv as they are measured; a compact table last
 #   benchmarks/gpu_session.sh all     setup + test + bench (for a machine with more time)
+#   benchmarks/gpu_session.sh budget  everything that matters in ONE command of at most GPU_BUDGET=540 s
+#                                     (a 15-minute device session: one start + one 10-minute call):
+#                                     -m gpu tests, the benchmarks at every size with few repetitions
+#                                     (fused + eager, then torch.compile, largest sizes first), then the
+#                                     kernel tests on CUDA with whatever time is left
 #
-# Files under $OUT (default /tmp/fused_s2s_out), at most 7: setup.log, pytest_gpu.{log,xml},
+# Files under $OUT (default /tmp/fused_s2s_out), at most 7 (the device tool returns 8): setup.log, pytest_gpu.{log,xml},
 # pytest_rest.{log,xml}, bench.log, results.csv.
 # Environment (all optional):
 #   PYTHON=python3            interpreter (locally: PYTHON=.venv/bin/python)
@@ -29,6 +34,9 @@
 #   GPU_BENCH_ARGS=           extra args for bench_attention / bench_gumbel (e.g. "--dtypes bfloat16")
 #   GPU_BENCH_T_{ATTENTION,GUMBEL,TRAIN}=110,80,110 and GPU_BENCH_T_{ATTENTION,GUMBEL,TRAIN}_COMPILE=80,60,80:
 #                             seconds per benchmark pass (sum 520)
+#   GPU_BUDGET=540            budget: wall limit (s) of the whole phase, setup excluded; its passes take
+#                             gpu tests 90, attention 60, gumbel 45, train 80, compile 45 + 35 + 50, and
+#                             the kernel tests the rest (GPU_BUDGET_T_* override each, e.g. GPU_BUDGET_T_TRAIN)
 set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
@@ -247,6 +255,45 @@ bench_phase() {
     "$PY" benchmarks/summarize.py "$OUT/results.csv"  # rc 1 when no row was measured
 }
 
+# ----------------------------------------------------------------------------------------- budget
+budget_t() { local var="GPU_BUDGET_T_$1"; echo "${!var:-$2}"; }
+
+budget_phase() {  # one command for a 15-minute device session (docs/gpu.md): what closes the issues first
+    local t0=$SECONDS total=${GPU_BUDGET:-540} rc_b=0
+    local -a common=(-q -rfEs -p no:cacheprovider --durations=10) xdist=() sel=()
+    read -r -a sel <<<"${GPU_PYTEST_ARGS:-}"
+    if have_module pytest_timeout; then common+=(--timeout="${GPU_PYTEST_PER_TEST:-120}"); fi
+    if [ "${GPU_XDIST:-8}" != 0 ] && have_module xdist; then xdist=(-n "${GPU_XDIST:-8}" --dist "${GPU_XDIST_DIST:-load}"); fi
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} FUSED_S2S_RESULTS_CSV="$OUT/results.csv"
+    say "budget: ${total}s: -m gpu tests, benchmarks (few repetitions), torch.compile column, kernel tests"
+    PASS_STATUS=()
+    # 1. the tests that have never run (no host sync, CUDA-graph capture, tiled kernels at D 64/512)
+    run_pytest gpu "$(budget_t GPU_TESTS 90)" "${sel[@]}" -m gpu "${common[@]}"
+    # 2. fused + eager at every size (bench_attention / bench_gumbel check the fused result there too)
+    bench_pass attention "fused,fused_rows,eager" "$(budget_t ATTENTION 60)" --quick
+    bench_pass gumbel "fused,eager" "$(budget_t GUMBEL 45)" --quick
+    bench_pass train "fused,fused_graphed,reference" "$(budget_t TRAIN 80)" --quick --sizes notes,large
+    # 3. torch.compile, largest sizes first (each case compiles afresh: tens of seconds each)
+    if [ "${GPU_BENCH_NO_COMPILE:-0}" != 1 ]; then
+        bench_pass attention compile "$(budget_t ATTENTION_COMPILE 45)" --quick --sizes large,long,tf,notes
+        bench_pass gumbel compile "$(budget_t GUMBEL_COMPILE 35)" --quick --sizes large,mid,notes
+        bench_pass train compile "$(budget_t TRAIN_COMPILE 50)" --quick --sizes notes
+    fi
+    "$PY" benchmarks/summarize.py "$OUT/results.csv" || rc_b=1
+    # 4. the kernel tests on CUDA with the time left (the AOT test is CPU work: CI runs it)
+    local left=$((total - (SECONDS - t0) - 10))
+    if [ "$left" -ge 30 ]; then
+        run_pytest rest "$left" "${sel[@]}" -m "kernels and not gpu" --ignore=tests/test_aot.py \
+            "${common[@]}" "${xdist[@]}"
+    else
+        say "budget: no time left for the kernel tests"
+        PASS_STATUS+=("rest=124")
+    fi
+    say "budget: done in $((SECONDS - t0)) s"
+    test_summary "${PASS_STATUS[@]}" || return 1
+    return $rc_b
+}
+
 # ------------------------------------------------------------------------------------------- main
 phase=${1:-}
 case $phase in  # exit status: 1 when a test failed (test), no row was measured (bench), either (all)
@@ -254,6 +301,7 @@ case $phase in  # exit status: 1 when a test failed (test), no row was measured 
     test) setup; test_phase ;;
     bench) setup; bench_phase ;;
     all) setup; test_phase; t=$?; bench_phase; b=$?; exit $((t || b)) ;;
-    *) echo "usage: $0 setup|test|bench|all   (see the header of this file for the environment knobs)" >&2
+    budget) setup; budget_phase ;;
+    *) echo "usage: $0 setup|test|bench|all|budget   (see the header of this file for the environment knobs)" >&2
        exit 2 ;;
 esac

@@ -542,15 +542,18 @@ class Seq2Seq(nn.Module):
         tgt_in, tgt_out = tgt[:, :-1], tgt[:, 1:]  # (B, T) inputs, (B, T) targets
         out = self.decoder(tgt_in, memory, memory_mask, state, teacher_forcing_ratio, sampling, tau,
                            coin=coin, noise=noise, generator=generator)
-        V = out.logits.shape[-1]
-        # 8. cross-entropy over non-pad targets, averaged (0, not NaN, if there are none)
-        ce = F.cross_entropy(out.logits.reshape(-1, V), tgt_out.reshape(-1), reduction="none")  # (B*T,)
+        return Seq2SeqOutput(self.loss(out.logits, tgt_out), out.logits, out.attention)
+
+    def loss(self, logits: Tensor, tgt_out: Tensor) -> Tensor:
+        """8. cross-entropy of logits (B, T, V) against tgt_out (B, T) over non-pad targets, averaged
+        (0, not NaN, if there are none)."""
+        V = logits.shape[-1]
+        ce = F.cross_entropy(logits.reshape(-1, V), tgt_out.reshape(-1), reduction="none")  # (B*T,)
         if self.padding_idx is None:
             keep = torch.ones_like(ce)
         else:
             keep = (tgt_out.reshape(-1) != self.padding_idx).to(ce.dtype)  # (B*T,)
-        loss = (ce * keep).sum() / keep.sum().clamp_min(1.0)  # ()
-        return Seq2SeqOutput(loss, out.logits, out.attention)
+        return (ce * keep).sum() / keep.sum().clamp_min(1.0)  # ()
 
     @torch.no_grad()
     def generate(self, src: Tensor, src_lengths: Tensor, max_len: int, strategy: str = "greedy", **kw):
