@@ -11,6 +11,11 @@ grad plus the backward for a gradient on the context (the weights are returned, 
 Bandwidth counts the minimal traffic: fwd reads q, H and writes ctx, weights; the backward also
 reads q, H, ctx, weights, dctx and writes dq, dH. Without CUDA the fused column is skipped (the
 kernels run under the interpreter there: correct, not fast) and only the notes' size is timed.
+
+Before a fused implementation is timed at a (size, dtype), ``check_fused`` runs it once on the same
+inputs against a float64 oracle (``attention_eager`` on the inputs upcast to float64) and eager in
+the same dtype, by SPEC section 5's rule: ctx, weights, and dq, dH for a random dctx (the weights
+get no upstream gradient, as in the timed fwd+bwd case); the verdict goes in the rows' check column.
 """
 from __future__ import annotations
 
@@ -89,6 +94,28 @@ def case_fn(impl: str, size: str, dtype, pass_: str):
     return run
 
 
+def check_fused(impl: str, size: str, dtype) -> common.Check:
+    """impl ("fused" / "fused_rows") vs eager in dtype vs the float64 oracle on make_inputs(size):
+    forward ctx, weights; backward dq, dH for a random dctx (no gradient on the weights)."""
+    from fused_s2s.reference import attention_eager
+
+    dev = torch.device("cuda" if common.HAS_CUDA else "cpu")
+    q, H, lengths = make_inputs(size, dtype, dev)  # the timed inputs
+    dctx = torch.randn(q.shape, generator=torch.Generator(device="cpu").manual_seed(1)).to(dev, dtype)
+    out = {}
+    for name, fn, dt in (("fused", impl_fn(impl), dtype), ("eager", attention_eager, dtype),
+                         ("oracle", attention_eager, torch.float64)):
+        q_, H_ = (t.detach().to(dt, copy=True).requires_grad_() for t in (q, H))
+        ctx, weights = fn(q_, H_, None, lengths)  # (B, [T,] D), (B, [T,] L)
+        dq, dH = torch.autograd.grad(ctx, (q_, H_), dctx.to(dt))
+        out[name] = (ctx.detach(), weights.detach(), dq, dH)
+        del q_, H_, ctx, weights, dq, dH
+    c = common.Check()
+    for i, name in enumerate(("ctx", "weights", "dq", "dH")):
+        c.oracle(name, out["fused"][i], out["eager"][i], out["oracle"][i])
+    return c
+
+
 def available(impl: str, size: str = "notes") -> str | None:
     """None when impl can run here, else why not."""
     if impl == "fused_rows" and SIZES[size][1] == 1:
@@ -106,18 +133,22 @@ def run(sizes=("notes", "large", "long", "tf"), dtypes=(torch.float32, torch.bfl
         sizes = ("notes",)
     for size in sizes:
         B, T, L, D = SIZES[size]
+        case = f"B{B}_L{L}_D{D}" if T == 1 else f"B{B}_T{T}_L{L}_D{D}"
         for dtype in dtypes:
+            checks = {impl: common.run_check(f"{case:<18} {str(dtype):<15} {impl:<8}",
+                                             lambda: check_fused(impl, size, dtype))
+                      for impl in IMPLS if impl.startswith("fused") and not available(impl, size) and common.wanted(impl)}
             for pass_ in ("fwd", "fwd+bwd"):
                 for impl in IMPLS:
                     why = available(impl, size)
-                    case = f"B{B}_L{L}_D{D}" if T == 1 else f"B{B}_T{T}_L{L}_D{D}"
                     if why:
                         print(f"{case:<18} {str(dtype):<15} {pass_:<8} {impl:<8} skipped: {why}")
                         continue
                     row = common.measure(
                         f"{case:<18} {str(dtype):<15} {pass_:<8} {impl:<8}", lambda: case_fn(impl, size, dtype, pass_),
                         bench="attention", impl=impl, case=case, dtype=dtype, pass_=pass_,
-                        nbytes=traffic_bytes(size, dtype, pass_), note="values=None lengths mask", quick=quick)
+                        nbytes=traffic_bytes(size, dtype, pass_), note="values=None lengths mask", quick=quick,
+                        check=checks.get(impl, ""))
                     if row:
                         rows.append(row)
     return rows

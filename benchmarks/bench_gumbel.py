@@ -10,6 +10,14 @@ kernels draw the noise again instead of reading it). Peak memory is what the cal
 top of its inputs: the fused path keeps O(B) per-row statistics for the backward, eager keeps
 the noise and y_soft (O(B x V)). Without CUDA the fused and torch.compile columns are skipped
 (the kernels only run interpreted on CPU) and eager is timed at the smallest size only.
+
+Before the fused column is timed at a (size, dtype, soft/hard), ``check_fused`` runs it once on the
+same logits with a fixed torch.Generator seed against the library's eager backend in the same
+dtype and in float64 (the oracle) with the same seed: both draw the kernel's Philox noise (in
+float32, upcast for float64), see fused_s2s.philox. Soft: y and dlogits by SPEC section 5's rule.
+Hard: the sampled index must be the oracle's except at near-ties (the top two logits + g within
+NEAR_TIE_ULPS float32 ulps: the GPU kernel's hardware log moves g by a few ulps), y must be the
+one-hot of its index, and dlogits by SPEC section 5's rule. The verdict goes in the check column.
 """
 from __future__ import annotations
 
@@ -27,6 +35,8 @@ import common  # noqa: E402
 SIZES = {"notes": (32, 10_000), "mid": (256, 32_000), "large": (256, 128_000)}
 IMPLS = ("fused", "eager", "compile")
 TAU = 0.5
+CHECK_SEED = 1234  # the generator seed of the correctness check
+NEAR_TIE_ULPS = 8  # hard check: a different sample is tolerated where the oracle's top two are this close
 
 _COMPILED = {}
 
@@ -52,24 +62,77 @@ def traffic_bytes(size: str, dtype, pass_: str) -> int:
     return e * (fwd if pass_ == "fwd" else fwd + bwd)
 
 
+def make_inputs(size: str, dtype, device):
+    """logits x (B, V) and an upstream gradient dy (B, V), the same for every impl."""
+    B, V = SIZES[size]
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = (torch.randn(B, V, generator=g) * 2).to(device, dtype)
+    dy = torch.randn(B, V, generator=g).to(device, dtype)
+    return x, dy
+
+
 def case_fn(impl: str, size: str, dtype, pass_: str, hard: bool):
     dev = torch.device("cuda" if common.HAS_CUDA else "cpu")
-    B, V = SIZES[size]
     fn = impl_fn(impl)
-    g = torch.Generator(device="cpu").manual_seed(0)
-    x = (torch.randn(B, V, generator=g) * 2).to(dev, dtype)
+    x, dy = make_inputs(size, dtype, dev)
     if pass_ == "fwd":
         def run():
             with torch.no_grad():
                 return fn(x, hard)
         return run
     x.requires_grad_(True)
-    dy = torch.randn(B, V, generator=g).to(dev, dtype)
 
     def run():
         y = fn(x, hard)
         return torch.autograd.grad(y, x, dy)
     return run
+
+
+def gumbel_call(x, hard: bool, backend: str, generator):
+    """(y, index) of the library's Gumbel-softmax: what check_fused compares (a hook for its tests)."""
+    from fused_s2s.gumbel import gumbel_softmax
+
+    return gumbel_softmax(x, TAU, hard, generator=generator, return_index=True, backend=backend)
+
+
+def check_fused(size: str, dtype, hard: bool) -> common.Check:
+    """The fused backend vs the eager backend in dtype vs the float64 oracle, one seed, on
+    make_inputs(size): soft y or the hard sample (index, one-hot), and dlogits for dy."""
+    from fused_s2s import philox
+
+    dev = torch.device("cuda" if common.HAS_CUDA else "cpu")
+    x, dy = make_inputs(size, dtype, dev)  # the timed inputs, (B, V)
+
+    def gen():  # a fresh generator per call: every backend draws the same seed, so the same noise
+        return torch.Generator(device=dev).manual_seed(CHECK_SEED)
+
+    out = {}
+    for name, backend, dt in (("fused", "triton", dtype), ("eager", "eager", dtype), ("oracle", "eager", torch.float64)):
+        x_ = x.detach().to(dt, copy=True).requires_grad_()
+        y, idx = gumbel_call(x_, hard, backend, gen())  # (B, V), (B,)
+        (dx,) = torch.autograd.grad(y, x_, dy.to(dt))
+        out[name] = (y.detach(), idx, dx)
+        del x_, y, dx
+    (y_f, i_f, dx_f), (y_e, _, dx_e), (y_o, i_o, dx_o) = out["fused"], out["eager"], out["oracle"]
+    c = common.Check()
+    if hard:
+        rows = (i_f != i_o).nonzero()[:, 0]  # rows whose sample differs from the oracle's
+        ties = 0
+        if rows.numel():
+            seed = philox.draw_seed(dev, gen())  # the seed every backend drew
+            cols = torch.stack([i_o[rows], i_f[rows]])  # (2, n): the oracle's and the fused pick
+            xs = x.to(torch.float64)[rows[None], cols]
+            gs = philox.gumbel_at(seed, rows[None].expand_as(cols), cols).to(torch.float64)
+            z = xs + gs  # (2, n) perturbed logits, float64
+            scale = torch.stack([xs.abs(), gs.abs()]).amax(dim=(0, 1)).clamp_min(1.0)
+            ties = int(((z[0] - z[1]).abs() <= NEAR_TIE_ULPS * torch.finfo(torch.float32).eps * scale).sum())
+        c.count("index", rows.numel() - ties, len(i_o), f"({ties} near-ties tolerated)")
+        one_hot = torch.zeros_like(y_f).scatter_(1, i_f[:, None], 1.0)
+        c.count("onehot", int((y_f != one_hot).any(dim=1).sum()), len(i_f))
+    else:
+        c.oracle("y", y_f, y_e, y_o)
+    c.oracle("dlogits", dx_f, dx_e, dx_o)
+    return c
 
 
 def available(impl: str) -> str | None:
@@ -91,6 +154,10 @@ def run(sizes=("notes", "mid", "large"), dtypes=(torch.float32, torch.bfloat16),
         for dtype in dtypes:
             for hard in (False, True):
                 mode = "hard" if hard else "soft"
+                check = ""
+                if not available("fused") and common.wanted("fused"):
+                    check = common.run_check(f"{case:<14} {str(dtype):<15} {mode:<5} fused   ",
+                                             lambda: check_fused(size, dtype, hard))
                 for pass_ in ("fwd", "fwd+bwd"):
                     for impl in IMPLS:
                         label = f"{case:<14} {str(dtype):<15} {mode:<5} {pass_:<8} {impl:<8}"
@@ -101,7 +168,7 @@ def run(sizes=("notes", "mid", "large"), dtypes=(torch.float32, torch.bfloat16),
                         row = common.measure(
                             label, lambda: case_fn(impl, size, dtype, pass_, hard), bench="gumbel", impl=impl,
                             case=case, dtype=dtype, pass_=pass_, nbytes=traffic_bytes(size, dtype, pass_),
-                            note=f"{mode} tau={TAU}", quick=quick)
+                            note=f"{mode} tau={TAU}", quick=quick, check=check if impl == "fused" else "")
                         if row:
                             rows.append(row)
     return rows

@@ -6,23 +6,34 @@ they are measured (a benchmark killed half-way keeps the rows it had), or to the
 environment variable FUSED_S2S_RESULTS_CSV. FUSED_S2S_BENCH_IMPLS (a comma list, e.g. "fused,eager")
 restricts which implementations are timed, so the GPU runbook can time the fused and eager columns
 before the slow-to-compile torch.compile ones (benchmarks/gpu_session.sh).
+
+Correctness at the timed size: before timing a fused implementation, bench_attention and
+bench_gumbel run one forward + backward of it on the timed inputs against a float64 oracle and
+eager PyTorch in the same dtype (``Check``, SPEC section 5's criterion from tests/helpers.py) and
+record the verdict in the row's ``check`` column: "ok 0.31" (worst err / bound), "FAIL 5.2 dq"
+(the failing quantities), "error: <Type>" when the check itself raised; empty when no check ran.
 """
 from __future__ import annotations
 
 import csv
 import datetime
+import importlib.util
+import math
 import os
 import statistics
+import sys
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import summarize  # noqa: E402  (stdlib only: the CSV's columns are defined once, there)
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 RESULTS_CSV = os.path.join(RESULTS_DIR, "results.csv")
 RESULTS_CSV_ENV = "FUSED_S2S_RESULTS_CSV"
 IMPLS_ENV = "FUSED_S2S_BENCH_IMPLS"
-FIELDS = ["timestamp", "device", "torch", "triton", "bench", "impl", "case", "dtype", "pass",
-          "median_ms", "p20_ms", "p80_ms", "bytes", "gbps", "peak_bw_frac", "peak_mem_mb", "note"]
+FIELDS = summarize.FIELDS
 
 # Peak HBM bandwidth (GB/s) of the cards we report on; bandwidth fraction is left empty elsewhere.
 PEAK_BW_GBPS = {"H100 80GB HBM3": 3350.0, "H100 PCIe": 2000.0, "H200": 4800.0, "A100-SXM4-80GB": 2039.0}
@@ -79,7 +90,7 @@ def time_fn(fn, *, warmup: int = 5, rep: int = 30) -> dict:
 
 
 def make_row(bench: str, impl: str, case: str, dtype, pass_: str, timing: dict, nbytes: int | None = None,
-             note: str = "") -> dict:
+             note: str = "", check: str = "") -> dict:
     gbps = (nbytes / (timing["median_ms"] * 1e-3) / 1e9) if nbytes else None
     peak = peak_bandwidth()
     return {
@@ -89,7 +100,7 @@ def make_row(bench: str, impl: str, case: str, dtype, pass_: str, timing: dict, 
         "median_ms": round(timing["median_ms"], 5), "p20_ms": round(timing["p20_ms"], 5),
         "p80_ms": round(timing["p80_ms"], 5), "bytes": nbytes or "",
         "gbps": round(gbps, 1) if gbps else "", "peak_bw_frac": round(gbps / peak, 3) if gbps and peak else "",
-        "peak_mem_mb": round(timing["peak_mem_mb"], 2), "note": note,
+        "peak_mem_mb": round(timing["peak_mem_mb"], 2), "note": note, "check": check,
     }
 
 
@@ -107,9 +118,11 @@ def wanted(impl: str) -> bool:
 def append_rows(rows: list[dict], path: str | None = None) -> str:
     path = path or results_csv()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    new = not os.path.exists(path)
+    new = not os.path.exists(path) or os.path.getsize(path) == 0
+    # a CSV written before a column was added gets the new header (its old rows an empty cell)
+    fields = FIELDS if new else summarize.ensure_header(path, FIELDS)
     with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w = csv.DictWriter(f, fieldnames=fields, restval="")
         if new:
             w.writeheader()
         w.writerows(rows)
@@ -117,9 +130,10 @@ def append_rows(rows: list[dict], path: str | None = None) -> str:
 
 
 def measure(label: str, make_fn, *, bench: str, impl: str, case: str, dtype, pass_: str,
-            nbytes: int | None = None, note: str = "", quick: bool = False) -> dict | None:
+            nbytes: int | None = None, note: str = "", quick: bool = False, check: str = "") -> dict | None:
     """Build one case with ``make_fn()``, time it, print one line and append the row to the results
-    CSV at once; the row, or None if it fails here or impl is not in $FUSED_S2S_BENCH_IMPLS."""
+    CSV at once; the row, or None if it fails here or impl is not in $FUSED_S2S_BENCH_IMPLS.
+    ``check``: the verdict of the correctness check of this impl at this size (``run_check``)."""
     if not wanted(impl):
         return None
     try:
@@ -127,12 +141,77 @@ def measure(label: str, make_fn, *, bench: str, impl: str, case: str, dtype, pas
     except Exception as e:  # e.g. torch.compile without a C++ toolchain: report, keep going
         print(f"{label} failed: {type(e).__name__}: {e}"[:300])
         return None
-    row = make_row(bench, impl, case, dtype, pass_, t, nbytes, note=note)
+    row = make_row(bench, impl, case, dtype, pass_, t, nbytes, note=note, check=check)
     frac = f"{row['peak_bw_frac']:.0%} of peak" if row["peak_bw_frac"] != "" else ""
     print(f"{label} {t['median_ms']:9.4f} ms {row['gbps'] or 0:8.1f} GB/s peak {t['peak_mem_mb']:8.1f} MB {frac}",
           flush=True)
     append_rows([row])
     return row
+
+
+# ------------------------------------------------------------------------------------------------
+# Correctness check of a fused implementation at the timed size
+# ------------------------------------------------------------------------------------------------
+def _load_helpers():
+    """tests/helpers.py, loaded by path (tests/ is not a package): the one implementation of SPEC
+    section 5's criterion, shared with every test."""
+    name = "fused_s2s_test_helpers"
+    if name not in sys.modules:
+        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "helpers.py")
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        sys.modules[name] = mod
+    return sys.modules[name]
+
+
+class Check:
+    """The quantities of one check: each compared with the float64 oracle by SPEC section 5's rule
+    (max|fused - oracle| <= 4 x max|eager - oracle| + atol; ratio = err / bound, ok when <= 1),
+    or a count of bad elements (e.g. sampled indices that differ from the oracle's)."""
+
+    def __init__(self):
+        self.items = []  # (name, ratio err / bound or None for a count, ok, short text, detail)
+
+    def oracle(self, name: str, actual, eager, oracle) -> None:
+        err, bound, message = _load_helpers().oracle_check(actual, eager, oracle, name=name)
+        ratio = err / bound if bound > 0 else math.inf
+        self.items.append((name, ratio, message is None, name, message or f"{name} {err:.2e} <= {bound:.2e}"))
+
+    def count(self, name: str, bad: int, total: int, detail: str = "") -> None:
+        short = f"{name} {bad}/{total}"
+        self.items.append((name, None, bad == 0, short, short + (f" {detail}" if detail else "")))
+
+    def cell(self) -> str:
+        """The results CSV's check cell: "ok 0.31", "FAIL 5.2 dq,dH", "FAIL index 3/256"."""
+        ratios = [r for _, r, _, _, _ in self.items if r is not None]
+        worst = f"{max(ratios):.2g}" if ratios else ""
+        bad_ratio = [n for n, r, ok, _, _ in self.items if not ok and r is not None]
+        bad_count = [s for _, r, ok, s, _ in self.items if not ok and r is None]
+        if not bad_ratio and not bad_count:
+            return f"ok {worst}".strip()
+        return " ".join(["FAIL"] + ([worst, ",".join(bad_ratio)] if bad_ratio else []) + bad_count)
+
+    def details(self) -> str:
+        return "; ".join(d for _, _, _, _, d in self.items)
+
+
+def run_check(label: str, fn) -> str:
+    """Run ``fn() -> Check`` once, print one line, free what it allocated; the check cell.
+    A check that raises is recorded as "error: <Type>" and the benchmark goes on."""
+    try:
+        c = fn()
+        cell, detail = c.cell(), c.details()
+    except Exception as e:  # e.g. out of memory or a kernel launch error at this size
+        cell, detail = f"error: {type(e).__name__}", str(e)[:300]
+    if HAS_CUDA:  # the check's tensors are gone (locals of fn): do not count them in the timed peaks
+        try:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+        except Exception as e:  # a sticky CUDA error: the timing that follows will say so too
+            detail += f"; then {type(e).__name__}"
+    print(f"{label} check: {cell} ({detail})"[:600], flush=True)
+    return cell
 
 
 def main_for(run, sizes: dict, default_sizes: str, argv=None) -> list[dict]:

@@ -11,6 +11,11 @@ A CSV may hold several runs and devices: the table is per device (never mixing c
 (device, bench, impl, case, variant, dtype, pass) the latest row wins. The variant is the row's
 note without its per-run figures (bench_gumbel's "soft tau=0.5" / "hard tau=0.5"; bench_train's
 tokens_per_s is dropped), shown only when it differs within a bench.
+
+The ``check`` column (bench_attention / bench_gumbel: the fused implementation against a float64
+oracle at the timed size, see benchmarks/common.py) is shown as a "!" after a row whose check
+failed or raised, and those rows are listed under "CHECK FAILED" at the end. CSVs written before
+the column existed read as "no check ran".
 """
 from __future__ import annotations
 
@@ -22,8 +27,9 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS_CSV = os.path.join(HERE, "results", "results.csv")
+# the results CSV's columns, in order (benchmarks/common.py writes these: one definition, here)
 FIELDS = ["timestamp", "device", "torch", "triton", "bench", "impl", "case", "dtype", "pass",
-          "median_ms", "p20_ms", "p80_ms", "bytes", "gbps", "peak_bw_frac", "peak_mem_mb", "note"]
+          "median_ms", "p20_ms", "p80_ms", "bytes", "gbps", "peak_bw_frac", "peak_mem_mb", "note", "check"]
 EAGER = ("eager", "reference")  # the eager baseline's name in bench_attention/bench_gumbel, bench_train
 COMPILE = "compile"
 # identity of a measurement (a merge skips a row whose identity is already in the target)
@@ -35,6 +41,31 @@ def read_rows(path: str) -> list[dict]:
         return []
     with open(path, newline="") as f:
         return [r for r in csv.DictReader(f) if r.get("bench")]
+
+
+def ensure_header(path: str, fields: list[str]) -> list[str]:
+    """The columns of the CSV at path, rewriting it first with the columns of ``fields`` it lacks
+    appended (its rows get empty cells there), so rows with those columns can be appended."""
+    with open(path, newline="") as f:
+        have = next(csv.reader(f), None) or []
+    missing = [c for c in fields if c not in have]
+    if not have or not missing:
+        return have or list(fields)
+    header = have + missing
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=header, restval="")
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+    return header
+
+
+def check_failed(row: dict) -> bool:
+    """The row's correctness check failed or raised (empty: no check ran)."""
+    return (row.get("check") or "").startswith(("FAIL", "error"))
 
 
 def variant(note: str) -> str:
@@ -55,7 +86,7 @@ def _f(x, fmt: str) -> str:
 
 def table(rows: list[dict], device_filter: str = "", full: bool = False) -> str:
     """The compact table(s), one per device, as text."""
-    out = []
+    out, failed = [], {}  # failed: (device, bench, impl, case, variant, dtype) -> check cell
     devices = list(dict.fromkeys(r.get("device", "?") for r in rows))
     for dev in devices:
         if device_filter and device_filter.lower() not in dev.lower():
@@ -92,8 +123,19 @@ def table(rows: list[dict], device_filter: str = "", full: bool = False) -> str:
                     f"{b[:10]:<10} {label[:cw]:<{cw}} {dt[:8]:<8} {ps[:11]:<11} {impl[:10]:<10} {_f(ms, '9.4f'):>9} "
                     f"{_f(e_ms, '9.4f'):>9} {_f(c_ms, '9.4f'):>9} {_f(r.get('gbps', ''), '7.0f'):>7} "
                     f"{_f(float(frac) * 100 if frac not in ('', None) else None, '5.0f'):>5} "
-                    f"{_f(x_e, '7.2f'):>7} {_f(x_c, '6.2f'):>6}")
+                    f"{_f(x_e, '7.2f'):>7} {_f(x_c, '6.2f'):>6}" + (" !" if check_failed(r) else ""))
         out += ss_over_tf(latest)
+        for (b, impl, case, var, dt, _ps), r in latest.items():
+            if check_failed(r):  # one entry per check: its fwd and fwd+bwd rows share it
+                failed[(dev, b, impl, case, var, dt)] = r["check"]
+        checked = {k[:5] + (r.get("check", ""),) for k, r in latest.items() if r.get("check")}
+        if checked:
+            n_bad = sum(check_failed({"check": c[-1]}) for c in checked)
+            out.append(f"[check] {len(checked) - n_bad} ok, {n_bad} failed (fused vs float64 oracle at the timed size)")
+    if failed:
+        out.append("CHECK FAILED (the timings above for these rows are of a wrong result):")
+        out += [f"  {dev} | {b} {impl} {case}{' ' + var if var else ''} {dt}: {cell}"
+                for (dev, b, impl, case, var, dt), cell in failed.items()]
     return "\n".join(out) if out else "(no rows)"
 
 
@@ -126,10 +168,9 @@ def merge(src: str, dst: str = RESULTS_CSV) -> tuple[int, int]:
     new = [r for r in read_rows(src) if tuple(r.get(k, "") for k in ROW_ID) not in have]
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
     write_header = not os.path.exists(dst) or os.path.getsize(dst) == 0
-    fields = FIELDS  # common.FIELDS (not imported: common needs torch); dst's own header if it has one
+    fields = FIELDS  # dst's own header if it has one, with the columns it lacks added
     if not write_header:
-        with open(dst, newline="") as f:
-            fields = next(csv.reader(f), None) or FIELDS
+        fields = ensure_header(dst, FIELDS)
     with open(dst, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore", restval="")
         if write_header:
