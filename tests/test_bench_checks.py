@@ -142,3 +142,20 @@ def test_check_cell_and_errors(capsys):
         raise RuntimeError("CUDA out of memory")
     assert common.run_check("x", boom) == "error: RuntimeError"
     assert "error: RuntimeError (CUDA out of memory)" in capsys.readouterr().out
+
+
+def test_rows_append_to_a_csv_without_check_column(tmp_path):
+    import csv
+
+    path = str(tmp_path / "r.csv")
+    old = [f for f in common.FIELDS if f != "check"]
+    timing = {"median_ms": 1.0, "p20_ms": 0.9, "p80_ms": 1.1, "peak_mem_mb": 0.0}
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=old, extrasaction="ignore")
+        w.writeheader()
+        w.writerow(common.make_row("gumbel", "eager", "B1_V2", torch.float32, "fwd", timing))
+    common.append_rows([common.make_row("gumbel", "fused", "B1_V2", torch.float32, "fwd", timing, check="ok 0.5")], path)
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == common.FIELDS and common.FIELDS[-1] == "check"
+    assert [(r["impl"], r["check"]) for r in rows] == [("eager", ""), ("fused", "ok 0.5")]

@@ -44,3 +44,44 @@ def test_merge_appends_only_new_rows(tmp_path):
     assert summarize.merge(str(b), str(a)) == (1, 1)
     assert summarize.merge(str(b), str(a)) == (0, 2)
     assert len(summarize.read_rows(str(a))) == 2
+
+
+OLD_FIELDS = [f for f in summarize.FIELDS if f != "check"]  # a CSV written before the check column
+
+
+def _gumbel(impl, ps, ms, check="", dtype="float32"):
+    return {"timestamp": "2026-11-25T00:00:00+00:00", "device": "NVIDIA H100 80GB HBM3", "torch": "2.11",
+            "triton": "3.6.0", "bench": "gumbel", "impl": impl, "case": "B256_V128000", "dtype": dtype,
+            "pass": ps, "median_ms": str(ms), "note": "hard tau=0.5", "check": check}
+
+
+def test_failed_check_is_marked_and_listed(tmp_path):
+    rows = [_gumbel("fused", ps, 1.0, check) for ps, check in (("fwd", "FAIL index 3/256"), ("fwd+bwd", "FAIL index 3/256"))]
+    rows += [_gumbel("eager", ps, 2.0) for ps in ("fwd", "fwd+bwd")]
+    rows += [_gumbel("fused", "fwd", 1.0, "ok 0.31", dtype="bfloat16"), _gumbel("eager", "fwd", 2.0, dtype="bfloat16")]
+    path = tmp_path / "r.csv"
+    _write(path, rows)
+    lines = summarize.table(summarize.read_rows(str(path))).splitlines()
+    fused = [ln for ln in lines if ln.startswith("gumbel") and " fused " in ln]
+    assert [ln.endswith(" !") for ln in fused] == [True, True, False]  # float32 fwd, fwd+bwd: failed; bf16 ok
+    assert "[check] 1 ok, 1 failed (fused vs float64 oracle at the timed size)" in lines
+    at = lines.index("CHECK FAILED (the timings above for these rows are of a wrong result):")
+    assert lines[at + 1:] == ["  NVIDIA H100 80GB HBM3 | gumbel fused B256_V128000 hard tau=0.5 float32: FAIL index 3/256"]
+
+
+def test_csv_without_check_column(tmp_path):
+    old, new = tmp_path / "old.csv", tmp_path / "new.csv"
+    with open(old, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=OLD_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows([_gumbel("fused", "fwd", 1.0), _gumbel("eager", "fwd", 2.0)])
+    text = summarize.table(summarize.read_rows(str(old)))
+    assert "!" not in text and "CHECK FAILED" not in text and "[check]" not in text
+    assert next(ln for ln in text.splitlines() if " fused " in ln).split()[-1] == "2.00"  # x_eager
+    # a merge into the old CSV gives it the new column; its old rows read as "no check ran"
+    _write(new, [_gumbel("fused", "fwd", 0.5, "FAIL 5.2 y")])
+    assert summarize.merge(str(new), str(old)) == (1, 0)
+    with open(old, newline="") as f:
+        assert next(csv.reader(f)) == OLD_FIELDS + ["check"]
+    got = summarize.read_rows(str(old))
+    assert [r["check"] for r in got] == ["", "", "FAIL 5.2 y"] and got[0]["median_ms"] == "1.0"
