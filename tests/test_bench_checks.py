@@ -159,3 +159,29 @@ def test_rows_append_to_a_csv_without_check_column(tmp_path):
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == common.FIELDS and common.FIELDS[-1] == "check"
     assert [(r["impl"], r["check"]) for r in rows] == [("eager", ""), ("fused", "ok 0.5")]
+
+
+@pytest.mark.kernels
+def test_run_records_checks_and_goes_on_after_a_crash(monkeypatch, tmp_path):
+    """bench_attention.run as on a GPU (the fused column made available here, tiny size): the check
+    verdict lands in the fused rows only; a check that raises is recorded and the timing goes on."""
+    import csv
+
+    monkeypatch.setenv(common.RESULTS_CSV_ENV, str(tmp_path / "r.csv"))
+    monkeypatch.setenv(common.IMPLS_ENV, "fused,eager")
+    monkeypatch.setitem(bench_attention.SIZES, "notes", ATT_STEP)  # without CUDA run() times "notes" only
+    monkeypatch.setattr(bench_attention, "available", lambda impl, size="notes": None if impl != "fused_rows" else "n/a")
+    real = bench_attention.check_fused
+
+    def check(impl, size, dtype):
+        if dtype == torch.bfloat16:
+            raise RuntimeError("out of memory")
+        return real(impl, size, dtype)
+    monkeypatch.setattr(bench_attention, "check_fused", check)
+    monkeypatch.setattr(common, "time_fn", lambda fn, **kw: (fn(), {"median_ms": 1.0, "p20_ms": 1.0,
+                                                                     "p80_ms": 1.0, "peak_mem_mb": 0.0})[1])
+    bench_attention.run(("notes",), (torch.float32, torch.bfloat16), quick=True)
+    with open(tmp_path / "r.csv", newline="") as f:
+        got = [(r["impl"], r["dtype"], r["pass"], r["check"].split(" ")[0]) for r in csv.DictReader(f)]
+    assert got == [(i, dt, ps, c if i == "fused" else "") for dt, c in (("float32", "ok"), ("bfloat16", "error:"))
+                   for ps in ("fwd", "fwd+bwd") for i in ("fused", "eager")]
