@@ -36,7 +36,7 @@ SIZES = {"notes": (32, 10_000), "mid": (256, 32_000), "large": (256, 128_000)}
 IMPLS = ("fused", "eager", "compile")
 TAU = 0.5
 CHECK_SEED = 1234  # the generator seed of the correctness check
-NEAR_TIE_ULPS = 8  # hard check: a different sample is tolerated where the oracle's top two are this close
+NEAR_TIE_ULPS = 16  # hard check: another sample is tolerated where the oracle's top two (logits + g) are this close
 
 _COMPILED = {}
 
