@@ -112,6 +112,36 @@ def train_step_fn(impl: str, size, ratio: float, sampling: str, dtype=torch.floa
     return step
 
 
+def check_fused(size, ratio: float, sampling: str, dtype=torch.float32) -> common.Check:
+    """One forward + backward of the fused model vs the reference in dtype vs the reference in
+    float64 (the oracle), all three with the same weights, batch and seed (so the same coins and
+    Gumbel noise): the loss and every parameter's gradient, by SPEC section 5's rule."""
+    out = {}
+    for name, impl, dt in (("fused", "fused", dtype), ("eager", "reference", dtype),
+                           ("oracle", "reference", torch.float64)):
+        model, _, fwd, (src, src_lengths, tgt) = make_case(impl, size)
+        model.to(dt if dt == torch.float64 else torch.float32)
+        torch.manual_seed(1)
+        with torch.autocast("cuda", dtype=dt, enabled=common.HAS_CUDA and dt in (torch.float16, torch.bfloat16)):
+            loss = fwd(src, src_lengths, tgt, teacher_forcing_ratio=ratio, sampling=sampling, tau=1.0).loss
+        loss.backward()
+        out[name] = {"loss": loss.detach(), **{n: p.grad for n, p in model.named_parameters()}}
+        del model, fwd, loss
+    c = common.Check()
+    for key in out["oracle"]:
+        c.oracle(key, out["fused"][key], out["eager"][key], out["oracle"][key])
+    return c
+
+
+def check_applies(dtype, ratio: float, sampling: str) -> str | None:
+    """None when the fused step can be checked against the oracle, else why not."""
+    if dtype != torch.float32 and ratio < 1.0 and sampling in ("gumbel_hard", "argmax", "sample"):
+        # a 16-bit logit rounding flips the argmax of near-tied rows (a different sample, a different
+        # gradient) in some of the B * T rows: the oracle's samples are not the same samples
+        return "discrete samples of 16-bit logits"
+    return None
+
+
 def impls():
     names = ["fused", "fused_graphed", "reference", "compile"] if common.HAS_CUDA else ["reference"]
     return [i for i in names if common.wanted(i)]  # $FUSED_S2S_BENCH_IMPLS
@@ -131,8 +161,12 @@ def run(quick: bool = False, sizes: tuple | None = None) -> list[dict]:
         _, B, L, T, V, D = size
         for dtype in dtypes:
             for mode, ratio, sampling in MODES:
+                case = f"B{B}_L{L}_T{T}_V{V}_D{D}_{mode}"
+                check = ""
+                if "fused" in impls() and not check_applies(dtype, ratio, sampling):
+                    check = common.run_check(f"{case:<44} {str(dtype):<15} fused     ",
+                                             lambda: check_fused(size, ratio, sampling, dtype))
                 for impl in impls():
-                    case = f"B{B}_L{L}_T{T}_V{V}_D{D}_{mode}"
                     try:
                         fn = train_step_fn(impl, size, ratio, sampling, dtype)
                         t = common.time_fn(fn, warmup=3 if quick else 5, rep=5 if quick else 20)
@@ -141,7 +175,7 @@ def run(quick: bool = False, sizes: tuple | None = None) -> list[dict]:
                         continue
                     tok_s = B * T / (t["median_ms"] * 1e-3)
                     rows.append(common.make_row("train_step", impl, case, dtype, "fwd+bwd+opt", t,
-                                                note=f"tokens_per_s={tok_s:.0f}"))
+                                                note=f"tokens_per_s={tok_s:.0f}", check=check if impl == "fused" else ""))
                     common.append_rows(rows[-1:])  # at once: a run killed half-way keeps its rows
                     print(f"{case:<44} {str(dtype):<15} {impl:<10} {t['median_ms']:9.3f} ms  {tok_s:12.0f} tok/s  "
                           f"peak {t['peak_mem_mb']:.1f} MB", flush=True)

@@ -103,7 +103,7 @@ def table(rows: list[dict], device_filter: str = "", full: bool = False) -> str:
             groups.setdefault((b, case, var, dt, ps), {})[impl] = r
         cw = min(44, max([4] + [len(c) + (len(v.split()[0]) + 1 if shown_var.get(b) and v else 0)
                                for b, c, v, _, _ in groups]))  # case column width
-        head = (f"{'bench':<10} {'case':<{cw}} {'dtype':<8} {'pass':<11} {'impl':<10} {'ms':>9} "
+        head = (f"{'bench':<10} {'case':<{cw}} {'dtype':<8} {'pass':<11} {'impl':<13} {'ms':>9} "
                 f"{'eager_ms':>9} {'comp_ms':>9} {'GB/s':>7} {'%peak':>5} {'x_eager':>7} {'x_comp':>6}")
         out.append(head)
         for (b, case, var, dt, ps), by_impl in groups.items():
@@ -120,7 +120,7 @@ def table(rows: list[dict], device_filter: str = "", full: bool = False) -> str:
                 x_c = c_ms / ms if ms and c_ms and impl.startswith("fused") else None
                 frac = r.get("peak_bw_frac", "")
                 out.append(
-                    f"{b[:10]:<10} {label[:cw]:<{cw}} {dt[:8]:<8} {ps[:11]:<11} {impl[:10]:<10} {_f(ms, '9.4f'):>9} "
+                    f"{b[:10]:<10} {label[:cw]:<{cw}} {dt[:8]:<8} {ps[:11]:<11} {impl[:13]:<13} {_f(ms, '9.4f'):>9} "
                     f"{_f(e_ms, '9.4f'):>9} {_f(c_ms, '9.4f'):>9} {_f(r.get('gbps', ''), '7.0f'):>7} "
                     f"{_f(float(frac) * 100 if frac not in ('', None) else None, '5.0f'):>5} "
                     f"{_f(x_e, '7.2f'):>7} {_f(x_c, '6.2f'):>6}" + (" !" if check_failed(r) else ""))

@@ -85,3 +85,24 @@ def test_graphed_step_matches_eager_step_and_redraws_noise():
         seen.append(model_s.decoder.embedding.weight.grad.clone())
     assert all(torch.isfinite(g).all() for g in seen)
     assert not (torch.equal(seen[0], seen[1]) and torch.equal(seen[1], seen[2])), "replays drew the same samples"
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize("ratio,sampling", [(1.0, "argmax"), (0.5, "gumbel_hard")])
+def test_check_fused_passes_and_can_fail(monkeypatch, ratio, sampling):
+    monkeypatch.setenv("FUSED_S2S_BACKEND", "triton")  # the kernels (interpreted on CPU)
+    size = ("tiny", B, L, T, V, D)
+    c = bench_train.check_fused(size, ratio, sampling)
+    assert c.cell().startswith("ok"), c.details()
+    assert {"loss", "decoder.W_out.weight", "encoder.embedding.weight"} <= {n for n, *_ in c.items}
+    real = fused_s2s.Seq2Seq.loss
+    monkeypatch.setattr(fused_s2s.Seq2Seq, "loss", lambda self, logits, tgt_out: real(self, logits, tgt_out) * 1.001)
+    c = bench_train.check_fused(size, ratio, sampling)
+    assert c.cell().startswith("FAIL") and "loss" in c.cell(), c.cell()
+
+
+def test_check_skips_16_bit_samples():
+    assert bench_train.check_applies(torch.bfloat16, 0.5, "gumbel_hard")
+    assert bench_train.check_applies(torch.bfloat16, 1.0, "argmax") is None  # teacher forcing draws nothing
+    assert bench_train.check_applies(torch.bfloat16, 0.5, "gumbel") is None  # soft: only the coins
+    assert bench_train.check_applies(torch.float32, 0.5, "gumbel_hard") is None
