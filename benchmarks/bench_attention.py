@@ -40,9 +40,6 @@ def _eager(query, keys, values=None, mask=None):
     return attention_eager(query, keys, values, mask)
 
 
-_COMPILED = {}
-
-
 def impl_fn(impl: str):
     """(query, keys, values, mask) -> (ctx, weights) for impl in IMPLS."""
     if impl in ("fused", "fused_rows"):
@@ -52,9 +49,11 @@ def impl_fn(impl: str):
         return lambda q, k, v, m: attention_step(q, k, v, m, backend="triton", tiled=tiled)
     if impl == "eager":
         return _eager
-    if "fn" not in _COMPILED:
-        _COMPILED["fn"] = torch.compile(_eager)
-    return _COMPILED["fn"]
+    # a fresh static-shape compile per case: one compiled function shared by every size, dtype and
+    # pass would go dynamic-shape after the second shape and fall back to eager past dynamo's
+    # recompile limit, silently
+    torch._dynamo.reset()
+    return torch.compile(_eager, dynamic=False)
 
 
 def make_inputs(size: str, dtype, device, requires_grad=False):

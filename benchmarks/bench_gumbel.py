@@ -38,9 +38,6 @@ TAU = 0.5
 CHECK_SEED = 1234  # the generator seed of the correctness check
 NEAR_TIE_ULPS = 16  # hard check: another sample is tolerated where the oracle's top two (logits + g) are this close
 
-_COMPILED = {}
-
-
 def impl_fn(impl: str):
     """(logits, hard) -> y for impl in IMPLS."""
     if impl == "fused":
@@ -49,9 +46,9 @@ def impl_fn(impl: str):
         return lambda x, hard: gumbel_softmax(x, TAU, hard, backend="triton")
     if impl == "eager":
         return lambda x, hard: F.gumbel_softmax(x, tau=TAU, hard=hard)
-    if "fn" not in _COMPILED:
-        _COMPILED["fn"] = torch.compile(lambda x, hard: F.gumbel_softmax(x, tau=TAU, hard=hard))
-    return _COMPILED["fn"]
+    # a fresh static-shape compile per case (see bench_attention.impl_fn)
+    torch._dynamo.reset()
+    return torch.compile(lambda x, hard: F.gumbel_softmax(x, tau=TAU, hard=hard), dynamic=False)
 
 
 def traffic_bytes(size: str, dtype, pass_: str) -> int:
