@@ -58,10 +58,10 @@ def impl_fn(impl: str):
 
 def make_inputs(size: str, dtype, device, requires_grad=False):
     B, T, L, D = SIZES[size]
-    g = torch.Generator(device="cpu").manual_seed(0)
-    q = torch.randn(*((B, D) if T == 1 else (B, T, D)), generator=g).to(device, dtype)
-    H = (torch.randn(B, L, D, generator=g) / D ** 0.5).to(device, dtype)
-    lengths = torch.randint(max(1, L // 2), L + 1, (B,), generator=g).to(device)
+    g = torch.Generator(device=device).manual_seed(0)  # drawn where they live: H is 134M values at "large"
+    q = torch.randn(*((B, D) if T == 1 else (B, T, D)), generator=g, device=device).to(dtype)
+    H = (torch.randn(B, L, D, generator=g, device=device) / D ** 0.5).to(dtype)
+    lengths = torch.randint(max(1, L // 2), L + 1, (B,), generator=g, device=device)
     q.requires_grad_(requires_grad)
     H.requires_grad_(requires_grad)
     return q, H, lengths
@@ -100,7 +100,7 @@ def check_fused(impl: str, size: str, dtype) -> common.Check:
 
     dev = torch.device("cuda" if common.HAS_CUDA else "cpu")
     q, H, lengths = make_inputs(size, dtype, dev)  # the timed inputs
-    dctx = torch.randn(q.shape, generator=torch.Generator(device="cpu").manual_seed(1)).to(dev, dtype)
+    dctx = torch.randn(q.shape, generator=torch.Generator(device=dev).manual_seed(1), device=dev).to(dtype)
     out = {}
     for name, fn, dt in (("fused", impl_fn(impl), dtype), ("eager", attention_eager, dtype),
                          ("oracle", attention_eager, torch.float64)):
