@@ -4,9 +4,12 @@
 # Set-up: a fresh machine without torch gets the CPU wheel torch==2.13.0 (never a multi-GB CUDA
 # build); a machine whose python3 already imports torch (a GPU box) reuses it through
 # --system-site-packages and installs the package without touching its dependencies.
+# The GPU machine's versions on a CPU box (a 5 GB venv: torch 2.11 exists only as a CUDA build):
+#   make test VENV=.venv-gpu-stack TORCH_SPEC=torch==2.11.0 TRITON_SPEC=triton==3.6.0
 PYTHON      ?= python3
 VENV        ?= .venv
 TRITON_SPEC ?= triton
+TORCH_SPEC  ?= torch==2.13.0
 PYTEST_ARGS ?=
 PY          := $(VENV)/bin/python
 
@@ -22,9 +25,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	  ($(PY) -m pip install -q pytest pytest-benchmark scipy babel tqdm matplotlib 2>/dev/null || \
 	   echo "[setup] no package registry: using the test tools already installed"); \
 	else \
-	  echo "[setup] fresh venv with the CPU build torch==2.13.0"; \
+	  echo "[setup] fresh venv with $(TORCH_SPEC)"; \
 	  $(PYTHON) -m venv $(VENV) && \
-	  $(PY) -m pip install -q torch==2.13.0 && \
+	  $(PY) -m pip install -q "$(TORCH_SPEC)" && \
 	  $(PY) -m pip install -q "$(TRITON_SPEC)" -e ".[dev,demo]"; \
 	fi
 	@$(PY) -c "import torch, triton; print('[setup] torch', torch.__version__, '| triton', triton.__version__)"
