@@ -15,6 +15,8 @@ What differs is where the per-step work runs:
   instead of one whole (V, D) gradient written and accumulated per step;
 - the gold inputs of the step loop: one embedding lookup for all T steps (one (V, D) gradient
   scatter in the backward pass instead of T);
+- step 2 in the step loop: the RNN layer by layer with torch.lstm_cell / gru_cell on the cell's
+  weights instead of the sequence RNN called on a length-1 sequence (its per-call set-up);
 - teacher forcing (ratio 1.0, no input feeding): the decoder RNN runs over the whole target at
   once (cuDNN) and the attention for all T queries is one ``attention_step`` launch.
 
@@ -238,6 +240,27 @@ class AttentionDecoder(reference.AttentionDecoder):
         if sink is None:
             return y.to(W_emb.dtype) @ W_emb  # (B, D)
         return _SoftEmbedding.apply(y, W_emb, sink)  # (B, D), W_emb gradient formed once per pass
+
+    def _rnn_step(self, x: Tensor, rnn):
+        """Step 2 for one step, layer by layer with torch.lstm_cell / gru_cell on the cell's own
+        weights: two GEMMs and one fused pointwise kernel per layer, where a length-1 call of the
+        sequence RNN (cuDNN on GPU) pays its whole per-call set-up every step. Same math; the
+        parameters stay nn.LSTM / nn.GRU's (state_dict unchanged), dropout between layers is 0."""
+        cell, lstm = self.cell, self.cell_type == "lstm"
+        h0, c0 = rnn if lstm else (rnn, None)  # each (num_layers, B, D)
+        hs, cs = [], []
+        for k in range(self.num_layers):
+            w = (getattr(cell, f"weight_ih_l{k}"), getattr(cell, f"weight_hh_l{k}"),
+                 getattr(cell, f"bias_ih_l{k}"), getattr(cell, f"bias_hh_l{k}"))
+            if lstm:
+                h, c = torch.lstm_cell(x, (h0[k], c0[k]), *w)  # (B, D), (B, D)
+                cs.append(c)
+            else:
+                h = torch.gru_cell(x, h0[k], *w)  # (B, D)
+            hs.append(h)
+            x = h  # the next layer's input
+        h = torch.stack(hs)  # (num_layers, B, D)
+        return x, ((h, torch.stack(cs)) if lstm else h)
 
     def _project(self, h_tilde: Tensor) -> Tensor:
         shared = getattr(self, "_pass_out", None)  # (W_out, b, sink) of this pass, see _loop

@@ -359,9 +359,8 @@ class AttentionDecoder(nn.Module):
         # 1. input token y_{t-1} -> y_emb (B, D); a float input is already an embedding
         y_emb = self.embedding(inp.long()) if inp.dim() == 1 else inp  # (B, D)
         x = torch.cat([y_emb, state.h_tilde], dim=-1) if self.input_feed else y_emb  # (B, D) or (B, 2D)
-        # 2. s_t = Cell(y_emb, s_{t-1}), stepped as a length-1 sequence
-        out, rnn = self.cell(x.unsqueeze(1), state.rnn)  # out (B, 1, D)
-        s_t = out.squeeze(1)  # (B, D)   top layer: the query
+        # 2. s_t = Cell(y_emb, s_{t-1})
+        s_t, rnn = self._rnn_step(x, state.rnn)  # (B, D)   top layer: the query
         # 3-5. E = (s_t W_a) H^T masked; alpha = softmax(E); c = alpha H
         c_t, alpha = self._attend(self.W_a(s_t), memory, mask)  # (B, D), (B, L)
         # 6. h~_t = tanh([c_t ; s_t] W_c)   (context first, then s_t)
@@ -369,6 +368,11 @@ class AttentionDecoder(nn.Module):
         # 7. logits_t = h~_t W_out + b
         logits = self._project(h_tilde)  # (B, V)
         return logits, alpha, DecoderState(rnn, h_tilde)
+
+    def _rnn_step(self, x: Tensor, rnn):
+        """Step 2 for one step: the cell stepped as a length-1 sequence -> s_t (B, D), new rnn state."""
+        out, rnn = self.cell(x.unsqueeze(1), rnn)  # out (B, 1, D)
+        return out.squeeze(1), rnn
 
     def _project(self, h_tilde: Tensor) -> Tensor:
         """Step 7: logits_t = h~_t W_out + b, (B, D) -> (B, V)."""

@@ -191,6 +191,27 @@ def test_step_loop_looks_up_the_gold_inputs_once(device):
     assert calls == {"ref": 5, "fused": 1}
 
 
+@pytest.mark.parametrize("cell,layers", [("lstm", 2), ("gru", 1)])
+def test_step_loop_steps_the_cell_without_the_sequence_rnn(device, cell, layers):
+    """Fused: the step loop runs the RNN layer by layer as cells (no per-step call of the sequence
+    RNN, whose cuDNN set-up costs every step); the teacher-forced fast path calls it once for all T."""
+    ref, fused, _ = _models(device, cell=cell, layers=layers)
+    batch = _batch(device, T=5)
+    calls = {}
+    for name, model in (("ref", ref), ("fused", fused)):
+        calls[name] = []
+
+        def count(*_, name=name):
+            calls[name].append(1)
+
+        model.decoder.cell.register_forward_hook(count)
+        for ratio in (0.5, 1.0):
+            calls[name].append(ratio)
+            _run(model, batch, ratio, "gumbel_hard")
+    assert calls["ref"] == [0.5] + [1] * 5 + [1.0] + [1] * 5
+    assert calls["fused"] == [0.5, 1.0, 1]
+
+
 @pytest.mark.parametrize("sampling", MODES)
 def test_step_loop_forms_W_out_and_W_emb_gradients_once_per_pass(device, monkeypatch, sampling):
     """In the step loop every step leaves its W_out / W_emb gradient factors in one sink per weight,
