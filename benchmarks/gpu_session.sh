@@ -35,7 +35,7 @@
 #   GPU_BENCH_T_{ATTENTION,GUMBEL,TRAIN}=110,80,110 and GPU_BENCH_T_{ATTENTION,GUMBEL,TRAIN}_COMPILE=80,60,80:
 #                             seconds per benchmark pass (sum 520)
 #   GPU_BUDGET=540            budget: wall limit (s) of the whole phase, setup excluded; its passes take
-#                             gpu tests 90, attention 60, gumbel 45, train 80, compile 45 + 35 + 50, and
+#                             gpu tests 90, attention 55, gumbel 40, train 100, compile 40 + 30 + 45, and
 #                             the kernel tests the rest (GPU_BUDGET_T_* override each, e.g. GPU_BUDGET_T_TRAIN)
 set -uo pipefail
 
@@ -270,14 +270,14 @@ budget_phase() {  # one command for a 15-minute device session (docs/gpu.md): wh
     # 1. the tests that have never run (no host sync, CUDA-graph capture, tiled kernels at D 64/512)
     run_pytest gpu "$(budget_t GPU_TESTS 90)" "${sel[@]}" -m gpu "${common[@]}"
     # 2. fused + eager at every size (bench_attention / bench_gumbel check the fused result there too)
-    bench_pass attention "fused,fused_rows,eager" "$(budget_t ATTENTION 60)" --quick
-    bench_pass gumbel "fused,eager" "$(budget_t GUMBEL 45)" --quick
-    bench_pass train "fused,fused_graphed,reference" "$(budget_t TRAIN 80)" --quick --sizes notes,large
+    bench_pass attention "fused,fused_rows,eager" "$(budget_t ATTENTION 55)" --quick
+    bench_pass gumbel "fused,eager" "$(budget_t GUMBEL 40)" --quick
+    bench_pass train "fused,fused_graphed,reference" "$(budget_t TRAIN 100)" --quick --sizes notes,large
     # 3. torch.compile, largest sizes first (each case compiles afresh: tens of seconds each)
     if [ "${GPU_BENCH_NO_COMPILE:-0}" != 1 ]; then
-        bench_pass attention compile "$(budget_t ATTENTION_COMPILE 45)" --quick --sizes large,long,tf,notes
-        bench_pass gumbel compile "$(budget_t GUMBEL_COMPILE 35)" --quick --sizes large,mid,notes
-        bench_pass train compile "$(budget_t TRAIN_COMPILE 50)" --quick --sizes notes
+        bench_pass attention compile "$(budget_t ATTENTION_COMPILE 40)" --quick --sizes large,long,tf,notes
+        bench_pass gumbel compile "$(budget_t GUMBEL_COMPILE 30)" --quick --sizes large,mid,notes
+        bench_pass train compile "$(budget_t TRAIN_COMPILE 45)" --quick --sizes notes
     fi
     "$PY" benchmarks/summarize.py "$OUT/results.csv" || rc_b=1
     # 4. the kernel tests on CUDA with the time left (the AOT test is CPU work: CI runs it)
