@@ -8,12 +8,11 @@ Tokens/s counts target tokens (B * T) per step. Without CUDA the fused rows are 
 kernels need a GPU to be fast; under the interpreter they are only correct) and the eager rows run
 at the notes' size only. ``--quick``: fewer repetitions, and the notes' size unless ``--sizes`` says.
 
-"fused_graphed" (experimental, benchmark only) is the fused model with its decoder pass and loss
-captured once by ``torch.cuda.make_graphed_callables`` and replayed every step (the encoder, whose
-packed sequence needs the lengths on the host, and the optimiser stay eager): the per-step loop of
-scheduled sampling launches ~30 small kernels a step from Python, which at these sizes costs more
-host time than the GPU work, and a replay removes that cost. It measures what CUDA graphs would
-give before the library offers them.
+"fused_graphed" is the fused model with its decoder pass and loss captured once and replayed every
+step (``fused_s2s.graphs.graph_decoder_loss``, experimental; the encoder, whose packed sequence
+needs the lengths on the host, and the optimiser stay eager): the per-step loop of scheduled
+sampling launches ~30 small kernels a step from Python, which at these sizes costs more host time
+than the GPU work, and a replay removes that cost.
 
 "compile" compiles each case afresh (``torch._dynamo.reset()``): one compiled function shared by
 every size, mode and dtype would go dynamic-shape after the second shape and fall back to eager
@@ -58,40 +57,6 @@ def make_case(impl: str, size, dtype=torch.float32, seed: int = 0):
     return model, opt, fwd, (src, src_lengths, tgt)
 
 
-class _DecoderLoss(torch.nn.Module):
-    """The decoder pass and the loss as a function of tensors only, for make_graphed_callables."""
-
-    def __init__(self, model, ratio: float, sampling: str, tau: float):
-        super().__init__()
-        self.decoder = model.decoder  # only the decoder's parameters are the graph's inputs
-        self.loss, self.mode = model.loss, (ratio, sampling, tau)
-
-    def forward(self, tgt, memory, lengths, h, c):  # (B, T+1), (B, L, D), (B,), 2 x (layers, B, D)
-        out = self.decoder(tgt[:, :-1], memory, lengths, self.decoder.init_state((h, c)), *self.mode)
-        return self.loss(out.logits, tgt[:, 1:])  # ()
-
-
-def _graphed_step(model, opt, batch, ratio: float, sampling: str, amp_ctx):
-    """One training step of model with its decoder pass + loss replayed from CUDA graphs."""
-    src, src_lengths, tgt = batch
-    with amp_ctx():
-        memory, lengths, state = model.encode(src, src_lengths)
-        sample = (tgt, memory.detach().requires_grad_(), lengths,
-                  *(s.detach().requires_grad_() for s in state.rnn))
-        graphed = torch.cuda.make_graphed_callables(_DecoderLoss(model, ratio, sampling, 1.0), sample,
-                                                    allow_unused_input=True)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        with amp_ctx():
-            memory, lengths, state = model.encode(src, src_lengths)
-            loss = graphed(tgt, memory, lengths, *state.rnn)
-        loss.backward()
-        opt.step()
-
-    return step
-
-
 def train_step_fn(impl: str, size, ratio: float, sampling: str, dtype=torch.float32):
     model, opt, fwd, (src, src_lengths, tgt) = make_case(impl, size, dtype)
     amp = dtype != torch.float32 and common.HAS_CUDA
@@ -100,7 +65,19 @@ def train_step_fn(impl: str, size, ratio: float, sampling: str, dtype=torch.floa
         return torch.autocast("cuda", dtype=dtype, enabled=amp, cache_enabled=False if impl == "fused_graphed" else None)
 
     if impl == "fused_graphed":
-        return _graphed_step(model, opt, (src, src_lengths, tgt), ratio, sampling, amp_ctx)
+        from fused_s2s.graphs import graph_decoder_loss
+
+        with amp_ctx():
+            graphed = graph_decoder_loss(model, src, src_lengths, tgt, ratio, sampling, 1.0)
+
+        def graphed_step():
+            opt.zero_grad(set_to_none=True)
+            with amp_ctx():
+                loss = graphed(src, src_lengths, tgt).loss
+            loss.backward()
+            opt.step()
+
+        return graphed_step
 
     def step():
         opt.zero_grad(set_to_none=True)

@@ -4,6 +4,7 @@ Public API (SPEC section 4):
     attention_step, gumbel_softmax          fused ops (Triton on CUDA, eager elsewhere)
     Encoder, AttentionDecoder, Seq2Seq       the drop-in model classes
     schedules, reference                     ratio/temperature schedules; the eager textbook model
+    graphs.graph_decoder_loss                CUDA-graph replay of a training step's decoder pass (experimental)
 Names are loaded lazily so ``import fused_s2s`` does not import triton (or decorate kernels)
 before the caller had a chance to set TRITON_INTERPRET.
 """
@@ -20,7 +21,8 @@ _LAZY = {
     "AttentionDecoder": ("fused_s2s.model", "AttentionDecoder"),
     "Seq2Seq": ("fused_s2s.model", "Seq2Seq"),
 }
-_SUBMODULES = ("schedules", "reference", "philox", "backend", "aot", "model", "attention", "gumbel", "data", "cli")
+_SUBMODULES = ("schedules", "reference", "philox", "backend", "aot", "model", "attention", "gumbel", "graphs", "data",
+               "cli")
 
 __all__ = list(_LAZY) + ["schedules", "reference"]
 

@@ -1,0 +1,135 @@
+"""CUDA-graph replay of a training step's decoder pass and loss (experimental).
+
+    step = fused_s2s.graphs.graph_decoder_loss(model, src, src_lengths, tgt, teacher_forcing_ratio=0.5,
+                                               sampling="gumbel_hard", tau=1.0)
+    for src, src_lengths, tgt in batches:        # every batch of the sample's shapes, dtypes, device
+        opt.zero_grad(set_to_none=True)
+        out = step(src, src_lengths, tgt)        # Seq2SeqOutput; out.loss is differentiable
+        out.loss.backward()
+        opt.step()
+
+Why: in scheduled sampling the decoder runs step by step, ~30 small kernels per step launched from
+Python (attention, cell, W_c, W_out, coin, Gumbel-softmax, lookup, and their backward), and at the
+benchmark sizes the host takes longer to issue them than the GPU to run them. Replaying the pass
+from a CUDA graph issues them all at once.
+
+How: ``torch.cuda.make_graphed_callables`` captures the decoder pass and the loss (forward and
+backward) once, on the sample batch. Each call runs the encoder eagerly (packing the source needs
+its lengths on the host), copies memory, encoder state and target into the graph's static inputs and
+replays the forward; ``loss.backward()`` replays the captured backward, and the gradients of
+memory and encoder state flow on into the encoder's eager backward.
+
+Rules (checked on each call before anything runs, except where noted):
+- CUDA only, model in training mode (as captured; eval mode raises), the same shapes / dtypes /
+  device as the sample batch (bucket by length for several shapes: one graph per shape);
+- ``teacher_forcing_ratio``, ``sampling``, ``tau``, ``coin`` are fixed at capture; ``noise`` and
+  ``generator`` are not supported: coins and Gumbel seeds come from the default CUDA generator,
+  whose graph-safe Philox offsets advance on every replay (``torch.manual_seed`` reproduces a run);
+- under ``torch.autocast`` the capture and every call need the same autocast state, with
+  ``cache_enabled=False`` (make_graphed_callables' rule; the fused model casts its weights once per
+  pass itself);
+- ``out.logits`` and ``out.attention`` are the graph's static buffers, overwritten by the next
+  call (clone them to keep them), and carry no gradient: only the loss is differentiable;
+- the parameters must stay the same tensors (in-place optimiser updates are fine; replacing or
+  re-allocating them, e.g. ``model.to(...)`` after capture, is not).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from fused_s2s._checks import check_choice, check_ids, check_int_tensor, check_ratio, check_tau
+from fused_s2s.reference import COINS, SAMPLING_MODES, Seq2SeqOutput
+
+__all__ = ["graph_decoder_loss", "GraphedDecoderLoss"]
+
+
+class _DecoderLoss(nn.Module):
+    """The decoder pass and the loss as a function of tensors only (what make_graphed_callables takes)."""
+
+    def __init__(self, model, mode):
+        super().__init__()
+        self.decoder = model.decoder  # only the decoder's parameters are the graph's inputs
+        self.loss, self.mode = model.loss, mode
+
+    def forward(self, tgt, memory, lengths, *rnn):  # (B, T+1), (B, L, D), (B,), 1 or 2 x (layers, B, D)
+        state = self.decoder.init_state(tuple(rnn) if len(rnn) == 2 else rnn[0])
+        ratio, sampling, tau, coin = self.mode
+        out = self.decoder(tgt[:, :-1], memory, lengths, state, ratio, sampling, tau, coin=coin)
+        loss = self.loss(out.logits, tgt[:, 1:])  # ()
+        return loss, out.logits.detach(), out.attention.detach()  # only the loss takes a gradient
+
+
+def _autocast_state():
+    on = torch.is_autocast_enabled("cuda")
+    return (on, torch.get_autocast_dtype("cuda") if on else None)
+
+
+def _signature(t: Tensor):
+    return tuple(t.shape), t.dtype, t.device
+
+
+class GraphedDecoderLoss:
+    """What :func:`graph_decoder_loss` returns: call it as ``step(src, src_lengths, tgt)``."""
+
+    def __init__(self, model, src, src_lengths, tgt, mode):
+        self.model, self.mode = model, mode
+        self.sample = {name: _signature(t) for name, t in (("src", src), ("src_lengths", src_lengths), ("tgt", tgt))}
+        self.autocast = _autocast_state()
+        memory, lengths, state = model.encode(src, src_lengths)
+        rnn = state.rnn if isinstance(state.rnn, tuple) else (state.rnn,)
+        args = (tgt.long(), memory.detach().requires_grad_(memory.requires_grad), lengths,
+                *(s.detach().requires_grad_(s.requires_grad) for s in rnn))
+        self.graphed = torch.cuda.make_graphed_callables(_DecoderLoss(model, mode), args, allow_unused_input=True)
+
+    def __call__(self, src: Tensor, src_lengths: Tensor, tgt: Tensor) -> Seq2SeqOutput:
+        for name, t in (("src", src), ("src_lengths", src_lengths), ("tgt", tgt)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if _signature(t) != self.sample[name]:
+                shape, dtype, device = self.sample[name]
+                raise ValueError(f"{name} must match the captured batch: shape {shape}, {dtype} on {device}; got "
+                                 f"shape {tuple(t.shape)}, {t.dtype} on {t.device} (one graph per shape: capture "
+                                 f"another with graph_decoder_loss)")
+        if not self.model.training:
+            raise RuntimeError("the decoder pass was captured in training mode; call model.train() (or evaluate "
+                               "with the model itself)")
+        if _autocast_state() != self.autocast:
+            raise RuntimeError(f"autocast state (enabled, dtype) must be {self.autocast} as at capture, got "
+                               f"{_autocast_state()}")
+        check_ids("tgt", tgt, self.model.decoder.vocab_size)  # as Seq2Seq.forward (an out-of-range id would assert in the graph)
+        memory, lengths, state = self.model.encode(src, src_lengths)
+        rnn = state.rnn if isinstance(state.rnn, tuple) else (state.rnn,)
+        loss, logits, attention = self.graphed(tgt.long(), memory, lengths, *rnn)
+        return Seq2SeqOutput(loss, logits.detach(), attention.detach())
+
+
+def graph_decoder_loss(model, src: Tensor, src_lengths: Tensor, tgt: Tensor, teacher_forcing_ratio=1.0,
+                       sampling="argmax", tau=1.0, *, coin="token") -> GraphedDecoderLoss:
+    """Capture ``model``'s decoder pass and loss for batches shaped like (src, src_lengths, tgt).
+
+    ``model`` is a ``fused_s2s.Seq2Seq`` (or the reference) on CUDA, in training mode; the arguments
+    after the batch are Seq2Seq.forward's and stay fixed. The capture runs the pass 3 times to warm
+    up (kernel compilation, cuDNN choices, the allocator) and once more under capture; it advances
+    the CUDA RNG. See the module docstring for the rules of the returned step.
+    """
+    mode = (check_ratio("teacher_forcing_ratio", teacher_forcing_ratio), check_choice("sampling", sampling, SAMPLING_MODES),
+            check_tau(tau), check_choice("coin", coin, COINS))
+    if not isinstance(model, nn.Module) or not hasattr(model, "decoder") or not hasattr(model, "encode"):
+        raise TypeError(f"model must be a fused_s2s.Seq2Seq, got {type(model).__name__}")
+    device = next(model.parameters()).device
+    if device.type != "cuda" or not torch.cuda.is_available():
+        raise RuntimeError(f"graph_decoder_loss needs the model on a CUDA device (CUDA graphs), got {device}")
+    if not model.training:
+        raise RuntimeError("graph_decoder_loss captures a training pass: call model.train() first")
+    if torch.is_autocast_enabled("cuda") and torch.is_autocast_cache_enabled():
+        raise RuntimeError("under torch.autocast, capture with cache_enabled=False "
+                           "(torch.autocast('cuda', dtype=..., cache_enabled=False)), and call the step likewise")
+    for name, t in (("src", src), ("tgt", tgt)):
+        check_int_tensor(name, t, ndim=2)
+        if t.device != device:
+            raise ValueError(f"{name} must be on the model's device {device}, got {t.device}")
+    if tgt.shape[1] < 2:
+        raise ValueError(f"tgt must have shape (B, T+1) with T >= 1 (BOS ... EOS), got {tuple(tgt.shape)}")
+    check_ids("tgt", tgt, model.decoder.vocab_size)
+    return GraphedDecoderLoss(model, src, src_lengths, tgt, mode)

@@ -1,0 +1,100 @@
+"""fused_s2s.graphs: the decoder pass and loss replayed from a CUDA graph.
+
+On the CPU: the captured module computes Seq2Seq.forward's loss (same coins and samples for the
+same seed), and bad arguments are refused with clear errors. On a GPU: a replayed step gives the
+eager step's gradients (teacher forcing: nothing random), each replay draws new coins and Gumbel
+noise, and a batch of another shape is refused before anything runs.
+"""
+import pytest
+import torch
+
+import fused_s2s
+from fused_s2s import graphs
+
+B, L, T, V, D = 3, 5, 4, 23, 8
+
+
+def _batch(device):
+    g = torch.Generator().manual_seed(1)
+    src = torch.randint(3, V, (B, L), generator=g).to(device)
+    lengths = torch.tensor([5, 2, 4], device=device)
+    tgt = torch.randint(3, V, (B, T + 1), generator=g).to(device)
+    tgt[1, 3:] = 0  # padding in the targets
+    return src, lengths, tgt
+
+
+def _model(device, cell="lstm"):
+    torch.manual_seed(0)
+    return fused_s2s.Seq2Seq(V, V, D, cell=cell, padding_idx=0).to(device)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("ratio,sampling", [(1.0, "argmax"), (0.5, "gumbel_hard"), (0.5, "gumbel")])
+def test_captured_module_computes_the_forward_loss(cell, ratio, sampling):
+    model = _model("cpu", cell)
+    src, lengths, tgt = _batch("cpu")
+    torch.manual_seed(5)
+    want = model(src, lengths, tgt, teacher_forcing_ratio=ratio, sampling=sampling, tau=0.7)
+    memory, mask, state = model.encode(src, lengths)
+    rnn = state.rnn if isinstance(state.rnn, tuple) else (state.rnn,)
+    torch.manual_seed(5)  # the encoder draws nothing: the decoder draws the same coins and noise
+    module = graphs._DecoderLoss(model, (ratio, sampling, 0.7, "token"))
+    loss, logits, attention = module(tgt, memory, mask, *rnn)
+    torch.testing.assert_close(loss, want.loss, rtol=0, atol=0)
+    torch.testing.assert_close(logits, want.logits, rtol=0, atol=0)
+    assert not logits.requires_grad and not attention.requires_grad  # only the loss takes a gradient
+    # only the decoder's parameters are inputs of the graphed function
+    assert {id(p) for p in module.parameters()} == {id(p) for p in model.decoder.parameters()}
+
+
+def test_refuses_bad_arguments():
+    model = _model("cpu")
+    batch = _batch("cpu")
+    with pytest.raises(RuntimeError, match="CUDA"):
+        graphs.graph_decoder_loss(model, *batch)
+    with pytest.raises(ValueError, match="sampling"):
+        graphs.graph_decoder_loss(model, *batch, 0.5, "nucleus")
+    with pytest.raises(ValueError, match="tau"):
+        graphs.graph_decoder_loss(model, *batch, 0.5, "gumbel", 0.0)
+    with pytest.raises(TypeError, match="model"):
+        graphs.graph_decoder_loss(torch.nn.Linear(2, 2), *batch)
+
+
+def _grads(model):
+    return {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.gpu
+@pytest.mark.kernels
+def test_replayed_step_matches_eager_and_redraws_noise():
+    batch = _batch("cuda")
+    # teacher forcing draws nothing: a replayed step's gradients are the eager step's
+    eager, model = _model("cuda"), _model("cuda")  # the same seed: the same weights
+    eager(*batch).loss.backward()
+    step = graphs.graph_decoder_loss(model, *batch)
+    for _ in range(2):  # the second replay after zero_grad(set_to_none=True) gives them again
+        model.zero_grad(set_to_none=True)
+        out = step(*batch)
+        out.loss.backward()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out.loss, eager(*batch).loss, rtol=1e-5, atol=1e-6)
+    for n, g in _grads(eager).items():
+        assert _grads(model)[n] is not None, f"{n}: no gradient from the replayed step"
+        torch.testing.assert_close(_grads(model)[n], g, rtol=1e-4, atol=1e-5, msg=lambda m: f"{n}: {m}")
+    # scheduled sampling: each replay draws new coins and Gumbel noise (graph-safe Philox offsets)
+    model = _model("cuda")
+    step = graphs.graph_decoder_loss(model, *batch, 0.5, "gumbel_hard")
+    seen = []
+    for _ in range(3):
+        model.zero_grad(set_to_none=True)
+        step(*batch).loss.backward()
+        seen.append(model.decoder.embedding.weight.grad.clone())
+    assert all(torch.isfinite(g).all() for g in seen)
+    assert not (torch.equal(seen[0], seen[1]) and torch.equal(seen[1], seen[2])), "replays drew the same samples"
+    # another shape is refused before anything runs
+    src, lengths, tgt = batch
+    with pytest.raises(ValueError, match="tgt must match the captured batch"):
+        step(src, lengths, tgt[:, :-1])
+    model.eval()
+    with pytest.raises(RuntimeError, match="training mode"):
+        step(*batch)
