@@ -44,7 +44,7 @@ def check_ids(name: str, ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Integer ids in [0, vocab_size). Reads values: call once per batch, never per step."""
     check_int_tensor(name, ids)
     if ids.numel():
-        lo, hi = int(ids.min()), int(ids.max())
+        lo, hi = torch.stack(torch.aminmax(ids)).tolist()  # one host sync, not two
         if lo < 0 or hi >= vocab_size:
             raise ValueError(f"{name} has ids in [{lo}, {hi}]; expected 0 <= id < vocab_size={vocab_size}")
     return ids
