@@ -31,7 +31,9 @@ Rules (checked on each call before anything runs, except where noted):
 - ``out.logits`` and ``out.attention`` are the graph's static buffers, overwritten by the next
   call (clone them to keep them), and carry no gradient: only the loss is differentiable;
 - the parameters must stay the same tensors (in-place optimiser updates are fine; replacing or
-  re-allocating them, e.g. ``model.to(...)`` after capture, is not).
+  re-allocating them, e.g. ``model.to(...)`` after capture, is not);
+- one process: DistributedDataParallel wraps the model's forward, which the replay bypasses (not
+  supported, not tested).
 """
 from __future__ import annotations
 
