@@ -80,7 +80,9 @@ class GraphedDecoderLoss:
         self.autocast = _autocast_state()
         memory, lengths, state = model.encode(src, src_lengths)
         rnn = state.rnn if isinstance(state.rnn, tuple) else (state.rnn,)
-        args = (tgt.long(), memory.detach().requires_grad_(memory.requires_grad), lengths,
+        # the graph's static inputs: every call copies its batch into them, so they must be tensors
+        # of our own (tgt.long() and the lengths may be the caller's own tensors)
+        args = (tgt.long().clone(), memory.detach().requires_grad_(memory.requires_grad), lengths.clone(),
                 *(s.detach().requires_grad_(s.requires_grad) for s in rnn))
         self.graphed = torch.cuda.make_graphed_callables(_DecoderLoss(model, mode), args, allow_unused_input=True)
 

@@ -91,8 +91,14 @@ def test_replayed_step_matches_eager_and_redraws_noise():
         seen.append(model.decoder.embedding.weight.grad.clone())
     assert all(torch.isfinite(g).all() for g in seen)
     assert not (torch.equal(seen[0], seen[1]) and torch.equal(seen[1], seen[2])), "replays drew the same samples"
-    # another shape is refused before anything runs
+    # other batches of the same shape: copied into the graph's own inputs, never into the sample's
+    sample = [t.clone() for t in batch]
     src, lengths, tgt = batch
+    other = (src.flip(0), lengths.flip(0), tgt.flip(0))
+    model.zero_grad(set_to_none=True)
+    step(*other).loss.backward()
+    assert all(torch.equal(a, b) for a, b in zip(batch, sample)), "a call wrote into the capture's sample batch"
+    # another shape is refused before anything runs
     with pytest.raises(ValueError, match="tgt must match the captured batch"):
         step(src, lengths, tgt[:, :-1])
     model.eval()
