@@ -259,8 +259,9 @@ class AttentionDecoder(reference.AttentionDecoder):
                 h = torch.gru_cell(x, h0[k], *w)  # (B, D)
             hs.append(h)
             x = h  # the next layer's input
-        h = torch.stack(hs)  # (num_layers, B, D)
-        return x, ((h, torch.stack(cs)) if lstm else h)
+        layers = (lambda t: t[0].unsqueeze(0)) if len(hs) == 1 else torch.stack  # one layer: a view, no copy
+        h = layers(hs)  # (num_layers, B, D)
+        return x, ((h, layers(cs)) if lstm else h)
 
     def _project(self, h_tilde: Tensor) -> Tensor:
         shared = getattr(self, "_pass_out", None)  # (W_out, b, sink) of this pass, see _loop
