@@ -159,6 +159,13 @@ def ss_over_tf(latest: dict) -> list[str]:
         parts = [f"{mode} {ms / tf:.2f}x" for mode, ms in modes.items() if mode != TF_MODE and tf]
         if parts:
             lines.append(f"[ss/tf] {impl:<10} {size} {dt}: " + ", ".join(parts) + f" (target <= {SS_TARGET}x)")
+    # the graphed scheduled-sampling step against the plain fused teacher-forced one: what a user who
+    # graphs only the step loop (teacher forcing needs no graph to be launch-light) gets
+    for (impl, size, dt), modes in by.items():
+        tf = by.get(("fused", size, dt), {}).get(TF_MODE)
+        parts = [f"{mode} {ms / tf:.2f}x" for mode, ms in modes.items() if mode != TF_MODE and tf]
+        if impl != "fused" and impl.startswith("fused") and parts:
+            lines.append(f"[ss/tf] {impl} vs fused teacher forcing, {size} {dt}: " + ", ".join(parts))
     return lines
 
 

@@ -35,6 +35,12 @@ def test_table_speedups_and_ss_over_tf(tmp_path):
     tf_line = next(ln for ln in text.splitlines() if ln.startswith("train_step") and "teacher_forcing" in ln)
     assert tf_line.split()[-2:] == ["2.50", "2.00"]  # x_eager = 5 / 2, x_comp = 4 / 2 (latest fused row)
     assert f"[ss/tf] fused      {size} float32: ss_gumbel_hard 1.30x, ss_gumbel 1.70x" in text
+    # a graphed column: against its own teacher-forced step and against the plain fused one
+    rows += [_row("fused_graphed", f"{size}_teacher_forcing", 1.0), _row("fused_graphed", f"{size}_ss_gumbel", 2.4)]
+    _write(path, rows)
+    text = summarize.table(summarize.read_rows(str(path)))
+    assert f"[ss/tf] fused_graphed {size} float32: ss_gumbel 2.40x" in text
+    assert f"[ss/tf] fused_graphed vs fused teacher forcing, {size} float32: ss_gumbel 1.20x" in text
 
 
 def test_merge_appends_only_new_rows(tmp_path):
