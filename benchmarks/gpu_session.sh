@@ -270,8 +270,12 @@ budget_phase() {  # one command for a 15-minute device session (docs/gpu.md): wh
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} FUSED_S2S_RESULTS_CSV="$OUT/results.csv"
     say "budget: ${total}s: -m gpu tests, benchmarks (few repetitions), torch.compile column, kernel tests"
     PASS_STATUS=()
-    # 1. the tests that have never run (no host sync, CUDA-graph capture, tiled kernels at D 64/512)
-    run_pytest gpu "$(budget_t GPU_TESTS 90)" "${sel[@]}" -m gpu "${common[@]}"
+    # 1. the tests that have never run (no host sync, CUDA-graph capture, tiled kernels at D 64/512),
+    # a few files per process: a capture that fails and leaves the CUDA context unusable only takes
+    # its own worker's files with it
+    local -a gx=()
+    [ ${#xdist[@]} -gt 0 ] && gx=(-n 4 --dist loadfile)
+    run_pytest gpu "$(budget_t GPU_TESTS 90)" "${sel[@]}" -m gpu "${common[@]}" "${gx[@]}"
     # 2. fused + eager at every size (bench_attention / bench_gumbel check the fused result there too)
     bench_pass attention "fused,fused_rows,eager" "$(budget_t ATTENTION 55)" --quick
     bench_pass gumbel "fused,eager" "$(budget_t GUMBEL 40)" --quick
