@@ -11,14 +11,17 @@
 #                                     then torch.compile, each under its own time budget; rows go to
 #                                     $OUT/results.csv as they are measured; a compact table last
 #   benchmarks/gpu_session.sh all     setup + test + bench (for a machine with more time)
+#   benchmarks/gpu_session.sh profile benchmarks/profile_step.py: kernels per training step, GPU-busy vs
+#                                     wall time (fused, fused_graphed; teacher forcing, ss_gumbel_hard)
 #   benchmarks/gpu_session.sh budget  everything that matters in ONE command of at most GPU_BUDGET=540 s
 #                                     (a 15-minute device session: one start + one 10-minute call):
 #                                     -m gpu tests, the benchmarks at every size with few repetitions
 #                                     (fused + eager, then torch.compile, largest sizes first), then the
 #                                     kernel tests on CUDA with whatever time is left
 #
-# Files under $OUT (default /tmp/fused_s2s_out), at most 7 (the device tool returns 8): setup.log, pytest_gpu.{log,xml},
-# pytest_rest.{log,xml}, bench.log, results.csv.
+# Files under $OUT (default /tmp/fused_s2s_out), at most 8 (what the device tool returns):
+# setup.log, pytest_gpu.{log,xml},
+# pytest_rest.{log,xml}, bench.log, results.csv, profile.txt.
 # Environment (all optional):
 #   PYTHON=python3            interpreter (locally: PYTHON=.venv/bin/python)
 #   GPU_SKIP_INSTALL=1        skip the pip install of the package (already installed)
@@ -35,7 +38,8 @@
 #   GPU_BENCH_T_{ATTENTION,GUMBEL,TRAIN}=100,70,100, GPU_BENCH_T_TRAIN_GRAPHED=40 and
 #   GPU_BENCH_T_{ATTENTION,GUMBEL,TRAIN}_COMPILE=80,60,80: seconds per benchmark pass (sum 530)
 #   GPU_BUDGET=540            budget: wall limit (s) of the whole phase, setup excluded; its passes take
-#                             gpu tests 90, attention 55, gumbel 40, train 70 + graphed 35, compile 40 + 30 + 45, and
+#                             gpu tests 90, attention 55, gumbel 40, train 70 + graphed 35, profile 40,
+#                             compile 40 + 30 + 45, and
 #                             the kernel tests the rest (GPU_BUDGET_T_* override each, e.g. GPU_BUDGET_T_TRAIN)
 set -uo pipefail
 
@@ -258,6 +262,15 @@ bench_phase() {
     "$PY" benchmarks/summarize.py "$OUT/results.csv"  # rc 1 when no row was measured
 }
 
+# ---------------------------------------------------------------------------------------- profile
+profile_pass() {  # limit: benchmarks/profile_step.py (kernels per step, GPU busy vs wall) -> $OUT/profile.txt
+    local limit=$1 t0=$SECONDS rc
+    timeout -s INT -k 10 "$limit" "$PY" benchmarks/profile_step.py ${GPU_PROFILE_ARGS:-} >"$OUT/profile.txt" 2>&1
+    rc=$?
+    grep '^\[profile\]' "$OUT/profile.txt"
+    say "profile: rc $rc in $((SECONDS - t0)) s (limit ${limit}s; $OUT/profile.txt)"
+}
+
 # ----------------------------------------------------------------------------------------- budget
 budget_t() { local var="GPU_BUDGET_T_$1"; echo "${!var:-$2}"; }
 
@@ -282,6 +295,8 @@ budget_phase() {  # one command for a 15-minute device session (docs/gpu.md): wh
     bench_pass train "fused,reference" "$(budget_t TRAIN 70)" --quick --sizes notes,large
     # CUDA-graph capture in a process of its own: a failed capture cannot take the rows above with it
     bench_pass train fused_graphed "$(budget_t TRAIN_GRAPHED 35)" --quick --sizes notes,large
+    # where the training step's time goes: host-bound or kernel-bound, per impl and mode
+    profile_pass "$(budget_t PROFILE 40)"
     # 3. torch.compile, largest sizes first (each case compiles afresh: tens of seconds each)
     if [ "${GPU_BENCH_NO_COMPILE:-0}" != 1 ]; then
         bench_pass attention compile "$(budget_t ATTENTION_COMPILE 40)" --quick --sizes large,long,tf,notes
@@ -311,6 +326,7 @@ case $phase in  # exit status: 1 when a test failed (test), no row was measured 
     bench) setup; bench_phase ;;
     all) setup; test_phase; t=$?; bench_phase; b=$?; exit $((t || b)) ;;
     budget) setup; budget_phase ;;
-    *) echo "usage: $0 setup|test|bench|all|budget   (see the header of this file for the environment knobs)" >&2
+    profile) setup; profile_pass "${GPU_PROFILE_TIMEOUT:-300}" ;;
+    *) echo "usage: $0 setup|test|bench|all|budget|profile   (see the header of this file for the environment knobs)" >&2
        exit 2 ;;
 esac
