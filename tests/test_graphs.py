@@ -60,6 +60,38 @@ def test_refuses_bad_arguments():
         graphs.graph_decoder_loss(torch.nn.Linear(2, 2), *batch)
 
 
+def test_wrapper_logic_without_cuda(monkeypatch):
+    """GraphedDecoderLoss around an identity 'capture' (the module runs eagerly): the encoder is
+    run per call, the loss is forward's, outputs carry no gradient, the static inputs are copies,
+    and mismatched batches, out-of-range ids and eval mode are refused."""
+    monkeypatch.setattr(graphs.GraphedDecoderLoss, "make_graphed", staticmethod(lambda module, args: module))
+    model = _model("cpu")
+    batch = _batch("cpu")
+    step = graphs.GraphedDecoderLoss(model, *batch, (0.5, "gumbel_hard", 0.7, "token"))
+    src, lengths, tgt = batch
+    static_tgt, static_lengths = step.static_inputs[0], step.static_inputs[2]
+    assert static_tgt.data_ptr() != tgt.data_ptr() and static_lengths.data_ptr() != lengths.data_ptr()
+    torch.manual_seed(3)
+    out = step(*batch)
+    torch.manual_seed(3)
+    want = model(*batch, teacher_forcing_ratio=0.5, sampling="gumbel_hard", tau=0.7)
+    torch.testing.assert_close(out.loss, want.loss, rtol=0, atol=0)
+    assert out.loss.requires_grad and not out.logits.requires_grad and not out.attention.requires_grad
+    out.loss.backward()  # the gradient reaches the encoder through memory and the final state
+    assert model.encoder.embedding.weight.grad is not None and model.decoder.W_out.weight.grad is not None
+    with pytest.raises(ValueError, match="src must match the captured batch"):
+        step(src[:, :-1], lengths, tgt)
+    with pytest.raises(ValueError, match="tgt must match the captured batch"):
+        step(src, lengths, tgt.int())
+    with pytest.raises(TypeError, match="src_lengths must be a torch.Tensor"):
+        step(src, [5, 2, 4], tgt)
+    with pytest.raises(ValueError, match="tgt has ids"):
+        step(src, lengths, tgt.clone().fill_(V))
+    model.eval()
+    with pytest.raises(RuntimeError, match="training mode"):
+        step(*batch)
+
+
 def _grads(model):
     return {n: p.grad for n, p in model.named_parameters()}
 
