@@ -40,8 +40,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from fused_s2s._checks import check_choice, check_ids, check_int_tensor, check_ratio, check_tau
-from fused_s2s.reference import COINS, SAMPLING_MODES, Seq2SeqOutput
+from fused_s2s.reference import Seq2SeqOutput
 
 __all__ = ["graph_decoder_loss", "GraphedDecoderLoss"]
 
@@ -60,6 +59,12 @@ class _DecoderLoss(nn.Module):
         out = self.decoder(tgt[:, :-1], memory, lengths, state, ratio, sampling, tau, coin=coin)
         loss = self.loss(out.logits, tgt[:, 1:])  # ()
         return loss, out.logits.detach(), out.attention.detach()  # only the loss takes a gradient
+
+
+def _encode(model, src, src_lengths):
+    """The eager encoder: memory (B, L, D), lengths (B,), the final state as a tuple of tensors."""
+    memory, lengths, state = model.encode(src, src_lengths)
+    return memory, lengths, (state.rnn if isinstance(state.rnn, tuple) else (state.rnn,))
 
 
 def _autocast_state():
@@ -82,8 +87,7 @@ class GraphedDecoderLoss:
         self.model, self.mode = model, mode
         self.sample = {name: _signature(t) for name, t in (("src", src), ("src_lengths", src_lengths), ("tgt", tgt))}
         self.autocast = _autocast_state()
-        memory, lengths, state = model.encode(src, src_lengths)
-        rnn = state.rnn if isinstance(state.rnn, tuple) else (state.rnn,)
+        memory, lengths, rnn = _encode(model, src, src_lengths)
         # the graph's static inputs: every call copies its batch into them, so they must be tensors
         # of our own (tgt.long() and the lengths may be the caller's own tensors)
         args = (tgt.long().clone(), memory.detach().requires_grad_(memory.requires_grad), lengths.clone(),
@@ -106,9 +110,9 @@ class GraphedDecoderLoss:
         if _autocast_state() != self.autocast:
             raise RuntimeError(f"autocast state (enabled, dtype) must be {self.autocast} as at capture, got "
                                f"{_autocast_state()}")
-        check_ids("tgt", tgt, self.model.decoder.vocab_size)  # as Seq2Seq.forward (an out-of-range id would assert in the graph)
-        memory, lengths, state = self.model.encode(src, src_lengths)
-        rnn = state.rnn if isinstance(state.rnn, tuple) else (state.rnn,)
+        # as Seq2Seq.forward (an out-of-range id would assert inside the graph)
+        self.model._check_args(src, src_lengths, tgt, *self.mode)
+        memory, lengths, rnn = _encode(self.model, src, src_lengths)
         loss, logits, attention = self.graphed(tgt.long(), memory, lengths, *rnn)
         return Seq2SeqOutput(loss, logits.detach(), attention.detach())
 
@@ -122,10 +126,9 @@ def graph_decoder_loss(model, src: Tensor, src_lengths: Tensor, tgt: Tensor, tea
     up (kernel compilation, cuDNN choices, the allocator) and once more under capture; it advances
     the CUDA RNG. See the module docstring for the rules of the returned step.
     """
-    mode = (check_ratio("teacher_forcing_ratio", teacher_forcing_ratio), check_choice("sampling", sampling, SAMPLING_MODES),
-            check_tau(tau), check_choice("coin", coin, COINS))
-    if not isinstance(model, nn.Module) or not hasattr(model, "decoder") or not hasattr(model, "encode"):
+    if not isinstance(model, nn.Module) or not hasattr(model, "decoder") or not hasattr(model, "_check_args"):
         raise TypeError(f"model must be a fused_s2s.Seq2Seq, got {type(model).__name__}")
+    mode = model._check_args(src, src_lengths, tgt, teacher_forcing_ratio, sampling, tau, coin)  # as forward's
     device = next(model.parameters()).device
     if device.type != "cuda" or not torch.cuda.is_available():
         raise RuntimeError(f"graph_decoder_loss needs the model on a CUDA device (CUDA graphs), got {device}")
@@ -134,11 +137,4 @@ def graph_decoder_loss(model, src: Tensor, src_lengths: Tensor, tgt: Tensor, tea
     if torch.is_autocast_enabled("cuda") and torch.is_autocast_cache_enabled():
         raise RuntimeError("under torch.autocast, capture with cache_enabled=False "
                            "(torch.autocast('cuda', dtype=..., cache_enabled=False)), and call the step likewise")
-    for name, t in (("src", src), ("tgt", tgt)):
-        check_int_tensor(name, t, ndim=2)
-        if t.device != device:
-            raise ValueError(f"{name} must be on the model's device {device}, got {t.device}")
-    if tgt.shape[1] < 2:
-        raise ValueError(f"tgt must have shape (B, T+1) with T >= 1 (BOS ... EOS), got {tuple(tgt.shape)}")
-    check_ids("tgt", tgt, model.decoder.vocab_size)
     return GraphedDecoderLoss(model, src, src_lengths, tgt, mode)

@@ -529,11 +529,19 @@ class Seq2Seq(nn.Module):
     def forward(self, src: Tensor, src_lengths: Tensor, tgt: Tensor, teacher_forcing_ratio=1.0,
                 sampling="argmax", tau=1.0, *, coin="token", noise=None, generator=None) -> Seq2SeqOutput:
         """tgt (B, T+1) = BOS y_1 .. y_T EOS, right-padded. Loss: mean CE over non-pad targets."""
-        # cheap argument checks first, so bad options fail before the encoder runs
-        check_ratio("teacher_forcing_ratio", teacher_forcing_ratio)
-        check_choice("sampling", sampling, SAMPLING_MODES)
-        check_choice("coin", coin, COINS)
-        check_tau(tau)
+        self._check_args(src, src_lengths, tgt, teacher_forcing_ratio, sampling, tau, coin)
+        memory, memory_mask, state = self.encode(src, src_lengths)
+        tgt = tgt.long()
+        tgt_in, tgt_out = tgt[:, :-1], tgt[:, 1:]  # (B, T) inputs, (B, T) targets
+        out = self.decoder(tgt_in, memory, memory_mask, state, teacher_forcing_ratio, sampling, tau,
+                           coin=coin, noise=noise, generator=generator)
+        return Seq2SeqOutput(self.loss(out.logits, tgt_out), out.logits, out.attention)
+
+    def _check_args(self, src, src_lengths, tgt, teacher_forcing_ratio, sampling, tau, coin) -> tuple:
+        """forward's argument checks, cheap ones first so bad options fail before the encoder runs
+        (tgt's ids are read: one host sync). -> (ratio, sampling, tau, coin) validated."""
+        mode = (check_ratio("teacher_forcing_ratio", teacher_forcing_ratio), check_choice("sampling", sampling, SAMPLING_MODES),
+                check_tau(tau), check_choice("coin", coin, COINS))
         check_int_tensor("src", src, ndim=2)
         check_int_tensor("tgt", tgt, ndim=2)
         check_same_device(src=src, tgt=tgt)
@@ -541,12 +549,7 @@ class Seq2Seq(nn.Module):
         if tgt.shape[1] < 2:
             raise ValueError(f"tgt must have shape (B, T+1) with T >= 1 (BOS ... EOS), got {tuple(tgt.shape)}")
         check_ids("tgt", tgt, self.decoder.vocab_size)
-        memory, memory_mask, state = self.encode(src, src_lengths)
-        tgt = tgt.long()
-        tgt_in, tgt_out = tgt[:, :-1], tgt[:, 1:]  # (B, T) inputs, (B, T) targets
-        out = self.decoder(tgt_in, memory, memory_mask, state, teacher_forcing_ratio, sampling, tau,
-                           coin=coin, noise=noise, generator=generator)
-        return Seq2SeqOutput(self.loss(out.logits, tgt_out), out.logits, out.attention)
+        return mode
 
     def loss(self, logits: Tensor, tgt_out: Tensor) -> Tensor:
         """8. cross-entropy of logits (B, T, V) against tgt_out (B, T) over non-pad targets, averaged
