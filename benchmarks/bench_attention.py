@@ -49,11 +49,7 @@ def impl_fn(impl: str):
         return lambda q, k, v, m: attention_step(q, k, v, m, backend="triton", tiled=tiled)
     if impl == "eager":
         return _eager
-    # a fresh static-shape compile per case: one compiled function shared by every size, dtype and
-    # pass would go dynamic-shape after the second shape and fall back to eager past dynamo's
-    # recompile limit, silently
-    torch._dynamo.reset()
-    return torch.compile(_eager, dynamic=False)
+    return common.compile_fresh(_eager)
 
 
 def make_inputs(size: str, dtype, device, requires_grad=False):
@@ -77,7 +73,7 @@ def traffic_bytes(size: str, dtype, pass_: str) -> int:
 
 
 def case_fn(impl: str, size: str, dtype, pass_: str):
-    dev = torch.device("cuda" if common.HAS_CUDA else "cpu")
+    dev = common.DEVICE
     fn = impl_fn(impl)
     q, H, lengths = make_inputs(size, dtype, dev, requires_grad=pass_ != "fwd")
     if pass_ == "fwd":
@@ -98,7 +94,7 @@ def check_fused(impl: str, size: str, dtype) -> common.Check:
     forward ctx, weights; backward dq, dH for a random dctx (no gradient on the weights)."""
     from fused_s2s.reference import attention_eager
 
-    dev = torch.device("cuda" if common.HAS_CUDA else "cpu")
+    dev = common.DEVICE
     q, H, lengths = make_inputs(size, dtype, dev)  # the timed inputs
     dctx = torch.randn(q.shape, generator=torch.Generator(device=dev).manual_seed(1), device=dev).to(dtype)
     out = {}

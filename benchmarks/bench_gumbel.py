@@ -46,9 +46,7 @@ def impl_fn(impl: str):
         return lambda x, hard: gumbel_softmax(x, TAU, hard, backend="triton")
     if impl == "eager":
         return lambda x, hard: F.gumbel_softmax(x, tau=TAU, hard=hard)
-    # a fresh static-shape compile per case (see bench_attention.impl_fn)
-    torch._dynamo.reset()
-    return torch.compile(lambda x, hard: F.gumbel_softmax(x, tau=TAU, hard=hard), dynamic=False)
+    return common.compile_fresh(lambda x, hard: F.gumbel_softmax(x, tau=TAU, hard=hard))
 
 
 def traffic_bytes(size: str, dtype, pass_: str) -> int:
@@ -62,14 +60,14 @@ def traffic_bytes(size: str, dtype, pass_: str) -> int:
 def make_inputs(size: str, dtype, device):
     """logits x (B, V) and an upstream gradient dy (B, V), the same for every impl."""
     B, V = SIZES[size]
-    g = torch.Generator(device="cpu").manual_seed(0)
-    x = (torch.randn(B, V, generator=g) * 2).to(device, dtype)
-    dy = torch.randn(B, V, generator=g).to(device, dtype)
+    g = torch.Generator(device=device).manual_seed(0)  # drawn where they live: 33M values each at "large"
+    x = (torch.randn(B, V, generator=g, device=device) * 2).to(dtype)
+    dy = torch.randn(B, V, generator=g, device=device).to(dtype)
     return x, dy
 
 
 def case_fn(impl: str, size: str, dtype, pass_: str, hard: bool):
-    dev = torch.device("cuda" if common.HAS_CUDA else "cpu")
+    dev = common.DEVICE
     fn = impl_fn(impl)
     x, dy = make_inputs(size, dtype, dev)
     if pass_ == "fwd":
@@ -97,7 +95,7 @@ def check_fused(size: str, dtype, hard: bool) -> common.Check:
     make_inputs(size): soft y or the hard sample (index, one-hot), and dlogits for dy."""
     from fused_s2s import philox
 
-    dev = torch.device("cuda" if common.HAS_CUDA else "cpu")
+    dev = common.DEVICE
     x, dy = make_inputs(size, dtype, dev)  # the timed inputs, (B, V)
 
     def gen():  # a fresh generator per call: every backend draws the same seed, so the same noise

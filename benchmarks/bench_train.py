@@ -14,9 +14,7 @@ needs the lengths on the host, and the optimiser stay eager): the per-step loop 
 sampling launches ~30 small kernels a step from Python, which at these sizes costs more host time
 than the GPU work, and a replay removes that cost.
 
-"compile" compiles each case afresh (``torch._dynamo.reset()``): one compiled function shared by
-every size, mode and dtype would go dynamic-shape after the second shape and fall back to eager
-past dynamo's recompile limit, silently.
+"compile" compiles each case afresh (``common.compile_fresh``).
 """
 from __future__ import annotations
 
@@ -42,7 +40,7 @@ def make_case(impl: str, size, dtype=torch.float32, seed: int = 0):
     from fused_s2s import reference
 
     _, B, L, T, V, D = size
-    dev = torch.device("cuda" if common.HAS_CUDA else "cpu")
+    dev = common.DEVICE
     torch.manual_seed(seed)
     cls = fused_s2s.Seq2Seq if impl.startswith("fused") else reference.Seq2Seq
     model = cls(V, V, D, cell="lstm", padding_idx=0).to(dev)
@@ -51,9 +49,7 @@ def make_case(impl: str, size, dtype=torch.float32, seed: int = 0):
     src_lengths = torch.randint(max(1, L // 2), L + 1, (B,), device=dev)
     tgt = torch.randint(3, V, (B, T + 1), device=dev)
     tgt[:, 0] = 1
-    if impl == "compile":
-        torch._dynamo.reset()  # a fresh compile per case (see the module docstring)
-    fwd = torch.compile(model) if impl == "compile" else model
+    fwd = common.compile_fresh(model) if impl == "compile" else model
     return model, opt, fwd, (src, src_lengths, tgt)
 
 

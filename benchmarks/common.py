@@ -7,8 +7,8 @@ environment variable FUSED_S2S_RESULTS_CSV. FUSED_S2S_BENCH_IMPLS (a comma list,
 restricts which implementations are timed, so the GPU runbook can time the fused and eager columns
 before the slow-to-compile torch.compile ones (benchmarks/gpu_session.sh).
 
-Correctness at the timed size: before timing a fused implementation, bench_attention and
-bench_gumbel run one forward + backward of it on the timed inputs against a float64 oracle and
+Correctness at the timed size: before timing a fused implementation, bench_attention,
+bench_gumbel and bench_train run one forward + backward of it on the timed inputs against a float64 oracle and
 eager PyTorch in the same dtype (``Check``, SPEC section 5's criterion from tests/helpers.py) and
 record the verdict in the row's ``check`` column: "ok 0.31" (worst err / bound), "FAIL 5.2 dq"
 (the failing quantities), "error: <Type>" when the check itself raised; empty when no check ran.
@@ -39,6 +39,15 @@ FIELDS = summarize.FIELDS
 PEAK_BW_GBPS = {"H100 80GB HBM3": 3350.0, "H100 PCIe": 2000.0, "H200": 4800.0, "A100-SXM4-80GB": 2039.0}
 
 HAS_CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")  # where every benchmark runs
+
+
+def compile_fresh(fn):
+    """torch.compile(fn) with static shapes after torch._dynamo.reset(): each benchmark case gets its
+    own compile. One compiled function shared by every size, dtype and pass would go dynamic-shape
+    after the second shape and, past dynamo's recompile limit (8), fall back to eager silently."""
+    torch._dynamo.reset()
+    return torch.compile(fn, dynamic=False)
 
 
 def device_name() -> str:

@@ -12,8 +12,8 @@ A CSV may hold several runs and devices: the table is per device (never mixing c
 note without its per-run figures (bench_gumbel's "soft tau=0.5" / "hard tau=0.5"; bench_train's
 tokens_per_s is dropped), shown only when it differs within a bench.
 
-The ``check`` column (bench_attention / bench_gumbel: the fused implementation against a float64
-oracle at the timed size, see benchmarks/common.py) is shown as a "!" after a row whose check
+The ``check`` column (bench_attention / bench_gumbel / bench_train: the fused implementation
+against a float64 oracle at the timed size, see benchmarks/common.py) is shown as a "!" after a row whose check
 failed or raised, and those rows are listed under "CHECK FAILED" at the end. CSVs written before
 the column existed read as "no check ran".
 """
@@ -153,20 +153,19 @@ def ss_over_tf(latest: dict) -> list[str]:
         m = re.match(r"(.*?)_(teacher_forcing|ss_\w+)$", case)
         if m and _ms(r):
             by.setdefault((impl, m[1], dt), {})[m[2]] = _ms(r)
-    lines = []
+    def over(modes: dict, tf) -> str:  # "ss_x 1.30x, ss_y 1.70x": each scheduled-sampling mode / tf
+        return ", ".join(f"{mode} {ms / tf:.2f}x" for mode, ms in modes.items() if mode != TF_MODE) if tf else ""
+
+    own, cross = [], []
     for (impl, size, dt), modes in by.items():
-        tf = modes.get(TF_MODE)
-        parts = [f"{mode} {ms / tf:.2f}x" for mode, ms in modes.items() if mode != TF_MODE and tf]
-        if parts:
-            lines.append(f"[ss/tf] {impl:<10} {size} {dt}: " + ", ".join(parts) + f" (target <= {SS_TARGET}x)")
-    # the graphed scheduled-sampling step against the plain fused teacher-forced one: what a user who
-    # graphs only the step loop (teacher forcing needs no graph to be launch-light) gets
-    for (impl, size, dt), modes in by.items():
-        tf = by.get(("fused", size, dt), {}).get(TF_MODE)
-        parts = [f"{mode} {ms / tf:.2f}x" for mode, ms in modes.items() if mode != TF_MODE and tf]
-        if impl != "fused" and impl.startswith("fused") and parts:
-            lines.append(f"[ss/tf] {impl} vs fused teacher forcing, {size} {dt}: " + ", ".join(parts))
-    return lines
+        if over(modes, modes.get(TF_MODE)):
+            own.append(f"[ss/tf] {impl:<10} {size} {dt}: {over(modes, modes.get(TF_MODE))} (target <= {SS_TARGET}x)")
+        # a graphed scheduled-sampling step against the plain fused teacher-forced one: what a user who
+        # graphs only the step loop (teacher forcing needs no graph to be launch-light) gets
+        plain_tf = by.get(("fused", size, dt), {}).get(TF_MODE)
+        if impl != "fused" and impl.startswith("fused") and over(modes, plain_tf):
+            cross.append(f"[ss/tf] {impl} vs fused teacher forcing, {size} {dt}: {over(modes, plain_tf)}")
+    return own + cross
 
 
 def merge(src: str, dst: str = RESULTS_CSV) -> tuple[int, int]:
