@@ -194,13 +194,18 @@ run_pytest() {  # name wall_limit args...: one pytest pass, output to $OUT/pytes
     esac
 }
 
+pytest_opts() {  # per_test_default dist_default: sets sel, common, xdist (the caller declares them local)
+    sel=() common=(-q -rfEs -p no:cacheprovider --durations=15) xdist=()
+    read -r -a sel <<<"${GPU_PYTEST_ARGS:-}"
+    if have_module pytest_timeout; then common+=(--timeout="${GPU_PYTEST_PER_TEST:-$1}"); fi
+    if [ "${GPU_XDIST:-8}" != 0 ] && have_module xdist; then xdist=(-n "${GPU_XDIST:-8}" --dist "${GPU_XDIST_DIST:-$2}"); fi
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}  # 8 workers on 16 cores: no thread oversubscription
+}
+
 test_phase() {
     local t0=$SECONDS total=${GPU_TEST_TIMEOUT:-520} gpu_limit=${GPU_TEST_GPU_TIMEOUT:-150}
-    local -a sel=() common=(-q -rfEs -p no:cacheprovider --durations=15) xdist=()
-    read -r -a sel <<<"${GPU_PYTEST_ARGS:-}"
-    if have_module pytest_timeout; then common+=(--timeout="${GPU_PYTEST_PER_TEST:-300}"); fi
-    if [ "${GPU_XDIST:-8}" != 0 ] && have_module xdist; then xdist=(-n "${GPU_XDIST:-8}" --dist "${GPU_XDIST_DIST:-loadfile}"); fi
-    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}  # 8 workers on 16 cores: no thread oversubscription
+    local -a sel common xdist
+    pytest_opts 300 loadfile
     [ "$gpu_limit" -gt "$total" ] && gpu_limit=$total
     say "test: -m gpu first (limit ${gpu_limit}s), then -m 'not gpu' ${xdist[*]} (whole phase ${total}s)"
     PASS_STATUS=()
@@ -276,11 +281,9 @@ budget_t() { local var="GPU_BUDGET_T_$1"; echo "${!var:-$2}"; }
 
 budget_phase() {  # one command for a 15-minute device session (docs/gpu.md): what closes the issues first
     local t0=$SECONDS total=${GPU_BUDGET:-540} rc_b=0
-    local -a common=(-q -rfEs -p no:cacheprovider --durations=10) xdist=() sel=()
-    read -r -a sel <<<"${GPU_PYTEST_ARGS:-}"
-    if have_module pytest_timeout; then common+=(--timeout="${GPU_PYTEST_PER_TEST:-120}"); fi
-    if [ "${GPU_XDIST:-8}" != 0 ] && have_module xdist; then xdist=(-n "${GPU_XDIST:-8}" --dist "${GPU_XDIST_DIST:-load}"); fi
-    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} FUSED_S2S_RESULTS_CSV="$OUT/results.csv"
+    local -a sel common xdist
+    pytest_opts 120 load
+    export FUSED_S2S_RESULTS_CSV="$OUT/results.csv"
     say "budget: ${total}s: -m gpu tests, benchmarks (few repetitions), torch.compile column, kernel tests"
     PASS_STATUS=()
     # 1. the tests that have never run (no host sync, CUDA-graph capture, tiled kernels at D 64/512),
