@@ -38,7 +38,7 @@ _SINGLE_CONFIGS = ((32, 32, 32, 4), (256, 4, 256, 4), (1024, 1, 1024, 4), (4096,
 _MULTI_CONFIG = (1, 4096, 16)
 # fp64 (gradcheck, verification) keeps its tiles small: twice the registers per element
 _SINGLE_CONFIGS_FP64 = ((256, 1, 256, 2), (1024, 1, 1024, 4))
-_MULTI_CONFIG_FP64 = (1, 1024, 4)
+_MULTI_CONFIG_FP64 = (1, 1024, 8)
 _AOT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -111,8 +111,8 @@ def _t_tile(x_ptr, noise_ptr, seed, rows, start, mask, stride_x, stride_n,
 
 @triton.jit
 def _gumbel_fwd_kernel(
-    x_ptr, noise_ptr, seed_ptr, y_ptr, idx_ptr, m_ptr, s_ptr, g_ptr,
-    stride_x, stride_n, stride_y, R, V, inv_tau,
+    x_ptr, noise_ptr, seed_ptr, y_ptr, idx_ptr, m_ptr, s_ptr, g_ptr, mb_ptr,
+    stride_x, stride_n, stride_y, R, V, NBLK, inv_tau,
     BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, SINGLE: tl.constexpr, HARD: tl.constexpr,
     HAS_NOISE: tl.constexpr, FP64: tl.constexpr, WRITE_NOISE: tl.constexpr, FAST_LOG: tl.constexpr,
 ):
@@ -121,6 +121,11 @@ def _gumbel_fwd_kernel(
     m_sub (m with -inf replaced by 0) keeps exp(z - m) and the rescale exp(m_old - m_new) free of
     (-inf) - (-inf) when a leading block is all -inf (masked logits); an all -inf row ends with
     s = 0 and gives NaN, like torch.softmax.
+    Soft rows over several blocks, in-kernel noise: pass 1 keeps q = exp(z - m_b) in y, m_b the running max after
+    block b (saved in mb, (R, NBLK)), and pass 2 rescales it, y = q * exp(m_b - m) / s, instead of
+    re-reading the logits and drawing the noise again (the noise is ~80% of a pass's
+    instructions). m_b <= m, so the factor is <= 1; m_b = -inf (all logits -inf so far) gives 0.
+    Given noise: pass 2 re-reads x and the noise (two loads) instead.
     """
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,) int64
     rmask = rows < R
@@ -136,10 +141,15 @@ def _gumbel_fwd_kernel(
     if WRITE_NOISE:  # debug/test only: never picked by the launcher's default path
         tl.store(g_ptr + rows[:, None] * V + cols[None, :], g.to(tl.float32), mask=mask)
     z = t * inv_tau
-    m = tl.max(z, 1)
-    m_sub = tl.where(m == _NEG_INF, 0.0, m)
-    s = tl.sum(tl.exp(z - m_sub[:, None]), 1)
     best_t, best_i = tl.max(t, 1, return_indices=True)  # ties -> lowest column
+    # max z = (max t) * inv_tau exactly (rounding is monotone, inv_tau > 0): no second reduction
+    m = best_t * inv_tau
+    m_sub = tl.where(m == _NEG_INF, 0.0, m)
+    p = tl.exp(z - m_sub[:, None])
+    s = tl.sum(p, 1)
+    if not SINGLE and not HARD and not HAS_NOISE:  # keep q for pass 2
+        tl.store(y_ptr + rows[:, None] * stride_y + cols[None, :], p.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(mb_ptr + rows * NBLK, m, mask=rmask)
     nan_i = tl.min(tl.where(t != t, cols[None, :], V), 1)  # torch.argmax picks the first NaN
     if not SINGLE:
         start = BLOCK_V
@@ -151,17 +161,33 @@ def _gumbel_fwd_kernel(
             if WRITE_NOISE:
                 tl.store(g_ptr + rows[:, None] * V + c[None, :], g.to(tl.float32), mask=mask)
             z = t * inv_tau
-            m_new = tl.maximum(m, tl.max(z, 1))
-            m_sub_new = tl.where(m_new == _NEG_INF, 0.0, m_new)
-            s = s * tl.exp(m_sub - m_sub_new) + tl.sum(tl.exp(z - m_sub_new[:, None]), 1)
-            m = m_new
-            m_sub = m_sub_new
             bt, bi = tl.max(t, 1, return_indices=True)
             better = bt > best_t  # strict: an earlier block keeps ties
             best_i = tl.where(better, bi + start, best_i)
             best_t = tl.where(better, bt, best_t)
-            nan_i = tl.minimum(nan_i, tl.min(tl.where(t != t, c[None, :], V), 1))
+            m_new = best_t * inv_tau  # the running max of z, as above
+            m_sub_new = tl.where(m_new == _NEG_INF, 0.0, m_new)
+            p = tl.exp(z - m_sub_new[:, None])
+            s = s * tl.exp(m - m_sub_new) + tl.sum(p, 1)  # m = -inf (s = 0): 0, not 0 * exp(+big)
+            if not HARD and not HAS_NOISE:  # keep q for pass 2
+                tl.store(y_ptr + rows[:, None] * stride_y + c[None, :], p.to(y_ptr.dtype.element_ty), mask=mask)
+                tl.store(mb_ptr + rows * NBLK + start // BLOCK_V, m_new, mask=rmask)
+            m = m_new
+            m_sub = m_sub_new
+            if HAS_NOISE:  # a NaN may come from the given noise: look in t, per block
+                nan_i = tl.minimum(nan_i, tl.min(tl.where(t != t, c[None, :], V), 1))
             start += BLOCK_V
+        if not HAS_NOISE:
+            # g is finite, so t = x + g is NaN where x is, and then s is NaN: only such rows (rare)
+            # look for the first NaN column, reading x again, instead of a reduction per block
+            if tl.sum((s != s).to(tl.int32), 0) > 0:
+                start = BLOCK_V
+                while start < V:
+                    c = start + cols
+                    mask = rmask[:, None] & (c < V)[None, :]
+                    xn = tl.load(x_ptr + rows[:, None] * stride_x + c[None, :], mask=mask, other=0.0)
+                    nan_i = tl.minimum(nan_i, tl.min(tl.where(xn != xn, c[None, :], V), 1))
+                    start += BLOCK_V
     idx = tl.where(nan_i < V, nan_i, best_i)  # (BLOCK_R,)
     tl.store(idx_ptr + rows, idx.to(tl.int64), mask=rmask)
     tl.store(m_ptr + rows, m, mask=rmask)
@@ -182,8 +208,8 @@ def _gumbel_fwd_kernel(
     elif SINGLE:
         y = tl.exp(z - m_sub[:, None]) * inv_s[:, None]
         tl.store(y_rows + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
-    else:
-        # second pass: logits re-read and noise drawn again (cheaper than writing it)
+    elif HAS_NOISE:
+        # pass 2, given noise: t is two loads away, cheaper to re-read than q to keep
         start = 0
         while start < V:
             c = start + cols
@@ -192,6 +218,18 @@ def _gumbel_fwd_kernel(
                           BLOCK_R, BLOCK_V, HAS_NOISE, FP64, FAST_LOG)
             y = tl.exp(t * inv_tau - m_sub[:, None]) * inv_s[:, None]
             tl.store(y_rows + c[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+            start += BLOCK_V
+    else:
+        # pass 2: q (pass 1's, in y) rescaled to the final (m, s); no logits, no noise
+        tl.debug_barrier()  # q was written by other threads of this program
+        start = 0
+        while start < V:
+            c = start + cols
+            mask = rmask[:, None] & (c < V)[None, :]
+            m_b = tl.load(mb_ptr + rows * NBLK + start // BLOCK_V, mask=rmask, other=0.0)
+            scale = tl.exp(m_b - m_sub) * inv_s  # (BLOCK_R,); 0 * inf = NaN for an all -inf row
+            q = tl.load(y_rows + c[None, :], mask=mask, other=0.0).to(m.dtype)
+            tl.store(y_rows + c[None, :], (q * scale[:, None]).to(y_ptr.dtype.element_ty), mask=mask)
             start += BLOCK_V
 
 
@@ -202,7 +240,13 @@ def _gumbel_bwd_kernel(
     BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, SINGLE: tl.constexpr, HAS_NOISE: tl.constexpr,
     FP64: tl.constexpr, FAST_LOG: tl.constexpr,
 ):
-    """dx = y * (dy - sum(dy * y)) * inv_tau, y rebuilt from logits, the same noise and (m, s)."""
+    """dx = y * (dy - sum(dy * y)) * inv_tau, y rebuilt from logits, the same noise and (m, s).
+
+    Rows over several blocks: with in-kernel noise, pass 1 keeps y in dx (in dx's dtype, as eager's
+    softmax backward keeps y_soft in the logits' dtype) and pass 2 reads it back, so the noise is
+    drawn once: one more write per element for ~70 fewer instructions per element. Given noise
+    makes y two loads away: pass 2 rebuilds it as pass 1 does.
+    """
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,) int64
     rmask = rows < R
     seed = 0
@@ -226,6 +270,8 @@ def _gumbel_bwd_kernel(
         dx = y * (dy - dot[:, None]) * inv_tau
         tl.store(dx_rows + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
     else:
+        if not HAS_NOISE:
+            tl.store(dx_rows + cols[None, :], y.to(dx_ptr.dtype.element_ty), mask=mask)
         start = BLOCK_V
         while start < V:
             c = start + cols
@@ -235,14 +281,20 @@ def _gumbel_bwd_kernel(
             y = tl.exp(t * inv_tau - m_sub) * inv_s
             dy = tl.load(dy_rows + c[None, :], mask=mask, other=0.0).to(y.dtype)
             dot += tl.sum(dy * y, 1)
+            if not HAS_NOISE:
+                tl.store(dx_rows + c[None, :], y.to(dx_ptr.dtype.element_ty), mask=mask)
             start += BLOCK_V
+        tl.debug_barrier()  # y was written by other threads of this program
         start = 0
         while start < V:
             c = start + cols
             mask = rmask[:, None] & (c < V)[None, :]
-            t, g = _t_tile(x_ptr, noise_ptr, seed, rows, start, mask, stride_x, stride_n,
-                          BLOCK_R, BLOCK_V, HAS_NOISE, FP64, FAST_LOG)
-            y = tl.exp(t * inv_tau - m_sub) * inv_s
+            if HAS_NOISE:  # given noise: y from two loads, as in pass 1
+                t, g = _t_tile(x_ptr, noise_ptr, seed, rows, start, mask, stride_x, stride_n,
+                              BLOCK_R, BLOCK_V, HAS_NOISE, FP64, FAST_LOG)
+                y = tl.exp(t * inv_tau - m_sub) * inv_s
+            else:
+                y = tl.load(dx_rows + c[None, :], mask=mask, other=0.0).to(dot.dtype)
             dy = tl.load(dy_rows + c[None, :], mask=mask, other=0.0).to(y.dtype)
             dx = y * (dy - dot[:, None]) * inv_tau
             tl.store(dx_rows + c[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
@@ -308,11 +360,14 @@ def gumbel_fwd(x, inv_tau: float, hard: bool, noise=None, seed=None, *, block_r=
     m = torch.empty((R,), dtype=_stats_dtype(x.dtype), device=x.device)
     s = torch.empty_like(m)
     g = torch.empty((R, V), dtype=torch.float32, device=x.device) if write_noise else y
+    # soft rows over several blocks: the running max after each block, for pass 2's rescale
+    nblk = triton.cdiv(V, BV)
+    mb = torch.empty((R, nblk), dtype=m.dtype, device=x.device) if not (single or hard) else m
     has_noise = noise is not None
     if R:
         _gumbel_fwd_kernel[(triton.cdiv(R, BR),)](
-            x, noise if has_noise else x, idx if has_noise else seed, y, idx, m, s, g,
-            x.stride(0), noise.stride(0) if has_noise else 0, y.stride(0), R, V, float(inv_tau),
+            x, noise if has_noise else x, idx if has_noise else seed, y, idx, m, s, g, mb,
+            x.stride(0), noise.stride(0) if has_noise else 0, y.stride(0), R, V, nblk, float(inv_tau),
             BLOCK_R=BR, BLOCK_V=BV, SINGLE=single, HARD=bool(hard), HAS_NOISE=has_noise,
             FP64=x.dtype == torch.float64, WRITE_NOISE=bool(write_noise), FAST_LOG=_fast_log(x), num_warps=nw,
             enable_fp_fusion=True,
@@ -367,7 +422,8 @@ def _aot_configs():
                 for hard in (False, True):
                     sig = {"x_ptr": f"*{dt}", "noise_ptr": f"*{dt}", "seed_ptr": "*i64", "y_ptr": f"*{dt}",
                            "idx_ptr": "*i64", "m_ptr": f"*{st}", "s_ptr": f"*{st}", "g_ptr": f"*{dt}",
-                           "stride_x": "i32", "stride_n": "i32", "stride_y": "i32", "R": "i32", "V": "i32",
+                           "mb_ptr": f"*{st}", "stride_x": "i32", "stride_n": "i32", "stride_y": "i32",
+                           "R": "i32", "V": "i32", "NBLK": "i32",
                            "inv_tau": "fp32", "BLOCK_R": "constexpr", "BLOCK_V": "constexpr", "SINGLE": "constexpr",
                            "HARD": "constexpr", "HAS_NOISE": "constexpr", "FP64": "constexpr",
                            "WRITE_NOISE": "constexpr", "FAST_LOG": "constexpr"}

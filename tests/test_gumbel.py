@@ -236,12 +236,19 @@ def test_float64_oracle_forward_backward(device, dtype, shape, hard):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_float64_oracle_loop_path_forced_small_blocks(device, dtype):
-    """V over several blocks (block_v=64) in both passes of the forward and the backward."""
+@pytest.mark.parametrize("in_kernel_noise", [False, True])
+def test_float64_oracle_loop_path_forced_small_blocks(device, dtype, in_kernel_noise):
+    """V over several blocks (block_v=64) in both passes of the forward and the backward. The two
+    noise sources take different second passes: given noise re-reads x and the noise; in-kernel
+    noise keeps q = exp(z - m_b) (forward) or y (backward) in the output in its dtype."""
     tau, shape = 1.3, (3, 300)
     logits, noise, dy = _oracle_case(shape, dtype, device)
-    y, idx, m, s = K.gumbel_fwd(logits, 1 / tau, False, noise, None, block_v=64)
-    dx = K.gumbel_bwd(dy, logits, m, s, 1 / tau, noise, None, block_v=64)
+    seed = philox.draw_seed(device)
+    if in_kernel_noise:  # the oracle and eager take the mirror's noise (fp32, like the kernel's)
+        noise = philox.gumbel_noise(seed, shape, device)
+    given = None if in_kernel_noise else noise
+    y, idx, m, s = K.gumbel_fwd(logits, 1 / tau, False, given, seed, block_v=64)
+    dx = K.gumbel_bwd(dy, logits, m, s, 1 / tau, given, seed, block_v=64)
     y_o, dx_o = _softmax_grads(logits, noise, dy, tau, torch.float64)
     y_e, dx_e = _softmax_grads(logits, noise, dy, tau, dtype)
     assert_oracle_close(y, y_e, y_o, name="y")
@@ -320,6 +327,30 @@ def test_nan_logits_give_nan_rows(device):
         assert idx[1] == 7 and idx[2] == 30  # torch.argmax semantics: the NaN's column
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on NaN / inf rows
+@pytest.mark.parametrize("given_noise", [False, True])
+def test_nan_index_over_blocks_is_torch_argmax(device, given_noise):
+    """Rows over several blocks (block_v=16): the sampled index of a row with NaNs is its first
+    NaN column, in the first block or a later one, as torch.argmax; other rows are untouched."""
+    V = 70
+    logits = torch.randn(5, V, device=device)
+    logits[0, 7] = float("nan")
+    logits[1, 50] = float("nan")
+    logits[1, 66] = float("nan")
+    logits[2, 33] = float("inf")  # s is NaN (inf - inf) but there is no NaN: the argmax is the inf
+    noise = _torch_noise(logits)
+    if given_noise:
+        noise[3, 40] = float("nan")  # a NaN in the given noise is a NaN of t = x + g
+    seed = philox.draw_seed(device)
+    for hard in (False, True):
+        y, idx, _, _ = K.gumbel_fwd(logits, 2.0, hard, noise if given_noise else None,
+                                    None if given_noise else seed, block_v=16)
+        want = (logits + (noise if given_noise else philox.gumbel_noise(seed, logits.shape, device))).argmax(-1)
+        assert idx.tolist() == want.tolist()
+        assert idx[0] == 7 and idx[1] == 50 and idx[2] == 33 and (idx[3] == 40) == given_noise
+        assert torch.isnan(y[:3]).all() and torch.isfinite(y[4]).all()
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy warns on 1 / 0 (the NaN row)
 def test_neg_inf_logits_are_masked_across_blocks(device):
     V = 40
@@ -327,14 +358,16 @@ def test_neg_inf_logits_are_masked_across_blocks(device):
     logits[0, :20] = float("-inf")  # the first blocks (block_v=16) are all -inf
     logits[1, 5] = float("-inf")
     logits[2] = float("-inf")  # nothing to sample: NaN, like torch.softmax
+    logits = torch.cat([logits, logits[:1] - 5000.0])  # all -inf blocks, then a max of about -1e4
     noise = _torch_noise(logits)
     y, idx, m, s = K.gumbel_fwd(logits, 2.0, False, noise, None, block_v=16)
     y_ref = torch.softmax((logits + noise) * 2.0, -1)
-    torch.testing.assert_close(y[:2], y_ref[:2])
+    torch.testing.assert_close(y[[0, 1, 3]], y_ref[[0, 1, 3]])
     assert (y[0, :20] == 0).all() and y[1, 5] == 0 and idx[0] >= 20
     assert torch.isnan(y[2]).all()
     yh, *_ = K.gumbel_fwd(logits, 2.0, True, noise, None, block_v=16)
     assert torch.isnan(yh[2]).all() and torch.equal(yh[:2], F.one_hot(idx[:2], V).float())
+    assert torch.equal(yh[3], F.one_hot(idx[3], V).float())
 
 
 @pytest.mark.parametrize("block_v", [None, 16])
