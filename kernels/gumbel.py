@@ -360,10 +360,11 @@ def gumbel_fwd(x, inv_tau: float, hard: bool, noise=None, seed=None, *, block_r=
     m = torch.empty((R,), dtype=_stats_dtype(x.dtype), device=x.device)
     s = torch.empty_like(m)
     g = torch.empty((R, V), dtype=torch.float32, device=x.device) if write_noise else y
-    # soft rows over several blocks: the running max after each block, for pass 2's rescale
-    nblk = triton.cdiv(V, BV)
-    mb = torch.empty((R, nblk), dtype=m.dtype, device=x.device) if not (single or hard) else m
     has_noise = noise is not None
+    # soft rows over several blocks with in-kernel noise: the running max after each block, for
+    # pass 2's rescale of q
+    nblk = triton.cdiv(V, BV)
+    mb = torch.empty((R, nblk), dtype=m.dtype, device=x.device) if not (single or hard or has_noise) else m
     if R:
         _gumbel_fwd_kernel[(triton.cdiv(R, BR),)](
             x, noise if has_noise else x, idx if has_noise else seed, y, idx, m, s, g, mb,
