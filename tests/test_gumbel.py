@@ -492,12 +492,13 @@ def test_bad_launcher_block():
 
 
 @pytest.mark.gpu
-def test_no_host_sync_cuda():
-    logits = torch.randn(8, 3000, device="cuda", requires_grad=True)
-    fused_s2s.gumbel_softmax(logits, 0.5, True)  # warm up (compile)
+@pytest.mark.parametrize("V,hard", [(3000, True), (20_000, False), (20_000, True)])  # one block; the loop
+def test_no_host_sync_cuda(V, hard):
+    logits = torch.randn(8, V, device="cuda", requires_grad=True)
+    fused_s2s.gumbel_softmax(logits, 0.5, hard).sum().backward()  # warm up (compile)
     torch.cuda.set_sync_debug_mode("error")
     try:
-        y, idx = fused_s2s.gumbel_softmax(logits, 0.5, True, return_index=True)
+        y, idx = fused_s2s.gumbel_softmax(logits, 0.5, hard, return_index=True)
         y.sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
@@ -516,4 +517,11 @@ def test_offsets_past_2_31_cuda():
     for r in (0, R - 1):
         t = row[0].float() + philox.gumbel_at(seed, torch.tensor(r, device="cuda"), torch.arange(V, device="cuda"))
         assert int(idx[r]) == int(t.argmax())
+    del y
+    # the soft loop path keeps q in y and the block maxima per row: its last rows too
+    torch.manual_seed(9)
+    y = fused_s2s.gumbel_softmax(x, 1.0, False)
+    for r in (0, R - 1):
+        t = row[0].float() + philox.gumbel_at(seed, torch.tensor(r, device="cuda"), torch.arange(V, device="cuda"))
+        torch.testing.assert_close(y[r], torch.softmax(t, -1).to(y.dtype))
     del y
