@@ -313,6 +313,21 @@ def test_huge_logits_stay_finite(device, dtype, tau):
         torch.testing.assert_close(y.float().sum(-1), torch.ones(4, device=device), atol=1e-2, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_huge_logits_stay_finite_over_blocks(device, dtype):
+    """The loop path (block_v=64) with in-kernel noise: q = exp(z - m_b) kept in y and y kept in
+    dx stay finite and in [0, 1] for logits of +-1e4 at tau 0.1 (z up to 1e5)."""
+    logits = (torch.randn(4, 300, device=device).sign() * 1e4).to(dtype)
+    logits[1] = 1e4
+    logits[2, :100] = -1e4  # the first blocks far below the row's max
+    seed = philox.draw_seed(device)
+    y, idx, m, s = K.gumbel_fwd(logits, 10.0, False, None, seed, block_v=64)
+    dx = K.gumbel_bwd(torch.ones_like(logits), logits, m, s, 10.0, None, seed, block_v=64)
+    assert torch.isfinite(y).all() and torch.isfinite(dx).all() and (y >= 0).all() and (y <= 1).all()
+    torch.testing.assert_close(y.float().sum(-1), torch.ones(4, device=device), atol=1e-2, rtol=0)
+    torch.testing.assert_close(dx.float(), torch.zeros_like(dx, dtype=torch.float32), atol=1e-2, rtol=0)  # dy = 1: 0
+
+
 def test_nan_logits_give_nan_rows(device):
     logits = torch.randn(4, 40, device=device)
     logits[1, 7] = float("nan")
