@@ -98,7 +98,13 @@ def attention_step(query, keys, values=None, mask=None, *, backend="auto", split
         return attention_eager(query, keys, values, mask)
     squeeze = query.dim() == 2
     q = query[:, None, :] if squeeze else query  # (B, T, D): a view, strides go to the kernel
-    ctx, weights = _AttentionFn.apply(q, keys, values, mask, splits, block_l, tiled)
+    if torch.is_grad_enabled() and (query.requires_grad or keys.requires_grad
+                                    or (values is not None and values.requires_grad)):
+        ctx, weights = _AttentionFn.apply(q, keys, values, mask, splits, block_l, tiled)
+    else:  # no graph to record (generation, no_grad): skip the autograd.Function's host cost
+        from fused_s2s.kernels.attention import attention_forward
+
+        ctx, weights, _ = attention_forward(q, keys, values, mask, splits=splits, block_l=block_l, tiled=tiled)
     if squeeze:
         return ctx[:, 0], weights[:, 0]
     return ctx, weights

@@ -96,24 +96,38 @@ def gumbel_softmax(logits: torch.Tensor, tau: float = 1.0, hard: bool = False, d
     check_generator(generator, logits.device, "the logits' device")
     impl = _backend.resolve(backend, logits.device)
 
-    x = logits.movedim(dim, -1)
-    lead = x.shape[:-1]
-    x = x.reshape(-1, V)  # (R, V)
-    if x.stride(-1) != 1:
-        x = x.contiguous()
+    last, flat = dim == logits.dim() - 1, logits.dim() == 2 and dim == 1
+    x = _rows(logits, dim, V, last, flat)  # (R, V)
     n = None
     if noise is not None:
         # in logits' dtype, as F.gumbel_softmax draws it; the kernels read it in that dtype
-        n = noise.movedim(dim, -1).reshape(-1, V).to(x.dtype)  # (R, V)
-        if n.stride(-1) != 1:
-            n = n.contiguous()
+        n = _rows(noise, dim, V, last, flat).to(x.dtype)  # (R, V)
     seed = philox.draw_seed(logits.device, generator) if noise is None else None  # 0-d int64, on device
 
     if impl == "triton":
-        y, idx = _GumbelSoftmaxFn.apply(x, n, seed, tau, bool(hard))
+        if torch.is_grad_enabled() and x.requires_grad:
+            y, idx = _GumbelSoftmaxFn.apply(x, n, seed, tau, bool(hard))
+        else:  # no graph to record (generation, no_grad): skip the autograd.Function's host cost
+            from fused_s2s.kernels import gumbel as K
+
+            y, idx, _, _ = K.gumbel_fwd(x, 1.0 / tau, bool(hard), n, seed)
     else:
         y, idx = _eager(x, n, seed, tau, bool(hard))
-    y = y.reshape(*lead, V).movedim(-1, dim)
+    if not flat:  # back to logits' layout (views; each costs microseconds, so only when needed)
+        lead = logits.shape[:dim] + logits.shape[dim + 1:]
+        y = y.reshape(*lead, V)
+        if not last:
+            y = y.movedim(-1, dim)
+        idx = idx.reshape(lead)
     if return_index:
-        return y, idx.reshape(lead)
+        return y, idx
     return y
+
+
+def _rows(t: torch.Tensor, dim: int, V: int, last: bool, flat: bool) -> torch.Tensor:
+    """t with dim moved last and the rest flattened: (R, V), unit column stride (a view if it can be)."""
+    if not last:
+        t = t.movedim(dim, -1)
+    if not flat:
+        t = t.reshape(-1, V)
+    return t if t.stride(-1) == 1 else t.contiguous()

@@ -57,6 +57,7 @@ import triton
 import triton.language as tl
 
 import fused_s2s.aot
+from fused_s2s.kernels._launch import cdiv, next_power_of_2
 
 # Register budget: elements of one fp32 (BLOCK_L, BLOCK_D) tile per warp. The forward holds two
 # tiles (H and V) and their addresses; the backward kernels also build dH/dV tiles, so they take
@@ -339,6 +340,7 @@ def _attn_bwd_kv_kernel(
 # Launchers
 # ----------------------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=None)  # pure; called several times per launch (host time matters at small sizes)
 def block_config(D: int, Dv: int, kind: str = "fwd") -> tuple[int, int, int]:
     """(BLOCK_D, BLOCK_L, num_warps) for head sizes D, Dv. kind: "fwd" / "bwd_row" or "bwd_kv".
 
@@ -346,7 +348,7 @@ def block_config(D: int, Dv: int, kind: str = "fwd") -> tuple[int, int, int]:
     keeps each (BLOCK_L, BLOCK_D) fp32 tile at _TILE_PER_WARP[kind] elements per warp so the
     kernels do not spill up to D = 1024.
     """
-    block_d = max(_MIN_BLOCK_D, triton.next_power_of_2(max(D, Dv)))
+    block_d = max(_MIN_BLOCK_D, next_power_of_2(max(D, Dv)))
     # The dH/dV kernel keeps 4 warps: with 8, ptxas spilled a few bytes at BLOCK_L = 2 (AOT tool).
     num_warps = 4 if block_d <= 256 or kind == "bwd_kv" or (kind == "bwd_row" and block_d <= 512) else 8
     tile = _TILE_PER_WARP[kind] * num_warps
@@ -367,13 +369,13 @@ def split_plan(rows: int, L: int, block_l: int, device: torch.device, splits: in
     ``splits`` forces the number of chunks (tests use it to exercise the combine path); it is
     clipped so that every chunk is non-empty.
     """
-    n_blocks = triton.cdiv(L, block_l)
+    n_blocks = cdiv(L, block_l)
     if splits is None:
-        want = triton.cdiv(2 * _num_sms(device), max(rows, 1))
+        want = cdiv(2 * _num_sms(device), max(rows, 1))
         splits = min(want, n_blocks // _MIN_BLOCKS_PER_SPLIT) if device.type == "cuda" else 1
     splits = max(1, min(int(splits), n_blocks))
-    per = triton.cdiv(n_blocks, splits)
-    return triton.cdiv(n_blocks, per), per
+    per = cdiv(n_blocks, splits)
+    return cdiv(n_blocks, per), per
 
 
 def _acc(dtype: torch.dtype):
@@ -398,7 +400,10 @@ def _tile_safe(x, *blocks):
     """
     if x is None:
         return None
-    span = sum((blk - 1) * st for blk, st in zip(blocks, x.stride()[x.dim() - len(blocks):]))
+    trail = x.stride()[x.dim() - len(blocks):]
+    if max(trail) * max(blocks) * len(blocks) < 2**31:  # bounds the span below: the usual case, cheap
+        return x
+    span = sum((blk - 1) * st for blk, st in zip(blocks, trail))
     return x.contiguous() if span >= 2**31 else x
 
 
@@ -520,7 +525,7 @@ def attention_backward(query, keys, values, mask, ctx, weights, lse, dctx, dweig
         dq = dq.sum(0).to(dtype)
     if not write_kv:
         common["num_warps"] = nw_kv
-        _attn_bwd_kv_kernel[(B, triton.cdiv(L, bl_kv))](
+        _attn_bwd_kv_kernel[(B, cdiv(L, bl_kv))](
             query, keys, v, m_ptr, lse, delta, dc, dw, dk, dv_ptr,
             T, L, D, Dv,
             *query.stride(), *keys.stride(), *v.stride(), s_mb, s_ml, *dc.stride(), *dw.stride(),

@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from fused_s2s.kernels.attention import _mask_args, _mask_valid, _tile_safe
+from fused_s2s.kernels._launch import cdiv, next_power_of_2
 
 _MIN_T = 16  # the launcher's heuristic: tiles pay once a batch row has this many queries
 
@@ -65,7 +66,7 @@ def tiled_config(D: int, Dv: int, dtype: torch.dtype, kind: str) -> tuple[int, i
     """(BLOCK_T, BLOCK_L, BLOCK_D, num_warps) of the one-tile kernel ``kind``; None: too wide (or fp64)."""
     if dtype not in _TL:
         return None  # fp64: per-row kernels (tl.dot in fp64 is not worth AOT configs for gradcheck)
-    block_d = max(16, triton.next_power_of_2(max(D, Dv)))
+    block_d = max(16, next_power_of_2(max(D, Dv)))
     cfg = _table(dtype)[kind].get(block_d)
     if cfg is None:
         return None
@@ -330,7 +331,7 @@ def _attn_bwd_kv_tiled_kernel(
 
 def _block_l(cfg_bl: int, block_l: int | None) -> int:
     """The tile's BLOCK_L, or the caller's override raised to tl.dot's minimum of 16."""
-    return cfg_bl if block_l is None else max(16, triton.next_power_of_2(int(block_l)))
+    return cfg_bl if block_l is None else max(16, next_power_of_2(int(block_l)))
 
 
 def _tiled_inputs(query, keys, values, mask, bt: int, bl: int, bd: int):
@@ -387,7 +388,7 @@ def attention_forward_tiled(query, keys, values, mask, *, block_l=None):
     scores = weights if dtype == torch.float32 else torch.empty(B, T, L, device=dev, dtype=torch.float32)
     m_ptr, mode, s_mb, s_ml = _mask_args(mask, query)
     dot_t, rnd_t = _dot_types(query)
-    _attn_fwd_tiled_kernel[(B, triton.cdiv(T, bt))](
+    _attn_fwd_tiled_kernel[(B, cdiv(T, bt))](
         query, keys, v, m_ptr, ctx, weights, scores, lse,
         T, L, D, Dv,
         *query.stride(), *keys.stride(), *v.stride(), s_mb, s_ml,
@@ -420,12 +421,12 @@ def attention_backward_tiled(query, keys, values, mask, ctx, weights, lse, dctx,
     common = dict(MASK_MODE=mode, SHARED_KV=shared, HAS_DCTX=has_dc, HAS_DW=has_dw, DOT_T=dot_t, RND_T=rnd_t,
                   BLOCK_D=block_d)
     strides = (*query.stride(), *keys.stride(), *v.stride(), s_mb, s_ml, *dc.stride(), *dw.stride())
-    _attn_bwd_dq_tiled_kernel[(B, triton.cdiv(T, bt))](
+    _attn_bwd_dq_tiled_kernel[(B, cdiv(T, bt))](
         query, keys, v, m_ptr, ctx, weights, lse, dc, dw, dq, delta, T, L, D, Dv, *strides,
         BLOCK_T=bt, BLOCK_L=bl, num_warps=nw, enable_fp_fusion=True, **common,
     )
     dv_ptr = dk if dv is None else dv
-    _attn_bwd_kv_tiled_kernel[(B, triton.cdiv(L, bl))](
+    _attn_bwd_kv_tiled_kernel[(B, cdiv(L, bl))](
         query, keys, v, m_ptr, lse, delta, dc, dw, dk, dv_ptr, T, L, D, Dv, *strides,
         BLOCK_T=bt, BLOCK_L=bl, num_warps=nw, enable_fp_fusion=True, **common,
     )

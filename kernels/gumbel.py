@@ -22,6 +22,7 @@ from triton.language.extra import libdevice
 
 from fused_s2s import aot, philox
 from fused_s2s.backend import interpret_mode
+from fused_s2s.kernels._launch import cdiv
 
 _U_MIN = tl.constexpr(philox.U_MIN)
 _NEG_INF = tl.constexpr(float("-inf"))
@@ -333,9 +334,14 @@ def pick_config(V: int, dtype=torch.float32, *, block_r=None, block_v=None, num_
     return br, bv, num_warps or nw, V <= bv
 
 
+# whether this module's kernels are interpreted: fixed when they were decorated (at import), as
+# triton reads TRITON_INTERPRET then; read once, not per launch
+_INTERPRETED = interpret_mode()
+
+
 def _fast_log(x) -> bool:
     # the hardware log for the noise's outer log: compiled kernels only (the interpreter lacks it)
-    return x.is_cuda and not interpret_mode()
+    return x.is_cuda and not _INTERPRETED
 
 
 def _placeholder_seed(device):
@@ -363,10 +369,10 @@ def gumbel_fwd(x, inv_tau: float, hard: bool, noise=None, seed=None, *, block_r=
     has_noise = noise is not None
     # soft rows over several blocks with in-kernel noise: the running max after each block, for
     # pass 2's rescale of q
-    nblk = triton.cdiv(V, BV)
+    nblk = cdiv(V, BV)
     mb = torch.empty((R, nblk), dtype=m.dtype, device=x.device) if not (single or hard or has_noise) else m
     if R:
-        _gumbel_fwd_kernel[(triton.cdiv(R, BR),)](
+        _gumbel_fwd_kernel[(cdiv(R, BR),)](
             x, noise if has_noise else x, idx if has_noise else seed, y, idx, m, s, g, mb,
             x.stride(0), noise.stride(0) if has_noise else 0, y.stride(0), R, V, nblk, float(inv_tau),
             BLOCK_R=BR, BLOCK_V=BV, SINGLE=single, HARD=bool(hard), HAS_NOISE=has_noise,
@@ -386,7 +392,7 @@ def gumbel_bwd(dy, x, m, s, inv_tau: float, noise=None, seed=None, *, block_r=No
     dx = torch.empty((R, V), dtype=x.dtype, device=x.device)
     has_noise = noise is not None
     if R:
-        _gumbel_bwd_kernel[(triton.cdiv(R, BR),)](
+        _gumbel_bwd_kernel[(cdiv(R, BR),)](
             x, noise if has_noise else x, _placeholder_seed(x.device) if has_noise else seed, m, s, dy, dx,
             x.stride(0), noise.stride(0) if has_noise else 0, dy.stride(0), dx.stride(0), R, V, float(inv_tau),
             BLOCK_R=BR, BLOCK_V=BV, SINGLE=single, HAS_NOISE=has_noise, FP64=x.dtype == torch.float64,

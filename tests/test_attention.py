@@ -341,6 +341,24 @@ def test_int32_tile_offsets_guard():
     assert _tile_safe(big, 1, 32) is big  # one row per tile: only the feature stride counts
 
 
+@pytest.mark.parametrize("T", [None, 3])
+def test_without_graph_same_outputs(device, T):
+    """Under no_grad, or with no input requiring grad, the launcher runs without the autograd
+    Function (less host time per call): the same kernels, so bitwise the same ctx and weights."""
+    B, L, D = 3, 7, 5
+    q = torch.randn(B, D, device=device) if T is None else torch.randn(B, T, D, device=device)
+    H = torch.randn(B, L, D, device=device)
+    lengths = torch.tensor([7, 2, 5], device=device)
+    ctx_g, w_g = attention_step(q.requires_grad_(), H, None, lengths, backend="triton")
+    assert ctx_g.grad_fn is not None
+    with torch.no_grad():
+        ctx_n, w_n = attention_step(q, H, None, lengths, backend="triton")
+    ctx_d, w_d = attention_step(q.detach(), H, None, lengths, backend="triton")  # grad mode, nothing to track
+    for ctx, w in ((ctx_n, w_n), (ctx_d, w_d)):
+        assert ctx.grad_fn is None and ctx.shape == ctx_g.shape and w.shape == w_g.shape
+        assert torch.equal(ctx, ctx_g.detach()) and torch.equal(w, w_g.detach())
+
+
 def test_vs_sdpa(device):
     """ctx agrees with torch's scaled_dot_product_attention (scale 1, boolean mask)."""
     B, T, L, D, Dv = 3, 4, 23, 16, 24

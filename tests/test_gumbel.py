@@ -161,6 +161,23 @@ def test_samples_bitwise_independent_of_block_size_and_warps(device, R, V):
     assert torch.equal(y0h, F.one_hot(i0, V).float())
 
 
+@pytest.mark.parametrize("hard", [False, True])
+def test_without_graph_same_samples(device, hard):
+    """Under no_grad, or for logits not requiring grad, the launcher runs without the autograd
+    Function (less host time per call): same seed, so bitwise the same y and index."""
+    logits = torch.randn(2, 3, 40, device=device)
+    outs = []
+    for mode in ("graph", "no_grad", "detached"):
+        torch.manual_seed(5)
+        x = logits.clone().requires_grad_(mode != "detached")
+        with torch.set_grad_enabled(mode != "no_grad"):
+            y, idx = _gs(x, 0.7, hard, dim=1, return_index=True)
+        assert (y.grad_fn is not None) == (mode == "graph")
+        outs.append((y.detach(), idx))
+    for y, idx in outs[1:]:
+        assert torch.equal(y, outs[0][0]) and torch.equal(idx, outs[0][1])
+
+
 def test_explicit_noise_draws_nothing(device):
     logits = torch.randn(3, 20, device=device)
     noise = _torch_noise(logits)
