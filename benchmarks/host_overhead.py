@@ -11,6 +11,10 @@ objects, so TRITON_INTERPRET=1 is set here), times fused calls on tiny tensors a
 eager ops they replace. Triton's own launch (binding ~25 arguments, a cache lookup, the driver
 call) is not in the fused figures: on a GPU it adds a few microseconds per kernel.
 
+A second table times a fused training pass of a tiny model per decoder step: teacher forcing
+runs the target at once, scheduled sampling steps through it, and on a GPU that per-step host
+time is what a CUDA graph (fused_s2s.graphs) takes away.
+
 Figures are per call in microseconds, the best of 7 rounds (noise only adds), printed only (no
 CSV: no GPU, no card).
 """
@@ -30,10 +34,18 @@ from fused_s2s import reference  # noqa: E402
 
 
 class _NoLaunch:
-    """Stands in for a kernel: ``kernel[grid](*args, **meta)`` does nothing."""
+    """Stands in for a kernel: ``kernel[grid](*args, **meta)`` does nothing (outputs keep whatever
+    torch.empty gave them), except ``zero`` arguments (by position), zeroed so they stay valid
+    (the Gumbel forward's sampled index, which the model gathers embedding rows with)."""
+
+    def __init__(self, zero=()):
+        self.zero = zero
 
     def __getitem__(self, grid):
-        return lambda *args, **meta: None
+        def launch(*args, **meta):
+            for i in self.zero:
+                args[i].zero_()
+        return launch
 
 
 def stub_kernels() -> list[str]:
@@ -49,7 +61,7 @@ def stub_kernels() -> list[str]:
     for mod in (a, at, aw, g):
         for name, obj in list(vars(mod).items()):
             if isinstance(obj, InterpretedFunction) and name.endswith("_kernel"):
-                setattr(mod, name, _NoLaunch())
+                setattr(mod, name, _NoLaunch((4,) if name == "_gumbel_fwd_kernel" else ()))
                 names.append(f"{mod.__name__.rsplit('.', 1)[-1]}.{name}")
     return names
 
@@ -125,6 +137,26 @@ def cases():
             yield f"attention_step {label} {'fwd+bwd' if bwd else 'fwd'}", att(query, dc, bwd), att_eager(query, dc, bwd)
 
 
+def step_loop_us(n: int) -> list[tuple[str, float, float]]:
+    """Host time of a fused training pass (forward + loss + backward) per decoder step: the pass at
+    T = 20 minus the pass at T = 10, over 10 (tiny model, kernels stubbed). Teacher forcing runs
+    the whole target at once (no per-step cost); scheduled sampling runs the step loop."""
+    from fused_s2s.model import Seq2Seq
+
+    torch.manual_seed(0)
+    B, L, V, D = 4, 7, 50, 16
+    model = Seq2Seq(30, V, D, backend="triton")
+    src, lengths = torch.randint(3, 30, (B, L)), torch.full((B,), L)
+    rows = []
+    for ratio, sampling in ((1.0, "argmax"), (0.5, "gumbel_hard"), (0.5, "gumbel")):
+        per_pass = []
+        for T in (10, 20):
+            tgt = torch.randint(3, V, (B, T + 1))
+            per_pass.append(per_call_us(lambda: model(src, lengths, tgt, ratio, sampling).loss.backward(), n))
+        rows.append((f"{sampling} ratio {ratio}", per_pass[0], (per_pass[1] - per_pass[0]) / 10))
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=3000, help="calls per round")
@@ -135,6 +167,9 @@ def main(argv=None) -> int:
     print(f"{'op':44s} {'fused (no launch)':>18s} {'eager (PyTorch ops)':>20s}")
     for name, fused, eager in cases():
         print(f"{name:44s} {per_call_us(fused, a.n):15.1f} us {per_call_us(eager, a.n):17.1f} us")
+    print(f"\nfused training pass (B 4, D 16, V 50), kernels stubbed {'pass at T=10':>18s} {'per step':>10s}")
+    for name, t10, per_step in step_loop_us(max(a.n // 100, 3)):
+        print(f"{name:44s} {t10 / 1e3:15.2f} ms {per_step:10.0f} us")
     return 0
 
 
