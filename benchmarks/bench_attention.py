@@ -146,6 +146,29 @@ def run(sizes=("notes", "large", "long", "tf"), dtypes=(torch.float32, torch.bfl
                         check=checks.get(impl, ""))
                     if row:
                         rows.append(row)
+    rows += graph_rows(sizes, dtypes, quick)
+    return rows
+
+
+def graph_rows(sizes, dtypes, quick: bool) -> list[dict]:
+    """The notes' size again, fused and eager, timed by CUDA-graph replay (GPU time without the
+    host's issuing time, which is most of a call's wall time there); last, so a time limit cuts
+    these first."""
+    rows = []
+    if not common.HAS_CUDA or "notes" not in sizes:
+        return rows
+    B, T, L, D = SIZES["notes"]
+    case = f"B{B}_L{L}_D{D}"
+    for dtype in dtypes:
+        for pass_ in ("fwd", "fwd+bwd"):
+            for impl in ("fused", "eager"):
+                row = common.measure(
+                    f"{case:<18} {str(dtype):<15} {pass_ + common.GRAPH_SUFFIX:<12} {impl:<8}",
+                    lambda: case_fn(impl, "notes", dtype, pass_), bench="attention", impl=impl, case=case,
+                    dtype=dtype, pass_=pass_, nbytes=traffic_bytes("notes", dtype, pass_),
+                    note="values=None lengths mask", quick=quick, graph=True)
+                if row:
+                    rows.append(row)
     return rows
 
 

@@ -166,6 +166,31 @@ def run(sizes=("notes", "mid", "large"), dtypes=(torch.float32, torch.bfloat16),
                             note=f"{mode} tau={TAU}", quick=quick, check=check if impl == "fused" else "")
                         if row:
                             rows.append(row)
+    rows += graph_rows(sizes, dtypes, quick)
+    return rows
+
+
+def graph_rows(sizes, dtypes, quick: bool) -> list[dict]:
+    """The notes' size again, fused and eager, timed by CUDA-graph replay (GPU time without the
+    host's issuing time, which is most of a call's wall time there); last, so a time limit cuts
+    these first."""
+    rows = []
+    if not common.HAS_CUDA or "notes" not in sizes:
+        return rows
+    B, V = SIZES["notes"]
+    case = f"B{B}_V{V}"
+    for dtype in dtypes:
+        for hard in (False, True):
+            mode = "hard" if hard else "soft"
+            for pass_ in ("fwd", "fwd+bwd"):
+                for impl in ("fused", "eager"):
+                    row = common.measure(
+                        f"{case:<14} {str(dtype):<15} {mode:<5} {pass_ + common.GRAPH_SUFFIX:<12} {impl:<8}",
+                        lambda: case_fn(impl, "notes", dtype, pass_, hard), bench="gumbel", impl=impl, case=case,
+                        dtype=dtype, pass_=pass_, nbytes=traffic_bytes("notes", dtype, pass_),
+                        note=f"{mode} tau={TAU}", quick=quick, graph=True)
+                    if row:
+                        rows.append(row)
     return rows
 
 

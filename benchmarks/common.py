@@ -98,6 +98,43 @@ def time_fn(fn, *, warmup: int = 5, rep: int = 30) -> dict:
     return {"median_ms": statistics.median(times), "p20_ms": q[0], "p80_ms": q[3], "peak_mem_mb": peak}
 
 
+def time_graphed(fn, *, warmup: int = 3, rep: int = 20, per: int = 10) -> dict:
+    """GPU time per call with the host out of the way: ``fn`` captured once in a CUDA graph and
+    replayed ``per`` times between two events, ``rep`` times (CUDA only).
+
+    At small sizes a call's wall time (``time_fn``) is the host's issuing time: Python, dispatch,
+    launches. This is what the kernels themselves take, for every impl alike (each one's own
+    kernels, replayed). Rows timed so carry the pass name with " (g)" (GRAPH_SUFFIX).
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up (Triton compiles, cuBLAS handles) off the capture
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(rep):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(per):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / per)
+    del graph
+    q = statistics.quantiles(times, n=5)
+    return {"median_ms": statistics.median(times), "p20_ms": q[0], "p80_ms": q[3], "peak_mem_mb": float("nan")}
+
+
+GRAPH_SUFFIX = " (g)"  # pass names of rows timed by graph replay: "fwd (g)", "fwd+bwd (g)"
+
+
 def make_row(bench: str, impl: str, case: str, dtype, pass_: str, timing: dict, nbytes: int | None = None,
              note: str = "", check: str = "") -> dict:
     gbps = (nbytes / (timing["median_ms"] * 1e-3) / 1e9) if nbytes else None
@@ -139,14 +176,20 @@ def append_rows(rows: list[dict], path: str | None = None) -> str:
 
 
 def measure(label: str, make_fn, *, bench: str, impl: str, case: str, dtype, pass_: str,
-            nbytes: int | None = None, note: str = "", quick: bool = False, check: str = "") -> dict | None:
+            nbytes: int | None = None, note: str = "", quick: bool = False, check: str = "",
+            graph: bool = False) -> dict | None:
     """Build one case with ``make_fn()``, time it, print one line and append the row to the results
     CSV at once; the row, or None if it fails here or impl is not in $FUSED_S2S_BENCH_IMPLS.
-    ``check``: the verdict of the correctness check of this impl at this size (``run_check``)."""
+    ``check``: the verdict of the correctness check of this impl at this size (``run_check``).
+    ``graph``: GPU time by graph replay (``time_graphed``), the pass named with GRAPH_SUFFIX."""
     if not wanted(impl):
         return None
     try:
-        t = time_fn(make_fn(), warmup=3 if quick else 10, rep=5 if quick else 50)
+        if graph:
+            pass_ += GRAPH_SUFFIX
+            t = time_graphed(make_fn(), rep=5 if quick else 20)
+        else:
+            t = time_fn(make_fn(), warmup=3 if quick else 10, rep=5 if quick else 50)
     except Exception as e:  # e.g. torch.compile without a C++ toolchain: report, keep going
         print(f"{label} failed: {type(e).__name__}: {e}"[:300])
         return None
