@@ -132,7 +132,7 @@ def time_graphed(fn, *, warmup: int = 3, rep: int = 20, per: int = 10) -> dict:
     return {"median_ms": statistics.median(times), "p20_ms": q[0], "p80_ms": q[3], "peak_mem_mb": float("nan")}
 
 
-GRAPH_SUFFIX = " (g)"  # pass names of rows timed by graph replay: "fwd (g)", "fwd+bwd (g)"
+GRAPH_SUFFIX = summarize.GRAPH_SUFFIX  # pass names of rows timed by graph replay: "fwd (g)", "fwd+bwd (g)"
 
 
 def make_row(bench: str, impl: str, case: str, dtype, pass_: str, timing: dict, nbytes: int | None = None,

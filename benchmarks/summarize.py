@@ -125,6 +125,7 @@ def table(rows: list[dict], device_filter: str = "", full: bool = False) -> str:
                     f"{_f(float(frac) * 100 if frac not in ('', None) else None, '5.0f'):>5} "
                     f"{_f(x_e, '7.2f'):>7} {_f(x_c, '6.2f'):>6}" + (" !" if check_failed(r) else ""))
         out += ss_over_tf(latest)
+        out += host_share(latest)
         for (b, impl, case, var, dt, _ps), r in latest.items():
             if check_failed(r):  # one entry per check: its fwd and fwd+bwd rows share it
                 failed[(dev, b, impl, case, var, dt)] = r["check"]
@@ -166,6 +167,25 @@ def ss_over_tf(latest: dict) -> list[str]:
         if impl != "fused" and impl.startswith("fused") and over(modes, plain_tf):
             cross.append(f"[ss/tf] {impl} vs fused teacher forcing, {size} {dt}: {over(modes, plain_tf)}")
     return own + cross
+
+
+GRAPH_SUFFIX = " (g)"  # benchmarks/common.py: the pass of a row timed by CUDA-graph replay
+
+
+def host_share(latest: dict) -> list[str]:
+    """For each case timed both as called and by graph replay: each impl's wall time, GPU time and
+    the host's share of the wall time (1 - GPU / wall), the part a faster kernel cannot win back."""
+    lines = []
+    for (b, impl, case, var, dt, ps), g in latest.items():
+        if not ps.endswith(GRAPH_SUFFIX):
+            continue
+        wall = latest.get((b, impl, case, var, dt, ps[: -len(GRAPH_SUFFIX)]))
+        w_ms, g_ms = _ms(wall), _ms(g)
+        if w_ms and g_ms:
+            label = f"{b} {case}{' ' + var.split()[0] if var else ''} {dt} {ps[: -len(GRAPH_SUFFIX)]}"
+            lines.append(f"[host] {label} {impl}: wall {w_ms:.4f} ms, GPU {g_ms:.4f} ms "
+                         f"({max(0.0, 1 - g_ms / w_ms):.0%} host)")
+    return lines
 
 
 def merge(src: str, dst: str = RESULTS_CSV) -> tuple[int, int]:

@@ -91,3 +91,20 @@ def test_csv_without_check_column(tmp_path):
         assert next(csv.reader(f)) == OLD_FIELDS + ["check"]
     got = summarize.read_rows(str(old))
     assert [r["check"] for r in got] == ["", "", "FAIL 5.2 y"] and got[0]["median_ms"] == "1.0"
+
+
+def test_host_share_of_graph_timed_rows(tmp_path):
+    """A case timed as called and by graph replay: x_eager within each pass, and a [host] line per
+    impl with the host's share of the wall time."""
+    def op(impl, pass_, ms):
+        return dict(_row(impl, "B32_V10000", ms, bench="gumbel"), **{"pass": pass_, "note": "hard tau=0.5"})
+
+    rows = [op("fused", "fwd+bwd", 0.080), op("eager", "fwd+bwd", 0.100),
+            op("fused", "fwd+bwd (g)", 0.010), op("eager", "fwd+bwd (g)", 0.040)]
+    path = tmp_path / "r.csv"
+    _write(path, rows)
+    text = summarize.table(summarize.read_rows(str(path)))
+    lines = [ln for ln in text.splitlines() if ln.startswith("gumbel")]
+    assert [ln.split()[-1] for ln in lines] == ["1.25", "4.00"]  # x_eager: 0.100 / 0.080, 0.040 / 0.010 (no compile)
+    assert "[host] gumbel B32_V10000 hard float32 fwd+bwd fused: wall 0.0800 ms, GPU 0.0100 ms (88% host)" in text
+    assert "[host] gumbel B32_V10000 hard float32 fwd+bwd eager: wall 0.1000 ms, GPU 0.0400 ms (60% host)" in text
