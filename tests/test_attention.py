@@ -341,6 +341,25 @@ def test_int32_tile_offsets_guard():
     assert _tile_safe(big, 1, 32) is big  # one row per tile: only the feature stride counts
 
 
+@pytest.mark.parametrize("T,kw", [(None, {"block_l": 4}), (None, {"block_l": 4, "splits": 3}), (20, {"block_l": 4})],
+                         ids=["rows", "rows_split", "tiled"])
+def test_leading_masked_blocks_then_very_negative_scores(device, T, kw):
+    """The online softmax's first blocks all masked (running max -inf), the rest scored about
+    -1e3 (exp underflows against a max of 0): the rescale must use the -inf max, not a stand-in
+    (the Gumbel kernel once got 0 * exp(+big) = NaN here). Per-row, split-L and tiled kernels."""
+    B, L, D = 2, 40, 8
+    q = torch.full((B, D) if T is None else (B, T, D), 10.0, device=device)
+    H = -torch.rand(B, L, D, device=device) * 20 - 5  # scores q.H ~ -1e3
+    mask = torch.ones(B, L, dtype=torch.bool, device=device)
+    mask[:, :20] = False  # five blocks of 4 with nothing to attend to
+    ctx, w = attention_step(q, H, None, mask, backend="triton", **kw)
+    ctx_e, w_e = attention_eager(q, H, None, mask)
+    ctx_o, w_o = attention_eager(q.double(), H.double(), None, mask)
+    assert torch.isfinite(ctx).all() and torch.isfinite(w).all() and (w[..., :20] == 0).all()
+    assert_oracle_close(ctx, ctx_e, ctx_o, name="ctx")
+    assert_oracle_close(w, w_e, w_o, name="weights")
+
+
 @pytest.mark.parametrize("T", [None, 3])
 def test_without_graph_same_outputs(device, T):
     """Under no_grad, or with no input requiring grad, the launcher runs without the autograd
