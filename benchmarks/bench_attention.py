@@ -19,6 +19,7 @@ get no upstream gradient, as in the timed fwd+bwd case); the verdict goes in the
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -121,7 +122,7 @@ def available(impl: str, size: str = "notes") -> str | None:
 
 
 def run(sizes=("notes", "large", "long", "tf"), dtypes=(torch.float32, torch.bfloat16), quick=False) -> list[dict]:
-    rows = []
+    rows, graphed = [], []  # graphed: the notes' fused and eager calls, timed again by graph replay
     if not common.HAS_CUDA:
         print("bench_attention: no CUDA device: the fused column needs CUDA; timing eager and "
               "torch.compile(eager) at the notes' size only")
@@ -139,37 +140,17 @@ def run(sizes=("notes", "large", "long", "tf"), dtypes=(torch.float32, torch.bfl
                     if why:
                         print(f"{case:<18} {str(dtype):<15} {pass_:<8} {impl:<8} skipped: {why}")
                         continue
-                    row = common.measure(
-                        f"{case:<18} {str(dtype):<15} {pass_:<8} {impl:<8}", lambda: case_fn(impl, size, dtype, pass_),
-                        bench="attention", impl=impl, case=case, dtype=dtype, pass_=pass_,
-                        nbytes=traffic_bytes(size, dtype, pass_), note="values=None lengths mask", quick=quick,
-                        check=checks.get(impl, ""))
+                    call = dict(label=f"{case:<18} {str(dtype):<15} {pass_:<8} {impl:<8}",
+                                make_fn=functools.partial(case_fn, impl, size, dtype, pass_), bench="attention",
+                                impl=impl, case=case, dtype=dtype, pass_=pass_,
+                                nbytes=traffic_bytes(size, dtype, pass_), note="values=None lengths mask",
+                                quick=quick)
+                    row = common.measure(**call, check=checks.get(impl, ""))
                     if row:
                         rows.append(row)
-    rows += graph_rows(sizes, dtypes, quick)
-    return rows
-
-
-def graph_rows(sizes, dtypes, quick: bool) -> list[dict]:
-    """The notes' size again, fused and eager, timed by CUDA-graph replay (GPU time without the
-    host's issuing time, which is most of a call's wall time there); last, so a time limit cuts
-    these first."""
-    rows = []
-    if not common.HAS_CUDA or "notes" not in sizes:
-        return rows
-    B, T, L, D = SIZES["notes"]
-    case = f"B{B}_L{L}_D{D}"
-    for dtype in dtypes:
-        for pass_ in ("fwd", "fwd+bwd"):
-            for impl in ("fused", "eager"):
-                row = common.measure(
-                    f"{case:<18} {str(dtype):<15} {pass_ + common.GRAPH_SUFFIX:<12} {impl:<8}",
-                    lambda: case_fn(impl, "notes", dtype, pass_), bench="attention", impl=impl, case=case,
-                    dtype=dtype, pass_=pass_, nbytes=traffic_bytes("notes", dtype, pass_),
-                    note="values=None lengths mask", quick=quick, graph=True)
-                if row:
-                    rows.append(row)
-    return rows
+                    if size == "notes" and impl in common.GRAPH_IMPLS:
+                        graphed.append(call)
+    return rows + common.measure_graphed(graphed)
 
 
 def main(argv=None) -> list[dict]:

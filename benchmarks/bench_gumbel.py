@@ -21,6 +21,7 @@ one-hot of its index, and dlogits by SPEC section 5's rule. The verdict goes in 
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -138,7 +139,7 @@ def available(impl: str) -> str | None:
 
 
 def run(sizes=("notes", "mid", "large"), dtypes=(torch.float32, torch.bfloat16), quick=False) -> list[dict]:
-    rows = []
+    rows, graphed = [], []  # graphed: the notes' fused and eager calls, timed again by graph replay
     if not common.HAS_CUDA:
         print("bench_gumbel: no CUDA device: the fused column needs CUDA; timing eager "
               "F.gumbel_softmax at the smallest size only")
@@ -160,38 +161,15 @@ def run(sizes=("notes", "mid", "large"), dtypes=(torch.float32, torch.bfloat16),
                         if why:
                             print(f"{label} skipped: {why}")
                             continue
-                        row = common.measure(
-                            label, lambda: case_fn(impl, size, dtype, pass_, hard), bench="gumbel", impl=impl,
-                            case=case, dtype=dtype, pass_=pass_, nbytes=traffic_bytes(size, dtype, pass_),
-                            note=f"{mode} tau={TAU}", quick=quick, check=check if impl == "fused" else "")
+                        call = dict(label=label, make_fn=functools.partial(case_fn, impl, size, dtype, pass_, hard),
+                                    bench="gumbel", impl=impl, case=case, dtype=dtype, pass_=pass_,
+                                    nbytes=traffic_bytes(size, dtype, pass_), note=f"{mode} tau={TAU}", quick=quick)
+                        row = common.measure(**call, check=check if impl == "fused" else "")
                         if row:
                             rows.append(row)
-    rows += graph_rows(sizes, dtypes, quick)
-    return rows
-
-
-def graph_rows(sizes, dtypes, quick: bool) -> list[dict]:
-    """The notes' size again, fused and eager, timed by CUDA-graph replay (GPU time without the
-    host's issuing time, which is most of a call's wall time there); last, so a time limit cuts
-    these first."""
-    rows = []
-    if not common.HAS_CUDA or "notes" not in sizes:
-        return rows
-    B, V = SIZES["notes"]
-    case = f"B{B}_V{V}"
-    for dtype in dtypes:
-        for hard in (False, True):
-            mode = "hard" if hard else "soft"
-            for pass_ in ("fwd", "fwd+bwd"):
-                for impl in ("fused", "eager"):
-                    row = common.measure(
-                        f"{case:<14} {str(dtype):<15} {mode:<5} {pass_ + common.GRAPH_SUFFIX:<12} {impl:<8}",
-                        lambda: case_fn(impl, "notes", dtype, pass_, hard), bench="gumbel", impl=impl, case=case,
-                        dtype=dtype, pass_=pass_, nbytes=traffic_bytes("notes", dtype, pass_),
-                        note=f"{mode} tau={TAU}", quick=quick, graph=True)
-                    if row:
-                        rows.append(row)
-    return rows
+                        if size == "notes" and impl in common.GRAPH_IMPLS:
+                            graphed.append(call)
+    return rows + common.measure_graphed(graphed)
 
 
 def main(argv=None) -> list[dict]:

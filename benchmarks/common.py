@@ -135,6 +135,22 @@ def time_graphed(fn, *, warmup: int = 3, rep: int = 20, per: int = 10) -> dict:
 GRAPH_SUFFIX = summarize.GRAPH_SUFFIX  # pass names of rows timed by graph replay: "fwd (g)", "fwd+bwd (g)"
 
 
+GRAPH_IMPLS = ("fused", "eager")  # what the op benchmarks also time by graph replay, at the notes' size
+
+
+def measure_graphed(calls: list[dict]) -> list[dict]:
+    """``measure`` again for each recorded call (its keyword arguments; ``make_fn`` must bind its
+    case, not close over loop variables), timed by CUDA-graph replay: GPU time where a call's wall
+    time is mostly the host's. Benchmarks run it last, so a time limit cuts these rows first."""
+    rows = []
+    if HAS_CUDA:
+        for kw in calls:
+            row = measure(**dict(kw, check="", graph=True))
+            if row:
+                rows.append(row)
+    return rows
+
+
 def make_row(bench: str, impl: str, case: str, dtype, pass_: str, timing: dict, nbytes: int | None = None,
              note: str = "", check: str = "") -> dict:
     gbps = (nbytes / (timing["median_ms"] * 1e-3) / 1e9) if nbytes else None
@@ -187,6 +203,7 @@ def measure(label: str, make_fn, *, bench: str, impl: str, case: str, dtype, pas
     try:
         if graph:
             pass_ += GRAPH_SUFFIX
+            label += GRAPH_SUFFIX
             t = time_graphed(make_fn(), rep=5 if quick else 20)
         else:
             t = time_fn(make_fn(), warmup=3 if quick else 10, rep=5 if quick else 50)

@@ -21,6 +21,7 @@ CSV: no GPU, no card).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import time
 
@@ -87,54 +88,32 @@ def cases():
     qT, dctx, dctxT = torch.randn(B, T, D, requires_grad=True), torch.randn(B, D), torch.randn(B, T, D)
     lengths = torch.full((B,), L)
 
-    def grad(out, inputs, g):
-        torch.autograd.grad(out, inputs, g)
-
-    def gs(backend, hard, bwd):
+    def timed(out, inputs, g, bwd):
+        """A call of ``out()`` (the op's first output): under no_grad, or with its gradient."""
         def fn():
             if bwd:
-                grad(fused_s2s.gumbel_softmax(logits, 0.5, hard, backend=backend), logits, dy)
+                torch.autograd.grad(out(), inputs, g)
             else:
                 with torch.no_grad():
-                    fused_s2s.gumbel_softmax(logits, 0.5, hard, backend=backend)
+                    out()
         return fn
 
-    def gs_eager(hard, bwd):
-        def fn():
-            if bwd:
-                grad(F.gumbel_softmax(logits, 0.5, hard), logits, dy)
-            else:
-                with torch.no_grad():
-                    F.gumbel_softmax(logits, 0.5, hard)
-        return fn
+    def gs(op, hard, bwd):
+        return timed(lambda: op(logits, 0.5, hard), logits, dy, bwd)
 
-    def att(query, dc, bwd):
-        def fn():
-            if bwd:
-                ctx, _ = fused_s2s.attention_step(query, H, None, lengths, backend="triton")
-                grad(ctx, (query, H), dc)
-            else:
-                with torch.no_grad():
-                    fused_s2s.attention_step(query, H, None, lengths, backend="triton")
-        return fn
+    def att(op, query, dc, bwd):
+        return timed(lambda: op(query, H, None, lengths)[0], (query, H), dc, bwd)
 
-    def att_eager(query, dc, bwd):
-        def fn():
-            if bwd:
-                ctx, _ = reference.attention_eager(query, H, None, lengths)
-                grad(ctx, (query, H), dc)
-            else:
-                with torch.no_grad():
-                    reference.attention_eager(query, H, None, lengths)
-        return fn
-
+    fused_gs = functools.partial(fused_s2s.gumbel_softmax, backend="triton")
+    fused_att = functools.partial(fused_s2s.attention_step, backend="triton")
     for hard in (False, True):
         for bwd in (False, True):
             name = f"gumbel_softmax {'hard' if hard else 'soft'} {'fwd+bwd' if bwd else 'fwd'}"
-            yield name, gs("triton", hard, bwd), gs_eager(hard, bwd)
+            yield name, gs(fused_gs, hard, bwd), gs(F.gumbel_softmax, hard, bwd)
     for label, query, dc in (("one step (B, D)", q, dctx), ("T queries (B, T, D)", qT, dctxT)):
         for bwd in (False, True):
-            yield f"attention_step {label} {'fwd+bwd' if bwd else 'fwd'}", att(query, dc, bwd), att_eager(query, dc, bwd)
+            yield (f"attention_step {label} {'fwd+bwd' if bwd else 'fwd'}", att(fused_att, query, dc, bwd),
+                   att(reference.attention_eager, query, dc, bwd))
 
 
 def step_loop_us(n: int) -> list[tuple[str, float, float]]:

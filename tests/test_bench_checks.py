@@ -185,3 +185,39 @@ def test_run_records_checks_and_goes_on_after_a_crash(monkeypatch, tmp_path):
         got = [(r["impl"], r["dtype"], r["pass"], r["check"].split(" ")[0]) for r in csv.DictReader(f)]
     assert got == [(i, dt, ps, c if i == "fused" else "") for dt, c in (("float32", "ok"), ("bfloat16", "error:"))
                    for ps in ("fwd", "fwd+bwd") for i in ("fused", "eager")]
+
+
+def test_graph_replay_rows_retime_the_recorded_notes_calls(monkeypatch, tmp_path):
+    """bench_gumbel records its notes-size fused and eager calls and, last, times them again by
+    graph replay (common.measure_graphed): one " (g)" row per recorded call, each of its own case
+    (the recorded make_fn binds its case), without the check verdict. time_graphed and CUDA faked:
+    eager runs on the CPU, each replay timing stands in for the call it would capture."""
+    monkeypatch.setenv(common.RESULTS_CSV_ENV, str(tmp_path / "r.csv"))
+    monkeypatch.setattr(common, "HAS_CUDA", True)
+    monkeypatch.setattr(common, "device_name", lambda: "fake GPU")
+    monkeypatch.setattr(bench_gumbel, "available", lambda impl: None if impl == "eager" else "not here")
+    seen = []  # what each timed fn computes: its shape and pass, and for fwd whether y is one-hot
+
+    def fake_graphed(fn, rep):
+        out = fn()  # y (fwd) or (dlogits,) (fwd+bwd)
+        if isinstance(out, tuple):
+            seen.append((tuple(out[0].shape), "fwd+bwd", None))
+        else:
+            seen.append((tuple(out.shape), "fwd", "hard" if bool(((out == 0) | (out == 1)).all()) else "soft"))
+        return {"median_ms": 1.0, "p20_ms": 1.0, "p80_ms": 1.0, "peak_mem_mb": float("nan")}
+
+    monkeypatch.setattr(common, "time_graphed", fake_graphed)
+    monkeypatch.setattr(common, "time_fn", lambda fn, warmup, rep: dict(fake_graphed(fn, rep), median_ms=2.0))
+    monkeypatch.setitem(bench_gumbel.SIZES, "notes", (3, 11))
+    rows = bench_gumbel.run(sizes=("notes",), dtypes=(torch.float32,), quick=True)
+    called = [r for r in rows if not r["pass"].endswith(common.GRAPH_SUFFIX)]
+    graphed = [r for r in rows if r["pass"].endswith(common.GRAPH_SUFFIX)]
+    assert rows[len(called):] == graphed  # last
+    key = lambda r: (r["impl"], r["note"], r["pass"].removesuffix(common.GRAPH_SUFFIX))  # noqa: E731
+    assert [key(r) for r in graphed] == [key(r) for r in called] and len(graphed) == 4  # soft/hard x fwd/fwd+bwd
+    assert all(r["check"] == "" and r["median_ms"] == 1.0 for r in graphed)
+    assert all(r["median_ms"] == 2.0 for r in called)
+    # the replayed fns are the recorded cases, not the loop's last one
+    want = [((3, 11), r["pass"].removesuffix(common.GRAPH_SUFFIX),
+             r["note"].split()[0] if r["pass"].startswith("fwd ") else None) for r in graphed]
+    assert seen[-4:] == want
