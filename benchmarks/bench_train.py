@@ -1,7 +1,8 @@
 """Whole training step (forward, loss, backward, optimiser step): fused vs reference vs
 torch.compile(reference), for teacher forcing and scheduled sampling ("gumbel_hard", "gumbel").
 
-    python benchmarks/bench_train.py [--quick] [--sizes notes,large]   # rows appended to results/results.csv
+    python benchmarks/bench_train.py [--quick] [--sizes notes,large] [--modes M,..] [--dtypes float32,..]
+                                     # rows appended to results/results.csv
     pytest benchmarks/bench_train.py --benchmark-only
 
 Tokens/s counts target tokens (B * T) per step. Without CUDA the fused rows are skipped (the
@@ -123,20 +124,26 @@ def impls():
     return [i for i in names if common.wanted(i)]  # $FUSED_S2S_BENCH_IMPLS
 
 
-def run(quick: bool = False, sizes: tuple | None = None) -> list[dict]:
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def run(quick: bool = False, sizes: tuple | None = None, modes: tuple | None = None,
+        dtypes: tuple | None = None) -> list[dict]:
+    """sizes, modes, dtypes: names from SIZES, MODES, DTYPES (None: all; bfloat16 needs CUDA)."""
     rows = []
     if not common.HAS_CUDA:
         sizes = ("notes",)
     elif sizes is None:
         sizes = ("notes",) if quick else tuple(s[0] for s in SIZES)
     sizes = [s for name in sizes for s in SIZES if s[0] == name]
-    dtypes = [torch.float32, torch.bfloat16] if common.HAS_CUDA else [torch.float32]
+    modes = [m for m in MODES if modes is None or m[0] in modes]
+    dtypes = [DTYPES[d] for d in (dtypes or DTYPES) if common.HAS_CUDA or d == "float32"]
     if not common.HAS_CUDA:
         print("bench_train: no CUDA device: fused and torch.compile rows need a GPU; timing the eager reference only")
     for size in sizes:
         _, B, L, T, V, D = size
         for dtype in dtypes:
-            for mode, ratio, sampling in MODES:
+            for mode, ratio, sampling in modes:
                 case = f"B{B}_L{L}_T{T}_V{V}_D{D}_{mode}"
                 check = ""
                 if "fused" in impls() and not check_applies(dtype, ratio, sampling):
@@ -162,12 +169,18 @@ def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer repetitions (and only the notes' size by default)")
     p.add_argument("--sizes", default=None, help=f"comma list of {[s[0] for s in SIZES]} (CUDA only)")
+    p.add_argument("--modes", default=None, help=f"comma list of {[m[0] for m in MODES]} (default: all)")
+    p.add_argument("--dtypes", default=None, help=f"comma list of {list(DTYPES)} (default: all; bfloat16: CUDA only)")
     a = p.parse_args(argv)
-    if a.sizes:
-        unknown = set(a.sizes.split(",")) - {s[0] for s in SIZES}
-        if unknown:
-            p.error(f"--sizes: unknown {sorted(unknown)}; expected a comma list of {[s[0] for s in SIZES]}")
-    rows = run(a.quick, tuple(a.sizes.split(",")) if a.sizes else None)
+    picked = {}
+    for flag, names in (("sizes", [s[0] for s in SIZES]), ("modes", [m[0] for m in MODES]), ("dtypes", list(DTYPES))):
+        value = getattr(a, flag)
+        if value:
+            unknown = set(value.split(",")) - set(names)
+            if unknown:
+                p.error(f"--{flag}: unknown {sorted(unknown)}; expected a comma list of {names}")
+        picked[flag] = tuple(value.split(",")) if value else None
+    rows = run(a.quick, **picked)
     print(f"{len(rows)} rows appended to", common.results_csv())
     return rows
 

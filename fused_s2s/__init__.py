@@ -2,6 +2,7 @@
 
 Public API (SPEC section 4):
     attention_step, gumbel_softmax          fused ops (Triton on CUDA, eager elsewhere)
+    gumbel_sample                            Gumbel-max categorical samples (gumbel_softmax's index alone)
     Encoder, AttentionDecoder, Seq2Seq       the drop-in model classes
     schedules, reference                     ratio/temperature schedules; the eager textbook model
     graphs.graph_decoder_loss                CUDA-graph replay of a training step's decoder pass (experimental)
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "attention_step": ("fused_s2s.attention", "attention_step"),
     "gumbel_softmax": ("fused_s2s.gumbel", "gumbel_softmax"),
+    "gumbel_sample": ("fused_s2s.gumbel", "gumbel_sample"),
     "Encoder": ("fused_s2s.model", "Encoder"),
     "AttentionDecoder": ("fused_s2s.model", "AttentionDecoder"),
     "Seq2Seq": ("fused_s2s.model", "Seq2Seq"),

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fused_s2s._checks import check_batch, check_choice, check_generator, check_int_tensor
-from fused_s2s.gumbel import gumbel_softmax
+from fused_s2s.gumbel import gumbel_sample
 
 STRATEGIES = ("greedy", "sample", "beam")
 LENGTH_PENALTIES = ("gnmt", "average", "none")
@@ -151,9 +151,9 @@ def _filter_top_k_top_p(z: Tensor, top_k: int, top_p: float) -> Tensor:
 def sample(model, src: Tensor, src_lengths: Tensor, max_len: int, temperature: float = 1.0,
            top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None) -> GenerateOutput:
     """Ancestral sampling: exact categorical draws from softmax(logits / temperature) restricted to
-    top-k and the top-p nucleus, by the Gumbel-max trick: the index returned by the fused
-    ``gumbel_softmax(z, hard=True, return_index=True)`` is argmax(z + g), Philox noise g drawn in the
-    kernel on CUDA (eager mirror fused_s2s.philox otherwise); filtered tokens (z = -inf) never win.
+    top-k and the top-p nucleus, by the Gumbel-max trick: the fused ``gumbel_sample(z)`` is
+    argmax(z + g), Philox noise g drawn in the kernel on CUDA (eager mirror fused_s2s.philox
+    otherwise), one read of z and no (B, V) output; filtered tokens (z = -inf) never win.
 
     One seed per step is drawn from torch's RNG (``generator``, on the model's device, if given), so
     torch.manual_seed or a seeded generator reproduces a run. The backend is the decoder's
@@ -174,8 +174,7 @@ def sample(model, src: Tensor, src_lengths: Tensor, max_len: int, temperature: f
     def pick(z: Tensor) -> Tensor:  # z (B, V) float32, pad at -inf
         z = _filter_top_k_top_p(z / temperature, top_k, top_p)  # (B, V) filtered at -inf
         # one seed per step from torch's RNG; index = argmax(z + g) ~ Categorical(softmax(z))
-        _, index = gumbel_softmax(z, tau=1.0, hard=True, return_index=True, generator=generator, backend=backend)
-        return index  # (B,)
+        return gumbel_sample(z, generator=generator, backend=backend)  # (B,)
 
     with torch.no_grad():
         return _decode_one(model, src, src_lengths, max_len, pick)

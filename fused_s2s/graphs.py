@@ -58,7 +58,12 @@ class _DecoderLoss(nn.Module):
         ratio, sampling, tau, coin = self.mode
         out = self.decoder(tgt[:, :-1], memory, lengths, state, ratio, sampling, tau, coin=coin)
         loss = self.loss(out.logits, tgt[:, 1:])  # ()
-        return loss, out.logits.detach(), out.attention.detach()  # only the loss takes a gradient
+        # the loss is the only output: autograd would hand a replayed backward a zero-filled (B, T, V)
+        # gradient for every other output of the graph, every step. The logits and attention of the
+        # last pass run in Python are kept here instead: after capture, the graph's static buffers
+        # (the replays never run this method; the wrapper refuses eval mode, the one eager fallback)
+        self.outputs = (out.logits.detach(), out.attention.detach())
+        return loss
 
 
 def _encode(model, src, src_lengths):
@@ -113,8 +118,8 @@ class GraphedDecoderLoss:
         # as Seq2Seq.forward (an out-of-range id would assert inside the graph)
         self.model._check_args(src, src_lengths, tgt, *self.mode)
         memory, lengths, rnn = _encode(self.model, src, src_lengths)
-        loss, logits, attention = self.graphed(tgt.long(), memory, lengths, *rnn)
-        return Seq2SeqOutput(loss, logits.detach(), attention.detach())
+        loss = self.graphed(tgt.long(), memory, lengths, *rnn)
+        return Seq2SeqOutput(loss, *self.graphed.outputs)  # the static buffers of logits, attention
 
 
 def graph_decoder_loss(model, src: Tensor, src_lengths: Tensor, tgt: Tensor, teacher_forcing_ratio=1.0,

@@ -18,7 +18,7 @@ from torch.autograd.function import once_differentiable
 from fused_s2s import backend as _backend
 from fused_s2s import philox
 from fused_s2s._checks import check_float, check_generator, check_tau
-from fused_s2s.reference import gumbel_softmax_eager
+from fused_s2s.reference import gumbel_argmax_eager, gumbel_softmax_eager
 
 
 class _GumbelSoftmaxFn(torch.autograd.Function):
@@ -80,11 +80,61 @@ def gumbel_softmax(logits: torch.Tensor, tau: float = 1.0, hard: bool = False, d
     Returns:
         y of logits' shape and dtype, or (y, index) when ``return_index``.
     """
+    tau = check_tau(tau)
+    x, n, seed, impl, dim, last, flat = _prepare(logits, dim, noise, generator, backend)  # x (R, V)
+    if impl == "triton":
+        if torch.is_grad_enabled() and x.requires_grad:
+            y, idx = _GumbelSoftmaxFn.apply(x, n, seed, tau, bool(hard))
+        else:  # no graph to record (generation, no_grad): skip the autograd.Function's host cost
+            from fused_s2s.kernels import gumbel as K
+
+            y, idx, _, _ = K.gumbel_fwd(x, 1.0 / tau, bool(hard), n, seed)
+    else:
+        y, idx = _eager(x, n, seed, tau, bool(hard))
+    if not flat:  # back to logits' layout (views; each costs microseconds, so only when needed)
+        lead = logits.shape[:dim] + logits.shape[dim + 1:]
+        y = y.reshape(*lead, x.shape[1])
+        if not last:
+            y = y.movedim(-1, dim)
+        idx = idx.reshape(lead)
+    if return_index:
+        return y, idx
+    return y
+
+
+def gumbel_sample(logits: torch.Tensor, dim: int = -1, *, noise: torch.Tensor | None = None,
+                  generator: torch.Generator | None = None, backend: str = "auto") -> torch.Tensor:
+    """Categorical samples from softmax(logits) over ``dim`` by the Gumbel-max trick: argmax(logits + g).
+
+    The index ``gumbel_softmax(logits, tau, hard=True, return_index=True)`` returns, for any tau,
+    drawing the same seed from torch's RNG (so the same noise) without forming y: one read of the
+    logits and no (..., V) write. Not differentiable (an integer result). Ties pick the first
+    column and a NaN logit wins, as torch.argmax. Arguments as ``gumbel_softmax``; temperature or
+    top-k / top-p filtering are the caller's to apply to the logits first.
+
+    Returns: int64 indices of logits' shape without ``dim``.
+    """
+    x, n, seed, impl, dim, _, flat = _prepare(logits, dim, noise, generator, backend)  # x (R, V)
+    if impl == "triton":
+        from fused_s2s.kernels import gumbel as K
+
+        _, idx, _, _ = K.gumbel_fwd(x.detach(), 1.0, True, n, seed, store_y=False)  # (R,)
+    else:
+        g = n if n is not None else philox.gumbel_noise(seed, x.shape, x.device)  # (R, V)
+        idx = gumbel_argmax_eager(x.detach(), g)  # (R,)
+    if not flat:
+        idx = idx.reshape(logits.shape[:dim] + logits.shape[dim + 1:])
+    return idx
+
+
+def _prepare(logits, dim, noise, generator, backend):
+    """The shared checks and layout of gumbel_softmax / gumbel_sample (before any kernel runs):
+    -> x (R, V) (dim last, unit column stride), noise (R, V) in x's dtype or None, seed (0-d int64,
+    drawn from torch's RNG when noise is None, else None), impl, dim (>= 0), last, flat."""
     backend = _backend.validate(backend)
     check_float("logits", logits)
     if logits.dim() == 0:
         raise ValueError("logits must have at least 1 dimension, got a 0-d tensor")
-    tau = check_tau(tau)
     dim = _check_dim(dim, logits.dim())
     V = logits.shape[dim]
     if V == 0:
@@ -103,25 +153,7 @@ def gumbel_softmax(logits: torch.Tensor, tau: float = 1.0, hard: bool = False, d
         # in logits' dtype, as F.gumbel_softmax draws it; the kernels read it in that dtype
         n = _rows(noise, dim, V, last, flat).to(x.dtype)  # (R, V)
     seed = philox.draw_seed(logits.device, generator) if noise is None else None  # 0-d int64, on device
-
-    if impl == "triton":
-        if torch.is_grad_enabled() and x.requires_grad:
-            y, idx = _GumbelSoftmaxFn.apply(x, n, seed, tau, bool(hard))
-        else:  # no graph to record (generation, no_grad): skip the autograd.Function's host cost
-            from fused_s2s.kernels import gumbel as K
-
-            y, idx, _, _ = K.gumbel_fwd(x, 1.0 / tau, bool(hard), n, seed)
-    else:
-        y, idx = _eager(x, n, seed, tau, bool(hard))
-    if not flat:  # back to logits' layout (views; each costs microseconds, so only when needed)
-        lead = logits.shape[:dim] + logits.shape[dim + 1:]
-        y = y.reshape(*lead, V)
-        if not last:
-            y = y.movedim(-1, dim)
-        idx = idx.reshape(lead)
-    if return_index:
-        return y, idx
-    return y
+    return x, n, seed, impl, dim, last, flat
 
 
 def _rows(t: torch.Tensor, dim: int, V: int, last: bool, flat: bool) -> torch.Tensor:

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from fused_s2s import reference
 from fused_s2s.attention import attention_step
-from fused_s2s.gumbel import gumbel_softmax
+from fused_s2s.gumbel import gumbel_sample, gumbel_softmax
 from fused_s2s.reference import DecoderOutput, DecoderState, Encoder, Seq2SeqOutput  # noqa: F401  (re-exported)
 
 __all__ = ["Encoder", "AttentionDecoder", "Seq2Seq", "DecoderState", "DecoderOutput", "Seq2SeqOutput"]
@@ -220,12 +220,12 @@ class AttentionDecoder(reference.AttentionDecoder):
             return self._lookup(logits_t.detach().argmax(-1), W_emb, sink)  # (B, D) greedy token
         if sampling == "softmax":
             return self._mix(reference.gumbel_softmax_eager(logits_t, tau, False, None), W_mix, sink)
-        src = logits_t.detach() if sampling == "sample" else logits_t
-        # one launch: noise (drawn in-kernel from the same seed the reference draws), softmax, argmax
-        y, index = gumbel_softmax(src, tau, hard=sampling != "gumbel", noise=noise_t, generator=generator,
-                                  return_index=True, backend=self.backend)  # (B, V), (B,)
-        if sampling == "sample":
+        if sampling == "sample":  # one read of the logits: the index alone, no (B, V) y written
+            index = gumbel_sample(logits_t, noise=noise_t, generator=generator, backend=self.backend)  # (B,)
             return self._lookup(index, W_emb, sink)  # (B, D) Gumbel-max sample, not differentiable
+        # one launch: noise (drawn in-kernel from the same seed the reference draws), softmax, argmax
+        y, index = gumbel_softmax(logits_t, tau, hard=sampling != "gumbel", noise=noise_t, generator=generator,
+                                  return_index=True, backend=self.backend)  # (B, V), (B,)
         if sampling == "gumbel":
             return self._mix(y, W_mix, sink)  # (B, D) soft mixture
         return _HardEmbedding.apply(y, index, W_emb, sink)  # (B, D) straight-through
@@ -245,9 +245,26 @@ class AttentionDecoder(reference.AttentionDecoder):
         """Step 2 for one step, layer by layer with torch.lstm_cell / gru_cell on the cell's own
         weights: two GEMMs and one fused pointwise kernel per layer, where a length-1 call of the
         sequence RNN (cuDNN on GPU) pays its whole per-call set-up every step. Same math; the
-        parameters stay nn.LSTM / nn.GRU's (state_dict unchanged), dropout between layers is 0."""
+        parameters stay nn.LSTM / nn.GRU's (state_dict unchanged), dropout between layers is 0.
+
+        Under autocast the cells run in the parameters' dtype (fp32), autocast off: autocast would
+        run lstm_cell / gru_cell in its low-precision dtype (bf16 too), where the reference's
+        per-step cuDNN call runs float16 whatever the autocast dtype (ATen's autocast wrapper of
+        _cudnn_rnn) and a CPU RNN float32; fp32 is at least as precise as either, for (B, D) x
+        (D, 4D) products that cost microseconds. The state (any float dtype) is cast once, at
+        the first step, and stays fp32."""
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev):
+            with torch.autocast(dev, enabled=False):
+                return self._cells(x, rnn, self.cell.weight_ih_l0.dtype)
+        return self._cells(x, rnn, None)
+
+    def _cells(self, x: Tensor, rnn, dt):
+        """The layers of _rnn_step; dt: the dtype to run them in (None: the inputs' own)."""
         cell, lstm = self.cell, self.cell_type == "lstm"
         h0, c0 = rnn if lstm else (rnn, None)  # each (num_layers, B, D)
+        if dt is not None:  # .to(own dtype) is the tensor itself: no copy once the state is in dt
+            x, h0, c0 = x.to(dt), h0.to(dt), (c0.to(dt) if lstm else None)
         hs, cs = [], []
         for k in range(self.num_layers):
             w = (getattr(cell, f"weight_ih_l{k}"), getattr(cell, f"weight_hh_l{k}"),

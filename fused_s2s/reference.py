@@ -9,6 +9,7 @@ state_dict loads into either class, and it draws random numbers in the same orde
 Two small functions are the eager backend of the fused ops (SPEC section 4):
     attention_eager(query, keys, values=None, mask=None)   -> ctx, weights   (steps 3-5)
     gumbel_softmax_eager(logits, tau, hard, noise)          -> y              (section 2)
+    gumbel_argmax_eager(logits, noise)                       -> index          ("sample")
 
 Symbols: B batch, L source length, T target steps, V vocabulary, D hidden = embedding size.
 """
@@ -45,6 +46,7 @@ STRATEGIES = ("greedy", "sample", "beam")
 __all__ = [
     "attention_eager",
     "gumbel_softmax_eager",
+    "gumbel_argmax_eager",
     "mask_from",
     "Encoder",
     "DecoderState",
@@ -147,13 +149,8 @@ def gumbel_softmax_eager(logits: Tensor, tau: float, hard: bool = False, noise: 
     """
     check_float("logits", logits)
     tau = check_tau(tau)
-    cdt = torch.float64 if logits.dtype == torch.float64 else torch.float32  # compute dtype
-    z = logits.to(cdt)  # (..., V)
-    if noise is not None:
-        check_float("noise", noise, device=logits.device)
-        if noise.shape != logits.shape:
-            raise ValueError(f"noise must have logits' shape {tuple(logits.shape)}, got {tuple(noise.shape)}")
-        z = z + noise.to(cdt)  # (..., V)  perturbed logits
+    _check_noise(noise, logits)
+    z = _perturbed(logits, noise)  # (..., V)  perturbed logits, float32 / float64
     y_soft = torch.softmax(z / tau, dim=dim)  # (..., V)
     index = z.argmax(dim=dim, keepdim=True)  # (..., 1)  Gumbel-max: a categorical sample
     if hard:
@@ -162,6 +159,31 @@ def gumbel_softmax_eager(logits: Tensor, tau: float, hard: bool = False, noise: 
     if return_index:
         return y_soft.to(logits.dtype), index.squeeze(dim)
     return y_soft.to(logits.dtype)
+
+
+def gumbel_argmax_eager(logits: Tensor, noise: Tensor, dim: int = -1) -> Tensor:
+    """The Gumbel-max trick: argmax(logits + g) over ``dim``, a sample of softmax(logits) (not
+    differentiable). In float32 (float64 for float64 logits), like the kernels, so half-precision
+    models pick the same index; ties pick the first column, a NaN wins (torch.argmax)."""
+    check_float("logits", logits)
+    if noise is None:
+        raise TypeError("noise must be a tensor of logits' shape (the Gumbel noise g), got None")
+    _check_noise(noise, logits)
+    return _perturbed(logits.detach(), noise).argmax(dim=dim)
+
+
+def _check_noise(noise, logits) -> None:
+    if noise is not None:
+        check_float("noise", noise, device=logits.device)
+        if noise.shape != logits.shape:
+            raise ValueError(f"noise must have logits' shape {tuple(logits.shape)}, got {tuple(noise.shape)}")
+
+
+def _perturbed(logits: Tensor, noise: Tensor | None) -> Tensor:
+    """logits + noise in the compute dtype: float32, or float64 for float64 logits."""
+    cdt = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    z = logits.to(cdt)  # (..., V)
+    return z if noise is None else z + noise.to(cdt)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,7 +343,10 @@ class AttentionDecoder(nn.Module):
         if memory.device != W.device:
             raise ValueError(f"memory is on {memory.device} but the decoder's parameters are on {W.device}; "
                              "expected one device")
-        if memory.dtype != W.dtype:
+        # under autocast, memory may come in another float dtype: on CUDA the encoder's cuDNN RNN
+        # runs (and returns) float16 whatever the autocast dtype (ATen's autocast wrapper of
+        # _cudnn_rnn); _attend casts memory to the query's dtype
+        if memory.dtype != W.dtype and not torch.is_autocast_enabled(memory.device.type):
             raise TypeError(f"memory has dtype {memory.dtype} but the decoder's parameters are {W.dtype}; "
                             "expected the same dtype")
         if B is not None and memory.shape[0] != B:
@@ -478,9 +503,7 @@ class AttentionDecoder(nn.Module):
             seed = philox.draw_seed(logits_t.device, generator)  # 0-d int64 on the device
             g = philox.gumbel_noise(seed, logits_t.shape, logits_t.device)  # (B, V) float32
         if sampling == "sample":
-            cdt = torch.float64 if logits_t.dtype == torch.float64 else torch.float32  # fp32 like the kernels
-            z = logits_t.detach().to(cdt) + g.to(cdt)  # (B, V)
-            return self.embedding(z.argmax(-1))  # (B, D) Gumbel-max: a categorical sample
+            return self.embedding(gumbel_argmax_eager(logits_t, g))  # (B, D) Gumbel-max: a categorical sample
         y = gumbel_softmax_eager(logits_t, tau, sampling == "gumbel_hard", g)  # (B, V)
         return y @ W_emb  # (B, D) soft mixture, or exactly one-hot rows with the soft gradient
 

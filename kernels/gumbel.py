@@ -6,6 +6,7 @@ Forward (one launch; a program owns BLOCK_R rows, one row when V is large):
     z   = t / tau                                             (computed as t * inv_tau)
     y   = softmax(z) = exp(z - m) / s,   m = max z,  s = sum exp(z - m)    (online over V blocks)
     hard: y = one_hot(argmax t) (exact 0/1; a row whose m or s is not finite becomes NaN)
+    index only (STORE_Y off, hard): argmax t and (m, s), y not written (Gumbel-max sampling)
 The noise is never written: the backward pass draws it again from the same seed and counters and
 rebuilds y from the saved per-row (m, s): O(rows) saved state beyond the logits.
 Backward (straight-through for hard: the gradient of the soft y):
@@ -116,8 +117,10 @@ def _gumbel_fwd_kernel(
     stride_x, stride_n, stride_y, R, V, NBLK, inv_tau,
     BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, SINGLE: tl.constexpr, HARD: tl.constexpr,
     HAS_NOISE: tl.constexpr, FP64: tl.constexpr, WRITE_NOISE: tl.constexpr, FAST_LOG: tl.constexpr,
+    STORE_Y: tl.constexpr,
 ):
-    """BLOCK_R rows: online (m, s) over z = (x + g) / tau, argmax of t = x + g, then y.
+    """BLOCK_R rows: online (m, s) over z = (x + g) / tau, argmax of t = x + g, then y (unless not
+    STORE_Y: hard only, the sampled index alone, a pass over the logits with no (R, V) write).
 
     m_sub (m with -inf replaced by 0) keeps exp(z - m) and the rescale exp(m_old - m_new) free of
     (-inf) - (-inf) when a leading block is all -inf (masked logits); an all -inf row ends with
@@ -197,15 +200,16 @@ def _gumbel_fwd_kernel(
     inv_s = 1.0 / tl.where(rmask, s, 1.0)  # padding rows (s = 0) stay quiet
     y_rows = y_ptr + rows[:, None] * stride_y
     if HARD:
-        # exact one-hot; NaN row where softmax would be NaN (NaN / +-inf logits), as in torch
-        ok = (s > 0) & (s < _INF) & (m > _NEG_INF) & (m < _INF)
-        poison = tl.where(ok, 0.0, float("nan"))
-        start = 0
-        while start < V:
-            c = start + cols
-            y = tl.where(c[None, :] == idx[:, None], 1.0, 0.0) + poison[:, None]
-            tl.store(y_rows + c[None, :], y.to(y_ptr.dtype.element_ty), mask=rmask[:, None] & (c < V)[None, :])
-            start += BLOCK_V
+        if STORE_Y:
+            # exact one-hot; NaN row where softmax would be NaN (NaN / +-inf logits), as in torch
+            ok = (s > 0) & (s < _INF) & (m > _NEG_INF) & (m < _INF)
+            poison = tl.where(ok, 0.0, float("nan"))
+            start = 0
+            while start < V:
+                c = start + cols
+                y = tl.where(c[None, :] == idx[:, None], 1.0, 0.0) + poison[:, None]
+                tl.store(y_rows + c[None, :], y.to(y_ptr.dtype.element_ty), mask=rmask[:, None] & (c < V)[None, :])
+                start += BLOCK_V
     elif SINGLE:
         y = tl.exp(z - m_sub[:, None]) * inv_s[:, None]
         tl.store(y_rows + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -354,18 +358,21 @@ def _stats_dtype(dtype):
 
 
 def gumbel_fwd(x, inv_tau: float, hard: bool, noise=None, seed=None, *, block_r=None, block_v=None,
-               num_warps=None, write_noise: bool = False):
+               num_warps=None, write_noise: bool = False, store_y: bool = True):
     """x (R, V) with unit column stride; noise (R, V) in x.dtype or None (then seed, a 0-d int64 tensor).
 
-    Returns y (R, V) in x.dtype, idx (R,) int64, m (R,), s (R,) [, g (R, V) fp32 if write_noise].
+    Returns y (R, V) in x.dtype (None when not store_y: index only, hard only), idx (R,) int64,
+    m (R,), s (R,) [, g (R, V) fp32 if write_noise].
     """
     R, V = x.shape
+    if not (store_y or hard):
+        raise ValueError("store_y=False (the index alone) needs hard=True")
     BR, BV, nw, single = pick_config(V, x.dtype, block_r=block_r, block_v=block_v, num_warps=num_warps)
-    y = torch.empty((R, V), dtype=x.dtype, device=x.device)
+    y = torch.empty((R, V), dtype=x.dtype, device=x.device) if store_y else None
     idx = torch.empty((R,), dtype=torch.int64, device=x.device)
     m = torch.empty((R,), dtype=_stats_dtype(x.dtype), device=x.device)
     s = torch.empty_like(m)
-    g = torch.empty((R, V), dtype=torch.float32, device=x.device) if write_noise else y
+    g = torch.empty((R, V), dtype=torch.float32, device=x.device) if write_noise else x  # x: not written
     has_noise = noise is not None
     # soft rows over several blocks with in-kernel noise: the running max after each block, for
     # pass 2's rescale of q
@@ -373,11 +380,11 @@ def gumbel_fwd(x, inv_tau: float, hard: bool, noise=None, seed=None, *, block_r=
     mb = torch.empty((R, nblk), dtype=m.dtype, device=x.device) if not (single or hard or has_noise) else m
     if R:
         _gumbel_fwd_kernel[(cdiv(R, BR),)](
-            x, noise if has_noise else x, idx if has_noise else seed, y, idx, m, s, g, mb,
-            x.stride(0), noise.stride(0) if has_noise else 0, y.stride(0), R, V, nblk, float(inv_tau),
-            BLOCK_R=BR, BLOCK_V=BV, SINGLE=single, HARD=bool(hard), HAS_NOISE=has_noise,
-            FP64=x.dtype == torch.float64, WRITE_NOISE=bool(write_noise), FAST_LOG=_fast_log(x), num_warps=nw,
-            enable_fp_fusion=True,
+            x, noise if has_noise else x, idx if has_noise else seed, x if y is None else y, idx, m, s, g, mb,
+            x.stride(0), noise.stride(0) if has_noise else 0, 0 if y is None else y.stride(0), R, V, nblk,
+            float(inv_tau), BLOCK_R=BR, BLOCK_V=BV, SINGLE=single, HARD=bool(hard), HAS_NOISE=has_noise,
+            FP64=x.dtype == torch.float64, WRITE_NOISE=bool(write_noise), FAST_LOG=_fast_log(x),
+            STORE_Y=y is not None, num_warps=nw, enable_fp_fusion=True,
         )
     if write_noise:
         return y, idx, m, s, g
@@ -426,16 +433,18 @@ def _aot_configs():
                 common = {"BLOCK_R": br, "BLOCK_V": bv, "SINGLE": single, "HAS_NOISE": has_noise,
                           "FP64": dtype == torch.float64, "FAST_LOG": True}  # what a CUDA launch picks
                 label = f"{dt} noise={'given' if has_noise else 'philox'} {br}x{bv}{'' if single else ' loop'}"
-                for hard in (False, True):
+                for hard, store_y in ((False, True), (True, True), (True, False)):
                     sig = {"x_ptr": f"*{dt}", "noise_ptr": f"*{dt}", "seed_ptr": "*i64", "y_ptr": f"*{dt}",
                            "idx_ptr": "*i64", "m_ptr": f"*{st}", "s_ptr": f"*{st}", "g_ptr": f"*{dt}",
                            "mb_ptr": f"*{st}", "stride_x": "i32", "stride_n": "i32", "stride_y": "i32",
                            "R": "i32", "V": "i32", "NBLK": "i32",
                            "inv_tau": "fp32", "BLOCK_R": "constexpr", "BLOCK_V": "constexpr", "SINGLE": "constexpr",
                            "HARD": "constexpr", "HAS_NOISE": "constexpr", "FP64": "constexpr",
-                           "WRITE_NOISE": "constexpr", "FAST_LOG": "constexpr"}
-                    yield aot.AOTConfig(_gumbel_fwd_kernel, sig, dict(common, HARD=hard, WRITE_NOISE=False),
-                                        num_warps=nw, label=f"fwd {label}{' hard' if hard else ''}")
+                           "WRITE_NOISE": "constexpr", "FAST_LOG": "constexpr", "STORE_Y": "constexpr"}
+                    kind = " index" if not store_y else " hard" if hard else ""
+                    yield aot.AOTConfig(_gumbel_fwd_kernel, sig,
+                                        dict(common, HARD=hard, WRITE_NOISE=False, STORE_Y=store_y),
+                                        num_warps=nw, label=f"fwd {label}{kind}")
                 sig = {"x_ptr": f"*{dt}", "noise_ptr": f"*{dt}", "seed_ptr": "*i64", "m_ptr": f"*{st}",
                        "s_ptr": f"*{st}", "dy_ptr": f"*{dt}", "dx_ptr": f"*{dt}", "stride_x": "i32",
                        "stride_n": "i32", "stride_dy": "i32", "stride_dx": "i32", "R": "i32", "V": "i32",

@@ -15,6 +15,11 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:
+    # cuDNN's fp32 RNNs may run in TF32 (torch.backends.cudnn.allow_tf32 defaults to True: cuDNN's
+    # default math mode), lstm_cell / cuBLAS do not (matmul TF32 is off by default): the tests that
+    # compare the fused step loop's cells with the reference's per-step cuDNN RNN in fp32 mean fp32
+    torch.backends.cudnn.allow_tf32 = False
 
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 

@@ -20,6 +20,27 @@ def test_sizes_option_rejects_unknown_names(capsys):
     with pytest.raises(SystemExit):
         bench_train.main(["--sizes", "notes,huge"])
     assert "unknown ['huge']" in capsys.readouterr().err
+    for flag, bad in (("--modes", "teacher_forcing,beam"), ("--dtypes", "float16")):
+        with pytest.raises(SystemExit):
+            bench_train.main([flag, bad])
+        assert "unknown" in capsys.readouterr().err
+
+
+def test_modes_and_dtypes_options_pick_the_cases(monkeypatch):
+    """--modes / --dtypes restrict the cases timed (the GPU budget's torch.compile pass times two);
+    timing and the CSV are stubbed: only which cases run is checked."""
+    timed = []
+    monkeypatch.setattr(bench_train, "train_step_fn", lambda impl, size, ratio, sampling, dtype: (impl, sampling, dtype))
+    monkeypatch.setattr(bench_train.common, "time_fn", lambda fn, **kw: timed.append(fn) or
+                        {"median_ms": 1.0, "peak_mem_mb": 0.0, "min_ms": 1.0, "mean_ms": 1.0, "p20_ms": 1.0, "p80_ms": 1.0})
+    monkeypatch.setattr(bench_train.common, "make_row", lambda *a, **k: dict(a=a))
+    monkeypatch.setattr(bench_train.common, "append_rows", lambda rows: None)
+    monkeypatch.setattr(bench_train, "impls", lambda: ["reference"])
+    bench_train.main(["--quick", "--modes", "teacher_forcing,ss_gumbel_hard", "--dtypes", "float32"])
+    assert timed == [("reference", "argmax", torch.float32), ("reference", "gumbel_hard", torch.float32)]
+    timed.clear()
+    bench_train.main(["--quick"])
+    assert [t[1] for t in timed] == ["argmax", "gumbel_hard", "gumbel"]  # default: every mode
 
 
 @pytest.mark.kernels

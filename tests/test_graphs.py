@@ -39,7 +39,8 @@ def test_captured_module_computes_the_forward_loss(cell, ratio, sampling):
     rnn = state.rnn if isinstance(state.rnn, tuple) else (state.rnn,)
     torch.manual_seed(5)  # the encoder draws nothing: the decoder draws the same coins and noise
     module = graphs._DecoderLoss(model, (ratio, sampling, 0.7, "token"))
-    loss, logits, attention = module(tgt, memory, mask, *rnn)
+    loss = module(tgt, memory, mask, *rnn)  # the only output: no zero-filled gradients of the others
+    logits, attention = module.outputs
     torch.testing.assert_close(loss, want.loss, rtol=0, atol=0)
     torch.testing.assert_close(logits, want.logits, rtol=0, atol=0)
     assert not logits.requires_grad and not attention.requires_grad  # only the loss takes a gradient
@@ -76,6 +77,8 @@ def test_wrapper_logic_without_cuda(monkeypatch):
     torch.manual_seed(3)
     want = model(*batch, teacher_forcing_ratio=0.5, sampling="gumbel_hard", tau=0.7)
     torch.testing.assert_close(out.loss, want.loss, rtol=0, atol=0)
+    torch.testing.assert_close(out.logits, want.logits, rtol=0, atol=0)
+    torch.testing.assert_close(out.attention, want.attention, rtol=0, atol=0)
     assert out.loss.requires_grad and not out.logits.requires_grad and not out.attention.requires_grad
     out.loss.backward()  # the gradient reaches the encoder through memory and the final state
     assert model.encoder.embedding.weight.grad is not None and model.decoder.W_out.weight.grad is not None
@@ -109,7 +112,11 @@ def test_replayed_step_matches_eager_and_redraws_noise():
         out = step(*batch)
         out.loss.backward()
     torch.cuda.synchronize()
-    torch.testing.assert_close(out.loss, eager(*batch).loss, rtol=1e-5, atol=1e-6)
+    want = eager(*batch)
+    torch.testing.assert_close(out.loss, want.loss, rtol=1e-5, atol=1e-6)
+    # the logits and attention returned are the graph's static outputs, filled by the replay
+    torch.testing.assert_close(out.logits, want.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.attention, want.attention, rtol=1e-5, atol=1e-6)
     for n, g in _grads(eager).items():
         assert _grads(model)[n] is not None, f"{n}: no gradient from the replayed step"
         torch.testing.assert_close(_grads(model)[n], g, rtol=1e-4, atol=1e-5, msg=lambda m: f"{n}: {m}")

@@ -100,6 +100,85 @@ def test_triton_and_eager_backends_draw_the_same_noise(device, hard):
 
 
 # ------------------------------------------------------------------------------------------------
+# gumbel_sample: the sampled index alone (no y written)
+
+
+@pytest.mark.parametrize("backend", ["triton", "eager"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape,dim", [((1, 1), -1), ((64, 37), -1), ((2, 3, 300), 1), ((3, 5000), -1),
+                                       ((2, 17000), -1)])
+def test_gumbel_sample_is_the_hard_gumbel_softmax_index(device, backend, dtype, shape, dim):
+    """Same RNG state, same seed drawn: gumbel_sample's index is gumbel_softmax's (any tau), and
+    argmax(logits + g) with the Philox mirror's g, in float32 (float64 for float64 logits)."""
+    logits = (torch.randn(shape, device=device) * 2).to(dtype)
+    torch.manual_seed(5)
+    idx = fused_s2s.gumbel_sample(logits, dim, backend=backend)
+    torch.manual_seed(5)
+    _, want = fused_s2s.gumbel_softmax(logits, 0.3, True, dim, return_index=True, backend=backend)
+    assert idx.dtype == torch.int64 and idx.shape == want.shape
+    assert torch.equal(idx, want)
+    x = logits.movedim(dim, -1)
+    g = philox.gumbel_noise(_mirror_seed(5, device), x.reshape(-1, x.shape[-1]).shape, device).reshape(x.shape)
+    cdt = torch.float64 if dtype == torch.float64 else torch.float32
+    assert torch.equal(idx, (x.to(cdt) + g.to(cdt)).argmax(-1))
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on NaN rows
+@pytest.mark.parametrize("given_noise", [False, True])
+@pytest.mark.parametrize("block_v", [None, 16])
+def test_gumbel_sample_kernel_index_alone_equals_full_forward(device, given_noise, block_v):
+    """The launcher's store_y=False: no y, the same index as the full hard forward, over one block
+    and over several (block_v=16): ties, NaNs (first NaN column), -inf columns, a row of -1e4."""
+    V = 70
+    logits = torch.randn(6, V, device=device)
+    logits[0, 7] = float("nan")
+    logits[1, [50, 66]] = float("nan")
+    logits[2, :40] = float("-inf")
+    logits[3] = -1e4
+    logits[4, [20, 37]] = 1e3  # a tie (zero noise below) in different blocks
+    noise = _torch_noise(logits) if given_noise else None
+    if given_noise:
+        noise[4] = 0.0
+    seed = None if given_noise else philox.draw_seed(device)
+    y, idx, _, _ = K.gumbel_fwd(logits, 1.0, True, noise, seed, block_v=block_v, store_y=False)
+    _, want, _, _ = K.gumbel_fwd(logits, 1.0, True, noise, seed, block_v=block_v)
+    assert y is None
+    assert idx.tolist() == want.tolist()
+    g = noise if given_noise else philox.gumbel_noise(seed, logits.shape, device)
+    assert idx.tolist() == (logits + g).argmax(-1).tolist()
+    assert idx[0] == 7 and idx[1] == 50 and idx[2] >= 40
+    if given_noise:
+        assert idx[4] == 20
+    with pytest.raises(ValueError, match="hard"):
+        K.gumbel_fwd(logits, 1.0, False, noise, seed, store_y=False)
+
+
+def test_gumbel_sample_takes_no_gradient_and_draws_like_gumbel_softmax(device, monkeypatch):
+    logits = torch.randn(4, 50, device=device, requires_grad=True)
+    calls = []
+    fwd = K.gumbel_fwd
+    monkeypatch.setattr(K, "gumbel_fwd", lambda *a, **k: calls.append(k) or fwd(*a, **k))
+    torch.manual_seed(3)
+    a = fused_s2s.gumbel_sample(logits, backend="triton")
+    b = fused_s2s.gumbel_sample(logits, backend="triton")
+    after = torch.rand(1)
+    torch.manual_seed(3)
+    fused_s2s.gumbel_softmax(logits, 1.0, True, backend="triton")
+    fused_s2s.gumbel_softmax(logits, 1.0, True, backend="triton")
+    assert torch.equal(torch.rand(1), after)  # one seed per call each: the same RNG consumption
+    assert not a.requires_grad and not torch.equal(a, b)  # fresh noise per call
+    assert [k.get("store_y", True) for k in calls] == [False, False, True, True]  # the index alone: no y
+    noise = _torch_noise(logits)
+    state = torch.get_rng_state()
+    assert torch.equal(fused_s2s.gumbel_sample(logits, noise=noise, backend="triton"), (logits + noise).argmax(-1))
+    assert torch.equal(torch.get_rng_state(), state)  # given noise: nothing drawn
+    gen = torch.Generator(device=device).manual_seed(1)
+    c = fused_s2s.gumbel_sample(logits, generator=gen, backend="triton")
+    gen.manual_seed(1)
+    assert torch.equal(fused_s2s.gumbel_sample(logits, generator=gen, backend="eager"), c)
+
+
+# ------------------------------------------------------------------------------------------------
 # statistics of the in-kernel noise (>= 100k draws, one launch)
 
 _P_MIN = 1e-3  # seeds are fixed (conftest), so these are deterministic; a wrong noise gives p ~ 0
@@ -504,12 +583,19 @@ def test_bad_inputs(no_kernels, kwargs, exc, match):
     args.update(kwargs)
     with pytest.raises(exc, match=match):
         fused_s2s.gumbel_softmax(args.pop("logits"), args.pop("tau"), backend=args.pop("backend", "triton"), **args)
+    if "tau" not in kwargs:  # gumbel_sample shares every check but tau's
+        args = dict(logits=torch.randn(2, 5))
+        args.update(kwargs)
+        with pytest.raises(exc, match=match):
+            fused_s2s.gumbel_sample(args.pop("logits"), backend=args.pop("backend", "triton"), **args)
 
 
 @pytest.mark.gpu
 def test_generator_on_another_device_cuda(no_kernels):
     with pytest.raises(ValueError, match="generator"):
         fused_s2s.gumbel_softmax(torch.randn(2, 5, device="cuda"), generator=torch.Generator())
+    with pytest.raises(ValueError, match="generator"):
+        fused_s2s.gumbel_sample(torch.randn(2, 5, device="cuda"), generator=torch.Generator())
 
 
 def test_bad_launcher_block():
@@ -528,10 +614,12 @@ def test_bad_launcher_block():
 def test_no_host_sync_cuda(V, hard):
     logits = torch.randn(8, V, device="cuda", requires_grad=True)
     fused_s2s.gumbel_softmax(logits, 0.5, hard).sum().backward()  # warm up (compile)
+    fused_s2s.gumbel_sample(logits)
     torch.cuda.set_sync_debug_mode("error")
     try:
         y, idx = fused_s2s.gumbel_softmax(logits, 0.5, hard, return_index=True)
         y.sum().backward()
+        fused_s2s.gumbel_sample(logits)
     finally:
         torch.cuda.set_sync_debug_mode("default")
 

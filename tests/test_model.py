@@ -329,6 +329,47 @@ def test_autocast_bf16_matches_reference_against_oracle(device, ratio, sampling)
         assert_oracle_close(grads["fused"][n], grads["ref"][n], grads["oracle"][n], factor=4.0, name=f"grad {n}")
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_autocast_takes_float16_memory_and_state_as_cudnn_returns_them(device, cell, monkeypatch):
+    """On CUDA, autocast runs the encoder's cuDNN RNN in float16 whatever the autocast dtype, so
+    under bf16 autocast memory and the final state come as float16 while the parameters are fp32:
+    the decoder takes them (no dtype error), its step loop runs the cells in fp32 (the state comes
+    back fp32; autocast would run them in bf16, less precise than the reference's fp16 cuDNN step),
+    and meets the float64 oracle as the fp32 pass does. Outside autocast, float16 memory for fp32
+    parameters is still refused, naming memory."""
+    _, fused, oracle = _models(device, cell=cell)
+    src, lengths, tgt = _batch(device)
+    memory, mask, state = fused.encode(src, lengths)
+    half = lambda s: tuple(t.half() for t in s) if isinstance(s, tuple) else s.half()  # noqa: E731
+    state16 = type(state)(half(state.rnn), state.h_tilde)
+    with pytest.raises(TypeError, match="memory"):
+        fused.decoder(tgt[:, :-1], memory.half(), mask, state16, 0.5, "gumbel")
+    dbl = lambda s: tuple(t.double() for t in s) if isinstance(s, tuple) else s.double()  # noqa: E731
+    calls, name = [], f"{cell}_cell"
+    real = getattr(torch, name)
+
+    def spy(x, hx, *w):  # what each cell step runs under: autocast off, fp32 inputs
+        hs = hx if isinstance(hx, tuple) else (hx,)
+        calls.append((torch.is_autocast_enabled(device.type), x.dtype, *(h.dtype for h in hs)))
+        return real(x, hx, *w)
+
+    monkeypatch.setattr(torch, name, spy)
+    errs = []
+    for mem, st in ((memory.half(), state16), (memory, state)):  # float16 as from cuDNN; fp32 as on CPU
+        torch.manual_seed(1)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            out = fused.decoder(tgt[:, :-1], mem, mask, st, 0.5, "gumbel", 0.7)
+        for s in (out.state.rnn if isinstance(out.state.rnn, tuple) else (out.state.rnn,)):
+            assert s.dtype == torch.float32
+        # the float64 oracle on the same memory and state, the same coins and noise
+        torch.manual_seed(1)
+        want = oracle.decoder(tgt[:, :-1], mem.double(), mask, type(state)(dbl(st.rnn), st.h_tilde.double()),
+                              0.5, "gumbel", 0.7)
+        errs.append((out.logits.double() - want.logits).abs().max().item())
+    assert errs[0] <= 2 * errs[1], errs  # float16 inputs cost no accuracy beyond their own rounding
+    assert calls and set(calls) == {(False,) + (torch.float32,) * (3 if cell == "lstm" else 2)}, set(calls)
+
+
 def test_bad_input_names_argument(device):
     _, fused, _ = _models(device)
     src, lengths, tgt = _batch(device)

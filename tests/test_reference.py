@@ -15,6 +15,7 @@ from fused_s2s.reference import (
     Encoder,
     Seq2Seq,
     attention_eager,
+    gumbel_argmax_eager,
     gumbel_softmax_eager,
 )
 
@@ -261,6 +262,22 @@ def test_gumbel_softmax_eager_soft_and_hard():
         torch.testing.assert_close(ys, torch.softmax((lh.float() + gh32) / 0.5, -1).to(dt), rtol=0, atol=0)
     # noise=None: softmax(logits / tau)
     torch.testing.assert_close(gumbel_softmax_eager(logits, 2.0, False, None), torch.softmax(logits / 2.0, -1))
+
+
+def test_gumbel_argmax_eager_is_the_hard_index_in_fp32():
+    g = philox.gumbel_noise(3, (64, 33))
+    for dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        lh = (3 * torch.randn(64, 33)).to(dt).requires_grad_()
+        idx = gumbel_argmax_eager(lh, g)
+        assert idx.dtype == torch.int64 and not idx.requires_grad
+        _, want = gumbel_softmax_eager(lh, 0.5, True, g, return_index=True)
+        assert torch.equal(idx, want)
+        cdt = torch.float64 if dt == torch.float64 else torch.float32
+        assert torch.equal(idx, (lh.detach().to(cdt) + g.to(cdt)).argmax(-1))  # not in half precision
+    # dim: the category axis
+    x = torch.randn(3, 7, 5)
+    g3 = philox.gumbel_noise(4, (3, 7, 5))
+    assert torch.equal(gumbel_argmax_eager(x, g3, dim=1), (x + g3).argmax(1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -637,6 +654,9 @@ def _bad_cases():
         (lambda: attention_eager(memory[:, 0], memory, mask=torch.tensor([1, 2, 3])), ValueError, "mask"),
         (lambda: gumbel_softmax_eager(torch.zeros(2, 3), 0.0), ValueError, "tau"),
         (lambda: gumbel_softmax_eager(torch.zeros(2, 3), 1.0, noise=torch.zeros(3, 2)), ValueError, "noise"),
+        (lambda: gumbel_argmax_eager(torch.zeros(2, 3), torch.zeros(3, 2)), ValueError, "noise"),
+        (lambda: gumbel_argmax_eager(torch.zeros(2, 3), None), TypeError, "noise"),
+        (lambda: gumbel_argmax_eager(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3)), TypeError, "logits"),
     ]
 
 
