@@ -33,6 +33,10 @@ COINS = ("token", "step", "sequence")
 TF_SCHEDULES = ("constant", "linear", "exponential", "inverse_sigmoid")
 AMP = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 BENCHES = ("attention", "gumbel", "train")
+# translate options that only one --strategy uses, with their defaults. The parser's defaults are None
+# so that an option given for a strategy that ignores it is an error instead of being dropped silently.
+STRATEGY_OPTIONS = {"beam": {"beam_size": 4, "n_best": 1, "early_stop": "count"},
+                    "sample": {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": 0}}
 
 
 # ================================================================================= model factory
@@ -125,7 +129,7 @@ def _train_flags(p: argparse.ArgumentParser, suppress: bool = False) -> None:
     add("--lr-schedule", choices=("constant", "cosine"), default="constant",
         help="cosine: lr decays to lr/20 at --steps (a pure function of the step: resumable)")
     add("--clip", type=_positive_float, default=1.0, help="gradient-norm clipping")
-    add("--amp", choices=tuple(AMP), default="none", help="autocast dtype")
+    add("--amp", choices=tuple(AMP), default="none", help="autocast dtype (fp16: CUDA only, with loss scaling)")
     add("--seed", type=int, default=0, help="data split, initial weights, batches, draws")
     add("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when available")
     add("--threads", type=_positive_int, help="CPU threads for torch (default: half the cores, at most 4)")
@@ -150,14 +154,18 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
     tr.add_argument("inputs", nargs="*", help="source strings; none or '-' reads lines from stdin")
     tr.add_argument("-c", "--checkpoint", required=True)
     tr.add_argument("--strategy", choices=("greedy", "sample", "beam"), default="greedy")
-    tr.add_argument("--beam-size", type=_positive_int, default=4)
-    tr.add_argument("--n-best", type=_positive_int, default=1, help="beam: outputs per input (tab-separated)")
-    tr.add_argument("--early-stop", choices=("count", "bound"), default="count",
-                    help="beam: stop after beam-size finished hypotheses, or only when none can improve")
-    tr.add_argument("--temperature", type=_positive_float, default=1.0)
-    tr.add_argument("--top-k", type=_nonneg_int, default=0)
-    tr.add_argument("--top-p", type=float, default=1.0)
-    tr.add_argument("--seed", type=int, default=0, help="sampling seed")
+    beam, smp = STRATEGY_OPTIONS["beam"], STRATEGY_OPTIONS["sample"]  # defaults filled in by translate()
+    tr.add_argument("--beam-size", type=_positive_int, help=f"beam: hypotheses kept (default {beam['beam_size']})")
+    tr.add_argument("--n-best", type=_positive_int,
+                    help=f"beam: outputs per input, tab-separated, <= --beam-size (default {beam['n_best']})")
+    tr.add_argument("--early-stop", choices=("count", "bound"),
+                    help="beam: stop after beam-size finished hypotheses, or only when none can improve "
+                         f"(default {beam['early_stop']})")
+    tr.add_argument("--temperature", type=_positive_float,
+                    help=f"sample: softmax temperature (default {smp['temperature']})")
+    tr.add_argument("--top-k", type=_nonneg_int, help=f"sample: 0 = no top-k filter (default {smp['top_k']})")
+    tr.add_argument("--top-p", type=float, help=f"sample: nucleus mass in (0, 1] (default {smp['top_p']})")
+    tr.add_argument("--seed", type=int, help=f"sample: sampling seed (default {smp['seed']})")
     tr.add_argument("--max-len", type=_positive_int, help="default: from the checkpoint")
     tr.add_argument("--backend", choices=("auto", "triton", "eager"), default="auto")
     tr.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -182,8 +190,8 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
 # ================================================================================= helpers
 def _device(choice: str, local_rank: int = 0) -> torch.device:
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise SystemExit("error: --device cuda but no CUDA device is available")
+        if not torch.cuda.is_available():  # an option error like the others (ValueError: exit 2)
+            raise ValueError("--device cuda: no CUDA device is available (available: cpu)")
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
@@ -344,6 +352,8 @@ def train(args, explicit: set[str] | None = None) -> dict:
         say(f"resuming from {path} at step {resumed['step']}")
 
     device = _device(args.device, local)
+    if args.amp == "fp16" and device.type != "cuda":  # fp16 autocast + loss scaling: CUDA only here
+        raise ValueError("--amp fp16 needs a CUDA device (use --amp bf16 on CPU)")
     _set_threads(args.threads, device)
     data = data_lib.load_task(args.task, seed=args.seed, n_train=args.train_size, n_valid=args.valid_size,
                               train_file=args.train, valid_file=args.valid)
@@ -595,7 +605,24 @@ def _output_chars(vocab, ids) -> list[str]:
     return chars
 
 
+def _strategy_options(args) -> None:
+    """Reject the options given explicitly that --strategy does not use, fill in the defaults of the
+    others (the parser leaves them None), and check --n-best against --beam-size."""
+    ignored = [f"--{k.replace('_', '-')} (only --strategy {s} does)" for s, opts in STRATEGY_OPTIONS.items()
+               if s != args.strategy for k in opts if getattr(args, k) is not None]
+    if ignored:
+        raise ValueError(f"--strategy {args.strategy} does not use {', '.join(ignored)}")
+    for opts in STRATEGY_OPTIONS.values():
+        for k, v in opts.items():
+            if getattr(args, k) is None:
+                setattr(args, k, v)
+    if args.n_best > args.beam_size:  # beam_search raises for this too: say it in terms of the flags
+        raise ValueError(f"--n-best {args.n_best} is larger than --beam-size {args.beam_size} "
+                         "(a beam search returns at most beam-size hypotheses)")
+
+
 def translate(args) -> int:
+    _strategy_options(args)
     device = _device(args.device)
     _set_threads(None, device)
     model, vocab, ck = load_model(args.checkpoint, args.backend, device)
@@ -615,7 +642,7 @@ def translate(args) -> int:
         gen = torch.Generator(device=device).manual_seed(args.seed)
         kw = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "generator": gen}
     elif args.strategy == "beam":
-        kw = {"beam_size": args.beam_size, "n_best": min(args.n_best, args.beam_size), "early_stop": args.early_stop}
+        kw = {"beam_size": args.beam_size, "n_best": args.n_best, "early_stop": args.early_stop}
     results = translate_texts(model, vocab, texts, max_len=max_len, strategy=args.strategy,
                               batch_size=args.batch_size, **kw)
     for text, (outs, _, _, _) in zip(texts, results):

@@ -360,3 +360,51 @@ def test_translate_beam_early_stop_flag(trained, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "invalid choice" in err and "'count'" in err and "'bound'" in err  # the valid choices are listed
+
+
+# ------------------------------------------------------------------------------------------ option errors
+def test_amp_fp16_needs_cuda_and_bf16_runs_on_cpu(tmp_path, capsys):
+    out = tmp_path / "fp16"
+    rc, _, err = _run(["train", *TINY, "--steps", "2", "--amp", "fp16", "--device", "cpu", "--out", str(out)],
+                      capsys)
+    assert rc == 2 and err.strip() == "error: --amp fp16 needs a CUDA device (use --amp bf16 on CPU)"
+    assert not out.exists()  # rejected before any data, model or file is made
+    rc, _, err = _run(["train", *TINY, "--steps", "2", "--eval-every", "0", "--amp", "bf16", "--device", "cpu",
+                       "--out", str(tmp_path / "bf16")], capsys)
+    assert rc == 0, err
+
+
+@pytest.mark.parametrize("argv", [["train", *TINY, "--steps", "1"], ["translate", "-c", "CKPT", "123"]])
+def test_unavailable_device_is_an_option_error(argv, trained, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same on a GPU machine
+    argv = [trained if a == "CKPT" else a for a in argv] + ["--device", "cuda"]
+    if argv[0] == "train":
+        argv += ["--out", str(tmp_path / "o")]
+    rc, _, err = _run(argv, capsys)
+    assert rc == 2 and err.strip() == "error: --device cuda: no CUDA device is available (available: cpu)"
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--strategy", "beam", "--beam-size", "2", "--n-best", "3"], "--n-best 3 is larger than --beam-size 2"),
+    (["--strategy", "beam", "--n-best", "5"], "--n-best 5 is larger than --beam-size 4"),  # the default size
+])
+def test_n_best_larger_than_beam_size_is_an_option_error(argv, msg, trained, capsys):
+    rc, out, err = _run(["translate", "-c", trained, *argv, "123"], capsys)
+    assert rc == 2 and out == "" and err.startswith(f"error: {msg}") and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv,named", [
+    (["--n-best", "3"], ["--n-best (only --strategy beam does)"]),
+    (["--top-k", "5", "--early-stop", "bound"], ["--early-stop (only --strategy beam does)",
+                                                 "--top-k (only --strategy sample does)"]),
+    (["--seed", "0"], ["--seed (only --strategy sample does)"]),  # given explicitly, even at its default
+    (["--strategy", "sample", "--beam-size", "3"], ["--beam-size (only --strategy beam does)"]),
+    (["--strategy", "beam", "--temperature", "0.5", "--top-p", "0.9", "--seed", "1"],
+     ["--temperature (only --strategy sample does)", "--top-p (only --strategy sample does)",
+      "--seed (only --strategy sample does)"]),
+])
+def test_option_the_strategy_ignores_is_an_option_error(argv, named, trained, capsys):
+    rc, out, err = _run(["translate", "-c", trained, *argv, "123"], capsys)
+    strategy = argv[argv.index("--strategy") + 1] if "--strategy" in argv else "greedy"
+    assert rc == 2 and out == "" and len(err.splitlines()) == 1
+    assert err.startswith(f"error: --strategy {strategy} does not use ") and all(n in err for n in named)
