@@ -53,6 +53,8 @@ def check_ids(name: str, ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
 def check_tau(tau) -> float:
     if isinstance(tau, torch.Tensor):
         raise TypeError("tau must be a Python float (a tensor tau would need a host sync to validate)")
+    if isinstance(tau, bool) or not isinstance(tau, numbers.Real):
+        raise TypeError(f"tau must be a Python float > 0, got {type(tau).__name__}")
     tau = float(tau)
     if not math.isfinite(tau) or tau <= 0:
         raise ValueError(f"tau must be a finite number > 0, got {tau}")

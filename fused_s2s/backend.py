@@ -26,16 +26,18 @@ def validate(backend: str) -> str:
 def resolve(backend: str, device: torch.device) -> str:
     """The backend that actually runs for tensors on ``device``: "triton" or "eager"."""
     validate(backend)
+    source = f"backend={backend!r}"
     if backend == "auto":
         env = os.environ.get("FUSED_S2S_BACKEND", "auto")
         if env not in BACKENDS:
             raise ValueError(f"FUSED_S2S_BACKEND must be one of {list(BACKENDS)}, got {env!r}")
         backend = env
+        source = f"FUSED_S2S_BACKEND={env} (overriding backend='auto')"
     if backend == "auto":
         return "triton" if device.type == "cuda" else "eager"
     if backend == "triton" and device.type != "cuda" and not interpret_mode():
         raise ValueError(
-            f"backend='triton' needs CUDA tensors (got {device}); set TRITON_INTERPRET=1 before importing "
+            f"{source} needs CUDA tensors (got {device}); set TRITON_INTERPRET=1 before importing "
             "triton to run the kernels on the CPU, or use backend='auto'/'eager'"
         )
     return backend

@@ -56,7 +56,8 @@ class _DecoderLoss(nn.Module):
     def forward(self, tgt, memory, lengths, *rnn):  # (B, T+1), (B, L, D), (B,), 1 or 2 x (layers, B, D)
         state = self.decoder.init_state(tuple(rnn) if len(rnn) == 2 else rnn[0])
         ratio, sampling, tau, coin = self.mode
-        out = self.decoder(tgt[:, :-1], memory, lengths, state, ratio, sampling, tau, coin=coin)
+        # the ids were checked before (graph_decoder_loss, each call): no host sync in the capture
+        out = self.decoder(tgt[:, :-1], memory, lengths, state, ratio, sampling, tau, coin=coin, check_ids=False)
         loss = self.loss(out.logits, tgt[:, 1:])  # ()
         # the loss is the only output: autograd would hand a replayed backward a zero-filled (B, T, V)
         # gradient for every other output of the graph, every step. The logits and attention of the

@@ -288,10 +288,11 @@ class AttentionDecoder(reference.AttentionDecoder):
 
     def forward(self, tgt_in: Tensor, memory: Tensor, memory_mask, state: DecoderState,
                 teacher_forcing_ratio=1.0, sampling="argmax", tau=1.0, *, coin="token",
-                noise: Tensor | None = None, generator: torch.Generator | None = None) -> DecoderOutput:
+                noise: Tensor | None = None, generator: torch.Generator | None = None,
+                check_ids: bool = True) -> DecoderOutput:
         """Same contract as ``reference.AttentionDecoder.forward``; teacher forcing takes the fast path."""
         args = self._check_forward_args(tgt_in, memory, memory_mask, state, teacher_forcing_ratio,
-                                        sampling, tau, coin, noise, generator)
+                                        sampling, tau, coin, noise, generator, check_ids)
         if args.ratio == 1.0 and not self.input_feed and tgt_in.shape[1] > 0:
             return self._teacher_forced(tgt_in, memory, args.mask, state)
         return self._loop(tgt_in, memory, state, args, coin, noise, generator)

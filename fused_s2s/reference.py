@@ -41,7 +41,6 @@ from fused_s2s._checks import (
 CELLS = ("lstm", "gru")
 SAMPLING_MODES = ("argmax", "sample", "gumbel", "gumbel_hard", "softmax")
 COINS = ("token", "step", "sequence")
-STRATEGIES = ("greedy", "sample", "beam")
 
 __all__ = [
     "attention_eager",
@@ -357,7 +356,9 @@ class AttentionDecoder(nn.Module):
         """One decoder step (SPEC section 1, steps 1-7).
 
         inp: (B,) long token ids, or (B, D) float input embeddings (a soft mixture y @ W_emb).
-        Returns logits (B, V), alpha (B, L), new DecoderState.
+        Returns logits (B, V), alpha (B, L), new DecoderState. The ids' values are not read (no
+        host sync per step): an id outside [0, V) fails in the embedding lookup (IndexError on
+        CPU, a device-side assert on CUDA); check them once per batch (forward does).
         """
         self._check_memory(memory)
         B, L, D = memory.shape
@@ -368,6 +369,10 @@ class AttentionDecoder(nn.Module):
             check_float("inp", inp)
             if inp.shape[1] != D:
                 raise ValueError(f"inp (embeddings) must have shape ({B}, {D}), got {tuple(inp.shape)}")
+            W = self.embedding.weight
+            if inp.dtype != W.dtype and not torch.is_autocast_enabled(inp.device.type):
+                raise TypeError(f"inp (embeddings) has dtype {inp.dtype} but the decoder's parameters are "
+                                f"{W.dtype}; expected the same dtype")
         if inp.shape[0] != B:
             raise ValueError(f"inp has batch size {inp.shape[0]} but memory has {B}; expected equal")
         self._check_state(state, B, memory.device)
@@ -406,21 +411,25 @@ class AttentionDecoder(nn.Module):
     # -- whole sequence ---------------------------------------------------------------------------
     def forward(self, tgt_in: Tensor, memory: Tensor, memory_mask, state: DecoderState,
                 teacher_forcing_ratio=1.0, sampling="argmax", tau=1.0, *, coin="token",
-                noise: Tensor | None = None, generator: torch.Generator | None = None) -> DecoderOutput:
+                noise: Tensor | None = None, generator: torch.Generator | None = None,
+                check_ids: bool = True) -> DecoderOutput:
         """Run T steps; the input of step t+1 is gold or model-fed by a coin (SPEC section 2).
 
         tgt_in (B, T) gold inputs (BOS first); memory (B, L, D); memory_mask None | lengths (B,) |
         bool (B, L); state from init_state. teacher_forcing_ratio == 1.0 is pure teacher forcing
         and draws no random numbers. noise: optional explicit Gumbel noise (B, T, V); noise[:, t]
         perturbs logits_t (for "sample", "gumbel", "gumbel_hard"; ignored by the other modes).
+        check_ids: read tgt_in's values to refuse ids outside [0, V) (one host sync per call);
+        False for callers that checked them (Seq2Seq.forward) or must not sync (a CUDA-graph capture).
         """
         args = self._check_forward_args(tgt_in, memory, memory_mask, state, teacher_forcing_ratio,
-                                        sampling, tau, coin, noise, generator)
+                                        sampling, tau, coin, noise, generator, check_ids)
         return self._loop(tgt_in, memory, state, args, coin, noise, generator)
 
     def _check_forward_args(self, tgt_in, memory, memory_mask, state, teacher_forcing_ratio, sampling,
-                            tau, coin, noise, generator) -> "ForwardArgs":
-        """Validate forward's arguments (shapes, dtypes, devices, Python scalars only: no host sync)."""
+                            tau, coin, noise, generator, ids: bool = False) -> "ForwardArgs":
+        """Validate forward's arguments (shapes, dtypes, devices, Python scalars: no host sync; and
+        with ``ids``, tgt_in's values: one)."""
         ratio = check_ratio("teacher_forcing_ratio", teacher_forcing_ratio)
         check_choice("sampling", sampling, SAMPLING_MODES)
         check_choice("coin", coin, COINS)
@@ -438,6 +447,8 @@ class AttentionDecoder(nn.Module):
             if tuple(noise.shape) != (B, T, V):
                 raise ValueError(f"noise must have shape (B, T, V) = ({B}, {T}, {V}), got {tuple(noise.shape)}")
         check_generator(generator, dev, "memory's device")
+        if ids:  # last: the only check that reads values (a host sync)
+            check_ids("tgt_in", tgt_in, V)
         return ForwardArgs(ratio, sampling, tau, coin, mask)
 
     def _loop(self, tgt_in, memory, state, args: "ForwardArgs", coin, noise, generator) -> DecoderOutput:
@@ -557,7 +568,7 @@ class Seq2Seq(nn.Module):
         tgt = tgt.long()
         tgt_in, tgt_out = tgt[:, :-1], tgt[:, 1:]  # (B, T) inputs, (B, T) targets
         out = self.decoder(tgt_in, memory, memory_mask, state, teacher_forcing_ratio, sampling, tau,
-                           coin=coin, noise=noise, generator=generator)
+                           coin=coin, noise=noise, generator=generator, check_ids=False)  # _check_args did
         return Seq2SeqOutput(self.loss(out.logits, tgt_out), out.logits, out.attention)
 
     def _check_args(self, src, src_lengths, tgt, teacher_forcing_ratio, sampling, tau, coin) -> tuple:
@@ -587,9 +598,12 @@ class Seq2Seq(nn.Module):
 
     @torch.no_grad()
     def generate(self, src: Tensor, src_lengths: Tensor, max_len: int, strategy: str = "greedy", **kw):
-        """Decode with ``fused_s2s.generation`` ("greedy" | "sample" | "beam") -> GenerateOutput."""
-        check_choice("strategy", strategy, STRATEGIES)
+        """Decode with ``fused_s2s.generation.generate`` -> GenerateOutput (tokens, scores, attention).
+
+        strategy "greedy" (no keywords); "sample": temperature=1.0, top_k=0, top_p=1.0,
+        generator=None; "beam": beam_size=4, length_penalty="gnmt", alpha=0.6, n_best=1,
+        early_stop="count". A keyword the strategy does not take is a TypeError naming it.
+        """
         from fused_s2s import generation  # lazy: generation imports the model classes' users
 
-        fn = {"greedy": generation.greedy, "sample": generation.sample, "beam": generation.beam_search}[strategy]
-        return fn(self, src, src_lengths, max_len, **kw)
+        return generation.generate(self, src, src_lengths, max_len, strategy, **kw)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from fused_s2s import philox
+from fused_s2s import philox, reference
 from fused_s2s.reference import (
     AttentionDecoder,
     DecoderState,
@@ -176,8 +176,7 @@ def test_generate_delegates_to_generation(monkeypatch):
 
     calls = []
     fake = types.ModuleType("fused_s2s.generation")
-    for fn in ("greedy", "sample", "beam_search"):
-        setattr(fake, fn, lambda *a, _fn=fn, **kw: calls.append((_fn, a, kw)) or _fn)
+    fake.generate = lambda *a, **kw: calls.append((a[4] if len(a) > 4 else "greedy", a, kw)) or calls[-1][0]
     monkeypatch.setitem(sys.modules, "fused_s2s.generation", fake)
     import fused_s2s
 
@@ -185,7 +184,7 @@ def test_generate_delegates_to_generation(monkeypatch):
     m = Seq2Seq(7, 7, 4)
     src, lengths, _ = make_batch()
     assert m.generate(src, lengths, 5) == "greedy"
-    assert m.generate(src, lengths, 6, strategy="beam", beam_size=3) == "beam_search"
+    assert m.generate(src, lengths, 6, strategy="beam", beam_size=3) == "beam"
     assert m.generate(src, lengths, 4, strategy="sample", top_k=2) == "sample"
     assert calls[1][1][0] is m and calls[1][1][3] == 6 and calls[1][2] == {"beam_size": 3}
     assert calls[2][2] == {"top_k": 2}
@@ -639,6 +638,13 @@ def _bad_cases():
         (d(noise=torch.zeros(2, 3, 7, 1)), ValueError, "noise"),
         (d(noise=torch.zeros(2, 3, 7, dtype=torch.long)), TypeError, "noise"),
         (d(generator=3), TypeError, "generator"),
+        (d(tgt_in=tgt_in + 7), ValueError, "tgt_in has ids"),  # V = 7
+        (d(tgt_in=tgt_in - 7), ValueError, "tgt_in has ids"),
+        (f(tau="abc"), TypeError, "tau"),
+        (f(tau=None), TypeError, "tau"),
+        (f(tau=True), TypeError, "tau"),
+        (s(inp=torch.zeros(2, 4, dtype=torch.float64)), TypeError, "inp"),
+        (lambda: m.generate(src, lengths, 5, beam_size=4), TypeError, "accepts"),  # greedy takes none
         (s(inp=tgt_in[:1, 0]), ValueError, "inp"),
         (s(inp=torch.zeros(2, 5)), ValueError, "inp"),
         (s(inp=torch.zeros(2, 3, 4)), ValueError, "inp"),
@@ -665,6 +671,23 @@ def test_bad_input(case):
     fn, exc, name = _bad_cases()[case]
     with pytest.raises(exc, match=name):
         fn()
+
+
+def test_decoder_check_ids_false_skips_reading_the_ids(monkeypatch):
+    """forward reads tgt_in's values once (check_ids=True, the default); Seq2Seq.forward, which
+    checked tgt already, and a CUDA-graph capture pass check_ids=False: then nothing is read."""
+    from fused_s2s import _checks
+
+    m = make_model("lstm", False, V=7, D=4, dtype=torch.float32)
+    src, lengths, tgt = make_batch(B=2, L=3, T=3)
+    memory, mask, state = m.encode(src, lengths)
+    seen = []
+    real = _checks.check_ids
+    monkeypatch.setattr(reference, "check_ids", lambda name, ids, V: seen.append(name) or real(name, ids, V))
+    m.decoder(tgt[:, :-1], memory, mask, state)
+    m.decoder(tgt[:, :-1], memory, mask, state, check_ids=False)
+    m(src, lengths, tgt)
+    assert seen == ["tgt_in", "tgt", "src"]  # the decoder's own check once; Seq2Seq's tgt (and the encoder's src), no second tgt_in
 
 
 # ---------------------------------------------------------------------------------------------
@@ -725,3 +748,16 @@ def test_reverse_digits_trains():
     ok_gen = ((tokens == gold) | (gold == PAD)).all(1) & ((tokens == PAD) | (gold != PAD)).all(1)
     assert torch.equal(ok_gen, ok)
     assert acc >= 0.9, f"exact match {acc:.2f} after {epoch + 1} epochs, {time.time() - start:.1f}s"
+
+
+def test_backend_error_names_where_triton_was_asked_for(monkeypatch):
+    from fused_s2s import backend
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.delenv("FUSED_S2S_BACKEND", raising=False)
+    with pytest.raises(ValueError, match=r"backend='triton' needs CUDA tensors"):
+        backend.resolve("triton", torch.device("cpu"))
+    monkeypatch.setenv("FUSED_S2S_BACKEND", "triton")
+    with pytest.raises(ValueError, match=r"FUSED_S2S_BACKEND=triton \(overriding backend='auto'\) needs CUDA"):
+        backend.resolve("auto", torch.device("cpu"))
+    assert backend.resolve("eager", torch.device("cpu")) == "eager"  # an explicit backend is not overridden
