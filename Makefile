@@ -1,8 +1,8 @@
 # make demo   set up .venv and run the main job (train on the dates task, translate, quick bench)
 # make test   set up .venv and run the test suite
 #
-# Set-up: a fresh machine without torch gets the CPU wheel torch==2.13.0 (never a multi-GB CUDA
-# build); a machine whose python3 already imports torch (a GPU box) reuses it through
+# Set-up: a fresh machine without torch gets the CPU wheel torch==2.13.0 from $(TORCH_INDEX) (never
+# a multi-GB CUDA build), then its dependencies and the rest from pip's usual indexes; a machine whose python3 already imports torch (a GPU box) reuses it through
 # --system-site-packages and installs the package without touching its dependencies.
 # The GPU machine's versions on a CPU box (a 5 GB venv: torch 2.11 exists only as a CUDA build):
 #   make test VENV=.venv-gpu-stack TORCH_SPEC=torch==2.11.0 TRITON_SPEC=triton==3.6.0
@@ -10,6 +10,9 @@ PYTHON      ?= python3
 VENV        ?= .venv
 TRITON_SPEC ?= triton
 TORCH_SPEC  ?= torch==2.13.0
+# torch alone (no deps) from PyTorch's CPU index: PyPI's Linux torch is the CUDA build (several GB of
+# nvidia-* wheels). pip's find-links (a local wheel cache) still apply; TORCH_INDEX= uses pip's own indexes
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
 PY          := $(VENV)/bin/python
 
@@ -27,8 +30,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	else \
 	  echo "[setup] fresh venv with $(TORCH_SPEC)"; \
 	  $(PYTHON) -m venv $(VENV) && \
-	  $(PY) -m pip install -q "$(TORCH_SPEC)" && \
-	  $(PY) -m pip install -q "$(TRITON_SPEC)" -e ".[dev,demo]"; \
+	  $(PY) -m pip install -q --no-deps "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) && \
+	  $(PY) -m pip install -q "$(TORCH_SPEC)" "$(TRITON_SPEC)" -e ".[dev,demo]"; \
 	fi
 	@$(PY) -c "import torch, triton; print('[setup] torch', torch.__version__, '| triton', triton.__version__)"
 	@touch $@

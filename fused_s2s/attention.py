@@ -82,7 +82,18 @@ class _AttentionFn(torch.autograd.Function):
 
 def attention_step(query, keys, values=None, mask=None, *, backend="auto", splits=None, block_l=None,
                    tiled=None):
-    """Score -> masked softmax -> context. See the module docstring for shapes and masks.
+    """Score -> masked softmax -> context: E = query keys^T (masked), alpha = softmax(E), ctx = alpha values.
+
+    Args:
+        query: (B, D) one decoder step, or (B, T, D) T steps at once; s_t W_a (the caller applies W_a).
+        keys: (B, L, D), the encoder memory H; L >= 1.
+        values: (B, L, Dv), or None: values are keys (H read once for both).
+        mask: None, lengths (B,) of any integer dtype, or bool (B, L) with True = attend.
+        backend: "auto" (Triton on CUDA, eager elsewhere; FUSED_S2S_BACKEND overrides), "triton", "eager".
+    Returns:
+        ctx (B, [T,] Dv) and weights alpha (B, [T,] L), in query's dtype (fp32 accumulation). A row
+        with nothing to attend to gives ctx = 0, weights = 0 and zero gradient, never NaN. Both
+        outputs are differentiable (query, keys, values).
 
     ``splits`` and ``block_l`` override the Triton launcher's split-L and block-size heuristics
     (for tests and tuning); they are ignored by the eager backend. ``tiled`` picks the kernels for
