@@ -282,7 +282,9 @@ class AttentionDecoder(nn.Module):
     """Luong "general" attention decoder (SPEC section 1 steps 1-7), one step at a time."""
 
     def __init__(self, vocab_size, hidden_size, cell="lstm", num_layers=1, padding_idx=None,
-                 input_feed=False, backend="auto"):
+                 backend="auto", input_feed=False):
+        # SPEC section 4's positional order (vocab_size, hidden_size, cell, num_layers, padding_idx,
+        # backend); input_feed (the notes' decoder does not feed h~ back) comes after it
         super().__init__()
         self.vocab_size = V = _check_size("vocab_size", vocab_size)
         self.hidden_size = D = _check_size("hidden_size", hidden_size)

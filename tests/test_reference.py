@@ -761,3 +761,14 @@ def test_backend_error_names_where_triton_was_asked_for(monkeypatch):
     with pytest.raises(ValueError, match=r"FUSED_S2S_BACKEND=triton \(overriding backend='auto'\) needs CUDA"):
         backend.resolve("auto", torch.device("cpu"))
     assert backend.resolve("eager", torch.device("cpu")) == "eager"  # an explicit backend is not overridden
+
+
+def test_decoder_positional_arguments_follow_the_spec():
+    """SPEC section 4: AttentionDecoder(vocab_size, hidden_size, cell, num_layers, padding_idx, backend)."""
+    import fused_s2s
+
+    for cls in (AttentionDecoder, fused_s2s.AttentionDecoder):
+        dec = cls(7, 4, "gru", 2, 0, "eager")
+        assert (dec.vocab_size, dec.hidden_size, dec.cell_type, dec.num_layers, dec.padding_idx, dec.backend,
+                dec.input_feed) == (7, 4, "gru", 2, 0, "eager", False)
+        assert cls(7, 4, "lstm", 1, None, "auto", True).input_feed
