@@ -110,6 +110,9 @@ def cases():
         for bwd in (False, True):
             name = f"gumbel_softmax {'hard' if hard else 'soft'} {'fwd+bwd' if bwd else 'fwd'}"
             yield name, gs(fused_gs, hard, bwd), gs(F.gumbel_softmax, hard, bwd)
+    # the index alone (no_grad, as generation calls it); eager: the usual categorical draw
+    yield ("gumbel_sample index fwd", timed(lambda: fused_s2s.gumbel_sample(logits, backend="triton"), logits, None, False),
+           timed(lambda: torch.multinomial(torch.softmax(logits, -1), 1), logits, None, False))
     for label, query, dc in (("one step (B, D)", q, dctx), ("T queries (B, T, D)", qT, dctxT)):
         for bwd in (False, True):
             yield (f"attention_step {label} {'fwd+bwd' if bwd else 'fwd'}", att(fused_att, query, dc, bwd),

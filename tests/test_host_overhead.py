@@ -18,7 +18,8 @@ def test_stubs_every_kernel_and_times_each_op():
     src = "".join(open(os.path.join(HERE, "..", "kernels", f)).read()
                   for f in ("attention.py", "attention_tiled.py", "attention_tiled_wide.py", "gumbel.py"))
     assert n == len(re.findall(r"@triton\.jit\s+def _\w+_kernel\(", src)) and n >= 10
-    rows = re.findall(r"^(gumbel_softmax|attention_step) .+?\s+([\d.]+) us\s+([\d.]+) us$", out.stdout, re.M)
-    assert len(rows) == 8 and all(float(f) > 0 and float(e) > 0 for _, f, e in rows)
+    rows = re.findall(r"^(gumbel_softmax|gumbel_sample|attention_step) .+?\s+([\d.]+) us\s+([\d.]+) us$",
+                      out.stdout, re.M)
+    assert len(rows) == 9 and all(float(f) > 0 and float(e) > 0 for _, f, e in rows)
     steps = re.findall(r"^(argmax|gumbel_hard|gumbel) ratio [\d.]+\s+([\d.]+) ms\s+(-?\d+) us$", out.stdout, re.M)
     assert [name for name, _, _ in steps] == ["argmax", "gumbel_hard", "gumbel"]
