@@ -497,9 +497,15 @@ def train(args, explicit: set[str] | None = None) -> dict:
             f"{100 * res['eval_token_acc']:.1f}% on {res['n_eval']} held-out examples")
         say(f"wrote {ckpt_path}, {metrics_path}, {plot_path}")
     if world > 1:
+        import gc
+
         import torch.distributed as dist
 
         dist.barrier()  # the others wait for rank 0's final evaluation and checkpoint
+        # DDP's reducer holds the group: free it while the group is alive (a reducer outlived by its
+        # gloo group has ended a worker with SIGABRT at teardown, tests/test_ddp.py)
+        net = out = None  # (out: unbound when a resumed run had no step left)
+        gc.collect()
         dist.destroy_process_group()
     return result
 
