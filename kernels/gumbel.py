@@ -189,7 +189,8 @@ def _gumbel_fwd_kernel(
                 while start < V:
                     c = start + cols
                     mask = rmask[:, None] & (c < V)[None, :]
-                    xn = tl.load(x_ptr + rows[:, None] * stride_x + c[None, :], mask=mask, other=0.0)
+                    # in fp32: a float compare (the interpreter keeps bf16 as raw uint16 bits)
+                    xn = tl.load(x_ptr + rows[:, None] * stride_x + c[None, :], mask=mask, other=0.0).to(tl.float32)
                     nan_i = tl.minimum(nan_i, tl.min(tl.where(xn != xn, c[None, :], V), 1))
                     start += BLOCK_V
     idx = tl.where(nan_i < V, nan_i, best_i)  # (BLOCK_R,)
