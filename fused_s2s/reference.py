@@ -511,8 +511,9 @@ class AttentionDecoder(nn.Module):
         if sampling == "softmax":
             y = gumbel_softmax_eager(logits_t, tau, False, None)  # (B, V) softmax(logits / tau), no noise
             return y @ W_emb  # (B, D) soft mixture
-        g = noise_t
-        if g is None:
+        if noise_t is not None:  # given noise is used in the logits' dtype, as F.gumbel_softmax's own noise
+            g = noise_t.to(logits_t.dtype)  # (B, V); so in 16-bit under autocast, as the fused op reads it
+        else:
             seed = philox.draw_seed(logits_t.device, generator)  # 0-d int64 on the device
             g = philox.gumbel_noise(seed, logits_t.shape, logits_t.device)  # (B, V) float32
         if sampling == "sample":
