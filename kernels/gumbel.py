@@ -16,6 +16,8 @@ Everything is computed in fp32 (fp64 for fp64 logits); outputs are stored in the
 """
 from __future__ import annotations
 
+import struct
+
 import torch
 import triton
 import triton.language as tl
@@ -114,7 +116,7 @@ def _t_tile(x_ptr, noise_ptr, seed, rows, start, mask, stride_x, stride_n,
 @triton.jit
 def _gumbel_fwd_kernel(
     x_ptr, noise_ptr, seed_ptr, y_ptr, idx_ptr, m_ptr, s_ptr, g_ptr, mb_ptr,
-    stride_x, stride_n, stride_y, R, V, NBLK, inv_tau,
+    stride_x, stride_n, stride_y, R, V, NBLK, inv_tau, inv_tau_lo,
     BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, SINGLE: tl.constexpr, HARD: tl.constexpr,
     HAS_NOISE: tl.constexpr, FP64: tl.constexpr, WRITE_NOISE: tl.constexpr, FAST_LOG: tl.constexpr,
     STORE_Y: tl.constexpr,
@@ -133,6 +135,8 @@ def _gumbel_fwd_kernel(
     """
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,) int64
     rmask = rows < R
+    if FP64:  # a float argument is passed as fp32: 1/tau to ~48 bits as fp32 hi + lo (split_inv_tau)
+        inv_tau = tl.cast(inv_tau, tl.float64) + tl.cast(inv_tau_lo, tl.float64)
     seed = 0
     if not HAS_NOISE:
         seed = tl.load(seed_ptr)
@@ -242,7 +246,7 @@ def _gumbel_fwd_kernel(
 @triton.jit
 def _gumbel_bwd_kernel(
     x_ptr, noise_ptr, seed_ptr, m_ptr, s_ptr, dy_ptr, dx_ptr,
-    stride_x, stride_n, stride_dy, stride_dx, R, V, inv_tau,
+    stride_x, stride_n, stride_dy, stride_dx, R, V, inv_tau, inv_tau_lo,
     BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, SINGLE: tl.constexpr, HAS_NOISE: tl.constexpr,
     FP64: tl.constexpr, FAST_LOG: tl.constexpr,
 ):
@@ -255,6 +259,8 @@ def _gumbel_bwd_kernel(
     """
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,) int64
     rmask = rows < R
+    if FP64:  # a float argument is passed as fp32: 1/tau to ~48 bits as fp32 hi + lo (split_inv_tau)
+        inv_tau = tl.cast(inv_tau, tl.float64) + tl.cast(inv_tau_lo, tl.float64)
     seed = 0
     if not HAS_NOISE:
         seed = tl.load(seed_ptr)
@@ -354,6 +360,19 @@ def _placeholder_seed(device):
     return torch.empty((1,), dtype=torch.int64, device=device)
 
 
+def split_inv_tau(inv_tau: float) -> tuple[float, float]:
+    """1/tau as two fp32 values, hi + lo (hi = fp32(1/tau), lo = fp32(1/tau - hi)): Triton passes a
+    Python float argument as fp32, so fp64 kernels would compute z = t * fp32(1/tau), 1e-8 off in y
+    where fp64 eager is 1e-16 off; they add hi + lo in fp64 (~48 bits). Other dtypes use hi alone."""
+    try:
+        hi = struct.unpack("f", struct.pack("f", inv_tau))[0]
+    except OverflowError:  # (some Pythons) 1/tau beyond fp32's range, tau < ~3e-39
+        hi = float("inf")
+    if hi == float("inf"):  # inf, as an fp32 argument would be; no inf - inf in lo
+        return hi, 0.0
+    return hi, struct.unpack("f", struct.pack("f", inv_tau - hi))[0]
+
+
 def _stats_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -383,7 +402,7 @@ def gumbel_fwd(x, inv_tau: float, hard: bool, noise=None, seed=None, *, block_r=
         _gumbel_fwd_kernel[(cdiv(R, BR),)](
             x, noise if has_noise else x, idx if has_noise else seed, x if y is None else y, idx, m, s, g, mb,
             x.stride(0), noise.stride(0) if has_noise else 0, 0 if y is None else y.stride(0), R, V, nblk,
-            float(inv_tau), BLOCK_R=BR, BLOCK_V=BV, SINGLE=single, HARD=bool(hard), HAS_NOISE=has_noise,
+            *split_inv_tau(inv_tau), BLOCK_R=BR, BLOCK_V=BV, SINGLE=single, HARD=bool(hard), HAS_NOISE=has_noise,
             FP64=x.dtype == torch.float64, WRITE_NOISE=bool(write_noise), FAST_LOG=_fast_log(x),
             STORE_Y=y is not None, num_warps=nw, enable_fp_fusion=True,
         )
@@ -402,7 +421,7 @@ def gumbel_bwd(dy, x, m, s, inv_tau: float, noise=None, seed=None, *, block_r=No
     if R:
         _gumbel_bwd_kernel[(cdiv(R, BR),)](
             x, noise if has_noise else x, _placeholder_seed(x.device) if has_noise else seed, m, s, dy, dx,
-            x.stride(0), noise.stride(0) if has_noise else 0, dy.stride(0), dx.stride(0), R, V, float(inv_tau),
+            x.stride(0), noise.stride(0) if has_noise else 0, dy.stride(0), dx.stride(0), R, V, *split_inv_tau(inv_tau),
             BLOCK_R=BR, BLOCK_V=BV, SINGLE=single, HAS_NOISE=has_noise, FP64=x.dtype == torch.float64,
             FAST_LOG=_fast_log(x), num_warps=nw,
             enable_fp_fusion=True,
@@ -439,7 +458,7 @@ def _aot_configs():
                            "idx_ptr": "*i64", "m_ptr": f"*{st}", "s_ptr": f"*{st}", "g_ptr": f"*{dt}",
                            "mb_ptr": f"*{st}", "stride_x": "i32", "stride_n": "i32", "stride_y": "i32",
                            "R": "i32", "V": "i32", "NBLK": "i32",
-                           "inv_tau": "fp32", "BLOCK_R": "constexpr", "BLOCK_V": "constexpr", "SINGLE": "constexpr",
+                           "inv_tau": "fp32", "inv_tau_lo": "fp32", "BLOCK_R": "constexpr", "BLOCK_V": "constexpr", "SINGLE": "constexpr",
                            "HARD": "constexpr", "HAS_NOISE": "constexpr", "FP64": "constexpr",
                            "WRITE_NOISE": "constexpr", "FAST_LOG": "constexpr", "STORE_Y": "constexpr"}
                     kind = " index" if not store_y else " hard" if hard else ""
@@ -449,7 +468,7 @@ def _aot_configs():
                 sig = {"x_ptr": f"*{dt}", "noise_ptr": f"*{dt}", "seed_ptr": "*i64", "m_ptr": f"*{st}",
                        "s_ptr": f"*{st}", "dy_ptr": f"*{dt}", "dx_ptr": f"*{dt}", "stride_x": "i32",
                        "stride_n": "i32", "stride_dy": "i32", "stride_dx": "i32", "R": "i32", "V": "i32",
-                       "inv_tau": "fp32", "BLOCK_R": "constexpr", "BLOCK_V": "constexpr", "SINGLE": "constexpr",
+                       "inv_tau": "fp32", "inv_tau_lo": "fp32", "BLOCK_R": "constexpr", "BLOCK_V": "constexpr", "SINGLE": "constexpr",
                        "HAS_NOISE": "constexpr", "FP64": "constexpr", "FAST_LOG": "constexpr"}
                 yield aot.AOTConfig(_gumbel_bwd_kernel, sig, common, num_warps=nw, label=f"bwd {label}")
 

@@ -649,3 +649,25 @@ def test_offsets_past_2_31_cuda():
         t = row[0].float() + philox.gumbel_at(seed, torch.tensor(r, device="cuda"), torch.arange(V, device="cuda"))
         torch.testing.assert_close(y[r], torch.softmax(t, -1).to(y.dtype))
     del y
+
+
+def test_inv_tau_split_for_fp64_kernels():
+    """Triton passes a float argument as fp32; fp64 kernels rebuild 1/tau as hi + lo (~48 bits)."""
+    import struct
+
+    for tau in (0.3, 0.7, 1.0, 1e-3, 1e3, 3.0e-7):
+        hi, lo = K.split_inv_tau(1.0 / tau)
+        for v in (hi, lo):  # both exactly representable in fp32
+            assert struct.unpack("f", struct.pack("f", v))[0] == v
+        assert abs((hi + lo) - 1.0 / tau) <= 1e-14 / tau
+        assert abs(hi - 1.0 / tau) > 0 or lo == 0  # hi alone is the fp32 rounding
+    assert K.split_inv_tau(1e40) == (float("inf"), 0.0)
+
+
+def test_fp64_kernels_meet_fp64_eager(device):
+    logits = torch.randn(3, 300, dtype=torch.float64, device=device)
+    noise = _torch_noise(logits)
+    for hard in (False, True):
+        y = _gs(logits, 0.3, hard, noise=noise)
+        want = fused_s2s.reference.gumbel_softmax_eager(logits, 0.3, hard, noise)
+        torch.testing.assert_close(y, want, rtol=1e-13, atol=1e-15)  # fp64 throughout, 1/tau included
