@@ -670,4 +670,5 @@ def test_fp64_kernels_meet_fp64_eager(device):
     for hard in (False, True):
         y = _gs(logits, 0.3, hard, noise=noise)
         want = fused_s2s.reference.gumbel_softmax_eager(logits, 0.3, hard, noise)
-        torch.testing.assert_close(y, want, rtol=1e-13, atol=1e-15)  # fp64 throughout, 1/tau included
+        # 1/tau to ~48 bits: |z| * 2**-48 ~ 1e-13 here (|z| <= ~20); fp32(1/tau) alone gives ~1e-8
+        torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-15)
