@@ -336,6 +336,14 @@ class AttentionDecoder(nn.Module):
             raise ValueError(f"state.h_tilde must have shape ({B}, {self.hidden_size}), "
                              f"got {tuple(state.h_tilde.shape)}")
 
+    def _check_param_dtype(self, name: str, t: Tensor) -> None:
+        """t in the parameters' dtype; under autocast any float dtype: on CUDA the encoder's cuDNN RNN
+        runs (and returns) float16 whatever the autocast dtype (ATen's autocast wrapper of _cudnn_rnn)."""
+        W = self.W_a.weight
+        if t.dtype != W.dtype and not torch.is_autocast_enabled(t.device.type):
+            raise TypeError(f"{name} has dtype {t.dtype} but the decoder's parameters are {W.dtype}; "
+                            "expected the same dtype")
+
     def _check_memory(self, memory, B=None):
         check_float("memory", memory, ndim=3)
         if memory.shape[2] != self.hidden_size:
@@ -344,12 +352,7 @@ class AttentionDecoder(nn.Module):
         if memory.device != W.device:
             raise ValueError(f"memory is on {memory.device} but the decoder's parameters are on {W.device}; "
                              "expected one device")
-        # under autocast, memory may come in another float dtype: on CUDA the encoder's cuDNN RNN
-        # runs (and returns) float16 whatever the autocast dtype (ATen's autocast wrapper of
-        # _cudnn_rnn); _attend casts memory to the query's dtype
-        if memory.dtype != W.dtype and not torch.is_autocast_enabled(memory.device.type):
-            raise TypeError(f"memory has dtype {memory.dtype} but the decoder's parameters are {W.dtype}; "
-                            "expected the same dtype")
+        self._check_param_dtype("memory", memory)  # _attend casts it to the query's dtype
         if B is not None and memory.shape[0] != B:
             raise ValueError(f"memory has batch size {memory.shape[0]} but the target has {B}; expected equal")
 
@@ -371,10 +374,7 @@ class AttentionDecoder(nn.Module):
             check_float("inp", inp)
             if inp.shape[1] != D:
                 raise ValueError(f"inp (embeddings) must have shape ({B}, {D}), got {tuple(inp.shape)}")
-            W = self.embedding.weight
-            if inp.dtype != W.dtype and not torch.is_autocast_enabled(inp.device.type):
-                raise TypeError(f"inp (embeddings) has dtype {inp.dtype} but the decoder's parameters are "
-                                f"{W.dtype}; expected the same dtype")
+            self._check_param_dtype("inp (embeddings)", inp)
         if inp.shape[0] != B:
             raise ValueError(f"inp has batch size {inp.shape[0]} but memory has {B}; expected equal")
         self._check_state(state, B, memory.device)
