@@ -57,15 +57,18 @@ def _validate(query, keys, values, mask):
 
 
 class _AttentionFn(torch.autograd.Function):
-    """Triton forward (ctx, weights) and backward; saves inputs, outputs and (m, l) (B*T, 2) only."""
+    """Triton forward (ctx, weights) and backward; saves the inputs, (m, l) (B*T, 2), and the context
+    and the weights in the accumulation dtype (for fp16/bf16 an fp32 context and the fp32 raw scores:
+    the backward's delta = dc . c + sum alpha dalpha needs them on peaked rows, see
+    fused_s2s.kernels.attention)."""
 
     @staticmethod
     def forward(fctx, query, keys, values, mask, splits, block_l, tiled):
         from fused_s2s.kernels.attention import attention_forward
 
-        out, weights, lse = attention_forward(query, keys, values, mask, splits=splits, block_l=block_l,
-                                              tiled=tiled)
-        fctx.save_for_backward(query, keys, values, mask, out, weights, lse)
+        out, weights, lse, ctx_acc, scores_acc = attention_forward(
+            query, keys, values, mask, splits=splits, block_l=block_l, tiled=tiled, for_backward=True)
+        fctx.save_for_backward(query, keys, values, mask, ctx_acc, scores_acc, lse)
         fctx.splits, fctx.block_l, fctx.tiled = splits, block_l, tiled
         fctx.set_materialize_grads(False)  # an output without gradient costs nothing in backward
         return out, weights
@@ -74,8 +77,8 @@ class _AttentionFn(torch.autograd.Function):
     def backward(fctx, dctx, dweights):
         from fused_s2s.kernels.attention import attention_backward
 
-        query, keys, values, mask, out, weights, lse = fctx.saved_tensors
-        dq, dk, dv = attention_backward(query, keys, values, mask, out, weights, lse, dctx, dweights,
+        query, keys, values, mask, ctx_acc, scores_acc, lse = fctx.saved_tensors
+        dq, dk, dv = attention_backward(query, keys, values, mask, ctx_acc, scores_acc, lse, dctx, dweights,
                                         splits=fctx.splits, block_l=fctx.block_l, tiled=fctx.tiled)
         return dq, dk, dv, None, None, None, None
 
@@ -115,7 +118,7 @@ def attention_step(query, keys, values=None, mask=None, *, backend="auto", split
     else:  # no graph to record (generation, no_grad): skip the autograd.Function's host cost
         from fused_s2s.kernels.attention import attention_forward
 
-        ctx, weights, _ = attention_forward(q, keys, values, mask, splits=splits, block_l=block_l, tiled=tiled)
+        ctx, weights = attention_forward(q, keys, values, mask, splits=splits, block_l=block_l, tiled=tiled)[:2]
     if squeeze:
         return ctx[:, 0], weights[:, 0]
     return ctx, weights

@@ -35,7 +35,14 @@ Backward, per row, given dc (Dv,) and dalpha (L,) (either may be absent)::
     dH_j  += sum_t dE_j q          dV_j += sum_t alpha_j dc           (summed over the T queries)
 
 alpha is recomputed in the accumulation dtype from the saved (m, l) (exp(q.H_j - m) / l), never
-stored beyond the returned weights. For T == 1 the row kernel writes dH, dV directly; for T > 1
+stored beyond the returned weights. delta takes c and alpha in the accumulation dtype: for
+fp16/bf16 the forward keeps an fp32 copy of c (``ctx_acc``, (B, T, Dv)) and its fp32 raw-score
+scratch (``scores_acc``, alpha_j = exp(E_j - m) / l in the prologue). On a peaked row (alpha_k ~ 1)
+g_k - delta is ~(1 - alpha_k) (g_k - g_other), small, and a c or an alpha_k rounded to 16 bits would
+put an error of eps16 |dc| |c| or eps16 |dalpha_k| into it (measured before: fp16 dquery 30x
+eager's error with a flipped sign; bf16 dkeys 400x where alpha_k = 1 - 1e-6 was stored as
+1 - 2^-8 by the interpreter's truncating fp32 -> bf16 cast; round-to-nearest halves that error,
+no more). fp32 inputs use the outputs themselves. For T == 1 the row kernel writes dH, dV directly; for T > 1
 the row kernel computes dq (and delta) and ``_attn_bwd_kv_kernel`` owns an L block of one batch and loops
 over its T queries, so dH, dV are reduced without atomics (deterministic).
 
@@ -84,13 +91,17 @@ def _mask_valid(MASK, b, l0, ar_l, in_l, s_mb, s_ml, MASK_MODE: tl.constexpr):
 
 
 @triton.jit
-def _finalize_row(CTX, W, S, LSE, row, m_i, l_i, acc, offs_d, L, DV,
-                  ACC: tl.constexpr, BLOCK_L: tl.constexpr):
-    """c = acc / l; save (m, l), i.e. lse = m + log l in two parts; weights_j = exp(E_j - m) / l."""
+def _finalize_row(CTX, CTXA, W, S, LSE, row, m_i, l_i, acc, offs_d, L, DV,
+                  ACC: tl.constexpr, BLOCK_L: tl.constexpr, STORE_CTXA: tl.constexpr):
+    """c = acc / l; save (m, l), i.e. lse = m + log l in two parts; weights_j = exp(E_j - m) / l.
+
+    STORE_CTXA (16-bit outputs that need a backward): c also in ACC to CTXA, for the backward's delta."""
     m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
     inv_l = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)  # empty row: l = 0 -> weights 0
     ctx = acc * inv_l  # acc is 0 when l is 0
     tl.store(CTX + row * DV + offs_d, ctx.to(CTX.dtype.element_ty), mask=offs_d < DV)
+    if STORE_CTXA:
+        tl.store(CTXA + row * DV + offs_d, ctx, mask=offs_d < DV)
     tl.store(LSE + 2 * row, m_use)
     tl.store(LSE + 2 * row + 1, l_i)
     # The raw scores were written by other threads of this program (another layout): make them visible.
@@ -106,10 +117,10 @@ def _finalize_row(CTX, W, S, LSE, row, m_i, l_i, acc, offs_d, L, DV,
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, MASK, CTX, W, S, LSE, PM, PL, PACC,
+    Q, K, V, MASK, CTX, CTXA, W, S, LSE, PM, PL, PACC,
     T, L, D, DV, BLOCKS_PER_SPLIT,
     s_qb, s_qt, s_qd, s_kb, s_kl, s_kd, s_vb, s_vl, s_vd, s_mb, s_ml,
-    MASK_MODE: tl.constexpr, SHARED_KV: tl.constexpr, FINALIZE: tl.constexpr,
+    MASK_MODE: tl.constexpr, SHARED_KV: tl.constexpr, FINALIZE: tl.constexpr, STORE_CTXA: tl.constexpr,
     ACC: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Grid (B*T, splits). E = q.H_j, online softmax, c = sum alpha_j V_j; see the module docstring.
@@ -160,7 +171,7 @@ def _attn_fwd_kernel(
         l0 += BLOCK_L
 
     if FINALIZE:
-        _finalize_row(CTX, W, S, LSE, row, m_i, l_i, acc, ar_d, L, DV, ACC, BLOCK_L)
+        _finalize_row(CTX, CTXA, W, S, LSE, row, m_i, l_i, acc, ar_d, L, DV, ACC, BLOCK_L, STORE_CTXA)
     else:
         # m = -inf for a chunk with nothing to attend to (then l = 0 and acc = 0 too).
         tl.store(PM + row * nsplit + sp, m_i)
@@ -169,7 +180,7 @@ def _attn_fwd_kernel(
 
 
 @triton.jit
-def _attn_combine_kernel(CTX, W, S, LSE, PM, PL, PACC, L, DV, NSPLIT,
+def _attn_combine_kernel(CTX, CTXA, W, S, LSE, PM, PL, PACC, L, DV, NSPLIT, STORE_CTXA: tl.constexpr,
                          ACC: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     """Grid (B*T,). Merge the split partials (flash-decoding), then normalise the row's weights."""
     row = tl.program_id(0).to(tl.int64)
@@ -190,7 +201,7 @@ def _attn_combine_kernel(CTX, W, S, LSE, PM, PL, PACC, L, DV, NSPLIT,
         l_i += scale * tl.load(PL + row * NSPLIT + sp).to(ACC)
         acc += scale * tl.load(PACC + (row * NSPLIT + sp) * DV + ar_d, mask=in_dv, other=0.0).to(ACC)
         sp += 1
-    _finalize_row(CTX, W, S, LSE, row, m_i, l_i, acc, ar_d, L, DV, ACC, BLOCK_L)
+    _finalize_row(CTX, CTXA, W, S, LSE, row, m_i, l_i, acc, ar_d, L, DV, ACC, BLOCK_L, STORE_CTXA)
 
 
 @triton.jit
@@ -232,7 +243,10 @@ def _attn_bwd_row_kernel(
         j0 = row * 0
         while j0 < L:
             in_j = ar_l < L - j0
-            wj = tl.load(W + row * L + j0 + ar_l, mask=in_j, other=0.0).to(ACC)
+            if W.dtype.element_ty == Q.dtype.element_ty:  # the weights output
+                wj = tl.load(W + row * L + j0 + ar_l, mask=in_j, other=0.0).to(ACC)
+            else:  # 16-bit inputs: the fp32 raw scores (scores_acc), alpha in fp32 as in the loop below
+                wj = tl.exp(tl.load(W + row * L + j0 + ar_l, mask=in_j, other=float("-inf")).to(ACC) - m_row) * inv_l
             dwj = tl.load(DW + b * s_wb + t * s_wt + j0 * s_wl + ar_l * s_wl, mask=in_j, other=0.0).to(ACC)
             delta += tl.sum(wj * dwj, axis=0)
             j0 += BLOCK_L
@@ -378,6 +392,14 @@ def split_plan(rows: int, L: int, block_l: int, device: torch.device, splits: in
     return cdiv(n_blocks, per), per
 
 
+def ctx_acc_buffer(ctx: torch.Tensor, for_backward: bool) -> tuple[torch.Tensor, bool]:
+    """(ctx_acc, STORE_CTXA): an fp32 buffer like ctx for a 16-bit output that needs a backward,
+    else ctx itself (already in the accumulation dtype, or no backward) and no second store."""
+    if for_backward and ctx.dtype in (torch.float16, torch.bfloat16):
+        return torch.empty(ctx.shape, device=ctx.device, dtype=torch.float32), True
+    return ctx, False
+
+
 def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -407,13 +429,17 @@ def _tile_safe(x, *blocks):
     return x.contiguous() if span >= 2**31 else x
 
 
-def attention_forward(query, keys, values, mask, *, splits=None, block_l=None, tiled=None):
+def attention_forward(query, keys, values, mask, *, splits=None, block_l=None, tiled=None, for_backward=False):
     """query (B, T, D), keys (B, L, D), values (B, L, Dv) or None (= keys), mask None | (B,) int | (B, L) bool.
 
     Inputs already validated (fused_s2s.attention). Returns ctx (B, T, Dv), weights (B, T, L) in
-    query's dtype and the log-sum-exp stats (B*T, 2) = (m, l) in the accumulation dtype. ``splits``/``block_l`` override the
-    heuristics (tests). ``tiled``: None = heuristic, True / False force the tiled (T > 1,
-    ``fused_s2s.kernels.attention_tiled``) or the per-row kernels.
+    query's dtype, the log-sum-exp stats (B*T, 2) = (m, l) in the accumulation dtype, and what
+    :func:`attention_backward` takes as ctx and weights: with ``for_backward`` and fp16/bf16, the
+    context in fp32 (ctx_acc, (B, T, Dv)) and the fp32 raw scores (scores_acc, (B, T, L), the
+    forward's scratch, kept instead of freed; see the module docstring); else ctx and weights
+    themselves. ``splits``/``block_l``
+    override the heuristics (tests). ``tiled``: None = heuristic, True / False force the tiled
+    (T > 1, ``fused_s2s.kernels.attention_tiled``) or the per-row kernels.
     """
     B, T, D = query.shape
     L = keys.shape[1]
@@ -423,15 +449,16 @@ def attention_forward(query, keys, values, mask, *, splits=None, block_l=None, t
     from fused_s2s.kernels import attention_tiled as _tiled
 
     if _tiled.use_tiled(T, D, Dv, query.dtype, tiled):
-        return _tiled.attention_forward_tiled(query, keys, values, mask, block_l=block_l)
+        return _tiled.attention_forward_tiled(query, keys, values, mask, block_l=block_l, for_backward=for_backward)
     dev, dtype = query.device, query.dtype
     ctx = torch.empty(B, T, Dv, device=dev, dtype=dtype)
+    ctx_acc, store_ctxa = ctx_acc_buffer(ctx, for_backward)
     weights = torch.empty(B, T, L, device=dev, dtype=dtype)
     acc_t = torch.float64 if dtype == torch.float64 else torch.float32
     rows = B * T
     lse = torch.empty(rows, 2, device=dev, dtype=acc_t)  # (m, l) per row: lse = m + log(l)
     if rows == 0:
-        return ctx, weights, lse
+        return ctx, weights, lse, ctx_acc, weights
     block_d, bl, num_warps = block_config(D, Dv)
     bl = block_l or bl
     nsplit, per = split_plan(rows, L, bl, dev, splits)
@@ -451,18 +478,18 @@ def attention_forward(query, keys, values, mask, *, splits=None, block_l=None, t
         pl = torch.empty(rows, nsplit, device=dev, dtype=acc_t)
         pacc = torch.empty(rows, nsplit, Dv, device=dev, dtype=acc_t)
     _attn_fwd_kernel[(rows, nsplit)](
-        query, keys, v, m_ptr, ctx, weights, scores, lse, pm, pl, pacc,
+        query, keys, v, m_ptr, ctx, ctx_acc, weights, scores, lse, pm, pl, pacc,
         T, L, D, Dv, per,
         *query.stride(), *keys.stride(), *v.stride(), s_mb, s_ml,
-        MASK_MODE=mode, SHARED_KV=shared, FINALIZE=finalize, ACC=_acc(dtype),
+        MASK_MODE=mode, SHARED_KV=shared, FINALIZE=finalize, STORE_CTXA=store_ctxa, ACC=_acc(dtype),
         BLOCK_L=bl, BLOCK_D=block_d, num_warps=num_warps, enable_fp_fusion=True,
     )
     if not finalize:
         _attn_combine_kernel[(rows,)](
-            ctx, weights, scores, lse, pm, pl, pacc, L, Dv, nsplit,
+            ctx, ctx_acc, weights, scores, lse, pm, pl, pacc, L, Dv, nsplit, STORE_CTXA=store_ctxa,
             ACC=_acc(dtype), BLOCK_L=bl, BLOCK_D=block_d, num_warps=num_warps, enable_fp_fusion=True,
         )
-    return ctx, weights, lse
+    return ctx, weights, lse, ctx_acc, scores if store_ctxa else weights
 
 
 def attention_backward(query, keys, values, mask, ctx, weights, lse, dctx, dweights, *,
@@ -470,7 +497,9 @@ def attention_backward(query, keys, values, mask, ctx, weights, lse, dctx, dweig
     """Gradients (dquery (B, T, D), dkeys (B, L, D), dvalues (B, L, Dv) or None when values is None).
 
     dctx (B, T, Dv) and dweights (B, T, L) may be None (that output got no gradient) and may have
-    any strides. ctx, weights, lse are what :func:`attention_forward` returned.
+    any strides. ctx, weights, lse are what :func:`attention_forward` returned: for fp16/bf16
+    preferably its ctx_acc and scores_acc (fp32; weights in fp32 with 16-bit inputs are read as raw
+    scores and normalised in-kernel), else its ctx and weights (correct, less precise on peaked rows).
     """
     B, T, D = query.shape
     L = keys.shape[1]
@@ -571,22 +600,23 @@ def _aot_configs():
 
             _, bl, nw = block_config(block_d, block_d, "fwd")
             for finalize in (True, False):
-                sig = dict(Q=p, K=p, V=p, MASK=mask_ty, CTX=p, W=p, S=p if ty == "fp32" else a, LSE=a, PM=a, PL=a,
-                           PACC=a, **sizes, BLOCKS_PER_SPLIT=i32, **strides, MASK_MODE=cx, SHARED_KV=cx,
-                           FINALIZE=cx, ACC=cx, BLOCK_L=cx, BLOCK_D=cx)
-                c = dict(cst, MASK_MODE=mode, SHARED_KV=shared, FINALIZE=finalize, ACC=tl.float32, BLOCK_L=bl,
-                         BLOCK_D=block_d)
+                sig = dict(Q=p, K=p, V=p, MASK=mask_ty, CTX=p, CTXA=a, W=p, S=p if ty == "fp32" else a, LSE=a, PM=a,
+                           PL=a, PACC=a, **sizes, BLOCKS_PER_SPLIT=i32, **strides, MASK_MODE=cx, SHARED_KV=cx,
+                           FINALIZE=cx, STORE_CTXA=cx, ACC=cx, BLOCK_L=cx, BLOCK_D=cx)
+                c = dict(cst, MASK_MODE=mode, SHARED_KV=shared, FINALIZE=finalize, STORE_CTXA=ty != "fp32",
+                         ACC=tl.float32, BLOCK_L=bl, BLOCK_D=block_d)
                 yield AOTConfig(_attn_fwd_kernel, sig, c, num_warps=nw, expect_no_spill=ok,
                                 label=f"fwd {tag} BL={bl} fin={int(finalize)} mask={mode} kv={int(shared)}")
-            sig = dict(CTX=p, W=p, S=p if ty == "fp32" else a, LSE=a, PM=a, PL=a, PACC=a, L=i32, DV=i32, NSPLIT=i32,
-                       ACC=cx, BLOCK_L=cx, BLOCK_D=cx)
-            yield AOTConfig(_attn_combine_kernel, sig, dict(ACC=tl.float32, BLOCK_L=bl, BLOCK_D=block_d),
+            sig = dict(CTX=p, CTXA=a, W=p, S=p if ty == "fp32" else a, LSE=a, PM=a, PL=a, PACC=a, L=i32, DV=i32,
+                       NSPLIT=i32, STORE_CTXA=cx, ACC=cx, BLOCK_L=cx, BLOCK_D=cx)
+            yield AOTConfig(_attn_combine_kernel, sig,
+                            dict(STORE_CTXA=ty != "fp32", ACC=tl.float32, BLOCK_L=bl, BLOCK_D=block_d),
                             num_warps=nw, expect_no_spill=ok, label=f"combine {tag} BL={bl}")
 
             _, bl, nw = block_config(block_d, block_d, "bwd_row")
             for write_kv in (True, False):
                 # T == 1 (write_kv) with split fp32 dq partials; T > 1 with dq in the input dtype.
-                sig = dict(Q=p, K=p, V=p, MASK=mask_ty, CTX=p, W=p, LSE=a, DCTX=p, DW=p, DQ=a if write_kv else p,
+                sig = dict(Q=p, K=p, V=p, MASK=mask_ty, CTX=a, W=a, LSE=a, DCTX=p, DW=a, DQ=a if write_kv else p,
                            DK=p, DVAL=p, DELTA=a, **sizes, BLOCKS_PER_SPLIT=i32, NROWS=i32, **strides, **gstrides,
                            MASK_MODE=cx, SHARED_KV=cx, HAS_DCTX=cx, HAS_DW=cx, WRITE_KV=cx, ACC=cx, BLOCK_L=cx,
                            BLOCK_D=cx)

@@ -9,7 +9,7 @@ per BLOCK_T queries instead of once per query, and the products run on ``tl.dot`
         online softmax per query row (m, l), acc = acc * exp(m_old - m_new) + P @ V_tile
         raw E -> row buffer; after the loop weights = exp(E - m) / l, ctx = acc / l, save (m, l)
     backward dq, grid (B, cdiv(T, BLOCK_T)), loop over L:
-        delta = rowsum(alpha * dW) + rowsum(dc * c)             (saved weights and context)
+        delta = rowsum(alpha * dW) + rowsum(dc * c)             (saved weights, context in fp32)
         alpha = exp(Q H^T - m) / l,  g = dW + dc @ V^T,  dE = alpha * (g - delta),  dq = dE @ H
     backward dH/dV, grid (B, cdiv(L, BLOCK_L)), loop over T (reduced in registers, no atomics):
         alpha^T = exp(H Q^T - m) / l,  dE^T = alpha^T * (g^T - delta)
@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fused_s2s.kernels.attention import _mask_args, _mask_valid, _tile_safe
+from fused_s2s.kernels.attention import _mask_args, _mask_valid, _tile_safe, ctx_acc_buffer
 from fused_s2s.kernels._launch import cdiv, next_power_of_2
 
 _MIN_T = 16  # the launcher's heuristic: tiles pay once a batch row has this many queries
@@ -131,13 +131,15 @@ def _store_stats_and_weights(S, W, LSE, rows, s_tile, in_t, ar_l, m_use, l_i, in
 
 @triton.jit
 def _attn_fwd_tiled_kernel(
-    Q, K, V, MASK, CTX, W, S, LSE,
+    Q, K, V, MASK, CTX, CTXA, W, S, LSE,
     T, L, D, DV,
     s_qb, s_qt, s_qd, s_kb, s_kl, s_kd, s_vb, s_vl, s_vd, s_mb, s_ml,
-    MASK_MODE: tl.constexpr, SHARED_KV: tl.constexpr, DOT_T: tl.constexpr, RND_T: tl.constexpr,
+    MASK_MODE: tl.constexpr, SHARED_KV: tl.constexpr, STORE_CTXA: tl.constexpr,
+    DOT_T: tl.constexpr, RND_T: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Grid (B, cdiv(T, BLOCK_T)). Writes ctx (B, T, DV), weights (B, T, L), (m, l) per row."""
+    """Grid (B, cdiv(T, BLOCK_T)). Writes ctx (B, T, DV), weights (B, T, L), (m, l) per row, and with
+    STORE_CTXA ctx in fp32 to CTXA (for the backward's delta, see fused_s2s.kernels.attention)."""
     b = tl.program_id(0).to(tl.int64)
     t0 = tl.program_id(1).to(tl.int64) * BLOCK_T
     ar_t = tl.arange(0, BLOCK_T)
@@ -179,8 +181,10 @@ def _attn_fwd_tiled_kernel(
 
     m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
     inv_l = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)  # empty row: l = 0 -> all 0
-    tl.store(CTX + rows[:, None] * DV + ar_d[None, :], (acc * inv_l[:, None]).to(CTX.dtype.element_ty),
-             mask=in_t[:, None] & in_dv[None, :])
+    ctx = acc * inv_l[:, None]
+    tl.store(CTX + rows[:, None] * DV + ar_d[None, :], ctx.to(CTX.dtype.element_ty), mask=in_t[:, None] & in_dv[None, :])
+    if STORE_CTXA:
+        tl.store(CTXA + rows[:, None] * DV + ar_d[None, :], ctx, mask=in_t[:, None] & in_dv[None, :])
     _store_stats_and_weights(S, W, LSE, rows, s_tile, in_t, ar_l, m_use, l_i, inv_l, L, BLOCK_L)
 
 
@@ -215,16 +219,26 @@ def _attn_bwd_dq_tiled_kernel(
         dc = tl.load(DCTX + b * s_cb + t0 * s_ct + ar_t[:, None] * s_ct + ar_d[None, :] * s_cd,
                      mask=in_t[:, None] & in_dv[None, :], other=0.0)  # (BT, BD)
         c = tl.load(CTX + rows[:, None] * DV + ar_d[None, :], mask=in_t[:, None] & in_dv[None, :], other=0.0)
+        if CTX.dtype.element_ty == Q.dtype.element_ty:
+            # fp32 (or a 16-bit ctx from a caller): dc . c as the diagonal of a tl.dot, the same reduction
+            # as the dc . V_j in g below: when a row attends to one position (c = V_j, alpha_j = 1)
+            # g_j - delta is then exactly 0, as in eager.
+            dcc = tl.dot(dc.to(DOT_T), tl.trans(c.to(DOT_T)), input_precision="ieee")  # (BT, BT)
+            delta += tl.sum(tl.where(ar_t[:, None] == ar_t[None, :], dcc, 0.0), axis=1)
+        else:
+            # 16-bit inputs, c saved in fp32 (ctx_acc): an fp32 row sum; rounding c to the operand
+            # dtype would cost the peaked rows their precision (fused_s2s.kernels.attention docstring).
+            delta += tl.sum(dc.to(tl.float32) * c.to(tl.float32), axis=1)
         dc = dc.to(DOT_T)
-        # dc . c as the diagonal of a tl.dot, the same reduction as the dc . V_j in g below: when a row
-        # attends to one position (c = V_j, alpha_j = 1) g_j - delta is then exactly 0, as in eager.
-        dcc = tl.dot(dc, tl.trans(c.to(DOT_T)), input_precision="ieee")  # (BT, BT)
-        delta += tl.sum(tl.where(ar_t[:, None] == ar_t[None, :], dcc, 0.0), axis=1)
     if HAS_DW:
         j0 = b * 0
         while j0 < L:
             msk = in_t[:, None] & (ar_l < L - j0)[None, :]
-            wj = tl.load(W + rows[:, None] * L + j0 + ar_l[None, :], mask=msk, other=0.0).to(tl.float32)
+            if W.dtype.element_ty == Q.dtype.element_ty:  # the weights output
+                wj = tl.load(W + rows[:, None] * L + j0 + ar_l[None, :], mask=msk, other=0.0).to(tl.float32)
+            else:  # 16-bit inputs: the fp32 raw scores (scores_acc), alpha in fp32
+                wj = tl.load(W + rows[:, None] * L + j0 + ar_l[None, :], mask=msk, other=float("-inf"))
+                wj = tl.exp(wj.to(tl.float32) - m_r[:, None]) * inv_l[:, None]
             dwj = tl.load(DW + j0 * s_wl + dw_tile, mask=msk, other=0.0).to(tl.float32)
             delta += tl.sum(wj * dwj, axis=1)
             j0 += BLOCK_L
@@ -364,23 +378,25 @@ def _tiled_bwd_setup(query, keys, values, mask, ctx, weights, dctx, dweights, bt
     return query, keys, v, mask, dc, dw, dq, dk, dv, delta
 
 
-def attention_forward_tiled(query, keys, values, mask, *, block_l=None):
-    """As ``attention_forward`` (same outputs and (m, l) stats) for fp32/fp16/bf16, tiled over T."""
+def attention_forward_tiled(query, keys, values, mask, *, block_l=None, for_backward=False):
+    """As ``attention_forward`` (same outputs, (m, l) stats, ctx_acc, scores_acc) for fp32/fp16/bf16, tiled over T."""
     B, T, D = query.shape
     L = keys.shape[1]
     shared = values is None
     Dv = (keys if shared else values).shape[2]
     dev, dtype = query.device, query.dtype
     ctx = torch.empty(B, T, Dv, device=dev, dtype=dtype)
+    ctx_acc, store_ctxa = ctx_acc_buffer(ctx, for_backward)
     weights = torch.empty(B, T, L, device=dev, dtype=dtype)
     lse = torch.empty(B * T, 2, device=dev, dtype=torch.float32)  # (m, l) per row
     if B * T == 0:
-        return ctx, weights, lse
+        return ctx, weights, lse, ctx_acc, weights
     cfg = tiled_config(D, Dv, dtype, "fwd")
     if cfg is None:
         from fused_s2s.kernels import attention_tiled_wide as _wide
 
-        return _wide.attention_forward_wide(query, keys, values, mask, wide_config(dtype, "fwd"), block_l=block_l)
+        return _wide.attention_forward_wide(query, keys, values, mask, wide_config(dtype, "fwd"), block_l=block_l,
+                                            for_backward=for_backward)
     bt, bl, block_d, nw = cfg
     bl = _block_l(bl, block_l)
     query, keys, v, mask = _tiled_inputs(query, keys, values, mask, bt, bl, block_d)
@@ -389,13 +405,13 @@ def attention_forward_tiled(query, keys, values, mask, *, block_l=None):
     m_ptr, mode, s_mb, s_ml = _mask_args(mask, query)
     dot_t, rnd_t = _dot_types(query)
     _attn_fwd_tiled_kernel[(B, cdiv(T, bt))](
-        query, keys, v, m_ptr, ctx, weights, scores, lse,
+        query, keys, v, m_ptr, ctx, ctx_acc, weights, scores, lse,
         T, L, D, Dv,
         *query.stride(), *keys.stride(), *v.stride(), s_mb, s_ml,
-        MASK_MODE=mode, SHARED_KV=shared, DOT_T=dot_t, RND_T=rnd_t,
+        MASK_MODE=mode, SHARED_KV=shared, STORE_CTXA=store_ctxa, DOT_T=dot_t, RND_T=rnd_t,
         BLOCK_T=bt, BLOCK_L=bl, BLOCK_D=block_d, num_warps=nw, enable_fp_fusion=True,
     )
-    return ctx, weights, lse
+    return ctx, weights, lse, ctx_acc, scores if store_ctxa else weights
 
 
 def attention_backward_tiled(query, keys, values, mask, ctx, weights, lse, dctx, dweights, *, block_l=None):
@@ -463,16 +479,17 @@ def aot_configs():
             tag = f"{ty} BD={block_d} mask={mode} kv={int(shared)}"
 
             bt, bl, nw = table["fwd"][block_d]
-            sig = dict(Q=p, K=p, V=p, MASK=mask_ty, CTX=p, W=p, S=a, LSE=a, **sizes, **strides, MASK_MODE=cx,
-                       SHARED_KV=cx, DOT_T=cx, RND_T=cx, BLOCK_T=cx, BLOCK_L=cx, BLOCK_D=cx)
-            yield AOTConfig(_attn_fwd_tiled_kernel, sig, dict(unit, BLOCK_T=bt, BLOCK_L=bl, **flags), num_warps=nw,
+            sig = dict(Q=p, K=p, V=p, MASK=mask_ty, CTX=p, CTXA=a, W=p, S=a, LSE=a, **sizes, **strides, MASK_MODE=cx,
+                       SHARED_KV=cx, STORE_CTXA=cx, DOT_T=cx, RND_T=cx, BLOCK_T=cx, BLOCK_L=cx, BLOCK_D=cx)
+            yield AOTConfig(_attn_fwd_tiled_kernel, sig,
+                            dict(unit, BLOCK_T=bt, BLOCK_L=bl, STORE_CTXA=ty != "fp32", **flags), num_warps=nw,
                             label=f"fwd_tiled {tag} BT={bt} BL={bl}")
 
             bt, bl, nw = table["bwd"][block_d]
             c = dict(unit, s_cd=1, s_wl=1, HAS_DCTX=True, HAS_DW=True, BLOCK_T=bt, BLOCK_L=bl, **flags)
             bwd = dict(MASK_MODE=cx, SHARED_KV=cx, HAS_DCTX=cx, HAS_DW=cx, DOT_T=cx, RND_T=cx, BLOCK_T=cx,
                        BLOCK_L=cx, BLOCK_D=cx)
-            sig = dict(Q=p, K=p, V=p, MASK=mask_ty, CTX=p, W=p, LSE=a, DCTX=p, DW=p, DQ=p, DELTA=a, **sizes,
+            sig = dict(Q=p, K=p, V=p, MASK=mask_ty, CTX=a, W=a, LSE=a, DCTX=p, DW=p, DQ=p, DELTA=a, **sizes,
                        **strides, **gstrides, **bwd)
             yield AOTConfig(_attn_bwd_dq_tiled_kernel, sig, c, num_warps=nw,
                             label=f"bwd_dq_tiled {tag} BT={bt} BL={bl}")

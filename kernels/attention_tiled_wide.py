@@ -11,8 +11,9 @@ bf16 beyond 256). Two changes make the tiles small:
   core / FMA work, but H is still read per BLOCK_T queries, not per query.
 
 The chunk of feature-axis 0 stores the per-row outputs (raw scores, weights, (m, l), delta).
-g = dc V^T and dc . c are the same chunked tl.dot sums in both backward kernels (g - delta is
-exactly 0 for a row attending to one position, as in eager; see attention_tiled).
+g = dc V^T and (fp32 inputs) dc . c are the same chunked tl.dot sums in both backward kernels
+(g - delta is exactly 0 for a row attending to one position, as in eager; see attention_tiled);
+fp16 / bf16 take dc . c as an fp32 row sum with the fp32 ctx_acc.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fused_s2s.kernels.attention import _mask_args, _mask_valid
+from fused_s2s.kernels.attention import _mask_args, _mask_valid, ctx_acc_buffer
 from fused_s2s.kernels._launch import cdiv
 from fused_s2s.kernels.attention_tiled import (
     _block_l,
@@ -51,13 +52,14 @@ def _chunked_dot_t(A, B_, a_base, b_base, s_ar, s_ak, s_br, s_bk, in_a, in_b, ar
 
 @triton.jit
 def _attn_fwd_wide_kernel(
-    Q, K, V, MASK, CTX, W, S, LSE,
+    Q, K, V, MASK, CTX, CTXA, W, S, LSE,
     T, L, D, DV,
     s_qb, s_qt, s_qd, s_kb, s_kl, s_kd, s_vb, s_vl, s_vd, s_mb, s_ml,
-    MASK_MODE: tl.constexpr, DOT_T: tl.constexpr, RND_T: tl.constexpr,
+    MASK_MODE: tl.constexpr, STORE_CTXA: tl.constexpr, DOT_T: tl.constexpr, RND_T: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr,
 ):
-    """Grid (B, cdiv(T, BLOCK_T), cdiv(DV, BLOCK_O)). ctx[:, o0:o0+BO]; chunk 0 also the weights, (m, l)."""
+    """Grid (B, cdiv(T, BLOCK_T), cdiv(DV, BLOCK_O)). ctx[:, o0:o0+BO] (and in fp32 to CTXA with
+    STORE_CTXA); chunk 0 also the weights, (m, l)."""
     b = tl.program_id(0).to(tl.int64)
     t0 = tl.program_id(1).to(tl.int64) * BLOCK_T
     o0 = tl.program_id(2).to(tl.int64) * BLOCK_O
@@ -94,8 +96,11 @@ def _attn_fwd_wide_kernel(
 
     m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
     inv_l = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)  # empty row: l = 0 -> all 0
-    tl.store(CTX + rows[:, None] * DV + o0 + ar_o[None, :], (acc * inv_l[:, None]).to(CTX.dtype.element_ty),
+    ctx = acc * inv_l[:, None]
+    tl.store(CTX + rows[:, None] * DV + o0 + ar_o[None, :], ctx.to(CTX.dtype.element_ty),
              mask=in_t[:, None] & in_o[None, :])
+    if STORE_CTXA:
+        tl.store(CTXA + rows[:, None] * DV + o0 + ar_o[None, :], ctx, mask=in_t[:, None] & in_o[None, :])
     if o0 == 0:
         _store_stats_and_weights(S, W, LSE, rows, s_tile, in_t, ar_l, m_use, l_i, inv_l, L, BLOCK_L)
 
@@ -126,15 +131,30 @@ def _attn_bwd_dq_wide_kernel(
 
     delta = tl.zeros([BLOCK_T], tl.float32)
     if HAS_DCTX:
-        # dc . c as the diagonal of the same chunked dot that gives g = dc V^T below
-        dcc = _chunked_dot_t(DCTX, CTX, b * s_cb + t0 * s_ct, (b * T + t0) * DV, s_ct, s_cd, DV, 1,
-                             in_t, in_t, ar_t, ar_t, ar_k, DV, DOT_T, BLOCK_T, BLOCK_T, BLOCK_K)  # (BT, BT)
-        delta += tl.sum(tl.where(ar_t[:, None] == ar_t[None, :], dcc, 0.0), axis=1)
+        if CTX.dtype.element_ty == Q.dtype.element_ty:
+            # dc . c as the diagonal of the same chunked dot that gives g = dc V^T below
+            dcc = _chunked_dot_t(DCTX, CTX, b * s_cb + t0 * s_ct, (b * T + t0) * DV, s_ct, s_cd, DV, 1,
+                                 in_t, in_t, ar_t, ar_t, ar_k, DV, DOT_T, BLOCK_T, BLOCK_T, BLOCK_K)  # (BT, BT)
+            delta += tl.sum(tl.where(ar_t[:, None] == ar_t[None, :], dcc, 0.0), axis=1)
+        else:
+            # 16-bit inputs, c in fp32 (ctx_acc): fp32 row sums over DV chunks (see attention_tiled)
+            k0 = b * 0
+            while k0 < DV:
+                msk = in_t[:, None] & (ar_k < DV - k0)[None, :]
+                dcj = tl.load(DCTX + b * s_cb + t0 * s_ct + k0 * s_cd + ar_t[:, None] * s_ct + ar_k[None, :] * s_cd,
+                              mask=msk, other=0.0).to(tl.float32)
+                cj = tl.load(CTX + rows[:, None] * DV + k0 + ar_k[None, :], mask=msk, other=0.0).to(tl.float32)
+                delta += tl.sum(dcj * cj, axis=1)
+                k0 += BLOCK_K
     if HAS_DW:
         j0 = b * 0
         while j0 < L:
             msk = in_t[:, None] & (ar_l < L - j0)[None, :]
-            wj = tl.load(W + rows[:, None] * L + j0 + ar_l[None, :], mask=msk, other=0.0).to(tl.float32)
+            if W.dtype.element_ty == Q.dtype.element_ty:  # the weights output
+                wj = tl.load(W + rows[:, None] * L + j0 + ar_l[None, :], mask=msk, other=0.0).to(tl.float32)
+            else:  # 16-bit inputs: the fp32 raw scores (scores_acc), alpha in fp32
+                wj = tl.load(W + rows[:, None] * L + j0 + ar_l[None, :], mask=msk, other=float("-inf"))
+                wj = tl.exp(wj.to(tl.float32) - m_r[:, None]) * inv_l[:, None]
             dwj = tl.load(DW + j0 * s_wl + dw_tile, mask=msk, other=0.0).to(tl.float32)
             delta += tl.sum(wj * dwj, axis=1)
             j0 += BLOCK_L
@@ -229,7 +249,7 @@ def _attn_bwd_kv_wide_kernel(
 # Launchers (called by attention_tiled's launchers for a BLOCK_D without a one-tile config)
 # ----------------------------------------------------------------------------------------------
 
-def attention_forward_wide(query, keys, values, mask, cfg, *, block_l=None):
+def attention_forward_wide(query, keys, values, mask, cfg, *, block_l=None, for_backward=False):
     """As ``attention_forward_tiled``; cfg = (BLOCK_T, BLOCK_L, BLOCK_K, BLOCK_O, num_warps)."""
     B, T, D = query.shape
     L = keys.shape[1]
@@ -241,19 +261,20 @@ def attention_forward_wide(query, keys, values, mask, cfg, *, block_l=None):
     blk = max(bk, bo)
     query, keys, v, mask = _tiled_inputs(query, keys, values, mask, bt, bl, blk)
     ctx = torch.empty(B, T, Dv, device=dev, dtype=dtype)
+    ctx_acc, store_ctxa = ctx_acc_buffer(ctx, for_backward)
     weights = torch.empty(B, T, L, device=dev, dtype=dtype)
     lse = torch.empty(B * T, 2, device=dev, dtype=torch.float32)  # (m, l) per row
     scores = weights if dtype == torch.float32 else torch.empty(B, T, L, device=dev, dtype=torch.float32)
     m_ptr, mode, s_mb, s_ml = _mask_args(mask, query)
     dot_t, rnd_t = _dot_types(query)
     _attn_fwd_wide_kernel[(B, cdiv(T, bt), cdiv(Dv, bo))](
-        query, keys, v, m_ptr, ctx, weights, scores, lse,
+        query, keys, v, m_ptr, ctx, ctx_acc, weights, scores, lse,
         T, L, D, Dv,
         *query.stride(), *keys.stride(), *v.stride(), s_mb, s_ml,
-        MASK_MODE=mode, DOT_T=dot_t, RND_T=rnd_t, BLOCK_T=bt, BLOCK_L=bl, BLOCK_K=bk, BLOCK_O=bo, num_warps=nw,
+        MASK_MODE=mode, STORE_CTXA=store_ctxa, DOT_T=dot_t, RND_T=rnd_t, BLOCK_T=bt, BLOCK_L=bl, BLOCK_K=bk, BLOCK_O=bo, num_warps=nw,
         enable_fp_fusion=True,
     )
-    return ctx, weights, lse
+    return ctx, weights, lse, ctx_acc, scores if store_ctxa else weights
 
 
 def attention_backward_wide(query, keys, values, mask, ctx, weights, lse, dctx, dweights, cfg, *, block_l=None):
@@ -309,9 +330,9 @@ def aot_configs(wide_configs: dict):
 
         bt, bl, bk, bo, nw = wide_configs[cls]["fwd"]
         tag = f"{ty} mask={mode} BT={bt} BL={bl} BK={bk} BO={bo}"
-        sig = dict(Q=p, K=p, V=p, MASK=mask_ty, CTX=p, W=p, S=a, LSE=a, **sizes, **strides, MASK_MODE=cx,
-                   DOT_T=cx, RND_T=cx, **blocks)
-        c = dict(unit, BLOCK_T=bt, BLOCK_L=bl, BLOCK_K=bk, BLOCK_O=bo, **flags)
+        sig = dict(Q=p, K=p, V=p, MASK=mask_ty, CTX=p, CTXA=a, W=p, S=a, LSE=a, **sizes, **strides, MASK_MODE=cx,
+                   STORE_CTXA=cx, DOT_T=cx, RND_T=cx, **blocks)
+        c = dict(unit, BLOCK_T=bt, BLOCK_L=bl, BLOCK_K=bk, BLOCK_O=bo, STORE_CTXA=ty != "fp32", **flags)
         yield AOTConfig(_attn_fwd_wide_kernel, sig, c, num_warps=nw, label=f"fwd_wide {tag}")
 
         bt, bl, bk, bo, nw = wide_configs[cls]["bwd"]
@@ -319,7 +340,7 @@ def aot_configs(wide_configs: dict):
         c = dict(unit, s_cd=1, s_wl=1, HAS_DCTX=True, HAS_DW=True, BLOCK_T=bt, BLOCK_L=bl, BLOCK_K=bk, BLOCK_O=bo,
                  **flags)
         bwd = dict(MASK_MODE=cx, HAS_DCTX=cx, HAS_DW=cx, DOT_T=cx, RND_T=cx, **blocks)
-        sig = dict(Q=p, K=p, V=p, MASK=mask_ty, CTX=p, W=p, LSE=a, DCTX=p, DW=p, DQ=p, DELTA=a, **sizes,
+        sig = dict(Q=p, K=p, V=p, MASK=mask_ty, CTX=a, W=a, LSE=a, DCTX=p, DW=p, DQ=p, DELTA=a, **sizes,
                    **strides, **gstrides, **bwd)
         yield AOTConfig(_attn_bwd_dq_wide_kernel, sig, c, num_warps=nw, label=f"bwd_dq_wide {tag}")
         for shared in (False, True):
