@@ -205,20 +205,83 @@ def _attn_combine_kernel(CTX, CTXA, W, S, LSE, PM, PL, PACC, L, DV, NSPLIT, STOR
 
 
 @triton.jit
+def _g_block(v, dc, DW, dw_off, in_l, HAS_DCTX: tl.constexpr, HAS_DW: tl.constexpr, ACC: tl.constexpr,
+             BLOCK_L: tl.constexpr):
+    """g_j = dalpha_j + dc . V_j for a (BLOCK_L,) block, v the loaded (BLOCK_L, BLOCK_D) tile of V.
+    The one expression of both exact-delta passes: delta = sum_j alpha_j g_j then holds the same
+    rounded g_j as dE_j = alpha_j (g_j - delta), so their rounding cancels as in eager."""
+    g = tl.zeros([BLOCK_L], ACC)
+    if HAS_DW:
+        g += tl.load(DW + dw_off, mask=in_l, other=0.0).to(ACC)
+    if HAS_DCTX:
+        g += tl.sum(v * dc[None, :], axis=1)
+    return g
+
+
+@triton.jit
+def _delta_exact(W, V, DW, dc, row, b, t, l0, l_end, L, s_vb, s_vl, s_vd, s_wb, s_wt, s_wl, ar_l, ar_d, in_dv,
+                 HAS_DCTX: tl.constexpr, HAS_DW: tl.constexpr, ACC: tl.constexpr, BLOCK_L: tl.constexpr):
+    """sum_j w_j g_j over positions [l0, l_end) of a row (a multiple of BLOCK_L long, or ending at L):
+    w the saved weights (in ACC: fp32 / fp64 inputs), g as the dq loop forms it (_g_block)."""
+    delta = tl.zeros([], ACC)
+    v_tile = ar_l[:, None] * s_vl + ar_d[None, :] * s_vd
+    while l0 < l_end:
+        in_l = ar_l < L - l0
+        w = tl.load(W + row * L + l0 + ar_l, mask=in_l, other=0.0).to(ACC)
+        v = tl.zeros([BLOCK_L, 1], ACC)
+        if HAS_DCTX:
+            v = tl.load(V + b * s_vb + l0 * s_vl + v_tile, mask=in_l[:, None] & in_dv[None, :], other=0.0).to(ACC)
+        g = _g_block(v, dc, DW, b * s_wb + t * s_wt + l0 * s_wl + ar_l * s_wl, in_l, HAS_DCTX, HAS_DW, ACC, BLOCK_L)
+        delta += tl.sum(w * g, axis=0)
+        l0 += BLOCK_L
+    return delta
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(
+    W, V, DCTX, DW, DPART,
+    T, L, DV, BLOCKS_PER_SPLIT,
+    s_vb, s_vl, s_vd, s_cb, s_ct, s_cd, s_wb, s_wt, s_wl,
+    HAS_DCTX: tl.constexpr, HAS_DW: tl.constexpr, ACC: tl.constexpr, BLOCK_L: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Grid (B*T, splits). The split-L partials of the exact delta, DPART (B*T, splits): each program
+    sums w_j g_j over its L chunk (the row kernel's chunks and tiles, so the same g_j)."""
+    row = tl.program_id(0).to(tl.int64)
+    sp = tl.program_id(1).to(tl.int64)
+    b = row // T
+    t = row % T
+    ar_l = tl.arange(0, BLOCK_L)
+    ar_d = tl.arange(0, BLOCK_D)
+    in_dv = ar_d < DV
+    dc = tl.zeros([BLOCK_D], ACC)
+    if HAS_DCTX:
+        dc = tl.load(DCTX + b * s_cb + t * s_ct + ar_d * s_cd, mask=in_dv, other=0.0).to(ACC)
+    l0 = sp * BLOCKS_PER_SPLIT * BLOCK_L
+    l_end = tl.minimum(l0 + BLOCKS_PER_SPLIT * BLOCK_L, L)
+    part = _delta_exact(W, V, DW, dc, row, b, t, l0, l_end, L, s_vb, s_vl, s_vd, s_wb, s_wt, s_wl, ar_l, ar_d,
+                        in_dv, HAS_DCTX, HAS_DW, ACC, BLOCK_L)
+    tl.store(DPART + row * tl.num_programs(1) + sp, part)
+
+
+@triton.jit
 def _attn_bwd_row_kernel(
-    Q, K, V, MASK, CTX, W, LSE, DCTX, DW, DQ, DK, DVAL, DELTA,
+    Q, K, V, MASK, CTX, W, LSE, DCTX, DW, DQ, DK, DVAL, DELTA, DPART,
     T, L, D, DV, BLOCKS_PER_SPLIT, NROWS,
     s_qb, s_qt, s_qd, s_kb, s_kl, s_kd, s_vb, s_vl, s_vd, s_mb, s_ml,
     s_cb, s_ct, s_cd, s_wb, s_wt, s_wl,
     MASK_MODE: tl.constexpr, SHARED_KV: tl.constexpr, HAS_DCTX: tl.constexpr, HAS_DW: tl.constexpr,
-    WRITE_KV: tl.constexpr, ACC: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+    WRITE_KV: tl.constexpr, DELTA_MODE: tl.constexpr, ACC: tl.constexpr, BLOCK_L: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Grid (B*T, splits). dq of one row over its L chunk; with WRITE_KV (T == 1) also dH, dV.
 
     DQ is (splits, B*T, D) in ACC (summed by the launcher) when split, else (B*T, D). DCTX / DW are
     the incoming gradients with their own strides (s_c*, s_w*); CTX, W, LSE the saved outputs.
-    Every program of the row computes delta (2L reads of weights/dweights, cheap next to L*D);
-    split 0 stores it for the dH/dV kernel.
+    delta (split 0 stores it for the dH/dV kernel), DELTA_MODE: 0 from the saved context and
+    weights (fp16/bf16: their fp32 copies; 2L + DV reads); 1 exact, sum_j w_j g_j by a first pass
+    over the row's V (fp32/fp64, one split); 2 exact, the sum of DPART's split partials
+    (_attn_bwd_delta_kernel).
     """
     row = tl.program_id(0).to(tl.int64)
     sp = tl.program_id(1).to(tl.int64)
@@ -233,13 +296,22 @@ def _attn_bwd_row_kernel(
     l_row = tl.load(LSE + 2 * row + 1).to(ACC)
     inv_l = tl.where(l_row > 0, 1.0 / tl.where(l_row > 0, l_row, 1.0), 0.0)
 
-    # delta = sum_j alpha_j dalpha_j + dc . c
     delta = tl.zeros([], ACC)
+    dc = tl.zeros([BLOCK_D], ACC)
     if HAS_DCTX:
         dc = tl.load(DCTX + b * s_cb + t * s_ct + ar_d * s_cd, mask=in_dv, other=0.0).to(ACC)  # (BLOCK_D,)
+    if DELTA_MODE == 1:  # delta = sum_j w_j g_j, a pass over the row's V first
+        delta = _delta_exact(W, V, DW, dc, row, b, t, row * 0, L, L, s_vb, s_vl, s_vd, s_wb, s_wt, s_wl, ar_l,
+                             ar_d, in_dv, HAS_DCTX, HAS_DW, ACC, BLOCK_L)
+    elif DELTA_MODE == 2:  # the same, from the split partials (fixed order: deterministic)
+        s = row * 0
+        while s < tl.num_programs(1):
+            delta += tl.load(DPART + row * tl.num_programs(1) + s)
+            s += 1
+    elif HAS_DCTX:  # delta = dc . c + sum_j alpha_j dalpha_j
         c = tl.load(CTX + row * DV + ar_d, mask=in_dv, other=0.0).to(ACC)
         delta += tl.sum(dc * c, axis=0)
-    if HAS_DW:
+    if HAS_DW and DELTA_MODE == 0:
         j0 = row * 0
         while j0 < L:
             in_j = ar_l < L - j0
@@ -266,16 +338,10 @@ def _attn_bwd_row_kernel(
                     mask=in_l[:, None] & in_d[None, :], other=0.0).to(ACC)  # (BLOCK_L, BLOCK_D)
         e = tl.sum(k * q[None, :], axis=1)
         alpha = tl.where(valid, tl.exp(e - m_row) * inv_l, 0.0)  # (BLOCK_L,)
-        g = tl.zeros([BLOCK_L], ACC)
-        if HAS_DW:
-            g += tl.load(DW + b * s_wb + t * s_wt + l0 * s_wl + ar_l * s_wl, mask=in_l, other=0.0).to(ACC)
-        if HAS_DCTX:
-            if SHARED_KV:
-                v = k
-            else:
-                v = tl.load(V + b * s_vb + l0 * s_vl + v_tile,
-                            mask=in_l[:, None] & in_dv[None, :], other=0.0).to(ACC)
-            g += tl.sum(v * dc[None, :], axis=1)
+        v = k  # H read once for the score and g
+        if HAS_DCTX and not SHARED_KV:
+            v = tl.load(V + b * s_vb + l0 * s_vl + v_tile, mask=in_l[:, None] & in_dv[None, :], other=0.0).to(ACC)
+        g = _g_block(v, dc, DW, b * s_wb + t * s_wt + l0 * s_wl + ar_l * s_wl, in_l, HAS_DCTX, HAS_DW, ACC, BLOCK_L)
         de = alpha * (g - delta)  # (BLOCK_L,)
         dq += tl.sum(de[:, None] * k, axis=0)
         if WRITE_KV:
@@ -544,11 +610,22 @@ def attention_backward(query, keys, values, mask, ctx, weights, lse, dctx, dweig
     common = dict(MASK_MODE=mode, SHARED_KV=shared, HAS_DCTX=has_dc, HAS_DW=has_dw, ACC=_acc(dtype),
                   BLOCK_D=block_d, num_warps=num_warps, enable_fp_fusion=True)
     dv_ptr = dk if dv is None else dv
+    # delta: exact (a pass over V first) where the saved context and weights are no more precise
+    # than the inputs (fp32 / fp64) and dc flows; from the fp32 copies for fp16 / bf16.
+    delta_mode = 0 if (dtype != acc_t or not has_dc) else (1 if nsplit == 1 else 2)
+    dpart = delta
+    if delta_mode == 2:
+        dpart = torch.empty(rows, nsplit, device=dev, dtype=acc_t)
+        _attn_bwd_delta_kernel[(rows, nsplit)](
+            weights, v, dc, dw, dpart, T, L, Dv, per, *v.stride(), *dc.stride(), *dw.stride(),
+            HAS_DCTX=has_dc, HAS_DW=has_dw, ACC=_acc(dtype), BLOCK_L=bl, BLOCK_D=block_d, num_warps=num_warps,
+            enable_fp_fusion=True,
+        )
     _attn_bwd_row_kernel[(rows, nsplit)](
-        query, keys, v, m_ptr, ctx, weights, lse, dc, dw, dq, dk, dv_ptr, delta,
+        query, keys, v, m_ptr, ctx, weights, lse, dc, dw, dq, dk, dv_ptr, delta, dpart,
         T, L, D, Dv, per, rows,
         *query.stride(), *keys.stride(), *v.stride(), s_mb, s_ml, *dc.stride(), *dw.stride(),
-        WRITE_KV=write_kv, BLOCK_L=bl, **common,
+        WRITE_KV=write_kv, DELTA_MODE=delta_mode, BLOCK_L=bl, **common,
     )
     if nsplit > 1:
         dq = dq.sum(0).to(dtype)
@@ -614,16 +691,27 @@ def _aot_configs():
                             num_warps=nw, expect_no_spill=ok, label=f"combine {tag} BL={bl}")
 
             _, bl, nw = block_config(block_d, block_d, "bwd_row")
-            for write_kv in (True, False):
-                # T == 1 (write_kv) with split fp32 dq partials; T > 1 with dq in the input dtype.
-                sig = dict(Q=p, K=p, V=p, MASK=mask_ty, CTX=a, W=a, LSE=a, DCTX=p, DW=a, DQ=a if write_kv else p,
-                           DK=p, DVAL=p, DELTA=a, **sizes, BLOCKS_PER_SPLIT=i32, NROWS=i32, **strides, **gstrides,
-                           MASK_MODE=cx, SHARED_KV=cx, HAS_DCTX=cx, HAS_DW=cx, WRITE_KV=cx, ACC=cx, BLOCK_L=cx,
-                           BLOCK_D=cx)
+            # (WRITE_KV, split, DELTA_MODE): T == 1 split (fp32 dq partials), T == 1 one pass, T > 1. The
+            # fp32 delta is exact (1: inline pass, 2: split partials); 16-bit reads the saved fp32 copies.
+            variants = ((True, True, 2), (True, False, 1), (False, False, 1)) if ty == "fp32" else \
+                ((True, True, 0), (False, False, 0))
+            for write_kv, split, delta_mode in variants:
+                sig = dict(Q=p, K=p, V=p, MASK=mask_ty, CTX=a, W=a, LSE=a, DCTX=p, DW=p, DQ=a if split else p,
+                           DK=p, DVAL=p, DELTA=a, DPART=a, **sizes, BLOCKS_PER_SPLIT=i32, NROWS=i32, **strides,
+                           **gstrides, MASK_MODE=cx, SHARED_KV=cx, HAS_DCTX=cx, HAS_DW=cx, WRITE_KV=cx, DELTA_MODE=cx,
+                           ACC=cx, BLOCK_L=cx, BLOCK_D=cx)
                 c = dict(unit, MASK_MODE=mode, SHARED_KV=shared, HAS_DCTX=True, HAS_DW=True, WRITE_KV=write_kv,
-                         ACC=tl.float32, BLOCK_L=bl, BLOCK_D=block_d)
+                         DELTA_MODE=delta_mode, ACC=tl.float32, BLOCK_L=bl, BLOCK_D=block_d)
                 yield AOTConfig(_attn_bwd_row_kernel, sig, c, num_warps=nw, expect_no_spill=ok,
-                                label=f"bwd_row {tag} BL={bl} kv={int(write_kv)} mask={mode} kv={int(shared)}")
+                                label=f"bwd_row {tag} BL={bl} kv={int(write_kv)} split={int(split)} mask={mode} "
+                                      f"kv={int(shared)} delta={delta_mode}")
+            if ty == "fp32":
+                sig = dict(W=a, V=p, DCTX=p, DW=p, DPART=a, T=i32, L=i32, DV=i32, BLOCKS_PER_SPLIT=i32,
+                           s_vb=i32, s_vl=i32, s_vd=cx, **gstrides, HAS_DCTX=cx, HAS_DW=cx, ACC=cx, BLOCK_L=cx,
+                           BLOCK_D=cx)
+                c = dict(s_vd=1, s_cd=1, HAS_DCTX=True, HAS_DW=True, ACC=tl.float32, BLOCK_L=bl, BLOCK_D=block_d)
+                yield AOTConfig(_attn_bwd_delta_kernel, sig, c, num_warps=nw, expect_no_spill=ok,
+                                label=f"bwd_delta {tag} BL={bl}")
 
             _, bl, nw = block_config(block_d, block_d, "bwd_kv")
             sig = dict(Q=p, K=p, V=p, MASK=mask_ty, LSE=a, DELTA=a, DCTX=p, DW=p, DK=p, DVAL=p, **sizes, **strides,

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from fused_s2s.attention import attention_step
 from fused_s2s.reference import attention_eager
-from tests.helpers import DTYPES, assert_oracle_close
+from tests.helpers import DTYPES, assert_oracle_close, oracle_check
 
 pytestmark = pytest.mark.kernels
 
@@ -509,6 +509,32 @@ def test_peaked_rows_backward_meets_oracle(case, dtype, device):
     for _ in range(seeds):
         q, k, v = _peaked_inputs(B, T, L, D, Dv, dtype, device, gen)
         _check_all(q, k, v, None, **kw)
+
+
+@pytest.mark.parametrize("case", ["row_T1", "row_split"])
+def test_peaked_rows_fp32_error_distribution(case, device):
+    """fp32 on peaked rows, per-row kernels (the decode step): delta = sum_j w_j g_j by a first pass
+    over V, not dc . c. There the 4x rule cannot hold case by case: dE_j* ~ (1 - alpha_j*) (g - delta)
+    is so ill-conditioned that which of two fp32 evaluations is closer to the oracle is chance
+    (eager vs an emulation of the same algorithm: up to ~3x either way). So this checks the spread
+    over 16 seeds x 3 gradients: at most 6 of 48 over the rule, none over 3x its bound. delta =
+    dc . c fails it (session 6, CPU: 9 and 8 of 48 over, worst 2.5x and 5.4x the bound; the exact
+    delta: 2 and 0 over, worst 2.1x and 0.8x)."""
+    B, T, L, D, Dv, kw, _ = PEAKED_CASES[case]
+    gen = torch.Generator().manual_seed(99)
+    ratios = []
+    for _ in range(16):
+        q, k, v = _peaked_inputs(B, T, L, D, Dv, torch.float32, device, gen)
+        gc = torch.randn(B, Dv, generator=gen, dtype=torch.float64).to(device)
+        gw = torch.randn(B, L, generator=gen, dtype=torch.float64).to(device)
+        fused = _run(attention_step, q, k, v, None, gc, gw, backend="triton", **kw)[2]
+        eager = _run(attention_eager, q, k, v, None, gc, gw)[2]
+        oracle = _run(attention_eager, q.double(), k.double(), v.double(), None, gc, gw)[2]
+        for a, e, o in zip(fused, eager, oracle):
+            err, bound, _ = oracle_check(a, e, o)
+            ratios.append(err / bound)
+    over = sum(r > 1 for r in ratios)
+    assert over <= 6 and max(ratios) <= 3, f"{over} of {len(ratios)} over the 4x rule, worst {max(ratios):.2f}x its bound"
 
 
 def test_peaked_row_backward_meets_oracle_fp16(device):
