@@ -119,6 +119,6 @@ def attention_step(query, keys, values=None, mask=None, *, backend="auto", split
         from fused_s2s.kernels.attention import attention_forward
 
         ctx, weights = attention_forward(q, keys, values, mask, splits=splits, block_l=block_l, tiled=tiled)[:2]
-    if squeeze:
-        return ctx[:, 0], weights[:, 0]
+    if squeeze:  # squeeze, not [:, 0]: its backward is a view, a select's writes zeros and a copy
+        return ctx.squeeze(1), weights.squeeze(1)
     return ctx, weights

@@ -266,14 +266,18 @@ class AttentionDecoder(reference.AttentionDecoder):
         if dt is not None:  # .to(own dtype) is the tensor itself: no copy once the state is in dt
             x, h0, c0 = x.to(dt), h0.to(dt), (c0.to(dt) if lstm else None)
         hs, cs = [], []
+        # per-layer views of the (num_layers, B, D) state: one layer squeezes (backward: a view);
+        # h0[k] would be a select, whose backward writes zeros and a copy every step
+        per_layer = (lambda s: (s.squeeze(0),)) if self.num_layers == 1 else (lambda s: s.unbind(0))
+        h0s, c0s = per_layer(h0), (per_layer(c0) if lstm else None)
         for k in range(self.num_layers):
             w = (getattr(cell, f"weight_ih_l{k}"), getattr(cell, f"weight_hh_l{k}"),
                  getattr(cell, f"bias_ih_l{k}"), getattr(cell, f"bias_hh_l{k}"))
             if lstm:
-                h, c = torch.lstm_cell(x, (h0[k], c0[k]), *w)  # (B, D), (B, D)
+                h, c = torch.lstm_cell(x, (h0s[k], c0s[k]), *w)  # (B, D), (B, D)
                 cs.append(c)
             else:
-                h = torch.gru_cell(x, h0[k], *w)  # (B, D)
+                h = torch.gru_cell(x, h0s[k], *w)  # (B, D)
             hs.append(h)
             x = h  # the next layer's input
         layers = (lambda t: t[0].unsqueeze(0)) if len(hs) == 1 else torch.stack  # one layer: a view, no copy
