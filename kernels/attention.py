@@ -29,7 +29,8 @@ weights of the row.
 Backward, per row, given dc (Dv,) and dalpha (L,) (either may be absent)::
 
     g_j    = dalpha_j + dc . V_j
-    delta  = sum_j alpha_j g_j = sum_j alpha_j dalpha_j + dc . c     (uses the saved c and weights)
+    delta  = sum_j alpha_j g_j                     fp32 / fp64: a first pass over V (exact, as eager)
+           = sum_j alpha_j dalpha_j + dc . c       fp16 / bf16: the saved c and weights, in fp32
     dE_j   = alpha_j (g_j - delta)
     dq     = sum_j dE_j H_j
     dH_j  += sum_t dE_j q          dV_j += sum_t alpha_j dc           (summed over the T queries)
@@ -42,9 +43,15 @@ g_k - delta is ~(1 - alpha_k) (g_k - g_other), small, and a c or an alpha_k roun
 put an error of eps16 |dc| |c| or eps16 |dalpha_k| into it (measured before: fp16 dquery 30x
 eager's error with a flipped sign; bf16 dkeys 400x where alpha_k = 1 - 1e-6 was stored as
 1 - 2^-8 by the interpreter's truncating fp32 -> bf16 cast; round-to-nearest halves that error,
-no more). fp32 inputs use the outputs themselves. For T == 1 the row kernel writes dH, dV directly; for T > 1
-the row kernel computes dq (and delta) and ``_attn_bwd_kv_kernel`` owns an L block of one batch and loops
-over its T queries, so dH, dV are reduced without atomics (deterministic).
+no more). With fp32 / fp64 inputs no copy is more precise than the outputs, and the rounding that
+matters is g_k's own: eager's sum_j alpha_j g_j holds the same rounded g_k as g_k - delta, so it
+cancels; dc . c does not (up to 6x the 4x rule's bound on peaked rows, measured). So there the row
+kernel first sums w_j g_j over the row's V with the saved weights, g_j formed by the dq loop's own
+``_g_block`` (DELTA_MODE 1); split-L sums ``_attn_bwd_delta_kernel``'s per-chunk partials (mode 2).
+One more read of V per backward: +50 % traffic at T == 1 with V = H. For T == 1 the row kernel
+writes dH, dV directly; for T > 1 the row kernel computes dq (and delta) and ``_attn_bwd_kv_kernel``
+owns an L block of one batch and loops over its T queries, so dH, dV are reduced without atomics
+(deterministic).
 
 With T >= 16 queries per batch row the launchers hand over to ``fused_s2s.kernels.attention_tiled``
 (tl.dot tiles of BLOCK_T queries x BLOCK_L keys, same outputs and (m, l) statistics); the kernels
