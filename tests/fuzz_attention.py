@@ -1,0 +1,77 @@
+"""Random-case search for attention_step's numerics: the SPEC section 5 rule on random paths, shapes,
+masks, dtypes and score scales, for a fixed time. Not collected by pytest (no test_ prefix).
+
+    python -m tests.fuzz_attention [--seconds 600] [--seed 1] [--device cpu|cuda]
+
+Each case draws a dtype (fp32/fp16/bf16), a path (per-row, forced split-L, tiled, wide), shapes
+(B 1-3, L 1-45, odd D and Dv, values = keys or not), a mask (none, lengths, bool with an empty
+row), a query scale (0.3, 1, 3: from flat to strongly peaked rows) and which outputs carry a
+gradient, then runs tests/test_attention.py's _check_all: forward and backward against eager in
+the same dtype and a float64 oracle. It prints every failing case and a count at the end; exit
+status 1 if any failed. On the CPU the kernels run under TRITON_INTERPRET=1 (set here).
+
+Expect a few fp32 failures per thousand cases on strongly peaked rows: there the gradient is so
+ill-conditioned that the scores' fp32 rounding decides which evaluation lands nearer the oracle
+(docs/attention.md, "Peaked rows"); fp16 / bf16 failures, or any failure far over the bound, are
+bugs. Session 6, CPU: 2182 cases before the fp32 exact delta, 22 failures (all fp32); 1203 after,
+2 (fp32, 1.2x the bound).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import time
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seconds", type=float, default=600)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    a = p.parse_args(argv)
+    if a.device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+    import torch
+
+    from tests import test_attention as ta
+
+    rng = random.Random(a.seed)
+    t_end = time.time() + a.seconds
+    n = bad = 0
+    while time.time() < t_end:
+        dt = rng.choice([torch.float32, torch.float16, torch.bfloat16])
+        path = rng.choice(["row", "row", "split", "tiled", "wide"])
+        B, L = rng.randint(1, 3), rng.randint(1, 45)
+        T = rng.randint(16, 20) if path in ("tiled", "wide") else rng.choice([None, 1, 2, 5])
+        if path == "wide":  # past the one-tile widths: fp32 BLOCK_D > 64, 16-bit > 256
+            D = rng.randint(65, 140) if dt == torch.float32 else rng.randint(257, 300)
+        else:
+            D = rng.randint(1, 48)
+        Dv = rng.choice([None, D, rng.randint(1, D if path == "wide" else 48)])  # None: values = keys
+        mkind = rng.choice([None, "len", "bool"])
+        scale = rng.choice([0.3, 1.0, 3.0])
+        kw = {"split": dict(splits=rng.randint(2, 4), block_l=rng.choice([2, 4, 8])),
+              "tiled": dict(tiled=True), "wide": dict(tiled=True)}.get(path, {})
+        if path == "row" and T and T > 1:
+            kw = dict(tiled=False)
+        gc, gw = rng.random() < 0.8, rng.random() < 0.6
+        gc = gc or not gw
+        torch.manual_seed(rng.randint(0, 10**6))
+        q, k, v = ta._inputs(B, T, L, D, Dv or D, torch.float32, a.device, shared=Dv is None)
+        q, k, v = (q * scale).to(dt), k.to(dt), None if v is None else v.to(dt)
+        desc = (f"{dt} {path} B={B} T={T} L={L} D={D} Dv={Dv} mask={mkind} scale={scale} "
+                f"grad ctx={gc} weights={gw} {kw}")
+        try:
+            ta._check_all(q, k, v, ta._mask(mkind, B, L, a.device), gc=gc, gw=gw, **kw)
+        except AssertionError as e:
+            bad += 1
+            print(f"FAIL {desc}\n    {str(e).splitlines()[0][:300]}", flush=True)
+        n += 1
+    print(f"{n} cases, {bad} failed", flush=True)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
