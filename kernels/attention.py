@@ -98,6 +98,34 @@ def _mask_valid(MASK, b, l0, ar_l, in_l, s_mb, s_ml, MASK_MODE: tl.constexpr):
 
 
 @triton.jit
+def _row_program(T):
+    """The per-row kernels' grid (B*T, splits): row = b * T + t (int64), its split sp, b and t."""
+    row = tl.program_id(0).to(tl.int64)
+    return row, tl.program_id(1).to(tl.int64), row // T, row % T
+
+
+@triton.jit
+def _load_dc(DCTX, b, t, s_cb, s_ct, s_cd, ar_d, in_dv, HAS_DCTX: tl.constexpr, ACC: tl.constexpr,
+             BLOCK_D: tl.constexpr):
+    """The incoming gradient dc (BLOCK_D,) of query (b, t) in ACC; zeros when ctx got none."""
+    dc = tl.zeros([BLOCK_D], ACC)
+    if HAS_DCTX:
+        dc = tl.load(DCTX + b * s_cb + t * s_ct + ar_d * s_cd, mask=in_dv, other=0.0).to(ACC)
+    return dc
+
+
+@triton.jit
+def _saved_alpha(W, Q, offs, msk, m, inv_l, ACC: tl.constexpr):
+    """alpha from what the forward saved for the backward at W + offs: the weights output itself
+    (W in Q's dtype), or with 16-bit inputs the fp32 raw scores (scores_acc): exp(E - m) / l."""
+    if W.dtype.element_ty == Q.dtype.element_ty:
+        a = tl.load(W + offs, mask=msk, other=0.0).to(ACC)
+    else:
+        a = tl.exp(tl.load(W + offs, mask=msk, other=float("-inf")).to(ACC) - m) * inv_l
+    return a
+
+
+@triton.jit
 def _finalize_row(CTX, CTXA, W, S, LSE, row, m_i, l_i, acc, offs_d, L, DV,
                   ACC: tl.constexpr, BLOCK_L: tl.constexpr, STORE_CTXA: tl.constexpr):
     """c = acc / l; save (m, l), i.e. lse = m + log l in two parts; weights_j = exp(E_j - m) / l.
@@ -135,11 +163,8 @@ def _attn_fwd_kernel(
     FINALIZE (splits == 1): write c, lse and the normalised weights. Otherwise write the partial
     (m, l, acc) of this split to PM/PL (rows, splits) and PACC (rows, splits, DV).
     """
-    row = tl.program_id(0).to(tl.int64)
-    sp = tl.program_id(1).to(tl.int64)
+    row, sp, b, t = _row_program(T)
     nsplit = tl.num_programs(1)
-    b = row // T
-    t = row % T
     # int64 scalar bases (row, batch, block start); int32 offsets inside a tile (the launcher makes a
     # tensor contiguous in the rare case a tile's span would not fit in int32).
     ar_l = tl.arange(0, BLOCK_L)
@@ -254,16 +279,11 @@ def _attn_bwd_delta_kernel(
 ):
     """Grid (B*T, splits). The split-L partials of the exact delta, DPART (B*T, splits): each program
     sums w_j g_j over its L chunk (the row kernel's chunks and tiles, so the same g_j)."""
-    row = tl.program_id(0).to(tl.int64)
-    sp = tl.program_id(1).to(tl.int64)
-    b = row // T
-    t = row % T
+    row, sp, b, t = _row_program(T)
     ar_l = tl.arange(0, BLOCK_L)
     ar_d = tl.arange(0, BLOCK_D)
     in_dv = ar_d < DV
-    dc = tl.zeros([BLOCK_D], ACC)
-    if HAS_DCTX:
-        dc = tl.load(DCTX + b * s_cb + t * s_ct + ar_d * s_cd, mask=in_dv, other=0.0).to(ACC)
+    dc = _load_dc(DCTX, b, t, s_cb, s_ct, s_cd, ar_d, in_dv, HAS_DCTX, ACC, BLOCK_D)
     l0 = sp * BLOCKS_PER_SPLIT * BLOCK_L
     l_end = tl.minimum(l0 + BLOCKS_PER_SPLIT * BLOCK_L, L)
     part = _delta_exact(W, V, DW, dc, row, b, t, l0, l_end, L, s_vb, s_vl, s_vd, s_wb, s_wt, s_wl, ar_l, ar_d,
@@ -290,10 +310,7 @@ def _attn_bwd_row_kernel(
     over the row's V (fp32/fp64, one split); 2 exact, the sum of DPART's split partials
     (_attn_bwd_delta_kernel).
     """
-    row = tl.program_id(0).to(tl.int64)
-    sp = tl.program_id(1).to(tl.int64)
-    b = row // T
-    t = row % T
+    row, sp, b, t = _row_program(T)
     ar_l = tl.arange(0, BLOCK_L)
     ar_d = tl.arange(0, BLOCK_D)
     in_d = ar_d < D
@@ -304,9 +321,7 @@ def _attn_bwd_row_kernel(
     inv_l = tl.where(l_row > 0, 1.0 / tl.where(l_row > 0, l_row, 1.0), 0.0)
 
     delta = tl.zeros([], ACC)
-    dc = tl.zeros([BLOCK_D], ACC)
-    if HAS_DCTX:
-        dc = tl.load(DCTX + b * s_cb + t * s_ct + ar_d * s_cd, mask=in_dv, other=0.0).to(ACC)  # (BLOCK_D,)
+    dc = _load_dc(DCTX, b, t, s_cb, s_ct, s_cd, ar_d, in_dv, HAS_DCTX, ACC, BLOCK_D)  # (BLOCK_D,)
     if DELTA_MODE == 1:  # delta = sum_j w_j g_j, a pass over the row's V first
         delta = _delta_exact(W, V, DW, dc, row, b, t, row * 0, L, L, s_vb, s_vl, s_vd, s_wb, s_wt, s_wl, ar_l,
                              ar_d, in_dv, HAS_DCTX, HAS_DW, ACC, BLOCK_L)
@@ -322,10 +337,7 @@ def _attn_bwd_row_kernel(
         j0 = row * 0
         while j0 < L:
             in_j = ar_l < L - j0
-            if W.dtype.element_ty == Q.dtype.element_ty:  # the weights output
-                wj = tl.load(W + row * L + j0 + ar_l, mask=in_j, other=0.0).to(ACC)
-            else:  # 16-bit inputs: the fp32 raw scores (scores_acc), alpha in fp32 as in the loop below
-                wj = tl.exp(tl.load(W + row * L + j0 + ar_l, mask=in_j, other=float("-inf")).to(ACC) - m_row) * inv_l
+            wj = _saved_alpha(W, Q, row * L + j0 + ar_l, in_j, m_row, inv_l, ACC)
             dwj = tl.load(DW + b * s_wb + t * s_wt + j0 * s_wl + ar_l * s_wl, mask=in_j, other=0.0).to(ACC)
             delta += tl.sum(wj * dwj, axis=0)
             j0 += BLOCK_L
@@ -385,12 +397,10 @@ def _attn_bwd_kv_kernel(
     valid = _mask_valid(MASK, b, l0, ar_l, in_l, s_mb, s_ml, MASK_MODE)
     k = tl.load(K + b * s_kb + l0 * s_kl + ar_l[:, None] * s_kl + ar_d[None, :] * s_kd,
                 mask=in_l[:, None] & in_d[None, :], other=0.0).to(ACC)  # (BLOCK_L, BLOCK_D)
-    if HAS_DCTX:
-        if SHARED_KV:
-            v = k
-        else:
-            v = tl.load(V + b * s_vb + l0 * s_vl + ar_l[:, None] * s_vl + ar_d[None, :] * s_vd,
-                        mask=in_l[:, None] & in_dv[None, :], other=0.0).to(ACC)
+    v = k
+    if HAS_DCTX and not SHARED_KV:
+        v = tl.load(V + b * s_vb + l0 * s_vl + ar_l[:, None] * s_vl + ar_d[None, :] * s_vd,
+                    mask=in_l[:, None] & in_dv[None, :], other=0.0).to(ACC)
     dk = tl.zeros([BLOCK_L, BLOCK_D], ACC)
     dv = tl.zeros([BLOCK_L, BLOCK_D], ACC)
     t = b * 0
@@ -403,12 +413,9 @@ def _attn_bwd_kv_kernel(
         delta = tl.load(DELTA + row).to(ACC)
         e = tl.sum(k * q[None, :], axis=1)
         alpha = tl.where(valid, tl.exp(e - m_row) * inv_l, 0.0)  # (BLOCK_L,)
-        g = tl.zeros([BLOCK_L], ACC)
-        if HAS_DW:
-            g += tl.load(DW + b * s_wb + t * s_wt + l0 * s_wl + ar_l * s_wl, mask=in_l, other=0.0).to(ACC)
+        dc = _load_dc(DCTX, b, t, s_cb, s_ct, s_cd, ar_d, in_dv, HAS_DCTX, ACC, BLOCK_D)
+        g = _g_block(v, dc, DW, b * s_wb + t * s_wt + l0 * s_wl + ar_l * s_wl, in_l, HAS_DCTX, HAS_DW, ACC, BLOCK_L)
         if HAS_DCTX:
-            dc = tl.load(DCTX + b * s_cb + t * s_ct + ar_d * s_cd, mask=in_dv, other=0.0).to(ACC)
-            g += tl.sum(v * dc[None, :], axis=1)
             if SHARED_KV:
                 dk += alpha[:, None] * dc[None, :]
             else:
@@ -510,9 +517,9 @@ def attention_forward(query, keys, values, mask, *, splits=None, block_l=None, t
     :func:`attention_backward` takes as ctx and weights: with ``for_backward`` and fp16/bf16, the
     context in fp32 (ctx_acc, (B, T, Dv)) and the fp32 raw scores (scores_acc, (B, T, L), the
     forward's scratch, kept instead of freed; see the module docstring); else ctx and weights
-    themselves. ``splits``/``block_l``
-    override the heuristics (tests). ``tiled``: None = heuristic, True / False force the tiled
-    (T > 1, ``fused_s2s.kernels.attention_tiled``) or the per-row kernels.
+    themselves. ``splits``/``block_l`` override the heuristics (tests). ``tiled``: None =
+    heuristic, True / False force the tiled (T > 1, ``fused_s2s.kernels.attention_tiled``) or the
+    per-row kernels.
     """
     B, T, D = query.shape
     L = keys.shape[1]

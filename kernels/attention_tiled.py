@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fused_s2s.kernels.attention import _mask_args, _mask_valid, _tile_safe, ctx_acc_buffer
+from fused_s2s.kernels.attention import _mask_args, _mask_valid, _saved_alpha, _tile_safe, ctx_acc_buffer
 from fused_s2s.kernels._launch import cdiv, next_power_of_2
 
 _MIN_T = 16  # the launcher's heuristic: tiles pay once a batch row has this many queries
@@ -111,6 +111,23 @@ def _load_row_stats(LSE, rows, in_t):
     m_r = tl.load(LSE + 2 * rows, mask=in_t, other=0.0).to(tl.float32)
     l_r = tl.load(LSE + 2 * rows + 1, mask=in_t, other=0.0).to(tl.float32)
     return m_r, tl.where(l_r > 0, 1.0 / tl.where(l_r > 0, l_r, 1.0), 0.0)
+
+
+@triton.jit
+def _alpha_dalpha_rowsum(W, Q, DW, rows, dw_tile, s_wl, in_t, ar_l, m_r, inv_l, L, BLOCK_T: tl.constexpr,
+                         BLOCK_L: tl.constexpr):
+    """delta's rowsum(alpha * dalpha) (BT,) fp32, shared by the tiled and wide dq kernels: alpha as
+    the forward saved it (fused_s2s.kernels.attention._saved_alpha), dalpha at DW + dw_tile."""
+    part = tl.zeros([BLOCK_T], tl.float32)
+    j0 = tl.program_id(0).to(tl.int64) * 0  # an int64 loop counter, as in the kernels
+    while j0 < L:
+        msk = in_t[:, None] & (ar_l < L - j0)[None, :]
+        wj = _saved_alpha(W, Q, rows[:, None] * L + j0 + ar_l[None, :], msk, m_r[:, None], inv_l[:, None],
+                          tl.float32)
+        dwj = tl.load(DW + j0 * s_wl + dw_tile, mask=msk, other=0.0).to(tl.float32)
+        part += tl.sum(wj * dwj, axis=1)
+        j0 += BLOCK_L
+    return part
 
 
 @triton.jit
@@ -231,17 +248,7 @@ def _attn_bwd_dq_tiled_kernel(
             delta += tl.sum(dc.to(tl.float32) * c.to(tl.float32), axis=1)
         dc = dc.to(DOT_T)
     if HAS_DW:
-        j0 = b * 0
-        while j0 < L:
-            msk = in_t[:, None] & (ar_l < L - j0)[None, :]
-            if W.dtype.element_ty == Q.dtype.element_ty:  # the weights output
-                wj = tl.load(W + rows[:, None] * L + j0 + ar_l[None, :], mask=msk, other=0.0).to(tl.float32)
-            else:  # 16-bit inputs: the fp32 raw scores (scores_acc), alpha in fp32
-                wj = tl.load(W + rows[:, None] * L + j0 + ar_l[None, :], mask=msk, other=float("-inf"))
-                wj = tl.exp(wj.to(tl.float32) - m_r[:, None]) * inv_l[:, None]
-            dwj = tl.load(DW + j0 * s_wl + dw_tile, mask=msk, other=0.0).to(tl.float32)
-            delta += tl.sum(wj * dwj, axis=1)
-            j0 += BLOCK_L
+        delta += _alpha_dalpha_rowsum(W, Q, DW, rows, dw_tile, s_wl, in_t, ar_l, m_r, inv_l, L, BLOCK_T, BLOCK_L)
     tl.store(DELTA + rows, delta, mask=in_t)
 
     k_tile = ar_l[:, None] * s_kl + ar_d[None, :] * s_kd  # (BL, BD)

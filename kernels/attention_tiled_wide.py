@@ -24,6 +24,7 @@ import triton.language as tl
 from fused_s2s.kernels.attention import _mask_args, _mask_valid, ctx_acc_buffer
 from fused_s2s.kernels._launch import cdiv
 from fused_s2s.kernels.attention_tiled import (
+    _alpha_dalpha_rowsum,
     _block_l,
     _dot_types,
     _load_row_stats,
@@ -147,17 +148,7 @@ def _attn_bwd_dq_wide_kernel(
                 delta += tl.sum(dcj * cj, axis=1)
                 k0 += BLOCK_K
     if HAS_DW:
-        j0 = b * 0
-        while j0 < L:
-            msk = in_t[:, None] & (ar_l < L - j0)[None, :]
-            if W.dtype.element_ty == Q.dtype.element_ty:  # the weights output
-                wj = tl.load(W + rows[:, None] * L + j0 + ar_l[None, :], mask=msk, other=0.0).to(tl.float32)
-            else:  # 16-bit inputs: the fp32 raw scores (scores_acc), alpha in fp32
-                wj = tl.load(W + rows[:, None] * L + j0 + ar_l[None, :], mask=msk, other=float("-inf"))
-                wj = tl.exp(wj.to(tl.float32) - m_r[:, None]) * inv_l[:, None]
-            dwj = tl.load(DW + j0 * s_wl + dw_tile, mask=msk, other=0.0).to(tl.float32)
-            delta += tl.sum(wj * dwj, axis=1)
-            j0 += BLOCK_L
+        delta += _alpha_dalpha_rowsum(W, Q, DW, rows, dw_tile, s_wl, in_t, ar_l, m_r, inv_l, L, BLOCK_T, BLOCK_L)
     tl.store(DELTA + rows, delta, mask=in_t & (ar_t * 0 + o0 == 0))
 
     dq = tl.zeros([BLOCK_T, BLOCK_O], tl.float32)
