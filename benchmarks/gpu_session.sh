@@ -11,6 +11,9 @@
 #                                     then torch.compile, each under its own time budget; rows go to
 #                                     $OUT/results.csv as they are measured; a compact table last
 #   benchmarks/gpu_session.sh all     setup + test + bench (for a machine with more time)
+#   benchmarks/gpu_session.sh recheck a second, shorter call after fixes (~420 s): -m gpu and kernel tests,
+#                                     benchmarks/sweep_{attention,gumbel}.py (kernel configs, sweep.txt),
+#                                     attention tf/large, train large teacher forcing, graphed bf16 notes
 #   benchmarks/gpu_session.sh profile benchmarks/profile_step.py: kernels per training step, GPU-busy vs
 #                                     wall time (fused, fused_graphed; teacher forcing, ss_gumbel_hard)
 #   benchmarks/gpu_session.sh budget  everything that matters in ONE command of at most GPU_BUDGET=570 s,
@@ -325,6 +328,31 @@ budget_phase() {  # one command for a 15-minute device session (docs/gpu.md): wh
     return $rc_b
 }
 
+# ---------------------------------------------------------------------------------------- recheck
+recheck_phase() {  # a second, shorter call after fixes (about 420 s): tests, kernel sweep, the changed rows
+    local -a sel common xdist
+    pytest_opts 120 load
+    export FUSED_S2S_RESULTS_CSV="$OUT/results.csv"
+    local -a gx=()
+    [ ${#xdist[@]} -gt 0 ] && gx=(-n 4 --dist loadfile)
+    PASS_STATUS=()
+    run_pytest gpu "$(budget_t GPU_TESTS 50)" "${sel[@]}" -m gpu "${common[@]}" "${gx[@]}"
+    run_pytest rest "$(budget_t REST 90)" "${sel[@]}" -m "kernels and not gpu" --ignore=tests/test_aot.py \
+        "${common[@]}" "${xdist[@]}"
+    timeout -s INT -k 10 "$(budget_t SWEEP 85)" "$PY" benchmarks/sweep_attention.py --seconds 70 \
+        >"$OUT/sweep.txt" 2>&1
+    timeout -s INT -k 10 "$(budget_t SWEEP_GUMBEL 60)" "$PY" benchmarks/sweep_gumbel.py --seconds 45 \
+        >>"$OUT/sweep.txt" 2>&1
+    say "sweep: $(grep -c '^\[sweep\]' "$OUT/sweep.txt") lines in $OUT/sweep.txt"
+    bench_pass attention "fused,fused_rows,eager" "$(budget_t ATTENTION 40)" --quick --sizes tf,large
+    bench_pass train fused "$(budget_t TRAIN 40)" --quick --sizes large --modes teacher_forcing
+    bench_pass train fused_graphed "$(budget_t TRAIN_GRAPHED 40)" --quick --sizes notes \
+        --modes teacher_forcing,ss_gumbel_hard --dtypes bfloat16
+    "$PY" benchmarks/summarize.py "$OUT/results.csv"
+    say "recheck: done at $SECONDS s since the script's start"
+    test_summary "${PASS_STATUS[@]}"
+}
+
 # ------------------------------------------------------------------------------------------- main
 phase=${1:-}
 case $phase in  # exit status: 1 when a test failed (test), no row was measured (bench), either (all)
@@ -333,7 +361,8 @@ case $phase in  # exit status: 1 when a test failed (test), no row was measured 
     bench) setup; bench_phase ;;
     all) setup; test_phase; t=$?; bench_phase; b=$?; exit $((t || b)) ;;
     budget) setup; budget_phase ;;
+    recheck) setup; recheck_phase ;;
     profile) setup; profile_pass "${GPU_PROFILE_TIMEOUT:-300}" ;;
-    *) echo "usage: $0 setup|test|bench|all|budget|profile   (see the header of this file for the environment knobs)" >&2
+    *) echo "usage: $0 setup|test|bench|all|budget|recheck|profile   (see the header of this file for the environment knobs)" >&2
        exit 2 ;;
 esac

@@ -1,7 +1,8 @@
 """Input validation shared by every public entry point.
 
 All checks look at shapes, dtypes, devices and Python scalars only: nothing here reads tensor
-values except :func:`check_ids`, which callers use outside the per-step path (it syncs on CUDA).
+values except :func:`check_ids`, which callers use outside the per-step path (it syncs on CUDA,
+and is skipped while a CUDA graph is being captured, where values cannot be read).
 Every error names the argument and says what was expected.
 """
 from __future__ import annotations
@@ -41,8 +42,15 @@ def check_int_tensor(name: str, x, **kw) -> torch.Tensor:
 
 
 def check_ids(name: str, ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Integer ids in [0, vocab_size). Reads values: call once per batch, never per step."""
+    """Integer ids in [0, vocab_size). Reads values: call once per batch, never per step.
+
+    Under CUDA-graph capture the values cannot be read (a host copy is illegal there and would
+    bake one batch's verdict into the graph), so only the dtype is checked: the ids a captured
+    graph replays are the caller's to check, e.g. with this function before copying a batch in.
+    """
     check_int_tensor(name, ids)
+    if ids.is_cuda and torch.cuda.is_current_stream_capturing():
+        return ids
     if ids.numel():
         lo, hi = torch.stack(torch.aminmax(ids)).tolist()  # one host sync, not two
         if lo < 0 or hi >= vocab_size:

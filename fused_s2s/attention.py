@@ -100,8 +100,9 @@ def attention_step(query, keys, values=None, mask=None, *, backend="auto", split
 
     ``splits`` and ``block_l`` override the Triton launcher's split-L and block-size heuristics
     (for tests and tuning); they are ignored by the eager backend. ``tiled`` picks the kernels for
-    T queries per batch row: None = heuristic (tiled, tl.dot, when T >= 16 for fp32/fp16/bf16),
-    True forces the tiled kernels (ValueError for fp64, which they do not take), False the
+    T queries per batch row: None = heuristic (tiled, tl.dot, when T >= 16 for fp16/bf16; fp32
+    and fp64 always run the per-row kernels, faster and more precise there on an H200), True
+    forces the tiled kernels (ValueError for fp32 / fp64, which they do not take), False the
     per-query-row kernels. The tiled kernels ignore
     ``splits`` and raise ``block_l`` to at least 16.
     """

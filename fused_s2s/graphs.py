@@ -26,8 +26,11 @@ Rules (checked on each call before anything runs, except where noted):
   ``generator`` are not supported: coins and Gumbel seeds come from the default CUDA generator,
   whose graph-safe Philox offsets advance on every replay (``torch.manual_seed`` reproduces a run);
 - under ``torch.autocast`` the capture and every call need the same autocast state, with
-  ``cache_enabled=False`` (make_graphed_callables' rule; the fused model casts its weights once per
-  pass itself);
+  ``cache_enabled=False`` (the fused model casts its weights once per pass itself). The captured
+  forward runs under that state and the captured backward outside autocast, as an eager step's
+  ``loss.backward()`` called after its autocast block (make_graphed_callables would otherwise run
+  its warmup and captured backward inside the caller's autocast, which the autograd engine
+  carries into the backward pass: fp32 ops' backward in the autocast dtype);
 - ``out.logits`` and ``out.attention`` are the graph's static buffers, overwritten by the next
   call (clone them to keep them), and carry no gradient: only the loss is differentiable;
 - the parameters must stay the same tensors (in-place optimiser updates are fine; replacing or
@@ -48,12 +51,22 @@ __all__ = ["graph_decoder_loss", "GraphedDecoderLoss"]
 class _DecoderLoss(nn.Module):
     """The decoder pass and the loss as a function of tensors only (what make_graphed_callables takes)."""
 
-    def __init__(self, model, mode):
+    def __init__(self, model, mode, autocast=None):
         super().__init__()
         self.decoder = model.decoder  # only the decoder's parameters are the graph's inputs
         self.loss, self.mode = model.loss, mode
+        # (device type, dtype): the forward runs under this autocast itself (the capture runs with
+        # autocast off, so that the backward does); None: the caller's state
+        self.autocast = autocast
 
     def forward(self, tgt, memory, lengths, *rnn):  # (B, T+1), (B, L, D), (B,), 1 or 2 x (layers, B, D)
+        if self.autocast is None:
+            return self._forward(tgt, memory, lengths, *rnn)
+        device_type, dtype = self.autocast
+        with torch.autocast(device_type, dtype=dtype, cache_enabled=False):
+            return self._forward(tgt, memory, lengths, *rnn)
+
+    def _forward(self, tgt, memory, lengths, *rnn):
         state = self.decoder.init_state(tuple(rnn) if len(rnn) == 2 else rnn[0])
         ratio, sampling, tau, coin = self.mode
         # the ids were checked before (graph_decoder_loss, each call): no host sync in the capture
@@ -73,9 +86,9 @@ def _encode(model, src, src_lengths):
     return memory, lengths, (state.rnn if isinstance(state.rnn, tuple) else (state.rnn,))
 
 
-def _autocast_state():
-    on = torch.is_autocast_enabled("cuda")
-    return (on, torch.get_autocast_dtype("cuda") if on else None)
+def _autocast_state(device_type="cuda"):
+    on = torch.is_autocast_enabled(device_type)
+    return (on, torch.get_autocast_dtype(device_type) if on else None)
 
 
 def _signature(t: Tensor):
@@ -92,14 +105,22 @@ class GraphedDecoderLoss:
     def __init__(self, model, src, src_lengths, tgt, mode):
         self.model, self.mode = model, mode
         self.sample = {name: _signature(t) for name, t in (("src", src), ("src_lengths", src_lengths), ("tgt", tgt))}
-        self.autocast = _autocast_state()
+        self.device_type = next(model.parameters()).device.type  # "cuda" (the CPU tests: "cpu")
+        self.autocast = _autocast_state(self.device_type)
         memory, lengths, rnn = _encode(model, src, src_lengths)
         # the graph's static inputs: every call copies its batch into them, so they must be tensors
         # of our own (tgt.long() and the lengths may be the caller's own tensors)
         args = (tgt.long().clone(), memory.detach().requires_grad_(memory.requires_grad), lengths.clone(),
                 *(s.detach().requires_grad_(s.requires_grad) for s in rnn))
         self.static_inputs = args
-        self.graphed = self.make_graphed(_DecoderLoss(model, mode), args)
+        on, dtype = self.autocast
+        module = _DecoderLoss(model, mode, (self.device_type, dtype) if on else None)
+        # the warmup and the capture with autocast off: make_graphed_callables runs forward and
+        # backward (autograd.grad) in the state it is called in, and the autograd engine carries the
+        # caller's autocast into the backward pass. The module turns autocast on for the forward
+        # alone: the captured backward is the one an eager step runs (loss.backward() outside autocast)
+        with torch.autocast(self.device_type, enabled=False):
+            self.graphed = self.make_graphed(module, args)
 
     def __call__(self, src: Tensor, src_lengths: Tensor, tgt: Tensor) -> Seq2SeqOutput:
         for name, t in (("src", src), ("src_lengths", src_lengths), ("tgt", tgt)):
@@ -113,9 +134,9 @@ class GraphedDecoderLoss:
         if not self.model.training:
             raise RuntimeError("the decoder pass was captured in training mode; call model.train() (or evaluate "
                                "with the model itself)")
-        if _autocast_state() != self.autocast:
+        if _autocast_state(self.device_type) != self.autocast:
             raise RuntimeError(f"autocast state (enabled, dtype) must be {self.autocast} as at capture, got "
-                               f"{_autocast_state()}")
+                               f"{_autocast_state(self.device_type)}")
         # as Seq2Seq.forward (an out-of-range id would assert inside the graph)
         self.model._check_args(src, src_lengths, tgt, *self.mode)
         memory, lengths, rnn = _encode(self.model, src, src_lengths)

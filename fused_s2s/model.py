@@ -24,6 +24,8 @@ The encoder has no fused part (it is one cuDNN call): ``fused_s2s.Encoder`` is t
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -33,6 +35,23 @@ from fused_s2s.gumbel import gumbel_sample, gumbel_softmax
 from fused_s2s.reference import DecoderOutput, DecoderState, Encoder, Seq2SeqOutput  # noqa: F401  (re-exported)
 
 __all__ = ["Encoder", "AttentionDecoder", "Seq2Seq", "DecoderState", "DecoderOutput", "Seq2SeqOutput"]
+
+
+def _autocast_off(t: Tensor):
+    """Autocast off on ``t``'s device while the with-block runs (a no-op context when it is off).
+
+    The hand-written gradients below (the backward of the Functions, _PassGrad's flushes) run their
+    products in the dtypes they choose, whatever the autocast state of the thread that runs the
+    backward. That state is the caller's: the autograd engine carries the thread-local autocast
+    state of ``backward()`` / ``autograd.grad()`` into the backward pass (its device threads too).
+    A backward called outside autocast (the usual training step) and one called inside it
+    (``torch.cuda.make_graphed_callables``: its warmup and the captured backward run in the caller's
+    autocast context, see fused_s2s.graphs) must give the same gradients, in the same dtypes: under
+    autocast, ``A.t() @ B`` would come out in bfloat16 and the next ``buf.addmm_`` (in-place, not
+    autocast) fail on a bfloat16 buffer and float32 factors.
+    """
+    dev = t.device.type
+    return torch.autocast(dev, enabled=False) if torch.is_autocast_enabled(dev) else contextlib.nullcontext()
 
 
 class _PassGrad:
@@ -69,7 +88,10 @@ class _PassGrad:
         self.bias = g if self.bias is None else self.bias.add_(g)
 
     def _flush(self) -> None:
-        dt = self.like.dtype
+        with _autocast_off(self.like):  # the products in the weight's dtype, autocast or not
+            self._flush_in(self.like.dtype)
+
+    def _flush_in(self, dt) -> None:
         if self.pairs:
             A = torch.cat([a for a, _ in self.pairs]).to(dt)  # (k*B, V)
             Bm = torch.cat([b for _, b in self.pairs]).to(dt)  # (k*B, D)
@@ -134,7 +156,8 @@ class _HardEmbedding(torch.autograd.Function):
         index, weight = ctx.saved_tensors
         grad_y = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_y = (grad.to(weight.dtype) @ weight.t()).to(ctx.y_dtype)  # (B, V)
+            with _autocast_off(grad):  # in W_emb's dtype, as outside autocast
+                grad_y = (grad.to(weight.dtype) @ weight.t()).to(ctx.y_dtype)  # (B, V)
         if ctx.needs_input_grad[2]:
             if ctx.sink is not None:
                 ctx.sink.add_rows(index, grad, lookup=ctx.y_dtype is None)  # B rows, summed once per pass
@@ -162,7 +185,8 @@ class _SoftEmbedding(torch.autograd.Function):
         y, weight = ctx.saved_tensors
         grad_y = None
         if ctx.needs_input_grad[0]:
-            grad_y = (grad.to(weight.dtype) @ weight.t()).to(y.dtype)  # (B, V)
+            with _autocast_off(grad):
+                grad_y = (grad.to(weight.dtype) @ weight.t()).to(y.dtype)  # (B, V)
         if ctx.needs_input_grad[1]:
             ctx.sink.add_product(y, grad)  # dW_emb += y^T grad
         return grad_y, None, None
@@ -186,7 +210,8 @@ class _CollectedLinear(torch.autograd.Function):
         h, weight = ctx.saved_tensors
         grad_h = None
         if ctx.needs_input_grad[0]:
-            grad_h = (grad.to(weight.dtype) @ weight).to(h.dtype)  # (B, D)
+            with _autocast_off(grad):
+                grad_h = (grad.to(weight.dtype) @ weight).to(h.dtype)  # (B, D)
         if ctx.needs_input_grad[1]:
             ctx.sink.add_product(grad, h)  # dW_out += grad^T h~
         if ctx.needs_input_grad[2]:

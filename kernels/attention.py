@@ -29,7 +29,7 @@ weights of the row.
 Backward, per row, given dc (Dv,) and dalpha (L,) (either may be absent)::
 
     g_j    = dalpha_j + dc . V_j
-    delta  = sum_j alpha_j g_j                     fp32 / fp64: a first pass over V (exact, as eager)
+    delta  = sum_j w_j g_j / sum_j w_j             fp32 / fp64: a first pass over V (exact, as eager)
            = sum_j alpha_j dalpha_j + dc . c       fp16 / bf16: the saved c and weights, in fp32
     dE_j   = alpha_j (g_j - delta)
     dq     = sum_j dE_j H_j
@@ -48,6 +48,10 @@ matters is g_k's own: eager's sum_j alpha_j g_j holds the same rounded g_k as g_
 cancels; dc . c does not (up to 6x the 4x rule's bound on peaked rows, measured). So there the row
 kernel first sums w_j g_j over the row's V with the saved weights, g_j formed by the dq loop's own
 ``_g_block`` (DELTA_MODE 1); split-L sums ``_attn_bwd_delta_kernel``'s per-chunk partials (mode 2).
+It divides by sum_j w_j, which is 1 up to rounding: on a GPU ``tl.exp`` is ``ex2.approx`` of a
+rounded E * log2(e), so the stored weights of a split-L row sum to 1 +- ~1e-6, and 1 - alpha_k
+amplifies that error in g_k - delta the same way (H200, before the division: split-L peaked rows
+5 of 48 over the 4x rule, worst 10x; the CPU interpreter's numpy exp hid it).
 One more read of V per backward: +50 % traffic at T == 1 with V = H. For T == 1 the row kernel
 writes dH, dV directly; for T > 1 the row kernel computes dq (and delta) and ``_attn_bwd_kv_kernel``
 owns an L block of one batch and loops over its T queries, so dH, dV are reduced without atomics
@@ -253,9 +257,11 @@ def _g_block(v, dc, DW, dw_off, in_l, HAS_DCTX: tl.constexpr, HAS_DW: tl.constex
 @triton.jit
 def _delta_exact(W, V, DW, dc, row, b, t, l0, l_end, L, s_vb, s_vl, s_vd, s_wb, s_wt, s_wl, ar_l, ar_d, in_dv,
                  HAS_DCTX: tl.constexpr, HAS_DW: tl.constexpr, ACC: tl.constexpr, BLOCK_L: tl.constexpr):
-    """sum_j w_j g_j over positions [l0, l_end) of a row (a multiple of BLOCK_L long, or ending at L):
-    w the saved weights (in ACC: fp32 / fp64 inputs), g as the dq loop forms it (_g_block)."""
+    """(sum_j w_j g_j, sum_j w_j) over positions [l0, l_end) of a row (a multiple of BLOCK_L long, or
+    ending at L): w the saved weights (in ACC: fp32 / fp64 inputs), g as the dq loop forms it
+    (_g_block). The caller divides: delta is the w-weighted mean of g (module docstring)."""
     delta = tl.zeros([], ACC)
+    wsum = tl.zeros([], ACC)
     v_tile = ar_l[:, None] * s_vl + ar_d[None, :] * s_vd
     while l0 < l_end:
         in_l = ar_l < L - l0
@@ -265,8 +271,15 @@ def _delta_exact(W, V, DW, dc, row, b, t, l0, l_end, L, s_vb, s_vl, s_vd, s_wb, 
             v = tl.load(V + b * s_vb + l0 * s_vl + v_tile, mask=in_l[:, None] & in_dv[None, :], other=0.0).to(ACC)
         g = _g_block(v, dc, DW, b * s_wb + t * s_wt + l0 * s_wl + ar_l * s_wl, in_l, HAS_DCTX, HAS_DW, ACC, BLOCK_L)
         delta += tl.sum(w * g, axis=0)
+        wsum += tl.sum(w, axis=0)
         l0 += BLOCK_L
-    return delta
+    return delta, wsum
+
+
+@triton.jit
+def _weighted_mean(num, den):
+    """num / den, 0 for a row with no weight (fully masked)."""
+    return tl.where(den > 0, num / tl.where(den > 0, den, 1.0), 0.0)
 
 
 @triton.jit
@@ -277,8 +290,8 @@ def _attn_bwd_delta_kernel(
     HAS_DCTX: tl.constexpr, HAS_DW: tl.constexpr, ACC: tl.constexpr, BLOCK_L: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Grid (B*T, splits). The split-L partials of the exact delta, DPART (B*T, splits): each program
-    sums w_j g_j over its L chunk (the row kernel's chunks and tiles, so the same g_j)."""
+    """Grid (B*T, splits). The split-L partials of the exact delta, DPART (B*T, splits, 2): each
+    program sums w_j g_j and w_j over its L chunk (the row kernel's chunks and tiles, so the same g_j)."""
     row, sp, b, t = _row_program(T)
     ar_l = tl.arange(0, BLOCK_L)
     ar_d = tl.arange(0, BLOCK_D)
@@ -286,9 +299,10 @@ def _attn_bwd_delta_kernel(
     dc = _load_dc(DCTX, b, t, s_cb, s_ct, s_cd, ar_d, in_dv, HAS_DCTX, ACC, BLOCK_D)
     l0 = sp * BLOCKS_PER_SPLIT * BLOCK_L
     l_end = tl.minimum(l0 + BLOCKS_PER_SPLIT * BLOCK_L, L)
-    part = _delta_exact(W, V, DW, dc, row, b, t, l0, l_end, L, s_vb, s_vl, s_vd, s_wb, s_wt, s_wl, ar_l, ar_d,
-                        in_dv, HAS_DCTX, HAS_DW, ACC, BLOCK_L)
-    tl.store(DPART + row * tl.num_programs(1) + sp, part)
+    part, wsum = _delta_exact(W, V, DW, dc, row, b, t, l0, l_end, L, s_vb, s_vl, s_vd, s_wb, s_wt, s_wl, ar_l,
+                              ar_d, in_dv, HAS_DCTX, HAS_DW, ACC, BLOCK_L)
+    tl.store(DPART + 2 * (row * tl.num_programs(1) + sp), part)
+    tl.store(DPART + 2 * (row * tl.num_programs(1) + sp) + 1, wsum)
 
 
 @triton.jit
@@ -306,8 +320,8 @@ def _attn_bwd_row_kernel(
     DQ is (splits, B*T, D) in ACC (summed by the launcher) when split, else (B*T, D). DCTX / DW are
     the incoming gradients with their own strides (s_c*, s_w*); CTX, W, LSE the saved outputs.
     delta (split 0 stores it for the dH/dV kernel), DELTA_MODE: 0 from the saved context and
-    weights (fp16/bf16: their fp32 copies; 2L + DV reads); 1 exact, sum_j w_j g_j by a first pass
-    over the row's V (fp32/fp64, one split); 2 exact, the sum of DPART's split partials
+    weights (fp16/bf16: their fp32 copies; 2L + DV reads); 1 exact, sum_j w_j g_j / sum_j w_j by a
+    first pass over the row's V (fp32/fp64, one split); 2 exact, from DPART's split partials
     (_attn_bwd_delta_kernel).
     """
     row, sp, b, t = _row_program(T)
@@ -322,14 +336,19 @@ def _attn_bwd_row_kernel(
 
     delta = tl.zeros([], ACC)
     dc = _load_dc(DCTX, b, t, s_cb, s_ct, s_cd, ar_d, in_dv, HAS_DCTX, ACC, BLOCK_D)  # (BLOCK_D,)
-    if DELTA_MODE == 1:  # delta = sum_j w_j g_j, a pass over the row's V first
-        delta = _delta_exact(W, V, DW, dc, row, b, t, row * 0, L, L, s_vb, s_vl, s_vd, s_wb, s_wt, s_wl, ar_l,
-                             ar_d, in_dv, HAS_DCTX, HAS_DW, ACC, BLOCK_L)
+    if DELTA_MODE == 1:  # delta = sum_j w_j g_j / sum_j w_j, a pass over the row's V first
+        num, den = _delta_exact(W, V, DW, dc, row, b, t, row * 0, L, L, s_vb, s_vl, s_vd, s_wb, s_wt, s_wl, ar_l,
+                                ar_d, in_dv, HAS_DCTX, HAS_DW, ACC, BLOCK_L)
+        delta = _weighted_mean(num, den)
     elif DELTA_MODE == 2:  # the same, from the split partials (fixed order: deterministic)
+        num = tl.zeros([], ACC)
+        den = tl.zeros([], ACC)
         s = row * 0
         while s < tl.num_programs(1):
-            delta += tl.load(DPART + row * tl.num_programs(1) + s)
+            num += tl.load(DPART + 2 * (row * tl.num_programs(1) + s))
+            den += tl.load(DPART + 2 * (row * tl.num_programs(1) + s) + 1)
             s += 1
+        delta = _weighted_mean(num, den)
     elif HAS_DCTX:  # delta = dc . c + sum_j alpha_j dalpha_j
         c = tl.load(CTX + row * DV + ar_d, mask=in_dv, other=0.0).to(ACC)
         delta += tl.sum(dc * c, axis=0)
@@ -629,7 +648,7 @@ def attention_backward(query, keys, values, mask, ctx, weights, lse, dctx, dweig
     delta_mode = 0 if (dtype != acc_t or not has_dc) else (1 if nsplit == 1 else 2)
     dpart = delta
     if delta_mode == 2:
-        dpart = torch.empty(rows, nsplit, device=dev, dtype=acc_t)
+        dpart = torch.empty(rows, nsplit, 2, device=dev, dtype=acc_t)  # (sum w g, sum w) per chunk
         _attn_bwd_delta_kernel[(rows, nsplit)](
             weights, v, dc, dw, dpart, T, L, Dv, per, *v.stride(), *dc.stride(), *dw.stride(),
             HAS_DCTX=has_dc, HAS_DW=has_dw, ACC=_acc(dtype), BLOCK_L=bl, BLOCK_D=block_d, num_warps=num_warps,

@@ -15,14 +15,19 @@ per BLOCK_T queries instead of once per query, and the products run on ``tl.dot`
         alpha^T = exp(H Q^T - m) / l,  dE^T = alpha^T * (g^T - delta)
         dH = sum_T dE^T @ Q  (+ alpha^T @ dc when V = H),  dV = sum_T alpha^T @ dc
 
-Precision: scores, softmax and every accumulation are fp32 (tl.dot accumulates in fp32). fp32
-inputs use ``input_precision="ieee"`` (no TF32: the tests hold the result to fp32 eager's error);
-fp16 / bf16 inputs feed tl.dot in their own dtype, with P, dE and alpha rounded to that dtype as
+fp16 / bf16 only. fp32 (and fp64) inputs run the per-query-row kernels at any T: on an H200 the
+tiled kernels' fp32 ``tl.dot`` (``input_precision="ieee"``, no TF32, an FMA loop off the tensor
+cores) took 22.9 ms for a B 128, T 50, L 50, D 512 forward + backward where the per-row kernels
+took 0.96 ms, and its two dots' different summation orders put dc . c and g apart by more than
+fp32 eager's error (e.g. dq not 0 at L = 1). The per-row kernels' exact delta is the precise one.
+
+Precision: scores, softmax and every accumulation are fp32 (tl.dot accumulates in fp32). fp16 /
+bf16 inputs feed tl.dot in their own dtype, with P, dE and alpha rounded to that dtype as
 dot operands (as eager's bmm sees them). DOT_T is the operand type: the input dtype on the GPU,
 fp32 under the CPU interpreter, whose tl.dot multiplies bf16 as raw uint16 bits; the operands are
 first rounded to RND_T (the input dtype), so the interpreter computes the GPU's products exactly.
-fp64 (gradcheck) stays on the per-row kernels. Features too wide for one register tile (fp32
-BLOCK_D > 64, fp16/bf16 > 256) go to the chunked kernels of ``attention_tiled_wide``.
+Features too wide for one register tile (BLOCK_D > 256) go to the chunked kernels of
+``attention_tiled_wide``.
 
 tl.dot needs every tile dimension >= 16: BLOCK_T, BLOCK_L, BLOCK_D are >= 16, padding is masked.
 Loops are ``while`` loops (triton 3.6's interpreter fails on a runtime ``range`` bound).
@@ -38,34 +43,28 @@ from fused_s2s.kernels._launch import cdiv, next_power_of_2
 
 _MIN_T = 16  # the launcher's heuristic: tiles pay once a batch row has this many queries
 
-# (BLOCK_T, BLOCK_L, num_warps) per operand width ("fp32": ieee FMA dot, "16": tensor cores), kernel
-# ("fwd", "bwd": both backward kernels share one BLOCK_L, which keeps g = dc @ V^T bit-identical
-# between them) and BLOCK_D. Sized with the AOT tool for zero spills on sm_80 / sm_90 (shared
-# memory <= 25 KB). fp32's FMA dot keeps whole operand slices in registers: it spills beyond
-# BLOCK_D 64 even with BLOCK_L 16, and 16-bit beyond BLOCK_D 256; a BLOCK_D missing here runs the
-# chunked kernels of attention_tiled_wide (_WIDE_CONFIGS below).
+# (BLOCK_T, BLOCK_L, num_warps) per kernel ("fwd", "bwd": both backward kernels share one
+# BLOCK_L, which keeps g = dc @ V^T bit-identical between them) and BLOCK_D, for fp16 / bf16 tensor-
+# core dots. Sized with the AOT tool for zero spills on sm_80 / sm_90 (shared memory <= 25 KB); it
+# spills beyond BLOCK_D 256, where the chunked kernels of attention_tiled_wide run (_WIDE_CONFIGS).
 _TILED_CONFIGS = {
-    "fp32": {
-        "fwd": {16: (16, 16, 4), 32: (16, 16, 4), 64: (16, 16, 8)},
-        "bwd": {16: (16, 16, 4), 32: (16, 16, 4), 64: (16, 16, 8)},
-    },
     "16": {
         "fwd": {16: (16, 64, 4), 32: (16, 64, 4), 64: (16, 32, 4), 128: (16, 32, 4), 256: (16, 32, 8)},
         "bwd": {16: (16, 16, 4), 32: (16, 16, 4), 64: (16, 32, 8), 128: (16, 16, 4), 256: (16, 16, 8)},
     },
 }
 
-_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}  # the dtypes the tiled kernels take
 
 
 def _table(dtype: torch.dtype) -> dict:
-    return _TILED_CONFIGS["fp32" if dtype == torch.float32 else "16"]
+    return _TILED_CONFIGS["16"]
 
 
 def tiled_config(D: int, Dv: int, dtype: torch.dtype, kind: str) -> tuple[int, int, int, int] | None:
-    """(BLOCK_T, BLOCK_L, BLOCK_D, num_warps) of the one-tile kernel ``kind``; None: too wide (or fp64)."""
+    """(BLOCK_T, BLOCK_L, BLOCK_D, num_warps) of the one-tile kernel ``kind``; None: too wide (or not 16-bit)."""
     if dtype not in _TL:
-        return None  # fp64: per-row kernels (tl.dot in fp64 is not worth AOT configs for gradcheck)
+        return None  # fp32 / fp64: per-row kernels (module docstring)
     block_d = max(16, next_power_of_2(max(D, Dv)))
     cfg = _table(dtype)[kind].get(block_d)
     if cfg is None:
@@ -78,23 +77,22 @@ def tiled_config(D: int, Dv: int, dtype: torch.dtype, kind: str) -> tuple[int, i
 # (BLOCK_T, BLOCK_L, BLOCK_K feature chunk of the score / g sums, BLOCK_O output features, num_warps);
 # their tiles do not depend on D, so one config per dtype and kernel covers every D.
 _WIDE_CONFIGS = {
-    "fp32": {"fwd": (16, 16, 32, 64, 8), "bwd": (16, 16, 32, 32, 8)},
     "16": {"fwd": (16, 32, 64, 128, 8), "bwd": (16, 32, 64, 128, 8)},
 }
 
 
 def wide_config(dtype: torch.dtype, kind: str) -> tuple[int, int, int, int, int]:
-    return _WIDE_CONFIGS["fp32" if dtype == torch.float32 else "16"][kind]
+    return _WIDE_CONFIGS["16"][kind]
 
 
 def use_tiled(T: int, D: int, Dv: int, dtype: torch.dtype, tiled: bool | None) -> bool:
-    """Launcher choice: ``tiled`` None = heuristic (T >= 16, fp32/fp16/bf16); True forces it."""
+    """Launcher choice: ``tiled`` None = heuristic (T >= 16, fp16/bf16); True forces it."""
     ok = dtype in _TL
     if tiled is None:
         return ok and T >= _MIN_T
     if tiled and not ok:
-        raise ValueError(f"tiled=True needs float32/float16/bfloat16 inputs (fp64 runs the per-row kernels), "
-                         f"got dtype {dtype}")
+        raise ValueError(f"tiled=True needs float16/bfloat16 inputs (float32 and float64 run the per-row "
+                         f"kernels: see fused_s2s.kernels.attention_tiled), got dtype {dtype}")
     return bool(tiled)
 
 
@@ -237,9 +235,9 @@ def _attn_bwd_dq_tiled_kernel(
                      mask=in_t[:, None] & in_dv[None, :], other=0.0)  # (BT, BD)
         c = tl.load(CTX + rows[:, None] * DV + ar_d[None, :], mask=in_t[:, None] & in_dv[None, :], other=0.0)
         if CTX.dtype.element_ty == Q.dtype.element_ty:
-            # fp32 (or a 16-bit ctx from a caller): dc . c as the diagonal of a tl.dot, the same reduction
-            # as the dc . V_j in g below: when a row attends to one position (c = V_j, alpha_j = 1)
-            # g_j - delta is then exactly 0, as in eager.
+            # a 16-bit ctx (a caller without the forward's fp32 ctx_acc): dc . c as the diagonal of a
+            # tl.dot, the same operands as the dc . V_j in g below (a row attending to one position
+            # has c = V_j, alpha_j = 1).
             dcc = tl.dot(dc.to(DOT_T), tl.trans(c.to(DOT_T)), input_precision="ieee")  # (BT, BT)
             delta += tl.sum(tl.where(ar_t[:, None] == ar_t[None, :], dcc, 0.0), axis=1)
         else:
@@ -386,7 +384,7 @@ def _tiled_bwd_setup(query, keys, values, mask, ctx, weights, dctx, dweights, bt
 
 
 def attention_forward_tiled(query, keys, values, mask, *, block_l=None, for_backward=False):
-    """As ``attention_forward`` (same outputs, (m, l) stats, ctx_acc, scores_acc) for fp32/fp16/bf16, tiled over T."""
+    """As ``attention_forward`` (same outputs, (m, l) stats, ctx_acc, scores_acc) for fp16/bf16, tiled over T."""
     B, T, D = query.shape
     L = keys.shape[1]
     shared = values is None
@@ -468,7 +466,7 @@ def aot_configs():
 
     masks = [("*i1", 2), ("*i64", 1), ("*i32", 1), ("*i64", 0)]
     i32, cx = "i32", "constexpr"
-    names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+    names = {torch.float16: "fp16", torch.bfloat16: "bf16"}
     i = 0
     for dtype, ty in names.items():
         tdt, table = _TL[dtype], _table(dtype)
@@ -489,7 +487,7 @@ def aot_configs():
             sig = dict(Q=p, K=p, V=p, MASK=mask_ty, CTX=p, CTXA=a, W=p, S=a, LSE=a, **sizes, **strides, MASK_MODE=cx,
                        SHARED_KV=cx, STORE_CTXA=cx, DOT_T=cx, RND_T=cx, BLOCK_T=cx, BLOCK_L=cx, BLOCK_D=cx)
             yield AOTConfig(_attn_fwd_tiled_kernel, sig,
-                            dict(unit, BLOCK_T=bt, BLOCK_L=bl, STORE_CTXA=ty != "fp32", **flags), num_warps=nw,
+                            dict(unit, BLOCK_T=bt, BLOCK_L=bl, STORE_CTXA=True, **flags), num_warps=nw,
                             label=f"fwd_tiled {tag} BT={bt} BL={bl}")
 
             bt, bl, nw = table["bwd"][block_d]

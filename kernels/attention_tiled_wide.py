@@ -1,19 +1,18 @@
 """Tiled T > 1 attention for wide features (D or Dv too large for one register tile): chunked.
 
 Same math, outputs and (m, l) statistics as ``fused_s2s.kernels.attention_tiled`` (see its
-docstring), for the BLOCK_D where a whole (BLOCK_T, BLOCK_D) tile spills (fp32 beyond 64, fp16 /
-bf16 beyond 256). Two changes make the tiles small:
+docstring; fp16 / bf16 only), for the BLOCK_D where a whole (BLOCK_T, BLOCK_D) tile spills (beyond
+256). Two changes make the tiles small:
 
 * reductions over the feature axis (the scores Q H^T and g = dc V^T) loop over it in chunks of
   BLOCK_K, reloading the (BT, BK) / (BL, BK) chunks (L1 / L2 hits) instead of holding Q and H;
 * each program owns BLOCK_O output features (grid axis 2): ctx (forward), dq (dq kernel), dH and dV
   (dH/dV kernel); the scores and g are recomputed by every feature chunk of a tile. Extra tensor
-  core / FMA work, but H is still read per BLOCK_T queries, not per query.
+  core work, but H is still read per BLOCK_T queries, not per query.
 
 The chunk of feature-axis 0 stores the per-row outputs (raw scores, weights, (m, l), delta).
-g = dc V^T and (fp32 inputs) dc . c are the same chunked tl.dot sums in both backward kernels
-(g - delta is exactly 0 for a row attending to one position, as in eager; see attention_tiled);
-fp16 / bf16 take dc . c as an fp32 row sum with the fp32 ctx_acc.
+g = dc V^T is the same chunked tl.dot sum in both backward kernels; dc . c is an fp32 row sum with
+the forward's fp32 ctx_acc (or, for a caller passing a 16-bit ctx, the chunked dot's diagonal).
 """
 from __future__ import annotations
 
@@ -311,8 +310,7 @@ def aot_configs(wide_configs: dict):
     gstrides = dict(s_cb=i32, s_ct=i32, s_cd=cx, s_wb=i32, s_wt=i32, s_wl=cx)
     unit = dict(s_qd=1, s_kd=1, s_vd=1, s_ml=1)
     masks = [("*i1", 2), ("*i64", 1), ("*i64", 0)]
-    types = {torch.float32: ("fp32", tl.float32, "fp32"), torch.float16: ("fp16", tl.float16, "16"),
-             torch.bfloat16: ("bf16", tl.bfloat16, "16")}
+    types = {torch.float16: ("fp16", tl.float16, "16"), torch.bfloat16: ("bf16", tl.bfloat16, "16")}
     for i, (ty, tdt, cls) in enumerate(types.values()):
         mask_ty, mode = masks[i % len(masks)]
         p, a = f"*{ty}", "*fp32"
@@ -323,7 +321,7 @@ def aot_configs(wide_configs: dict):
         tag = f"{ty} mask={mode} BT={bt} BL={bl} BK={bk} BO={bo}"
         sig = dict(Q=p, K=p, V=p, MASK=mask_ty, CTX=p, CTXA=a, W=p, S=a, LSE=a, **sizes, **strides, MASK_MODE=cx,
                    STORE_CTXA=cx, DOT_T=cx, RND_T=cx, **blocks)
-        c = dict(unit, BLOCK_T=bt, BLOCK_L=bl, BLOCK_K=bk, BLOCK_O=bo, STORE_CTXA=ty != "fp32", **flags)
+        c = dict(unit, BLOCK_T=bt, BLOCK_L=bl, BLOCK_K=bk, BLOCK_O=bo, STORE_CTXA=True, **flags)
         yield AOTConfig(_attn_fwd_wide_kernel, sig, c, num_warps=nw, label=f"fwd_wide {tag}")
 
         bt, bl, bk, bo, nw = wide_configs[cls]["bwd"]

@@ -95,6 +95,55 @@ def test_wrapper_logic_without_cuda(monkeypatch):
         step(*batch)
 
 
+@pytest.mark.parametrize("sampling", ["gumbel", "gumbel_hard"])
+def test_capture_under_autocast_runs_the_backward_as_an_eager_step(monkeypatch, sampling):
+    """Under bf16 autocast, scheduled sampling, T > _PassGrad.FLUSH steps: the 'capture' (here what
+    make_graphed_callables does before capturing: the pass and autograd.grad over its inputs and
+    parameters, in the state it is called in) succeeds, and its gradients are those of an eager step
+    whose forward runs under autocast and backward after it (bench_train's fused_graphed; it failed
+    with 'self and mat2 must have the same dtype' when the backward ran inside autocast)."""
+    from fused_s2s.model import _PassGrad
+
+    captured = {}
+
+    def warmup(module, args):
+        loss = module(*args)
+        captured["autocast_in_backward"] = torch.is_autocast_enabled("cpu")
+        params = [p for p in module.parameters() if p.requires_grad]
+        captured["grads"] = torch.autograd.grad(loss, [a for a in args if a.requires_grad] + params)[-len(params):]
+        captured["names"] = [n for n, p in module.named_parameters() if p.requires_grad]
+        captured["loss"] = loss.detach()
+        return module
+
+    monkeypatch.setattr(graphs.GraphedDecoderLoss, "make_graphed", staticmethod(warmup))
+    model = _model("cpu")
+    g = torch.Generator().manual_seed(1)
+    Tl = _PassGrad.FLUSH + 4
+    src, lengths, _ = _batch("cpu")
+    tgt = torch.randint(3, V, (B, Tl + 1), generator=g)
+    mode = (0.5, sampling, 0.7, "token")
+    torch.manual_seed(7)
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        step = graphs.GraphedDecoderLoss(model, src, lengths, tgt, mode)
+    assert not captured["autocast_in_backward"]
+    torch.manual_seed(7)  # the encoder draws nothing: the same coins and noise as the capture's
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        out = model(src, lengths, tgt, *mode[:3], coin=mode[3])
+    model.zero_grad(set_to_none=True)
+    out.loss.backward()
+    torch.testing.assert_close(captured["loss"], out.loss.detach(), rtol=0, atol=0)
+    assert out.loss.dtype == torch.float32 and out.logits.dtype == torch.bfloat16  # the forward ran under autocast
+    params = dict(model.named_parameters())  # the module's names: "decoder.*"
+    for n, got in zip(captured["names"], captured["grads"]):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, params[n].grad, rtol=0, atol=0, msg=lambda m: f"{n}: {m}")
+    # the step keeps the capture's autocast state: a call under it runs, one without it is refused
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        step(src, lengths, tgt)
+    with pytest.raises(RuntimeError, match="autocast state"):
+        step(src, lengths, tgt)
+
+
 def _grads(model):
     return {n: p.grad for n, p in model.named_parameters()}
 

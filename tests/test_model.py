@@ -298,6 +298,56 @@ def test_W_emb_sink_leaves_the_padding_row_out_of_lookups_only():
     assert sink.take_weight() is None  # emptied: a second backward starts afresh
 
 
+def test_pass_grad_flushes_in_the_weight_dtype_under_autocast():
+    """A backward may run inside autocast (the autograd engine carries the caller's autocast into it;
+    make_graphed_callables' warmup and capture do so): the sink's products stay in the weight's dtype,
+    and a second flush adds into the buffer instead of failing on a bfloat16 one (bench_train's
+    fused_graphed bf16 scheduled sampling: 'self and mat2 must have the same dtype')."""
+    from fused_s2s.model import _PassGrad
+
+    torch.manual_seed(0)
+    W = torch.zeros(6, 3)
+    A = [torch.randn(2, 6).bfloat16() for _ in range(2 * _PassGrad.FLUSH + 1)]  # three flushes
+    Bs = [torch.randn(2, 3).bfloat16() for _ in A]
+    want = _PassGrad(W)
+    for a, b in zip(A, Bs):
+        want.add_product(a, b)
+    want = want.take_weight()  # outside autocast: fp32 products
+    sink = _PassGrad(W)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for a, b in zip(A, Bs):
+            sink.add_product(a, b)
+        got = sink.take_weight()
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("sampling", ["gumbel", "gumbel_hard"])
+def test_backward_inside_autocast_bf16_step_loop(device, sampling):
+    """loss.backward() inside the autocast block, T > _PassGrad.FLUSH steps (several flushes): runs,
+    every gradient fp32, finite and within bf16 rounding of a backward outside autocast (inside it,
+    torch's own backward of fp32 ops, the cells', runs in bf16; the hand-formed ones do not)."""
+    from fused_s2s.model import _PassGrad
+
+    _, fused, _ = _models(device)
+    batch = _batch(device, T=_PassGrad.FLUSH + 4)
+    grads = {}
+    for inside in (False, True):
+        torch.manual_seed(1)
+        fused.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            out = fused(*batch, teacher_forcing_ratio=0.5, sampling=sampling, tau=0.7)
+            if inside:
+                out.loss.backward()
+        if not inside:
+            out.loss.backward()
+        grads[inside] = {n: p.grad for n, p in fused.named_parameters()}
+    for n, g in grads[True].items():
+        assert g is not None and g.dtype == torch.float32 and torch.isfinite(g).all(), n
+        err = (g - grads[False][n]).abs().max() / grads[False][n].abs().max()
+        assert err <= 2e-2, f"{n}: {err:.2e} of its largest entry from the gradient outside autocast"
+
+
 def test_autocast_bf16_runs_with_fp32_accumulation(device):
     _, fused, _ = _models(device)
     batch = _batch(device)

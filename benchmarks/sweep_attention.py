@@ -1,0 +1,108 @@
+"""Block-config sweep of the per-row attention kernels on a GPU: which (BLOCK_L, num_warps, splits)
+is fastest per size and dtype, against the launcher's own choice. A tuning tool, not a benchmark
+of record (benchmarks/bench_attention.py is); it prints one line per configuration.
+
+    python benchmarks/sweep_attention.py [--seconds 90] [--sizes large,long] [--dtypes bfloat16,float32]
+
+Sizes are bench_attention's (values = keys, lengths mask). For each size and dtype it times
+(triton.testing.do_bench: L2 flushed, median ms) the forward (attention_forward) and the backward
+(attention_backward from the forward's saved tensors) at the launcher's config, then at each
+(BLOCK_L, num_warps) of the grid below with the heuristic split and, for T == 1, at forced split
+counts. It stops starting configurations after --seconds (each new one compiles: ~1 s).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+SIZES = {  # (B, T, L, D) as bench_attention
+    "notes": (32, 1, 10, 256),
+    "large": (256, 1, 512, 1024),
+    "long": (8, 1, 4096, 512),
+    "tf": (128, 50, 50, 512),
+}
+GRID = ((2, 4), (4, 4), (4, 8), (8, 4), (8, 8), (16, 8))  # (BLOCK_L, num_warps)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seconds", type=float, default=90.0)
+    p.add_argument("--sizes", default="large,long")
+    p.add_argument("--dtypes", default="bfloat16,float32")
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("sweep_attention: needs CUDA", file=sys.stderr)
+        return 0
+    import triton.testing
+
+    from fused_s2s.kernels import attention as A
+
+    real_cfg = A.block_config
+    t_end = time.time() + a.seconds
+    dev = torch.device("cuda")
+    sms = A._num_sms(dev)
+    print(f"[sweep] {torch.cuda.get_device_name()} ({sms} SMs), torch {torch.__version__}")
+    for size in a.sizes.split(","):
+        B, T, L, D = SIZES[size]
+        for dname in a.dtypes.split(","):
+            dtype = getattr(torch, dname)
+            torch.manual_seed(0)
+            q = torch.randn(B, T, D, device=dev, dtype=dtype)
+            H = torch.randn(B, L, D, device=dev, dtype=dtype) * D ** -0.5
+            lengths = torch.randint(max(1, L // 2), L + 1, (B,), device=dev)
+            dc = torch.randn(B, T, D, device=dev, dtype=dtype)
+            dw = torch.randn(B, T, L, device=dev, dtype=dtype)
+            es = q.element_size()
+            gb = (B * L * D * es + 2 * B * T * (D + L) * es) / 1e9  # H once, q / ctx / weights
+
+            def run(kind_cfg, splits):
+                def cfg(D_, Dv_, kind="fwd"):
+                    bd, bl, nw = real_cfg(D_, Dv_, kind)
+                    if kind in kind_cfg:
+                        bl, nw = kind_cfg[kind]
+                    return bd, bl, nw
+                A.block_config = cfg
+                try:
+                    fwd = lambda: A.attention_forward(q, H, None, lengths, splits=splits, tiled=False)  # noqa: E731
+                    saved = A.attention_forward(q, H, None, lengths, splits=splits, tiled=False, for_backward=True)
+                    ctx, w, lse, ctx_acc, s_acc = saved
+                    bwd = lambda: A.attention_backward(q, H, None, lengths, ctx_acc, s_acc, lse, dc, dw,  # noqa: E731
+                                                       splits=splits, tiled=False)
+                    return triton.testing.do_bench(fwd, warmup=5, rep=20), triton.testing.do_bench(bwd, warmup=5, rep=20)
+                finally:
+                    A.block_config = real_cfg
+
+            base_f, base_b = run({}, None)
+            bd, bl, nw = real_cfg(D, D, "fwd")
+            _, blb, nwb = real_cfg(D, D, "bwd_row")
+            ns, _ = A.split_plan(B * T, L, bl, dev)
+            tag = f"{size:6} {dname:9}"
+            print(f"[sweep] {tag} launcher fwd BL={bl} nw={nw} splits={ns}: {base_f:.4f} ms {gb / base_f * 1e3:7.1f} GB/s"
+                  f" | bwd BL={blb} nw={nwb}: {base_b:.4f} ms", flush=True)
+            cands = [({"fwd": g, "bwd_row": g}, None) for g in GRID]
+            if T == 1:
+                want = -(-2 * sms // (B * T))
+                cands += [({}, s) for s in sorted({1, max(1, want // 2), 2 * want, 4 * want, 8 * want})]
+            for kind_cfg, splits in cands:
+                if time.time() > t_end:
+                    print("[sweep] time budget spent", flush=True)
+                    return 0
+                try:
+                    f, b = run(kind_cfg, splits)
+                except Exception as e:  # noqa: BLE001 (an out-of-resources config: say so, go on)
+                    print(f"[sweep] {tag} {kind_cfg} splits={splits}: failed {type(e).__name__}: {str(e)[:100]}")
+                    continue
+                print(f"[sweep] {tag} cfg={kind_cfg.get('fwd', 'launcher')} splits={splits}: fwd {f:.4f} ms "
+                      f"({base_f / f:4.2f}x launcher, {gb / f * 1e3:7.1f} GB/s) | bwd {b:.4f} ms ({base_b / b:4.2f}x)",
+                      flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Block-config sweep of the Gumbel-softmax kernels on a GPU: (BLOCK_V, num_warps) of the looped
+(multi-block) rows against the launcher's choice. A tuning tool, not a benchmark of record
+(benchmarks/bench_gumbel.py is); one line per configuration.
+
+    python benchmarks/sweep_gumbel.py [--seconds 60] [--sizes large,mid] [--dtypes float32,bfloat16]
+
+For each size, dtype and hard / soft it times (triton.testing.do_bench, median ms) the forward
+(gumbel_fwd, in-kernel noise) and the backward (gumbel_bwd from its saved (m, s)) at the
+launcher's config and at each (BLOCK_V, num_warps) below; it stops starting configurations after
+--seconds (each new one compiles).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+SIZES = {"large": (256, 128000), "mid": (256, 32000), "notes": (32, 10000)}  # (B, V) as bench_gumbel
+GRID = ((1024, 4), (2048, 8), (4096, 8), (8192, 16), (8192, 32))  # (BLOCK_V, num_warps)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seconds", type=float, default=60.0)
+    p.add_argument("--sizes", default="large,mid")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("sweep_gumbel: needs CUDA", file=sys.stderr)
+        return 0
+    import triton.testing
+
+    from fused_s2s.kernels import gumbel as G
+
+    t_end = time.time() + a.seconds
+    dev = torch.device("cuda")
+    print(f"[sweep] {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    for size in a.sizes.split(","):
+        R, V = SIZES[size]
+        for dname in a.dtypes.split(","):
+            dtype = getattr(torch, dname)
+            torch.manual_seed(0)
+            x = torch.randn(R, V, device=dev, dtype=dtype)
+            dy = torch.randn(R, V, device=dev, dtype=dtype)
+            seed = torch.randint(0, 2**31 - 1, (), device=dev, dtype=torch.int64)
+            es = x.element_size()
+            for hard in (True, False):
+                def run(**kw):
+                    fwd = lambda: G.gumbel_fwd(x, 1.0, hard, None, seed, **kw)  # noqa: E731
+                    _, _, m, s = fwd()
+                    bwd = lambda: G.gumbel_bwd(dy, x, m, s, 1.0, None, seed, **kw)  # noqa: E731
+                    return triton.testing.do_bench(fwd, warmup=5, rep=20), triton.testing.do_bench(bwd, warmup=5, rep=20)
+
+                br, bv, nw, single = G.pick_config(V, dtype)
+                base_f, base_b = run()
+                gb_f, gb_b = 2 * R * V * es / 1e9, 3 * R * V * es / 1e9  # x -> y; x, dy -> dx
+                tag = f"{size:6} {dname:9} {'hard' if hard else 'soft'}"
+                print(f"[sweep] {tag} launcher BV={bv} nw={nw} single={single}: fwd {base_f:.4f} ms "
+                      f"{gb_f / base_f * 1e3:7.1f} GB/s | bwd {base_b:.4f} ms {gb_b / base_b * 1e3:7.1f} GB/s", flush=True)
+                for bv_, nw_ in GRID:
+                    if time.time() > t_end:
+                        print("[sweep] time budget spent", flush=True)
+                        return 0
+                    try:
+                        f, b = run(block_r=1, block_v=bv_, num_warps=nw_)
+                    except Exception as e:  # noqa: BLE001
+                        print(f"[sweep] {tag} BV={bv_} nw={nw_}: failed {type(e).__name__}: {str(e)[:100]}")
+                        continue
+                    print(f"[sweep] {tag} BV={bv_} nw={nw_}: fwd {f:.4f} ms ({base_f / f:4.2f}x launcher, "
+                          f"{gb_f / f * 1e3:7.1f} GB/s) | bwd {b:.4f} ms ({base_b / b:4.2f}x, {gb_b / b * 1e3:7.1f} GB/s)",
+                          flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
