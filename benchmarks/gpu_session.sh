@@ -341,7 +341,7 @@ recheck_phase() {  # a second, shorter call after fixes (about 420 s): tests, ke
         "${common[@]}" "${xdist[@]}"
     timeout -s INT -k 10 "$(budget_t SWEEP 85)" "$PY" benchmarks/sweep_attention.py --seconds 70 \
         >"$OUT/sweep.txt" 2>&1
-    timeout -s INT -k 10 "$(budget_t SWEEP_GUMBEL 60)" "$PY" benchmarks/sweep_gumbel.py --seconds 45 \
+    timeout -s INT -k 10 "$(budget_t SWEEP_GUMBEL 65)" "$PY" benchmarks/sweep_gumbel.py --seconds 50 --sizes large \
         >>"$OUT/sweep.txt" 2>&1
     say "sweep: $(grep -c '^\[sweep\]' "$OUT/sweep.txt") lines in $OUT/sweep.txt"
     bench_pass attention "fused,fused_rows,eager" "$(budget_t ATTENTION 40)" --quick --sizes tf,large

@@ -7,7 +7,8 @@
 For each size, dtype and hard / soft it times (triton.testing.do_bench, median ms) the forward
 (gumbel_fwd, in-kernel noise) and the backward (gumbel_bwd from its saved (m, s)) at the
 launcher's config and at each (BLOCK_V, num_warps) below; it stops starting configurations after
---seconds (each new one compiles).
+--seconds (each new one compiles). Two diagnostics per case: the launcher's kernels reading an
+explicit noise tensor (no RNG), and the same elements as R*k rows of V/k (split rows).
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ def main(argv=None) -> int:
             x = torch.randn(R, V, device=dev, dtype=dtype)
             dy = torch.randn(R, V, device=dev, dtype=dtype)
             seed = torch.randint(0, 2**31 - 1, (), device=dev, dtype=torch.int64)
+            noise = -torch.empty_like(x).exponential_().log()  # explicit Gumbel noise, for the diagnostic
             es = x.element_size()
             for hard in (True, False):
                 def run(**kw):
@@ -62,6 +64,22 @@ def main(argv=None) -> int:
                 tag = f"{size:6} {dname:9} {'hard' if hard else 'soft'}"
                 print(f"[sweep] {tag} launcher BV={bv} nw={nw} single={single}: fwd {base_f:.4f} ms "
                       f"{gb_f / base_f * 1e3:7.1f} GB/s | bwd {base_b:.4f} ms {gb_b / base_b * 1e3:7.1f} GB/s", flush=True)
+                # diagnostic: the same kernels reading an explicit noise tensor (one more (R, V) read, no
+                # Philox / log): much faster per element means the in-kernel noise is the bottleneck
+                f = triton.testing.do_bench(lambda: G.gumbel_fwd(x, 1.0, hard, noise, None), warmup=5, rep=20)
+                print(f"[sweep] {tag} launcher, explicit noise (no RNG): fwd {f:.4f} ms ({base_f / f:4.2f}x in-kernel "
+                      f"noise, {1.5 * gb_f / f * 1e3:7.1f} GB/s)", flush=True)
+                # diagnostic: the same elements as R*k rows of V/k (launcher configs): what splitting a
+                # row over k programs (flash-decoding style, before combining) could reach
+                for k in (4, 8, 16):
+                    if V % k:
+                        continue
+                    xk, dyk = x.view(R * k, V // k), dy.view(R * k, V // k)
+                    fk = triton.testing.do_bench(lambda: G.gumbel_fwd(xk, 1.0, hard, None, seed), warmup=5, rep=20)
+                    _, _, mk, sk = G.gumbel_fwd(xk, 1.0, hard, None, seed)
+                    bk = triton.testing.do_bench(lambda: G.gumbel_bwd(dyk, xk, mk, sk, 1.0, None, seed), warmup=5, rep=20)
+                    print(f"[sweep] {tag} as {R * k} rows of {V // k}: fwd {fk:.4f} ms ({base_f / fk:4.2f}x) | "
+                          f"bwd {bk:.4f} ms ({base_b / bk:4.2f}x)", flush=True)
                 for bv_, nw_ in GRID:
                     if time.time() > t_end:
                         print("[sweep] time budget spent", flush=True)
