@@ -11,8 +11,9 @@
 #                                     then torch.compile, each under its own time budget; rows go to
 #                                     $OUT/results.csv as they are measured; a compact table last
 #   benchmarks/gpu_session.sh all     setup + test + bench (for a machine with more time)
-#   benchmarks/gpu_session.sh recheck a second, shorter call after fixes (~420 s): -m gpu and kernel tests,
+#   benchmarks/gpu_session.sh recheck a second, shorter call after fixes (~390 s): -m gpu and kernel tests,
 #                                     benchmarks/sweep_{attention,gumbel}.py (kernel configs, sweep.txt),
+#                                     a 22 s attention fuzz on CUDA,
 #                                     attention tf/large, train large teacher forcing, graphed bf16 notes
 #   benchmarks/gpu_session.sh profile benchmarks/profile_step.py: kernels per training step, GPU-busy vs
 #                                     wall time (fused, fused_graphed; teacher forcing, ss_gumbel_hard)
@@ -329,24 +330,27 @@ budget_phase() {  # one command for a 15-minute device session (docs/gpu.md): wh
 }
 
 # ---------------------------------------------------------------------------------------- recheck
-recheck_phase() {  # a second, shorter call after fixes (about 420 s): tests, kernel sweep, the changed rows
+recheck_phase() {  # a second, shorter call after fixes (about 390 s): tests, kernel sweeps, the changed rows
     local -a sel common xdist
     pytest_opts 120 load
     export FUSED_S2S_RESULTS_CSV="$OUT/results.csv"
     local -a gx=()
     [ ${#xdist[@]} -gt 0 ] && gx=(-n 4 --dist loadfile)
     PASS_STATUS=()
-    run_pytest gpu "$(budget_t GPU_TESTS 50)" "${sel[@]}" -m gpu "${common[@]}" "${gx[@]}"
-    run_pytest rest "$(budget_t REST 90)" "${sel[@]}" -m "kernels and not gpu" --ignore=tests/test_aot.py \
+    run_pytest gpu "$(budget_t GPU_TESTS 45)" "${sel[@]}" -m gpu "${common[@]}" "${gx[@]}"
+    run_pytest rest "$(budget_t REST 80)" "${sel[@]}" -m "kernels and not gpu" --ignore=tests/test_aot.py \
         "${common[@]}" "${xdist[@]}"
-    timeout -s INT -k 10 "$(budget_t SWEEP 85)" "$PY" benchmarks/sweep_attention.py --seconds 70 \
+    timeout -s INT -k 10 "$(budget_t SWEEP 70)" "$PY" benchmarks/sweep_attention.py --seconds 55 \
         >"$OUT/sweep.txt" 2>&1
-    timeout -s INT -k 10 "$(budget_t SWEEP_GUMBEL 65)" "$PY" benchmarks/sweep_gumbel.py --seconds 50 --sizes large \
+    timeout -s INT -k 10 "$(budget_t SWEEP_GUMBEL 55)" "$PY" benchmarks/sweep_gumbel.py --seconds 42 --sizes large \
         >>"$OUT/sweep.txt" 2>&1
-    say "sweep: $(grep -c '^\[sweep\]' "$OUT/sweep.txt") lines in $OUT/sweep.txt"
-    bench_pass attention "fused,fused_rows,eager" "$(budget_t ATTENTION 40)" --quick --sizes tf,large
-    bench_pass train fused "$(budget_t TRAIN 40)" --quick --sizes large --modes teacher_forcing
-    bench_pass train fused_graphed "$(budget_t TRAIN_GRAPHED 40)" --quick --sizes notes \
+    # random attention cases against the float64 oracle on the GPU's own exp / dot rounding
+    timeout -s INT -k 5 "$(budget_t FUZZ 30)" "$PY" -m tests.fuzz_attention --seconds 22 --device cuda \
+        >>"$OUT/sweep.txt" 2>&1
+    say "sweep + fuzz: $(grep -c '^\[sweep\]' "$OUT/sweep.txt") sweep lines; fuzz: $(grep -E 'cases, [0-9]+ failed' "$OUT/sweep.txt")"
+    bench_pass attention "fused,fused_rows,eager" "$(budget_t ATTENTION 35)" --quick --sizes tf,large
+    bench_pass train fused "$(budget_t TRAIN 35)" --quick --sizes large --modes teacher_forcing
+    bench_pass train fused_graphed "$(budget_t TRAIN_GRAPHED 35)" --quick --sizes notes \
         --modes teacher_forcing,ss_gumbel_hard --dtypes bfloat16
     "$PY" benchmarks/summarize.py "$OUT/results.csv"
     say "recheck: done at $SECONDS s since the script's start"
