@@ -72,7 +72,13 @@ def peak_bandwidth() -> float | None:
 
 
 def time_fn(fn, *, warmup: int = 5, rep: int = 30) -> dict:
-    """Median and 20/80% quantiles in ms; CUDA events on GPU, perf_counter on CPU. Also peak memory."""
+    """Median and 20/80% quantiles in ms; CUDA events on GPU, perf_counter on CPU. Also peak memory.
+
+    On a GPU the calls are queued back to back, one pair of events around each, and synchronised
+    once at the end (as triton.testing.do_bench and a training loop do): a call's time is then its
+    GPU time when the GPU is the bottleneck, and its host issue time when the host is (the GPU
+    waits between the events). Rows before 2026-11-26T10:00Z synchronised after every call, which
+    added the host's issue latency to every call at every size."""
     for _ in range(warmup):
         fn()
     times = []
@@ -80,13 +86,13 @@ def time_fn(fn, *, warmup: int = 5, rep: int = 30) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        for _ in range(rep):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(rep)]
+        for start, end in events:
             start.record()
             fn()
             end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
+        torch.cuda.synchronize()
+        times = [start.elapsed_time(end) for start, end in events]
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
         for _ in range(rep):

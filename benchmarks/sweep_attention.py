@@ -62,8 +62,8 @@ def main(argv=None) -> int:
             gb = (B * L * D * es + 2 * B * T * (D + L) * es) / 1e9  # H once, q / ctx / weights
 
             def run(kind_cfg, splits):
-                def cfg(D_, Dv_, kind="fwd"):
-                    bd, bl, nw = real_cfg(D_, Dv_, kind)
+                def cfg(D_, Dv_, kind="fwd", dt=torch.float32):
+                    bd, bl, nw = real_cfg(D_, Dv_, kind, dt)
                     if kind in kind_cfg:
                         bl, nw = kind_cfg[kind]
                     return bd, bl, nw
@@ -79,8 +79,8 @@ def main(argv=None) -> int:
                     A.block_config = real_cfg
 
             base_f, base_b = run({}, None)
-            bd, bl, nw = real_cfg(D, D, "fwd")
-            _, blb, nwb = real_cfg(D, D, "bwd_row")
+            bd, bl, nw = real_cfg(D, D, "fwd", dtype)
+            _, blb, nwb = real_cfg(D, D, "bwd_row", dtype)
             ns, _ = A.split_plan(B * T, L, bl, dev)
             tag = f"{size:6} {dname:9}"
             print(f"[sweep] {tag} launcher fwd BL={bl} nw={nw} splits={ns}: {base_f:.4f} ms {gb / base_f * 1e3:7.1f} GB/s"

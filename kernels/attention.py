@@ -35,8 +35,14 @@ Backward, per row, given dc (Dv,) and dalpha (L,) (either may be absent)::
     dq     = sum_j dE_j H_j
     dH_j  += sum_t dE_j q          dV_j += sum_t alpha_j dc           (summed over the T queries)
 
-alpha is recomputed in the accumulation dtype from the saved (m, l) (exp(q.H_j - m) / l), never
-stored beyond the returned weights. delta takes c and alpha in the accumulation dtype: for
+alpha is never recomputed from q.H_j: the backward reads it from what the forward saved, the
+weights themselves (fp32 / fp64) or, for fp16/bf16, exp(S_j - m) / l from the forward's fp32 raw
+scores S. A recomputed score differs from the forward's by a few ulps of |E| on a GPU (another
+reduction order in another kernel; tl.exp is ex2.approx there), so dE_j = alpha_j (g_j - delta)
+would no longer sum to ~0 over j, and a peaked row's dq = sum_j dE_j (H_j - H_k) cancels down to
+where those ulps show (H200, recomputed: fp32 split-L peaked rows 6 of 48 over the 4x rule, worst
+10x; 2 of 22 fuzz cases, fp32 T = 17). It also saves the score's D multiply-adds per position.
+delta takes c and alpha in the accumulation dtype: for
 fp16/bf16 the forward keeps an fp32 copy of c (``ctx_acc``, (B, T, Dv)) and its fp32 raw-score
 scratch (``scores_acc``, alpha_j = exp(E_j - m) / l in the prologue). On a peaked row (alpha_k ~ 1)
 g_k - delta is ~(1 - alpha_k) (g_k - g_other), small, and a c or an alpha_k rounded to 16 bits would
@@ -48,10 +54,9 @@ matters is g_k's own: eager's sum_j alpha_j g_j holds the same rounded g_k as g_
 cancels; dc . c does not (up to 6x the 4x rule's bound on peaked rows, measured). So there the row
 kernel first sums w_j g_j over the row's V with the saved weights, g_j formed by the dq loop's own
 ``_g_block`` (DELTA_MODE 1); split-L sums ``_attn_bwd_delta_kernel``'s per-chunk partials (mode 2).
-It divides by sum_j w_j, which is 1 up to rounding: on a GPU ``tl.exp`` is ``ex2.approx`` of a
-rounded E * log2(e), so the stored weights of a split-L row sum to 1 +- ~1e-6, and 1 - alpha_k
-amplifies that error in g_k - delta the same way (H200, before the division: split-L peaked rows
-5 of 48 over the 4x rule, worst 10x; the CPU interpreter's numpy exp hid it).
+It divides by sum_j w_j, which is 1 up to rounding, and so does alpha (alpha_j = w_j / sum w): the
+stored weights of a row sum to 1 +- a few ulps (on a GPU ``tl.exp`` is ``ex2.approx``; split-L
+rescales partial sums), and 1 - alpha_k would amplify that error in g_k - delta.
 One more read of V per backward: +50 % traffic at T == 1 with V = H. For T == 1 the row kernel
 writes dH, dV directly; for T > 1 the row kernel computes dq (and delta) and ``_attn_bwd_kv_kernel``
 owns an L block of one batch and loops over its T queries, so dH, dV are reduced without atomics
@@ -335,11 +340,13 @@ def _attn_bwd_row_kernel(
     inv_l = tl.where(l_row > 0, 1.0 / tl.where(l_row > 0, l_row, 1.0), 0.0)
 
     delta = tl.zeros([], ACC)
+    a_scale = tl.full([], 1.0, ACC)  # alpha = saved alpha * a_scale: 1 / sum_j w_j for the exact delta
     dc = _load_dc(DCTX, b, t, s_cb, s_ct, s_cd, ar_d, in_dv, HAS_DCTX, ACC, BLOCK_D)  # (BLOCK_D,)
     if DELTA_MODE == 1:  # delta = sum_j w_j g_j / sum_j w_j, a pass over the row's V first
         num, den = _delta_exact(W, V, DW, dc, row, b, t, row * 0, L, L, s_vb, s_vl, s_vd, s_wb, s_wt, s_wl, ar_l,
                                 ar_d, in_dv, HAS_DCTX, HAS_DW, ACC, BLOCK_L)
         delta = _weighted_mean(num, den)
+        a_scale = _weighted_mean(1.0, den)
     elif DELTA_MODE == 2:  # the same, from the split partials (fixed order: deterministic)
         num = tl.zeros([], ACC)
         den = tl.zeros([], ACC)
@@ -349,6 +356,7 @@ def _attn_bwd_row_kernel(
             den += tl.load(DPART + 2 * (row * tl.num_programs(1) + s) + 1)
             s += 1
         delta = _weighted_mean(num, den)
+        a_scale = _weighted_mean(1.0, den)
     elif HAS_DCTX:  # delta = dc . c + sum_j alpha_j dalpha_j
         c = tl.load(CTX + row * DV + ar_d, mask=in_dv, other=0.0).to(ACC)
         delta += tl.sum(dc * c, axis=0)
@@ -360,7 +368,8 @@ def _attn_bwd_row_kernel(
             dwj = tl.load(DW + b * s_wb + t * s_wt + j0 * s_wl + ar_l * s_wl, mask=in_j, other=0.0).to(ACC)
             delta += tl.sum(wj * dwj, axis=0)
             j0 += BLOCK_L
-    tl.store(DELTA + row, delta, mask=sp == 0)
+    tl.store(DELTA + 2 * row, delta, mask=sp == 0)  # (delta, a_scale) for the dH/dV kernel
+    tl.store(DELTA + 2 * row + 1, a_scale, mask=sp == 0)
 
     k_tile = ar_l[:, None] * s_kl + ar_d[None, :] * s_kd  # (BLOCK_L, BLOCK_D)
     v_tile = ar_l[:, None] * s_vl + ar_d[None, :] * s_vd
@@ -374,9 +383,9 @@ def _attn_bwd_row_kernel(
         valid = _mask_valid(MASK, b, l0, ar_l, in_l, s_mb, s_ml, MASK_MODE)
         k = tl.load(K + b * s_kb + l0 * s_kl + k_tile,
                     mask=in_l[:, None] & in_d[None, :], other=0.0).to(ACC)  # (BLOCK_L, BLOCK_D)
-        e = tl.sum(k * q[None, :], axis=1)
-        alpha = tl.where(valid, tl.exp(e - m_row) * inv_l, 0.0)  # (BLOCK_L,)
-        v = k  # H read once for the score and g
+        # alpha as the forward saved it, not exp(q . H_j - m) / l recomputed: see the module docstring
+        alpha = tl.where(valid, _saved_alpha(W, Q, row * L + l0 + ar_l, in_l, m_row, inv_l, ACC) * a_scale, 0.0)
+        v = k  # H read once for dq and g
         if HAS_DCTX and not SHARED_KV:
             v = tl.load(V + b * s_vb + l0 * s_vl + v_tile, mask=in_l[:, None] & in_dv[None, :], other=0.0).to(ACC)
         g = _g_block(v, dc, DW, b * s_wb + t * s_wt + l0 * s_wl + ar_l * s_wl, in_l, HAS_DCTX, HAS_DW, ACC, BLOCK_L)
@@ -398,7 +407,7 @@ def _attn_bwd_row_kernel(
 
 @triton.jit
 def _attn_bwd_kv_kernel(
-    Q, K, V, MASK, LSE, DELTA, DCTX, DW, DK, DVAL,
+    Q, K, V, MASK, W, LSE, DELTA, DCTX, DW, DK, DVAL,
     T, L, D, DV,
     s_qb, s_qt, s_qd, s_kb, s_kl, s_kd, s_vb, s_vl, s_vd, s_mb, s_ml,
     s_cb, s_ct, s_cd, s_wb, s_wt, s_wl,
@@ -429,9 +438,9 @@ def _attn_bwd_kv_kernel(
         m_row = tl.load(LSE + 2 * row).to(ACC)
         l_row = tl.load(LSE + 2 * row + 1).to(ACC)
         inv_l = tl.where(l_row > 0, 1.0 / tl.where(l_row > 0, l_row, 1.0), 0.0)
-        delta = tl.load(DELTA + row).to(ACC)
-        e = tl.sum(k * q[None, :], axis=1)
-        alpha = tl.where(valid, tl.exp(e - m_row) * inv_l, 0.0)  # (BLOCK_L,)
+        delta = tl.load(DELTA + 2 * row).to(ACC)
+        a_scale = tl.load(DELTA + 2 * row + 1).to(ACC)
+        alpha = tl.where(valid, _saved_alpha(W, Q, row * L + l0 + ar_l, in_l, m_row, inv_l, ACC) * a_scale, 0.0)
         dc = _load_dc(DCTX, b, t, s_cb, s_ct, s_cd, ar_d, in_dv, HAS_DCTX, ACC, BLOCK_D)
         g = _g_block(v, dc, DW, b * s_wb + t * s_wt + l0 * s_wl + ar_l * s_wl, in_l, HAS_DCTX, HAS_DW, ACC, BLOCK_L)
         if HAS_DCTX:
@@ -453,15 +462,35 @@ def _attn_bwd_kv_kernel(
 # Launchers
 # ----------------------------------------------------------------------------------------------
 
+# (BLOCK_L, num_warps) measured on an H200 (benchmarks/sweep_attention.py, session 7; T = 1, values
+# = keys, the launcher's split), per (kind, BLOCK_D, "16" / "fp32"), where the register-budget rule
+# below was slow: bigger tiles keep more bytes in flight per program, and 8 warps over a 16-bit
+# 1024-wide tile were 4-5x slower than 4. Forward ms, old -> new: B 256, L 512, D 1024: bf16 0.507
+# -> 0.103, fp32 0.173 -> 0.156; B 8, L 4096, D 512: bf16 0.203 -> 0.115, fp32 0.172 -> 0.107.
+# Backward (row kernel): D 1024 bf16 0.756 -> 0.201; D 512 bf16 0.399 -> 0.179, fp32 0.145 ->
+# 0.080. fp32 at D 1024 keeps the rule's (2, 8): the measured best, (4, 8) at 0.430 ms against
+# 0.463, spilled 16 bytes on sm_90 with V = H and lengths (AOT). Unmeasured widths keep the rule.
+_MEASURED_CONFIGS = {
+    ("fwd", 1024, "16"): (8, 4), ("fwd", 1024, "fp32"): (16, 8),
+    ("fwd", 512, "16"): (16, 8), ("fwd", 512, "fp32"): (16, 8),
+    ("bwd_row", 1024, "16"): (4, 4),
+    ("bwd_row", 512, "16"): (16, 8), ("bwd_row", 512, "fp32"): (16, 8),
+}
+
+
 @functools.lru_cache(maxsize=None)  # pure; called several times per launch (host time matters at small sizes)
-def block_config(D: int, Dv: int, kind: str = "fwd") -> tuple[int, int, int]:
+def block_config(D: int, Dv: int, kind: str = "fwd", dtype: torch.dtype = torch.float32) -> tuple[int, int, int]:
     """(BLOCK_D, BLOCK_L, num_warps) for head sizes D, Dv. kind: "fwd" / "bwd_row" or "bwd_kv".
 
-    BLOCK_D covers max(D, Dv) (one padded width for H and V keeps the config count small); BLOCK_L
-    keeps each (BLOCK_L, BLOCK_D) fp32 tile at _TILE_PER_WARP[kind] elements per warp so the
-    kernels do not spill up to D = 1024.
+    BLOCK_D covers max(D, Dv) (one padded width for H and V keeps the config count small). Where
+    _MEASURED_CONFIGS has an entry it decides; else BLOCK_L keeps each (BLOCK_L, BLOCK_D) fp32 tile
+    at _TILE_PER_WARP[kind] elements per warp so the kernels do not spill up to D = 1024.
     """
     block_d = max(_MIN_BLOCK_D, next_power_of_2(max(D, Dv)))
+    cls = "16" if dtype in (torch.float16, torch.bfloat16) else ("fp32" if dtype == torch.float32 else None)
+    if (kind, block_d, cls) in _MEASURED_CONFIGS:
+        block_l, num_warps = _MEASURED_CONFIGS[kind, block_d, cls]
+        return block_d, block_l, num_warps
     # The dH/dV kernel keeps 4 warps: with 8, ptxas spilled a few bytes at BLOCK_L = 2 (AOT tool).
     num_warps = 4 if block_d <= 256 or kind == "bwd_kv" or (kind == "bwd_row" and block_d <= 512) else 8
     tile = _TILE_PER_WARP[kind] * num_warps
@@ -558,7 +587,7 @@ def attention_forward(query, keys, values, mask, *, splits=None, block_l=None, t
     lse = torch.empty(rows, 2, device=dev, dtype=acc_t)  # (m, l) per row: lse = m + log(l)
     if rows == 0:
         return ctx, weights, lse, ctx_acc, weights
-    block_d, bl, num_warps = block_config(D, Dv)
+    block_d, bl, num_warps = block_config(D, Dv, "fwd", query.dtype)
     bl = block_l or bl
     nsplit, per = split_plan(rows, L, bl, dev, splits)
     query = _tile_safe(query, block_d)
@@ -621,8 +650,8 @@ def attention_backward(query, keys, values, mask, ctx, weights, lse, dctx, dweig
     dk = torch.empty(B, L, D, device=dev, dtype=dtype)
     # dV is only written where dc flows (HAS_DCTX); without it it is zero.
     dv = None if shared else (torch.empty if has_dc else torch.zeros)(B, L, Dv, device=dev, dtype=dtype)
-    block_d, bl, num_warps = block_config(D, Dv, "bwd_row")
-    _, bl_kv, nw_kv = block_config(D, Dv, "bwd_kv")
+    block_d, bl, num_warps = block_config(D, Dv, "bwd_row", dtype)
+    _, bl_kv, nw_kv = block_config(D, Dv, "bwd_kv", dtype)
     bl = block_l or bl
     bl_kv = block_l or bl_kv
     blk = max(bl, bl_kv)
@@ -636,7 +665,7 @@ def attention_backward(query, keys, values, mask, ctx, weights, lse, dctx, dweig
     nsplit, per = split_plan(rows, L, bl, dev, splits)
     dq = torch.empty(B, T, D, device=dev, dtype=dtype) if nsplit == 1 else \
         torch.empty(nsplit, B, T, D, device=dev, dtype=acc_t)
-    delta = torch.empty(rows, device=dev, dtype=acc_t)
+    delta = torch.empty(rows, 2, device=dev, dtype=acc_t)  # (delta, alpha scale) per row
     m_ptr, mode, s_mb, s_ml = _mask_args(mask, query)
     dc = dctx if has_dc else ctx
     dw = dweights if has_dw else weights
@@ -665,7 +694,7 @@ def attention_backward(query, keys, values, mask, ctx, weights, lse, dctx, dweig
     if not write_kv:
         common["num_warps"] = nw_kv
         _attn_bwd_kv_kernel[(B, cdiv(L, bl_kv))](
-            query, keys, v, m_ptr, lse, delta, dc, dw, dk, dv_ptr,
+            query, keys, v, m_ptr, weights, lse, delta, dc, dw, dk, dv_ptr,
             T, L, D, Dv,
             *query.stride(), *keys.stride(), *v.stride(), s_mb, s_ml, *dc.stride(), *dw.stride(),
             BLOCK_L=bl_kv, **common,
@@ -708,7 +737,7 @@ def _aot_configs():
             cst = {k: v for k, v in unit.items() if k != "s_cd"}
             tag = f"{ty} BD={block_d}"
 
-            _, bl, nw = block_config(block_d, block_d, "fwd")
+            _, bl, nw = block_config(block_d, block_d, "fwd", dtype)
             for finalize in (True, False):
                 sig = dict(Q=p, K=p, V=p, MASK=mask_ty, CTX=p, CTXA=a, W=p, S=p if ty == "fp32" else a, LSE=a, PM=a,
                            PL=a, PACC=a, **sizes, BLOCKS_PER_SPLIT=i32, **strides, MASK_MODE=cx, SHARED_KV=cx,
@@ -723,7 +752,7 @@ def _aot_configs():
                             dict(STORE_CTXA=ty != "fp32", ACC=tl.float32, BLOCK_L=bl, BLOCK_D=block_d),
                             num_warps=nw, expect_no_spill=ok, label=f"combine {tag} BL={bl}")
 
-            _, bl, nw = block_config(block_d, block_d, "bwd_row")
+            _, bl, nw = block_config(block_d, block_d, "bwd_row", dtype)
             # (WRITE_KV, split, DELTA_MODE): T == 1 split (fp32 dq partials), T == 1 one pass, T > 1. The
             # fp32 delta is exact (1: inline pass, 2: split partials); 16-bit reads the saved fp32 copies.
             variants = ((True, True, 2), (True, False, 1), (False, False, 1)) if ty == "fp32" else \
@@ -746,8 +775,8 @@ def _aot_configs():
                 yield AOTConfig(_attn_bwd_delta_kernel, sig, c, num_warps=nw, expect_no_spill=ok,
                                 label=f"bwd_delta {tag} BL={bl}")
 
-            _, bl, nw = block_config(block_d, block_d, "bwd_kv")
-            sig = dict(Q=p, K=p, V=p, MASK=mask_ty, LSE=a, DELTA=a, DCTX=p, DW=p, DK=p, DVAL=p, **sizes, **strides,
+            _, bl, nw = block_config(block_d, block_d, "bwd_kv", dtype)
+            sig = dict(Q=p, K=p, V=p, MASK=mask_ty, W=a, LSE=a, DELTA=a, DCTX=p, DW=p, DK=p, DVAL=p, **sizes, **strides,
                        **gstrides, MASK_MODE=cx, SHARED_KV=cx, HAS_DCTX=cx, HAS_DW=cx, ACC=cx, BLOCK_L=cx, BLOCK_D=cx)
             c = dict(unit, MASK_MODE=mode, SHARED_KV=shared, HAS_DCTX=True, HAS_DW=True, ACC=tl.float32, BLOCK_L=bl,
                      BLOCK_D=block_d)
