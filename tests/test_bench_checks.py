@@ -111,8 +111,9 @@ def test_gumbel_near_tie_is_tolerated(monkeypatch):
     def inputs(size, dtype, device):
         x, dy = real_inputs(size, dtype, device)
         x = x.double()
-        top = (x + g)[0].max() + 5
-        x[0, 3], x[0, 8], x[0, 11] = top - g[0, 3], top - g[0, 8], top - 1e-3 - g[0, 11]
+        gd = g.to(x.device)  # philox.gumbel_noise draws on the CPU by default
+        top = (x + gd)[0].max() + 5
+        x[0, 3], x[0, 8], x[0, 11] = top - gd[0, 3], top - gd[0, 8], top - 1e-3 - gd[0, 11]
         return x, dy
     monkeypatch.setattr(bench_gumbel, "make_inputs", inputs)
 
