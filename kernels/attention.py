@@ -85,8 +85,10 @@ from fused_s2s.kernels._launch import cdiv, next_power_of_2
 # Register budget: elements of one fp32 (BLOCK_L, BLOCK_D) tile per warp. The forward holds two
 # tiles (H and V) and their addresses; the backward kernels also build dH/dV tiles, so they take
 # half. Sized with the AOT tool (no spills, < 255 registers up to D = 1024) while leaving room
-# for 2+ resident programs per SM: these kernels are bandwidth-bound.
-_TILE_PER_WARP = {"fwd": 512, "bwd_row": 256, "bwd_kv": 256}
+# for 2+ resident programs per SM: these kernels are bandwidth-bound. The dH/dV kernel (T > 1)
+# holds its dH and dV accumulators across the loop over T: 128 (256 spilled 8 bytes at BLOCK_D 128,
+# 16-bit, V = H, sm_80, once alpha came from the saved scores; session 7).
+_TILE_PER_WARP = {"fwd": 512, "bwd_row": 256, "bwd_kv": 128}
 _MIN_BLOCK_D = 16
 _MAX_BLOCK_L = 64
 _MIN_BLOCKS_PER_SPLIT = 4
@@ -380,11 +382,11 @@ def _attn_bwd_row_kernel(
     l_end = tl.minimum(l0 + BLOCKS_PER_SPLIT * BLOCK_L, L)
     while l0 < l_end:
         in_l = ar_l < L - l0
-        valid = _mask_valid(MASK, b, l0, ar_l, in_l, s_mb, s_ml, MASK_MODE)
         k = tl.load(K + b * s_kb + l0 * s_kl + k_tile,
                     mask=in_l[:, None] & in_d[None, :], other=0.0).to(ACC)  # (BLOCK_L, BLOCK_D)
-        # alpha as the forward saved it, not exp(q . H_j - m) / l recomputed: see the module docstring
-        alpha = tl.where(valid, _saved_alpha(W, Q, row * L + l0 + ar_l, in_l, m_row, inv_l, ACC) * a_scale, 0.0)
+        # alpha as the forward saved it, not exp(q . H_j - m) / l recomputed: see the module docstring.
+        # 0 where masked: the saved weights are 0 there, the saved raw scores -inf (no mask read).
+        alpha = _saved_alpha(W, Q, row * L + l0 + ar_l, in_l, m_row, inv_l, ACC) * a_scale  # (BLOCK_L,)
         v = k  # H read once for dq and g
         if HAS_DCTX and not SHARED_KV:
             v = tl.load(V + b * s_vb + l0 * s_vl + v_tile, mask=in_l[:, None] & in_dv[None, :], other=0.0).to(ACC)
@@ -422,7 +424,6 @@ def _attn_bwd_kv_kernel(
     in_l = ar_l < L - l0
     in_d = ar_d < D
     in_dv = ar_d < DV
-    valid = _mask_valid(MASK, b, l0, ar_l, in_l, s_mb, s_ml, MASK_MODE)
     k = tl.load(K + b * s_kb + l0 * s_kl + ar_l[:, None] * s_kl + ar_d[None, :] * s_kd,
                 mask=in_l[:, None] & in_d[None, :], other=0.0).to(ACC)  # (BLOCK_L, BLOCK_D)
     v = k
@@ -440,7 +441,7 @@ def _attn_bwd_kv_kernel(
         inv_l = tl.where(l_row > 0, 1.0 / tl.where(l_row > 0, l_row, 1.0), 0.0)
         delta = tl.load(DELTA + 2 * row).to(ACC)
         a_scale = tl.load(DELTA + 2 * row + 1).to(ACC)
-        alpha = tl.where(valid, _saved_alpha(W, Q, row * L + l0 + ar_l, in_l, m_row, inv_l, ACC) * a_scale, 0.0)
+        alpha = _saved_alpha(W, Q, row * L + l0 + ar_l, in_l, m_row, inv_l, ACC) * a_scale  # 0 where masked
         dc = _load_dc(DCTX, b, t, s_cb, s_ct, s_cd, ar_d, in_dv, HAS_DCTX, ACC, BLOCK_D)
         g = _g_block(v, dc, DW, b * s_wb + t * s_wt + l0 * s_wl + ar_l * s_wl, in_l, HAS_DCTX, HAS_DW, ACC, BLOCK_L)
         if HAS_DCTX:
