@@ -122,7 +122,7 @@ def available(impl: str, size: str = "notes") -> str | None:
 
 
 def run(sizes=("notes", "large", "long", "tf"), dtypes=(torch.float32, torch.bfloat16), quick=False) -> list[dict]:
-    rows, graphed = [], []  # graphed: the notes' fused and eager calls, timed again by graph replay
+    rows, graphed = [], []  # graphed: the fused and eager calls, timed again by graph replay
     if not common.HAS_CUDA:
         print("bench_attention: no CUDA device: the fused column needs CUDA; timing eager and "
               "torch.compile(eager) at the notes' size only")
@@ -148,7 +148,7 @@ def run(sizes=("notes", "large", "long", "tf"), dtypes=(torch.float32, torch.bfl
                     row = common.measure(**call, check=checks.get(impl, ""))
                     if row:
                         rows.append(row)
-                    if size == "notes" and impl in common.GRAPH_IMPLS:
+                    if impl in common.GRAPH_IMPLS:  # every size: the kernels' GPU time next to the call's
                         graphed.append(call)
     return rows + common.measure_graphed(graphed)
 

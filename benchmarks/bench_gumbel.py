@@ -139,7 +139,7 @@ def available(impl: str) -> str | None:
 
 
 def run(sizes=("notes", "mid", "large"), dtypes=(torch.float32, torch.bfloat16), quick=False) -> list[dict]:
-    rows, graphed = [], []  # graphed: the notes' fused and eager calls, timed again by graph replay
+    rows, graphed = [], []  # graphed: the fused and eager calls, timed again by graph replay
     if not common.HAS_CUDA:
         print("bench_gumbel: no CUDA device: the fused column needs CUDA; timing eager "
               "F.gumbel_softmax at the smallest size only")
@@ -167,7 +167,7 @@ def run(sizes=("notes", "mid", "large"), dtypes=(torch.float32, torch.bfloat16),
                         row = common.measure(**call, check=check if impl == "fused" else "")
                         if row:
                             rows.append(row)
-                        if size == "notes" and impl in common.GRAPH_IMPLS:
+                        if impl in common.GRAPH_IMPLS:  # every size: the kernels' GPU time next to the call's
                             graphed.append(call)
     return rows + common.measure_graphed(graphed)
 

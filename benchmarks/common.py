@@ -141,7 +141,7 @@ def time_graphed(fn, *, warmup: int = 3, rep: int = 20, per: int = 10) -> dict:
 GRAPH_SUFFIX = summarize.GRAPH_SUFFIX  # pass names of rows timed by graph replay: "fwd (g)", "fwd+bwd (g)"
 
 
-GRAPH_IMPLS = ("fused", "eager")  # what the op benchmarks also time by graph replay, at the notes' size
+GRAPH_IMPLS = ("fused", "eager")  # what the op benchmarks also time by graph replay, at every size
 
 
 def measure_graphed(calls: list[dict]) -> list[dict]:
