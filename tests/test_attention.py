@@ -142,8 +142,12 @@ def _t_path(dtype) -> dict:
     return dict(tiled=True) if dtype in TILED_DTYPES else {}
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", list(TILED_CASES))
+# fp32 runs the per-row kernels here, for which T = 37 over several BLOCK_T tiles means nothing:
+# its T = 16 / 17 cases cover them (the T = 37 ones took 17 s of interpreter time per CI phase).
+_T_CASES = [(c, dt) for dt in DTYPES for c in TILED_CASES if dt in TILED_DTYPES or TILED_CASES[c][1] <= 17]
+
+
+@pytest.mark.parametrize("case,dtype", _T_CASES, ids=[f"{c}-{dt}" for c, dt in _T_CASES])
 def test_tiled_forward_backward_vs_oracle(case, dtype, device):
     B, T, L, D, Dv, mkind, shared, kw = TILED_CASES[case]
     q, k, v = _inputs(B, T, L, D, Dv, dtype, device, shared=shared)
