@@ -322,6 +322,18 @@ def test_meta_no_grad_pass_makes_no_host_sync(meta):
     meta.check(run)
 
 
+def _fused_step_ops(q, H, logits, masks):
+    """attention_step (forward + backward, once per mask form) and gumbel_softmax soft / hard and
+    gumbel_sample, as one decoder step calls them."""
+    for mask in masks:
+        ctx, alpha = fused_s2s.attention_step(q, H, None, mask, backend="triton")
+        (ctx.sum() + alpha.sum()).backward()
+    for hard in (False, True):
+        y, idx = fused_s2s.gumbel_softmax(logits, 0.7, hard=hard, return_index=True, backend="triton")
+        y.sum().backward()
+    fused_s2s.gumbel_sample(logits, backend="triton")
+
+
 def test_meta_fused_ops_per_step_make_no_host_sync(meta):
     """attention_step and gumbel_softmax / gumbel_sample as one decoder step calls them."""
     q = torch.randn(B, D, device="meta", requires_grad=True)
@@ -329,16 +341,8 @@ def test_meta_fused_ops_per_step_make_no_host_sync(meta):
     lengths = torch.tensor([L, 2, 0]).to("meta")
     logits = torch.randn(B, V, device="meta", requires_grad=True)
 
-    def run():
-        for mask in (lengths, None, torch.arange(L, device="meta")[None, :] < lengths[:, None]):
-            ctx, alpha = fused_s2s.attention_step(q, H, None, mask, backend="triton")
-            (ctx.sum() + alpha.sum()).backward()
-        for hard in (False, True):
-            y, idx = fused_s2s.gumbel_softmax(logits, 0.7, hard=hard, return_index=True, backend="triton")
-            y.sum().backward()
-        fused_s2s.gumbel_sample(logits, backend="triton")
-
-    meta.check(run)
+    masks = (lengths, None, torch.arange(L, device="meta")[None, :] < lengths[:, None])
+    meta.check(lambda: _fused_step_ops(q, H, logits, masks))
     kernels = {"_attn_fwd_kernel", "_attn_bwd_row_kernel", "_gumbel_fwd_kernel", "_gumbel_bwd_kernel"}
     assert kernels <= set(meta.launches)
 
@@ -383,15 +387,7 @@ def test_cpu_fused_ops_per_step_make_no_host_sync(cpu):
     lengths = torch.tensor([L, 2, 0])
     logits = torch.randn(B, V, generator=g, requires_grad=True)
 
-    def run():
-        ctx, alpha = fused_s2s.attention_step(q, H, None, lengths, backend="triton")
-        (ctx.sum() + alpha.sum()).backward()
-        for hard in (False, True):
-            y, idx = fused_s2s.gumbel_softmax(logits, 0.7, hard=hard, return_index=True, backend="triton")
-            y.sum().backward()
-        fused_s2s.gumbel_sample(logits, backend="triton")
-
-    cpu.check(run)
+    cpu.check(lambda: _fused_step_ops(q, H, logits, (lengths,)))
 
 
 # ----------------------------------------------------------------------------------------------
