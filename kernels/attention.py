@@ -314,11 +314,11 @@ def _attn_bwd_delta_kernel(
 
 @triton.jit
 def _attn_bwd_row_kernel(
-    Q, K, V, MASK, CTX, W, LSE, DCTX, DW, DQ, DK, DVAL, DELTA, DPART,
+    Q, K, V, CTX, W, LSE, DCTX, DW, DQ, DK, DVAL, DELTA, DPART,
     T, L, D, DV, BLOCKS_PER_SPLIT, NROWS,
-    s_qb, s_qt, s_qd, s_kb, s_kl, s_kd, s_vb, s_vl, s_vd, s_mb, s_ml,
+    s_qb, s_qt, s_qd, s_kb, s_kl, s_kd, s_vb, s_vl, s_vd,
     s_cb, s_ct, s_cd, s_wb, s_wt, s_wl,
-    MASK_MODE: tl.constexpr, SHARED_KV: tl.constexpr, HAS_DCTX: tl.constexpr, HAS_DW: tl.constexpr,
+    SHARED_KV: tl.constexpr, HAS_DCTX: tl.constexpr, HAS_DW: tl.constexpr,
     WRITE_KV: tl.constexpr, DELTA_MODE: tl.constexpr, ACC: tl.constexpr, BLOCK_L: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -409,11 +409,11 @@ def _attn_bwd_row_kernel(
 
 @triton.jit
 def _attn_bwd_kv_kernel(
-    Q, K, V, MASK, W, LSE, DELTA, DCTX, DW, DK, DVAL,
+    Q, K, V, W, LSE, DELTA, DCTX, DW, DK, DVAL,
     T, L, D, DV,
-    s_qb, s_qt, s_qd, s_kb, s_kl, s_kd, s_vb, s_vl, s_vd, s_mb, s_ml,
+    s_qb, s_qt, s_qd, s_kb, s_kl, s_kd, s_vb, s_vl, s_vd,
     s_cb, s_ct, s_cd, s_wb, s_wt, s_wl,
-    MASK_MODE: tl.constexpr, SHARED_KV: tl.constexpr, HAS_DCTX: tl.constexpr, HAS_DW: tl.constexpr,
+    SHARED_KV: tl.constexpr, HAS_DCTX: tl.constexpr, HAS_DW: tl.constexpr,
     ACC: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Grid (B, cdiv(L, BLOCK_L)). dH_j = sum_t dE_tj q_t (+ alpha_tj dc_t when V = H), dV_j = sum_t alpha_tj dc_t."""
@@ -658,8 +658,7 @@ def attention_backward(query, keys, values, mask, ctx, weights, lse, dctx, dweig
     blk = max(bl, bl_kv)
     query = _tile_safe(query, block_d)
     keys, values = _tile_safe(keys, blk, block_d), _tile_safe(values, blk, block_d)
-    if mask is not None and mask.dim() == 2:
-        mask = _tile_safe(mask, blk)
+    # No mask here: alpha comes from the forward's saved weights / raw scores, 0 where masked.
     dctx, dweights = _tile_safe(dctx, block_d), _tile_safe(dweights, blk)
     v = keys if shared else values
     write_kv = T == 1
@@ -667,10 +666,9 @@ def attention_backward(query, keys, values, mask, ctx, weights, lse, dctx, dweig
     dq = torch.empty(B, T, D, device=dev, dtype=dtype) if nsplit == 1 else \
         torch.empty(nsplit, B, T, D, device=dev, dtype=acc_t)
     delta = torch.empty(rows, 2, device=dev, dtype=acc_t)  # (delta, alpha scale) per row
-    m_ptr, mode, s_mb, s_ml = _mask_args(mask, query)
     dc = dctx if has_dc else ctx
     dw = dweights if has_dw else weights
-    common = dict(MASK_MODE=mode, SHARED_KV=shared, HAS_DCTX=has_dc, HAS_DW=has_dw, ACC=_acc(dtype),
+    common = dict(SHARED_KV=shared, HAS_DCTX=has_dc, HAS_DW=has_dw, ACC=_acc(dtype),
                   BLOCK_D=block_d, num_warps=num_warps, enable_fp_fusion=True)
     dv_ptr = dk if dv is None else dv
     # delta: exact (a pass over V first) where the saved context and weights are no more precise
@@ -685,9 +683,9 @@ def attention_backward(query, keys, values, mask, ctx, weights, lse, dctx, dweig
             enable_fp_fusion=True,
         )
     _attn_bwd_row_kernel[(rows, nsplit)](
-        query, keys, v, m_ptr, ctx, weights, lse, dc, dw, dq, dk, dv_ptr, delta, dpart,
+        query, keys, v, ctx, weights, lse, dc, dw, dq, dk, dv_ptr, delta, dpart,
         T, L, D, Dv, per, rows,
-        *query.stride(), *keys.stride(), *v.stride(), s_mb, s_ml, *dc.stride(), *dw.stride(),
+        *query.stride(), *keys.stride(), *v.stride(), *dc.stride(), *dw.stride(),
         WRITE_KV=write_kv, DELTA_MODE=delta_mode, BLOCK_L=bl, **common,
     )
     if nsplit > 1:
@@ -695,9 +693,9 @@ def attention_backward(query, keys, values, mask, ctx, weights, lse, dctx, dweig
     if not write_kv:
         common["num_warps"] = nw_kv
         _attn_bwd_kv_kernel[(B, cdiv(L, bl_kv))](
-            query, keys, v, m_ptr, weights, lse, delta, dc, dw, dk, dv_ptr,
+            query, keys, v, weights, lse, delta, dc, dw, dk, dv_ptr,
             T, L, D, Dv,
-            *query.stride(), *keys.stride(), *v.stride(), s_mb, s_ml, *dc.stride(), *dw.stride(),
+            *query.stride(), *keys.stride(), *v.stride(), *dc.stride(), *dw.stride(),
             BLOCK_L=bl_kv, **common,
         )
     return dq, dk, dv
@@ -714,8 +712,9 @@ def _aot_configs():
     """Every (dtype, BLOCK_D, BLOCK_L, num_warps, split/finalize) the launchers pick for D, Dv <= 1024.
 
     Strides of the innermost dim are compiled as the constant 1, as triton's JIT specialises them
-    for contiguous inputs. The mask form and SHARED_KV barely change register use; they rotate over
-    the configs so that each form is compiled, with separate V (the larger footprint) for most.
+    for contiguous inputs. The mask form (forward only: the per-row backward reads none) and SHARED_KV
+    barely change register use; they rotate over the configs so that each form is compiled, with
+    separate V (the larger footprint) for most.
     BLOCK_D = 2048 (1024 < D <= 2048) is compiled too but may spill (expect_no_spill=False).
     """
     from fused_s2s.aot import AOTConfig
@@ -723,6 +722,7 @@ def _aot_configs():
     masks = [("*i1", 2), ("*i64", 1), ("*i32", 1), ("*i64", 0)]
     i32, cx = "i32", "constexpr"
     unit = dict(s_qd=1, s_kd=1, s_vd=1, s_cd=1, s_ml=1)  # innermost strides (s_ml: bool mask rows)
+    bwd_unit = {k: v for k, v in unit.items() if k != "s_ml"}  # the per-row backward reads no mask
     i = 0
     for dtype, ty in _TL_NAME.items():
         for block_d in (16, 32, 64, 128, 256, 512, 1024, 2048):
@@ -731,8 +731,8 @@ def _aot_configs():
             shared = i % 5 == 4
             i += 1
             p, a = f"*{ty}", "*fp32"
-            strides = dict(s_qb=i32, s_qt=i32, s_qd=cx, s_kb=i32, s_kl=i32, s_kd=cx, s_vb=i32, s_vl=i32, s_vd=cx,
-                           s_mb=i32, s_ml=cx)
+            qkv_strides = dict(s_qb=i32, s_qt=i32, s_qd=cx, s_kb=i32, s_kl=i32, s_kd=cx, s_vb=i32, s_vl=i32, s_vd=cx)
+            strides = dict(qkv_strides, s_mb=i32, s_ml=cx)
             gstrides = dict(s_cb=i32, s_ct=i32, s_cd=cx, s_wb=i32, s_wt=i32, s_wl=i32)
             sizes = dict(T=i32, L=i32, D=i32, DV=i32)
             cst = {k: v for k, v in unit.items() if k != "s_cd"}
@@ -759,15 +759,15 @@ def _aot_configs():
             variants = ((True, True, 2), (True, False, 1), (False, False, 1)) if ty == "fp32" else \
                 ((True, True, 0), (False, False, 0))
             for write_kv, split, delta_mode in variants:
-                sig = dict(Q=p, K=p, V=p, MASK=mask_ty, CTX=a, W=a, LSE=a, DCTX=p, DW=p, DQ=a if split else p,
-                           DK=p, DVAL=p, DELTA=a, DPART=a, **sizes, BLOCKS_PER_SPLIT=i32, NROWS=i32, **strides,
-                           **gstrides, MASK_MODE=cx, SHARED_KV=cx, HAS_DCTX=cx, HAS_DW=cx, WRITE_KV=cx, DELTA_MODE=cx,
+                sig = dict(Q=p, K=p, V=p, CTX=a, W=a, LSE=a, DCTX=p, DW=p, DQ=a if split else p,
+                           DK=p, DVAL=p, DELTA=a, DPART=a, **sizes, BLOCKS_PER_SPLIT=i32, NROWS=i32, **qkv_strides,
+                           **gstrides, SHARED_KV=cx, HAS_DCTX=cx, HAS_DW=cx, WRITE_KV=cx, DELTA_MODE=cx,
                            ACC=cx, BLOCK_L=cx, BLOCK_D=cx)
-                c = dict(unit, MASK_MODE=mode, SHARED_KV=shared, HAS_DCTX=True, HAS_DW=True, WRITE_KV=write_kv,
+                c = dict(bwd_unit, SHARED_KV=shared, HAS_DCTX=True, HAS_DW=True, WRITE_KV=write_kv,
                          DELTA_MODE=delta_mode, ACC=tl.float32, BLOCK_L=bl, BLOCK_D=block_d)
                 yield AOTConfig(_attn_bwd_row_kernel, sig, c, num_warps=nw, expect_no_spill=ok,
-                                label=f"bwd_row {tag} BL={bl} kv={int(write_kv)} split={int(split)} mask={mode} "
-                                      f"kv={int(shared)} delta={delta_mode}")
+                                label=f"bwd_row {tag} BL={bl} kv={int(write_kv)} split={int(split)} "
+                                      f"shared={int(shared)} delta={delta_mode}")
             if ty == "fp32":
                 sig = dict(W=a, V=p, DCTX=p, DW=p, DPART=a, T=i32, L=i32, DV=i32, BLOCKS_PER_SPLIT=i32,
                            s_vb=i32, s_vl=i32, s_vd=cx, **gstrides, HAS_DCTX=cx, HAS_DW=cx, ACC=cx, BLOCK_L=cx,
@@ -777,12 +777,12 @@ def _aot_configs():
                                 label=f"bwd_delta {tag} BL={bl}")
 
             _, bl, nw = block_config(block_d, block_d, "bwd_kv", dtype)
-            sig = dict(Q=p, K=p, V=p, MASK=mask_ty, W=a, LSE=a, DELTA=a, DCTX=p, DW=p, DK=p, DVAL=p, **sizes, **strides,
-                       **gstrides, MASK_MODE=cx, SHARED_KV=cx, HAS_DCTX=cx, HAS_DW=cx, ACC=cx, BLOCK_L=cx, BLOCK_D=cx)
-            c = dict(unit, MASK_MODE=mode, SHARED_KV=shared, HAS_DCTX=True, HAS_DW=True, ACC=tl.float32, BLOCK_L=bl,
+            sig = dict(Q=p, K=p, V=p, W=a, LSE=a, DELTA=a, DCTX=p, DW=p, DK=p, DVAL=p, **sizes, **qkv_strides,
+                       **gstrides, SHARED_KV=cx, HAS_DCTX=cx, HAS_DW=cx, ACC=cx, BLOCK_L=cx, BLOCK_D=cx)
+            c = dict(bwd_unit, SHARED_KV=shared, HAS_DCTX=True, HAS_DW=True, ACC=tl.float32, BLOCK_L=bl,
                      BLOCK_D=block_d)
             yield AOTConfig(_attn_bwd_kv_kernel, sig, c, num_warps=nw, expect_no_spill=ok,
-                            label=f"bwd_kv {tag} BL={bl} mask={mode} kv={int(shared)}")
+                            label=f"bwd_kv {tag} BL={bl} shared={int(shared)}")
 
 
 
