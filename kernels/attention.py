@@ -284,6 +284,20 @@ def _delta_exact(W, V, DW, dc, row, b, t, l0, l_end, L, s_vb, s_vl, s_vd, s_wb, 
 
 
 @triton.jit
+def _split_sums(DPART, row, ACC: tl.constexpr):
+    """The two DPART (B*T, splits, 2) partials of a row summed over its splits, in a fixed order
+    (deterministic)."""
+    num = tl.zeros([], ACC)
+    den = tl.zeros([], ACC)
+    s = row * 0
+    while s < tl.num_programs(1):
+        num += tl.load(DPART + 2 * (row * tl.num_programs(1) + s))
+        den += tl.load(DPART + 2 * (row * tl.num_programs(1) + s) + 1)
+        s += 1
+    return num, den
+
+
+@triton.jit
 def _weighted_mean(num, den):
     """num / den, 0 for a row with no weight (fully masked)."""
     return tl.where(den > 0, num / tl.where(den > 0, den, 1.0), 0.0)
@@ -291,23 +305,39 @@ def _weighted_mean(num, den):
 
 @triton.jit
 def _attn_bwd_delta_kernel(
-    W, V, DCTX, DW, DPART,
+    Q, W, LSE, V, DCTX, DW, DPART,
     T, L, DV, BLOCKS_PER_SPLIT,
     s_vb, s_vl, s_vd, s_cb, s_ct, s_cd, s_wb, s_wt, s_wl,
-    HAS_DCTX: tl.constexpr, HAS_DW: tl.constexpr, ACC: tl.constexpr, BLOCK_L: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    HAS_DCTX: tl.constexpr, HAS_DW: tl.constexpr, DELTA_MODE: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Grid (B*T, splits). The split-L partials of the exact delta, DPART (B*T, splits, 2): each
-    program sums w_j g_j and w_j over its L chunk (the row kernel's chunks and tiles, so the same g_j)."""
+    """Grid (B*T, splits). The split-L partials of delta, DPART (B*T, splits, 2), over each
+    program's L chunk (the row kernel's chunks and tiles). DELTA_MODE 2 (the exact delta): sum_j w_j g_j
+    and sum_j w_j (the same g_j as the row kernel's). 3 (delta from the saved context, with a
+    weights gradient): sum_j alpha_j dalpha_j and 0, alpha as the row kernel reads it, so that no
+    split program loops over the whole row for it (the row kernel adds dc . c)."""
     row, sp, b, t = _row_program(T)
     ar_l = tl.arange(0, BLOCK_L)
     ar_d = tl.arange(0, BLOCK_D)
     in_dv = ar_d < DV
-    dc = _load_dc(DCTX, b, t, s_cb, s_ct, s_cd, ar_d, in_dv, HAS_DCTX, ACC, BLOCK_D)
     l0 = sp * BLOCKS_PER_SPLIT * BLOCK_L
     l_end = tl.minimum(l0 + BLOCKS_PER_SPLIT * BLOCK_L, L)
-    part, wsum = _delta_exact(W, V, DW, dc, row, b, t, l0, l_end, L, s_vb, s_vl, s_vd, s_wb, s_wt, s_wl, ar_l,
-                              ar_d, in_dv, HAS_DCTX, HAS_DW, ACC, BLOCK_L)
+    if DELTA_MODE == 2:
+        dc = _load_dc(DCTX, b, t, s_cb, s_ct, s_cd, ar_d, in_dv, HAS_DCTX, ACC, BLOCK_D)
+        part, wsum = _delta_exact(W, V, DW, dc, row, b, t, l0, l_end, L, s_vb, s_vl, s_vd, s_wb, s_wt, s_wl, ar_l,
+                                  ar_d, in_dv, HAS_DCTX, HAS_DW, ACC, BLOCK_L)
+    else:
+        m_row = tl.load(LSE + 2 * row).to(ACC)
+        l_row = tl.load(LSE + 2 * row + 1).to(ACC)
+        inv_l = tl.where(l_row > 0, 1.0 / tl.where(l_row > 0, l_row, 1.0), 0.0)
+        part = tl.zeros([], ACC)
+        wsum = tl.zeros([], ACC)
+        while l0 < l_end:
+            in_l = ar_l < L - l0
+            a = _saved_alpha(W, Q, row * L + l0 + ar_l, in_l, m_row, inv_l, ACC)
+            dwj = tl.load(DW + b * s_wb + t * s_wt + l0 * s_wl + ar_l * s_wl, mask=in_l, other=0.0).to(ACC)
+            part += tl.sum(a * dwj, axis=0)
+            l0 += BLOCK_L
     tl.store(DPART + 2 * (row * tl.num_programs(1) + sp), part)
     tl.store(DPART + 2 * (row * tl.num_programs(1) + sp) + 1, wsum)
 
@@ -329,7 +359,8 @@ def _attn_bwd_row_kernel(
     delta (split 0 stores it for the dH/dV kernel), DELTA_MODE: 0 from the saved context and
     weights (fp16/bf16: their fp32 copies; 2L + DV reads); 1 exact, sum_j w_j g_j / sum_j w_j by a
     first pass over the row's V (fp32/fp64, one split); 2 exact, from DPART's split partials
-    (_attn_bwd_delta_kernel).
+    (_attn_bwd_delta_kernel); 3 as 0, its sum_j alpha_j dalpha_j from DPART's split partials (split
+    with a weights gradient: mode 0 would loop over the whole row in every split program).
     """
     row, sp, b, t = _row_program(T)
     ar_l = tl.arange(0, BLOCK_L)
@@ -350,18 +381,15 @@ def _attn_bwd_row_kernel(
         delta = _weighted_mean(num, den)
         a_scale = _weighted_mean(1.0, den)
     elif DELTA_MODE == 2:  # the same, from the split partials (fixed order: deterministic)
-        num = tl.zeros([], ACC)
-        den = tl.zeros([], ACC)
-        s = row * 0
-        while s < tl.num_programs(1):
-            num += tl.load(DPART + 2 * (row * tl.num_programs(1) + s))
-            den += tl.load(DPART + 2 * (row * tl.num_programs(1) + s) + 1)
-            s += 1
+        num, den = _split_sums(DPART, row, ACC)
         delta = _weighted_mean(num, den)
         a_scale = _weighted_mean(1.0, den)
-    elif HAS_DCTX:  # delta = dc . c + sum_j alpha_j dalpha_j
-        c = tl.load(CTX + row * DV + ar_d, mask=in_dv, other=0.0).to(ACC)
-        delta += tl.sum(dc * c, axis=0)
+    else:  # delta = dc . c + sum_j alpha_j dalpha_j
+        if HAS_DCTX:
+            c = tl.load(CTX + row * DV + ar_d, mask=in_dv, other=0.0).to(ACC)
+            delta += tl.sum(dc * c, axis=0)
+        if DELTA_MODE == 3:  # sum_j alpha_j dalpha_j from the split partials
+            delta += _split_sums(DPART, row, ACC)[0]
     if HAS_DW and DELTA_MODE == 0:
         j0 = row * 0
         while j0 < L:
@@ -672,15 +700,19 @@ def attention_backward(query, keys, values, mask, ctx, weights, lse, dctx, dweig
                   BLOCK_D=block_d, num_warps=num_warps, enable_fp_fusion=True)
     dv_ptr = dk if dv is None else dv
     # delta: exact (a pass over V first) where the saved context and weights are no more precise
-    # than the inputs (fp32 / fp64) and dc flows; from the fp32 copies for fp16 / bf16.
-    delta_mode = 0 if (dtype != acc_t or not has_dc) else (1 if nsplit == 1 else 2)
+    # than the inputs (fp32 / fp64) and dc flows; from the fp32 copies for fp16 / bf16, its
+    # sum alpha dalpha from split partials when split (3), not from a whole-row loop per split (0).
+    if dtype == acc_t and has_dc:
+        delta_mode = 1 if nsplit == 1 else 2
+    else:
+        delta_mode = 3 if (nsplit > 1 and has_dw) else 0
     dpart = delta
-    if delta_mode == 2:
-        dpart = torch.empty(rows, nsplit, 2, device=dev, dtype=acc_t)  # (sum w g, sum w) per chunk
+    if delta_mode in (2, 3):
+        dpart = torch.empty(rows, nsplit, 2, device=dev, dtype=acc_t)  # per chunk: (sum w g, sum w) | (sum a da, 0)
         _attn_bwd_delta_kernel[(rows, nsplit)](
-            weights, v, dc, dw, dpart, T, L, Dv, per, *v.stride(), *dc.stride(), *dw.stride(),
-            HAS_DCTX=has_dc, HAS_DW=has_dw, ACC=_acc(dtype), BLOCK_L=bl, BLOCK_D=block_d, num_warps=num_warps,
-            enable_fp_fusion=True,
+            query, weights, lse, v, dc, dw, dpart, T, L, Dv, per, *v.stride(), *dc.stride(), *dw.stride(),
+            HAS_DCTX=has_dc, HAS_DW=has_dw, DELTA_MODE=delta_mode, ACC=_acc(dtype), BLOCK_L=bl, BLOCK_D=block_d,
+            num_warps=num_warps, enable_fp_fusion=True,
         )
     _attn_bwd_row_kernel[(rows, nsplit)](
         query, keys, v, ctx, weights, lse, dc, dw, dq, dk, dv_ptr, delta, dpart,
@@ -755,9 +787,10 @@ def _aot_configs():
 
             _, bl, nw = block_config(block_d, block_d, "bwd_row", dtype)
             # (WRITE_KV, split, DELTA_MODE): T == 1 split (fp32 dq partials), T == 1 one pass, T > 1. The
-            # fp32 delta is exact (1: inline pass, 2: split partials); 16-bit reads the saved fp32 copies.
+            # fp32 delta is exact (1: inline pass, 2: split partials); 16-bit reads the saved fp32 copies
+            # (3: split, its sum alpha dalpha from partials). HAS_DCTX and HAS_DW are both on.
             variants = ((True, True, 2), (True, False, 1), (False, False, 1)) if ty == "fp32" else \
-                ((True, True, 0), (False, False, 0))
+                ((True, True, 3), (False, False, 0))
             for write_kv, split, delta_mode in variants:
                 sig = dict(Q=p, K=p, V=p, CTX=a, W=a, LSE=a, DCTX=p, DW=p, DQ=a if split else p,
                            DK=p, DVAL=p, DELTA=a, DPART=a, **sizes, BLOCKS_PER_SPLIT=i32, NROWS=i32, **qkv_strides,
@@ -768,13 +801,16 @@ def _aot_configs():
                 yield AOTConfig(_attn_bwd_row_kernel, sig, c, num_warps=nw, expect_no_spill=ok,
                                 label=f"bwd_row {tag} BL={bl} kv={int(write_kv)} split={int(split)} "
                                       f"shared={int(shared)} delta={delta_mode}")
-            if ty == "fp32":
-                sig = dict(W=a, V=p, DCTX=p, DW=p, DPART=a, T=i32, L=i32, DV=i32, BLOCKS_PER_SPLIT=i32,
-                           s_vb=i32, s_vl=i32, s_vd=cx, **gstrides, HAS_DCTX=cx, HAS_DW=cx, ACC=cx, BLOCK_L=cx,
-                           BLOCK_D=cx)
-                c = dict(s_vd=1, s_cd=1, HAS_DCTX=True, HAS_DW=True, ACC=tl.float32, BLOCK_L=bl, BLOCK_D=block_d)
+            # the split delta partials: exact (2, fp32 with dc), or sum alpha dalpha (3: 16-bit, and fp32
+            # with the weights' gradient alone)
+            for delta_mode, has_dc in ((2, True), (3, False)) if ty == "fp32" else ((3, True),):
+                sig = dict(Q=p, W=a, LSE=a, V=p, DCTX=p, DW=p, DPART=a, T=i32, L=i32, DV=i32, BLOCKS_PER_SPLIT=i32,
+                           s_vb=i32, s_vl=i32, s_vd=cx, **gstrides, HAS_DCTX=cx, HAS_DW=cx, DELTA_MODE=cx, ACC=cx,
+                           BLOCK_L=cx, BLOCK_D=cx)
+                c = dict(s_vd=1, s_cd=1, HAS_DCTX=has_dc, HAS_DW=True, DELTA_MODE=delta_mode, ACC=tl.float32,
+                         BLOCK_L=bl, BLOCK_D=block_d)
                 yield AOTConfig(_attn_bwd_delta_kernel, sig, c, num_warps=nw, expect_no_spill=ok,
-                                label=f"bwd_delta {tag} BL={bl}")
+                                label=f"bwd_delta {tag} BL={bl} delta={delta_mode}")
 
             _, bl, nw = block_config(block_d, block_d, "bwd_kv", dtype)
             sig = dict(Q=p, K=p, V=p, W=a, LSE=a, DELTA=a, DCTX=p, DW=p, DK=p, DVAL=p, **sizes, **qkv_strides,

@@ -99,11 +99,12 @@ def test_forward_backward_vs_oracle(case, dtype, device):
 
 @pytest.mark.parametrize("which", ["ctx_only", "weights_only"])
 @pytest.mark.parametrize("T", [None, 3])
-def test_one_output_gradient(which, T, device):
-    """Backward with only one output in the loss (the other's gradient is None in the kernel)."""
+@pytest.mark.parametrize("kw", [dict(block_l=8), dict(block_l=4, splits=3)], ids=["one_pass", "split"])
+def test_one_output_gradient(which, T, kw, device):
+    """Backward with only one output in the loss (the other's gradient is None in the kernel). Split
+    with the weights' gradient alone: delta = sum alpha dalpha from the split partials (DELTA_MODE 3)."""
     q, k, v = _inputs(3, T, 19, 12, 20, torch.float32, device)
-    _check_all(q, k, v, _mask("bool", 3, 19, device), gc=which == "ctx_only", gw=which == "weights_only",
-               block_l=8)
+    _check_all(q, k, v, _mask("bool", 3, 19, device), gc=which == "ctx_only", gw=which == "weights_only", **kw)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
