@@ -284,6 +284,28 @@ def _delta_exact(W, V, DW, dc, row, b, t, l0, l_end, L, s_vb, s_vl, s_vd, s_wb, 
 
 
 @triton.jit
+def _row_stats(LSE, row, ACC: tl.constexpr):
+    """The forward's saved (m, l) of a row as (m, 1 / l), 1 / l = 0 for a row with nothing to attend to."""
+    m = tl.load(LSE + 2 * row).to(ACC)
+    l_row = tl.load(LSE + 2 * row + 1).to(ACC)
+    return m, tl.where(l_row > 0, 1.0 / tl.where(l_row > 0, l_row, 1.0), 0.0)
+
+
+@triton.jit
+def _alpha_dalpha(W, Q, DW, row, b, t, l0, l_end, L, s_wb, s_wt, s_wl, ar_l, m, inv_l, ACC: tl.constexpr,
+                  BLOCK_L: tl.constexpr):
+    """sum_j alpha_j dalpha_j over positions [l0, l_end) of a row, alpha as the forward saved it."""
+    acc = tl.zeros([], ACC)
+    while l0 < l_end:
+        in_l = ar_l < L - l0
+        a = _saved_alpha(W, Q, row * L + l0 + ar_l, in_l, m, inv_l, ACC)
+        dwj = tl.load(DW + b * s_wb + t * s_wt + l0 * s_wl + ar_l * s_wl, mask=in_l, other=0.0).to(ACC)
+        acc += tl.sum(a * dwj, axis=0)
+        l0 += BLOCK_L
+    return acc
+
+
+@triton.jit
 def _split_sums(DPART, row, ACC: tl.constexpr):
     """The two DPART (B*T, splits, 2) partials of a row summed over its splits, in a fixed order
     (deterministic)."""
@@ -327,17 +349,9 @@ def _attn_bwd_delta_kernel(
         part, wsum = _delta_exact(W, V, DW, dc, row, b, t, l0, l_end, L, s_vb, s_vl, s_vd, s_wb, s_wt, s_wl, ar_l,
                                   ar_d, in_dv, HAS_DCTX, HAS_DW, ACC, BLOCK_L)
     else:
-        m_row = tl.load(LSE + 2 * row).to(ACC)
-        l_row = tl.load(LSE + 2 * row + 1).to(ACC)
-        inv_l = tl.where(l_row > 0, 1.0 / tl.where(l_row > 0, l_row, 1.0), 0.0)
-        part = tl.zeros([], ACC)
+        m_row, inv_l = _row_stats(LSE, row, ACC)
+        part = _alpha_dalpha(W, Q, DW, row, b, t, l0, l_end, L, s_wb, s_wt, s_wl, ar_l, m_row, inv_l, ACC, BLOCK_L)
         wsum = tl.zeros([], ACC)
-        while l0 < l_end:
-            in_l = ar_l < L - l0
-            a = _saved_alpha(W, Q, row * L + l0 + ar_l, in_l, m_row, inv_l, ACC)
-            dwj = tl.load(DW + b * s_wb + t * s_wt + l0 * s_wl + ar_l * s_wl, mask=in_l, other=0.0).to(ACC)
-            part += tl.sum(a * dwj, axis=0)
-            l0 += BLOCK_L
     tl.store(DPART + 2 * (row * tl.num_programs(1) + sp), part)
     tl.store(DPART + 2 * (row * tl.num_programs(1) + sp) + 1, wsum)
 
@@ -368,9 +382,7 @@ def _attn_bwd_row_kernel(
     in_d = ar_d < D
     in_dv = ar_d < DV
     q = tl.load(Q + b * s_qb + t * s_qt + ar_d * s_qd, mask=in_d, other=0.0).to(ACC)  # (BLOCK_D,)
-    m_row = tl.load(LSE + 2 * row).to(ACC)
-    l_row = tl.load(LSE + 2 * row + 1).to(ACC)
-    inv_l = tl.where(l_row > 0, 1.0 / tl.where(l_row > 0, l_row, 1.0), 0.0)
+    m_row, inv_l = _row_stats(LSE, row, ACC)
 
     delta = tl.zeros([], ACC)
     a_scale = tl.full([], 1.0, ACC)  # alpha = saved alpha * a_scale: 1 / sum_j w_j for the exact delta
@@ -391,13 +403,7 @@ def _attn_bwd_row_kernel(
         if DELTA_MODE == 3:  # sum_j alpha_j dalpha_j from the split partials
             delta += _split_sums(DPART, row, ACC)[0]
     if HAS_DW and DELTA_MODE == 0:
-        j0 = row * 0
-        while j0 < L:
-            in_j = ar_l < L - j0
-            wj = _saved_alpha(W, Q, row * L + j0 + ar_l, in_j, m_row, inv_l, ACC)
-            dwj = tl.load(DW + b * s_wb + t * s_wt + j0 * s_wl + ar_l * s_wl, mask=in_j, other=0.0).to(ACC)
-            delta += tl.sum(wj * dwj, axis=0)
-            j0 += BLOCK_L
+        delta += _alpha_dalpha(W, Q, DW, row, b, t, row * 0, L, L, s_wb, s_wt, s_wl, ar_l, m_row, inv_l, ACC, BLOCK_L)
     tl.store(DELTA + 2 * row, delta, mask=sp == 0)  # (delta, a_scale) for the dH/dV kernel
     tl.store(DELTA + 2 * row + 1, a_scale, mask=sp == 0)
 
@@ -464,9 +470,7 @@ def _attn_bwd_kv_kernel(
     while t < T:
         row = b * T + t
         q = tl.load(Q + b * s_qb + t * s_qt + ar_d * s_qd, mask=in_d, other=0.0).to(ACC)
-        m_row = tl.load(LSE + 2 * row).to(ACC)
-        l_row = tl.load(LSE + 2 * row + 1).to(ACC)
-        inv_l = tl.where(l_row > 0, 1.0 / tl.where(l_row > 0, l_row, 1.0), 0.0)
+        m_row, inv_l = _row_stats(LSE, row, ACC)
         delta = tl.load(DELTA + 2 * row).to(ACC)
         a_scale = tl.load(DELTA + 2 * row + 1).to(ACC)
         alpha = _saved_alpha(W, Q, row * L + l0 + ar_l, in_l, m_row, inv_l, ACC) * a_scale  # 0 where masked
