@@ -13,7 +13,7 @@
 #   benchmarks/gpu_session.sh all     setup + test + bench (for a machine with more time)
 #   benchmarks/gpu_session.sh recheck a second, shorter call after fixes (~390 s): -m gpu and kernel tests,
 #                                     benchmarks/sweep_{attention,gumbel}.py (kernel configs, sweep.txt),
-#                                     a 22 s attention fuzz on CUDA,
+#                                     a 22 s attention fuzz on CUDA, host_overhead.py --cuda,
 #                                     attention tf/large, train large teacher forcing, graphed bf16 notes
 #   benchmarks/gpu_session.sh profile benchmarks/profile_step.py: kernels per training step, GPU-busy vs
 #                                     wall time (fused, fused_graphed; teacher forcing, ss_gumbel_hard)
@@ -44,6 +44,7 @@
 #   GPU_BENCH_T_{ATTENTION,GUMBEL,TRAIN}_COMPILE=80,60,80: seconds per benchmark pass (sum 530)
 #   GPU_BUDGET=570            budget: wall limit (s) from the script's start, setup included; its passes
 #                             take gpu tests 90, attention 55, gumbel 40, train 70 + graphed 35, profile 40,
+#                             host overhead 20 (benchmarks/host_overhead.py --cuda, into profile.txt),
 #                             compile 40 + 30 + 120 (train: fp32 teacher forcing and gumbel_hard, notes' size),
 #                             and the kernel tests the rest less 35 s (their pass's 30 s kill grace and the
 #                             summary) (GPU_BUDGET_T_* override each, e.g. GPU_BUDGET_T_TRAIN)
@@ -285,6 +286,12 @@ profile_pass() {  # limit: benchmarks/profile_step.py (kernels per step, GPU bus
 # ----------------------------------------------------------------------------------------- budget
 budget_t() { local var="GPU_BUDGET_T_$1"; echo "${!var:-$2}"; }
 
+host_pass() {  # host_pass FILE SECONDS: benchmarks/host_overhead.py --cuda, appended to FILE
+    timeout -s INT -k 5 "$2" "$PY" benchmarks/host_overhead.py --cuda --n 200 >>"$1" 2>&1
+    local rc=$?
+    say "host overhead (--cuda): rc=$rc, $(grep -c ' us$' "$1") lines in $(basename "$1")"
+}
+
 budget_phase() {  # one command for a 15-minute device session (docs/gpu.md): what closes the issues first
     local total=${GPU_BUDGET:-570} rc_b=0  # against $SECONDS: the script's start, setup included
     local -a sel common xdist
@@ -306,6 +313,8 @@ budget_phase() {  # one command for a 15-minute device session (docs/gpu.md): wh
     bench_pass train fused_graphed "$(budget_t TRAIN_GRAPHED 35)" --quick --sizes notes,large
     # where the training step's time goes: host-bound or kernel-bound, per impl and mode
     profile_pass "$(budget_t PROFILE 40)"
+    # host time per call with the real kernels, and its parts (Triton's launch, our launchers)
+    host_pass "$OUT/profile.txt" "$(budget_t HOST 20)"
     # 3. torch.compile, largest sizes first (each case compiles afresh: tens of seconds each)
     if [ "${GPU_BENCH_NO_COMPILE:-0}" != 1 ]; then
         bench_pass attention compile "$(budget_t ATTENTION_COMPILE 40)" --quick --sizes large,long,tf,notes
@@ -348,6 +357,7 @@ recheck_phase() {  # a second, shorter call after fixes (about 390 s): tests, ke
     timeout -s INT -k 5 "$(budget_t FUZZ 30)" "$PY" -m tests.fuzz_attention --seconds 22 --device cuda \
         >>"$OUT/sweep.txt" 2>&1
     say "sweep + fuzz: $(grep -c '^\[sweep\]' "$OUT/sweep.txt") sweep lines; fuzz: $(grep -E 'cases, [0-9]+ failed' "$OUT/sweep.txt")"
+    host_pass "$OUT/sweep.txt" "$(budget_t HOST 20)"
     bench_pass attention "fused,fused_rows,eager" "$(budget_t ATTENTION 35)" --quick --sizes tf,large
     bench_pass train fused "$(budget_t TRAIN 35)" --quick --sizes large --modes teacher_forcing
     bench_pass train fused_graphed "$(budget_t TRAIN_GRAPHED 35)" --quick --sizes notes \

@@ -17,15 +17,27 @@ time is what a CUDA graph (fused_s2s.graphs) takes away.
 
 Figures are per call in microseconds, the best of 7 rounds (noise only adds), printed only (no
 CSV: no GPU, no card).
+
+    python benchmarks/host_overhead.py --cuda [--n 500]
+
+On a GPU machine, ``--cuda`` times the same calls with the real kernels on CUDA tensors (tiny, so
+the GPU keeps up and a call's time is what the host spends issuing it; calls are queued, with one
+synchronisation per round outside the timing), and splits a call's host time into its parts:
+Triton's own launch (a kernel that does nothing, with 1 and with 28 arguments, as our kernels
+have), our launcher (``fused_s2s.kernels.*`` without the autograd Function), and single PyTorch
+ops for scale. Subtract the stubbed figures of the same machine to get the launches' share.
 """
 from __future__ import annotations
 
 import argparse
 import functools
 import os
+import sys
 import time
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: kernels are interpreter objects
+ON_CUDA = "--cuda" in sys.argv[1:]  # decided before triton is imported: it reads TRITON_INTERPRET then
+if not ON_CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"  # kernels are interpreter objects, which stub_kernels replaces
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -67,26 +79,35 @@ def stub_kernels() -> list[str]:
     return names
 
 
+def _sync():
+    if ON_CUDA:
+        torch.cuda.synchronize()
+
+
 def per_call_us(fn, n: int, rounds: int = 7) -> float:
     for _ in range(max(n // 10, 10)):
         fn()
     times = []
     for _ in range(rounds):
+        _sync()  # the queue starts empty; within the round calls are only queued (tiny: the GPU keeps up)
         t0 = time.perf_counter()
         for _ in range(n):
             fn()
         times.append((time.perf_counter() - t0) / n * 1e6)
+    _sync()
     return min(times)  # noise (other processes, frequency) only ever adds time
 
 
-def cases():
+def cases(device: str = "cpu"):
     """(name, fused fn, eager fn): tiny tensors, so the figures are host time, not arithmetic."""
     B, T, L, D, V = 4, 3, 5, 8, 12
-    logits = torch.randn(B, V, requires_grad=True)
-    dy = torch.randn(B, V)
-    q, H = torch.randn(B, D, requires_grad=True), torch.randn(B, L, D, requires_grad=True)
-    qT, dctx, dctxT = torch.randn(B, T, D, requires_grad=True), torch.randn(B, D), torch.randn(B, T, D)
-    lengths = torch.full((B,), L)
+    torch.manual_seed(0)
+    r = functools.partial(torch.randn, device=device)
+    logits = r(B, V, requires_grad=True)
+    dy = r(B, V)
+    q, H = r(B, D, requires_grad=True), r(B, L, D, requires_grad=True)
+    qT, dctx, dctxT = r(B, T, D, requires_grad=True), r(B, D), r(B, T, D)
+    lengths = torch.full((B,), L, device=device)
 
     def timed(out, inputs, g, bwd):
         """A call of ``out()`` (the op's first output): under no_grad, or with its gradient."""
@@ -119,6 +140,46 @@ def cases():
                    att(reference.attention_eager, query, dc, bwd))
 
 
+def launch_parts(device: str = "cuda"):
+    """(name, fn): the parts of a fused call's host time on CUDA: Triton's launch of kernels that do
+    nothing (1 and 28 arguments), our launchers without the autograd Function, PyTorch ops."""
+    import triton
+    import triton.language as tl
+
+    from fused_s2s import philox
+    from fused_s2s.kernels import attention as KA
+    from fused_s2s.kernels import gumbel as KG
+
+    @triton.jit
+    def _nop1_kernel(X):
+        pass
+
+    @triton.jit
+    def _nop28_kernel(X, Y, Z, W, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15,
+                      a16, a17, a18, a19, a20, a21, F: tl.constexpr, G: tl.constexpr):
+        pass
+
+    B, L, D, V = 4, 5, 8, 12
+    x = torch.randn(B, V, device=device)
+    q, H = torch.randn(B, 1, D, device=device), torch.randn(B, L, D, device=device)
+    lengths = torch.full((B,), L, device=device)
+    ints = list(range(3, 25))  # 22 ints: 16-divisibility and 1-specialisation vary, as strides do
+    seed = philox.draw_seed(x.device)
+    fwd = KA.attention_forward(q, H, None, lengths, for_backward=True)
+    dc = torch.randn(B, 1, D, device=device)
+    return [
+        ("triton launch, empty kernel, 1 argument", lambda: _nop1_kernel[(1,)](x)),
+        ("triton launch, empty kernel, 26 args + 2 constexpr", lambda: _nop28_kernel[(1,)](x, x, x, x, *ints, F=1, G=2)),
+        ("launcher gumbel_fwd (no autograd)", lambda: KG.gumbel_fwd(x, 2.0, False, None, seed)),
+        ("launcher attention_forward (no autograd)", lambda: KA.attention_forward(q, H, None, lengths, for_backward=True)),
+        ("launcher attention_backward (no autograd)",
+         lambda: KA.attention_backward(q, H, None, lengths, fwd[3], fwd[4], fwd[2], dc, None)),
+        ("torch.empty (B, V)", lambda: torch.empty(B, V, device=device)),
+        ("torch.randint seed (philox.draw_seed)", lambda: philox.draw_seed(x.device)),
+        ("x.add_(1) (one PyTorch kernel)", lambda: x.add_(1.0)),
+    ]
+
+
 def step_loop_us(n: int) -> list[tuple[str, float, float]]:
     """Host time of a fused training pass (forward + loss + backward) per decoder step: the pass at
     T = 20 minus the pass at T = 10, over 10 (tiny model, kernels stubbed). Teacher forcing runs
@@ -142,8 +203,22 @@ def step_loop_us(n: int) -> list[tuple[str, float, float]]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=3000, help="calls per round")
+    p.add_argument("--cuda", action="store_true", help="real kernels on CUDA tensors, and the launch parts")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
+    if a.cuda:
+        if not torch.cuda.is_available():
+            p.error("--cuda needs a CUDA device (without it the kernels are stubbed: drop --cuda)")
+        import triton
+        print(f"real kernels on {torch.cuda.get_device_name()}; torch {torch.__version__}, triton "
+              f"{triton.__version__}; host time per call (queued), best of 7 rounds")
+        print(f"{'op':44s} {'fused':>18s} {'eager (PyTorch ops)':>20s}")
+        for name, fused, eager in cases("cuda"):
+            print(f"{name:44s} {per_call_us(fused, a.n):15.1f} us {per_call_us(eager, a.n):17.1f} us")
+        print("\nparts")
+        for name, fn in launch_parts():
+            print(f"{name:52s} {per_call_us(fn, a.n):10.1f} us")
+        return 0
     stubbed = stub_kernels()
     print(f"kernels stubbed: {len(stubbed)}; torch {torch.__version__}; per call, best of 7 rounds")
     print(f"{'op':44s} {'fused (no launch)':>18s} {'eager (PyTorch ops)':>20s}")
