@@ -23,8 +23,12 @@ alpha * (g - delta) amplifies (measured: 7x eager's dq error); exp(E - m) / l is
 
 Split-L (flash-decoding): when B*T rows are too few to fill the GPU, grid axis 1 splits L into
 chunks; each writes a partial (m, l, unnormalised context) and ``_attn_combine_kernel`` merges them:
-M = max_s m_s, l = sum_s l_s exp(m_s - M), c = sum_s acc_s exp(m_s - M) / l, then normalises the
-weights of the row.
+M = max_s m_s, l = sum_s l_s exp(m_s - M), c = sum_s acc_s exp(m_s - M) / l. It runs on the same
+(B*T, splits) grid: every program merges the (m, l) partials and normalises its own chunk of the
+row's weights, and split 0 also writes c and (m, l). (Until session 8 one program per row did
+all of L, BLOCK_L at a time: at B 8, L 4096 that is 8 programs of 256 dependent steps each, which
+may be most of the H200's 0.115 ms forward there, unmeasured.) The weights are normalised _BLOCK_W
+positions at a time, whatever BLOCK_L the score loop used.
 
 Backward, per row, given dc (Dv,) and dalpha (L,) (either may be absent)::
 
@@ -92,6 +96,9 @@ _TILE_PER_WARP = {"fwd": 512, "bwd_row": 256, "bwd_kv": 128}
 _MIN_BLOCK_D = 16
 _MAX_BLOCK_L = 64
 _MIN_BLOCKS_PER_SPLIT = 4
+# positions per step of the weights' normalisation (a vector op per step: wide, so that few steps
+# are latency-bound, whatever BLOCK_L the score loop used)
+_BLOCK_W = tl.constexpr(128)
 
 
 @triton.jit
@@ -137,28 +144,35 @@ def _saved_alpha(W, Q, offs, msk, m, inv_l, ACC: tl.constexpr):
 
 
 @triton.jit
-def _finalize_row(CTX, CTXA, W, S, LSE, row, m_i, l_i, acc, offs_d, L, DV,
-                  ACC: tl.constexpr, BLOCK_L: tl.constexpr, STORE_CTXA: tl.constexpr):
-    """c = acc / l; save (m, l), i.e. lse = m + log l in two parts; weights_j = exp(E_j - m) / l.
+def _final_stats(m_i, l_i):
+    """(m_use, 1 / l) of a row's final (m, l): m = -inf (nothing attended) -> 0, l = 0 -> 1 / l = 0."""
+    m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
+    return m_use, tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)
+
+
+@triton.jit
+def _store_ctx_stats(CTX, CTXA, LSE, row, m_use, l_i, inv_l, acc, offs_d, DV, STORE_CTXA: tl.constexpr):
+    """c = acc / l; save (m, l), i.e. lse = m + log l in two parts.
 
     STORE_CTXA (16-bit outputs that need a backward): c also in ACC to CTXA, for the backward's delta."""
-    m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
-    inv_l = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)  # empty row: l = 0 -> weights 0
     ctx = acc * inv_l  # acc is 0 when l is 0
     tl.store(CTX + row * DV + offs_d, ctx.to(CTX.dtype.element_ty), mask=offs_d < DV)
     if STORE_CTXA:
         tl.store(CTXA + row * DV + offs_d, ctx, mask=offs_d < DV)
     tl.store(LSE + 2 * row, m_use)
     tl.store(LSE + 2 * row + 1, l_i)
-    # The raw scores were written by other threads of this program (another layout): make them visible.
-    tl.debug_barrier()
-    ar_l = tl.arange(0, BLOCK_L)
-    l0 = row * 0
-    while l0 < L:
-        in_l = ar_l < L - l0
-        e = tl.load(S + row * L + l0 + ar_l, mask=in_l, other=float("-inf")).to(ACC)
-        tl.store(W + row * L + l0 + ar_l, (tl.exp(e - m_use) * inv_l).to(W.dtype.element_ty), mask=in_l)
-        l0 += BLOCK_L
+
+
+@triton.jit
+def _normalize_weights(W, S, row, l0, l_end, L, m_use, inv_l, ACC: tl.constexpr):
+    """weights_j = exp(E_j - m) / l for positions [l0, l_end) of a row, E the raw scores in S (0 for
+    an empty row: 1 / l = 0)."""
+    ar_w = tl.arange(0, _BLOCK_W)
+    while l0 < l_end:
+        in_w = ar_w < l_end - l0
+        e = tl.load(S + row * L + l0 + ar_w, mask=in_w, other=float("-inf")).to(ACC)
+        tl.store(W + row * L + l0 + ar_w, (tl.exp(e - m_use) * inv_l).to(W.dtype.element_ty), mask=in_w)
+        l0 += _BLOCK_W
 
 
 @triton.jit
@@ -214,7 +228,11 @@ def _attn_fwd_kernel(
         l0 += BLOCK_L
 
     if FINALIZE:
-        _finalize_row(CTX, CTXA, W, S, LSE, row, m_i, l_i, acc, ar_d, L, DV, ACC, BLOCK_L, STORE_CTXA)
+        m_use, inv_l = _final_stats(m_i, l_i)
+        _store_ctx_stats(CTX, CTXA, LSE, row, m_use, l_i, inv_l, acc, ar_d, DV, STORE_CTXA)
+        # The raw scores were written by other threads of this program (another layout): make them visible.
+        tl.debug_barrier()
+        _normalize_weights(W, S, row, row * 0, L, L, m_use, inv_l, ACC)
     else:
         # m = -inf for a chunk with nothing to attend to (then l = 0 and acc = 0 too).
         tl.store(PM + row * nsplit + sp, m_i)
@@ -223,28 +241,39 @@ def _attn_fwd_kernel(
 
 
 @triton.jit
-def _attn_combine_kernel(CTX, CTXA, W, S, LSE, PM, PL, PACC, L, DV, NSPLIT, STORE_CTXA: tl.constexpr,
+def _attn_combine_kernel(CTX, CTXA, W, S, LSE, PM, PL, PACC, L, DV, BLOCKS_PER_SPLIT, STORE_CTXA: tl.constexpr,
                          ACC: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Grid (B*T,). Merge the split partials (flash-decoding), then normalise the row's weights."""
+    """Grid (B*T, splits), the forward's. Every program merges the row's split (m, l) partials
+    (flash-decoding) and normalises the weights of its own L chunk; split 0 also merges the context
+    partials and stores c and (m, l). All programs of a row merge in the same order: the same m, l."""
     row = tl.program_id(0).to(tl.int64)
+    sp_own = tl.program_id(1).to(tl.int64)
+    nsplit = tl.num_programs(1)
     ar_d = tl.arange(0, BLOCK_D)
     in_dv = ar_d < DV
     # A chunk with nothing to attend to stored m = -inf, l = 0, acc = 0: its scale is exp(-inf) = 0.
     m_i = tl.full([], float("-inf"), ACC)
     sp = row * 0
-    while sp < NSPLIT:
-        m_i = tl.maximum(m_i, tl.load(PM + row * NSPLIT + sp).to(ACC))
+    while sp < nsplit:
+        m_i = tl.maximum(m_i, tl.load(PM + row * nsplit + sp).to(ACC))
         sp += 1
     m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
     l_i = tl.zeros([], ACC)
-    acc = tl.zeros([BLOCK_D], ACC)
     sp = row * 0
-    while sp < NSPLIT:
-        scale = tl.exp(tl.load(PM + row * NSPLIT + sp).to(ACC) - m_use)
-        l_i += scale * tl.load(PL + row * NSPLIT + sp).to(ACC)
-        acc += scale * tl.load(PACC + (row * NSPLIT + sp) * DV + ar_d, mask=in_dv, other=0.0).to(ACC)
+    while sp < nsplit:
+        l_i += tl.exp(tl.load(PM + row * nsplit + sp).to(ACC) - m_use) * tl.load(PL + row * nsplit + sp).to(ACC)
         sp += 1
-    _finalize_row(CTX, CTXA, W, S, LSE, row, m_i, l_i, acc, ar_d, L, DV, ACC, BLOCK_L, STORE_CTXA)
+    m_use, inv_l = _final_stats(m_i, l_i)
+    if sp_own == 0:
+        acc = tl.zeros([BLOCK_D], ACC)
+        sp = row * 0
+        while sp < nsplit:
+            scale = tl.exp(tl.load(PM + row * nsplit + sp).to(ACC) - m_use)
+            acc += scale * tl.load(PACC + (row * nsplit + sp) * DV + ar_d, mask=in_dv, other=0.0).to(ACC)
+            sp += 1
+        _store_ctx_stats(CTX, CTXA, LSE, row, m_use, l_i, inv_l, acc, ar_d, DV, STORE_CTXA)
+    l0 = sp_own * BLOCKS_PER_SPLIT * BLOCK_L
+    _normalize_weights(W, S, row, l0, tl.minimum(l0 + BLOCKS_PER_SPLIT * BLOCK_L, L), L, m_use, inv_l, ACC)
 
 
 @triton.jit
@@ -502,12 +531,15 @@ def _attn_bwd_kv_kernel(
 # -> 0.103, fp32 0.173 -> 0.156; B 8, L 4096, D 512: bf16 0.203 -> 0.115, fp32 0.172 -> 0.107.
 # Backward (row kernel): D 1024 bf16 0.756 -> 0.201; D 512 bf16 0.399 -> 0.179, fp32 0.145 ->
 # 0.080. fp32 at D 1024 keeps the rule's (2, 8): the measured best, (4, 8) at 0.430 ms against
-# 0.463, spilled 16 bytes on sm_90 with V = H and lengths (AOT). Unmeasured widths keep the rule.
+# 0.463, spilled 16 bytes on sm_90 with V = H and lengths (AOT). fp32 backward at D 512 takes the
+# runner-up (8, 4), 0.091 ms: the best, (16, 8) at 0.080, spilled 16 bytes inside its loops under
+# triton 3.6 on sm_80 (generic variant; session 8's AOT check of 3.6 on both archs).
+# Unmeasured widths keep the rule.
 _MEASURED_CONFIGS = {
     ("fwd", 1024, "16"): (8, 4), ("fwd", 1024, "fp32"): (16, 8),
     ("fwd", 512, "16"): (16, 8), ("fwd", 512, "fp32"): (16, 8),
     ("bwd_row", 1024, "16"): (4, 4),
-    ("bwd_row", 512, "16"): (16, 8), ("bwd_row", 512, "fp32"): (16, 8),
+    ("bwd_row", 512, "16"): (16, 8), ("bwd_row", 512, "fp32"): (8, 4),
 }
 
 
@@ -646,8 +678,8 @@ def attention_forward(query, keys, values, mask, *, splits=None, block_l=None, t
         BLOCK_L=bl, BLOCK_D=block_d, num_warps=num_warps, enable_fp_fusion=True,
     )
     if not finalize:
-        _attn_combine_kernel[(rows,)](
-            ctx, ctx_acc, weights, scores, lse, pm, pl, pacc, L, Dv, nsplit, STORE_CTXA=store_ctxa,
+        _attn_combine_kernel[(rows, nsplit)](
+            ctx, ctx_acc, weights, scores, lse, pm, pl, pacc, L, Dv, per, STORE_CTXA=store_ctxa,
             ACC=_acc(dtype), BLOCK_L=bl, BLOCK_D=block_d, num_warps=num_warps, enable_fp_fusion=True,
         )
     return ctx, weights, lse, ctx_acc, scores if store_ctxa else weights
@@ -784,7 +816,7 @@ def _aot_configs():
                 yield AOTConfig(_attn_fwd_kernel, sig, c, num_warps=nw, expect_no_spill=ok,
                                 label=f"fwd {tag} BL={bl} fin={int(finalize)} mask={mode} kv={int(shared)}")
             sig = dict(CTX=p, CTXA=a, W=p, S=p if ty == "fp32" else a, LSE=a, PM=a, PL=a, PACC=a, L=i32, DV=i32,
-                       NSPLIT=i32, STORE_CTXA=cx, ACC=cx, BLOCK_L=cx, BLOCK_D=cx)
+                       BLOCKS_PER_SPLIT=i32, STORE_CTXA=cx, ACC=cx, BLOCK_L=cx, BLOCK_D=cx)
             yield AOTConfig(_attn_combine_kernel, sig,
                             dict(STORE_CTXA=ty != "fp32", ACC=tl.float32, BLOCK_L=bl, BLOCK_D=block_d),
                             num_warps=nw, expect_no_spill=ok, label=f"combine {tag} BL={bl}")

@@ -264,13 +264,16 @@ def test_lengths_any_integer_dtype(ldtype, device):
     assert (w[1, :, 4:] == 0).all() and (w[0] == 0).all()
 
 
-def test_split_matches_one_pass(device):
-    """The flash-decoding combine gives the one-pass result (up to fp32 rounding), forced splits."""
-    q, k, v = _inputs(2, None, 45, 20, 12, torch.float32, device)
-    mask = _mask("len", 2, 45, device, empty_row=False)
-    ref = attention_step(q, k, v, mask, backend="triton", block_l=4)
-    for splits in (2, 5, 12):
-        out = attention_step(q, k, v, mask, backend="triton", block_l=4, splits=splits)
+@pytest.mark.parametrize("L,block_l,splits", [(45, 4, (2, 5, 12)), (1100, 64, (3, 7))], ids=["L45", "L1100"])
+def test_split_matches_one_pass(L, block_l, splits, device):
+    """The flash-decoding combine gives the one-pass result (up to fp32 rounding), forced splits.
+    L 1100: chunks of 384 / 192 positions, over and under the weights' 256-wide normalisation
+    steps (_BLOCK_W), the last chunk shorter; random lengths."""
+    q, k, v = _inputs(2, None, L, 20, 12, torch.float32, device)
+    mask = _mask("len", 2, L, device, empty_row=False)
+    ref = attention_step(q, k, v, mask, backend="triton", block_l=block_l)
+    for n in splits:
+        out = attention_step(q, k, v, mask, backend="triton", block_l=block_l, splits=n)
         for a, b in zip(out, ref):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
