@@ -66,6 +66,8 @@ class _AttentionFn(torch.autograd.Function):
     def forward(fctx, query, keys, values, mask, splits, block_l, tiled):
         from fused_s2s.kernels.attention import attention_forward
 
+        # query (B, D) or (B, T, D) as it is: the launchers take both (no views, each of which costs
+        # host time and, around apply(), an autograd node of its own)
         out, weights, lse, ctx_acc, scores_acc = attention_forward(
             query, keys, values, mask, splits=splits, block_l=block_l, tiled=tiled, for_backward=True)
         fctx.save_for_backward(query, keys, values, mask, ctx_acc, scores_acc, lse)
@@ -111,15 +113,10 @@ def attention_step(query, keys, values=None, mask=None, *, backend="auto", split
         from fused_s2s.reference import attention_eager  # bmm -> masked softmax -> bmm
 
         return attention_eager(query, keys, values, mask)
-    squeeze = query.dim() == 2
-    q = query[:, None, :] if squeeze else query  # (B, T, D): a view, strides go to the kernel
     if torch.is_grad_enabled() and (query.requires_grad or keys.requires_grad
                                     or (values is not None and values.requires_grad)):
-        ctx, weights = _AttentionFn.apply(q, keys, values, mask, splits, block_l, tiled)
-    else:  # no graph to record (generation, no_grad): skip the autograd.Function's host cost
-        from fused_s2s.kernels.attention import attention_forward
+        return _AttentionFn.apply(query, keys, values, mask, splits, block_l, tiled)
+    # no graph to record (generation, no_grad): skip the autograd.Function's host cost
+    from fused_s2s.kernels.attention import attention_forward
 
-        ctx, weights = attention_forward(q, keys, values, mask, splits=splits, block_l=block_l, tiled=tiled)[:2]
-    if squeeze:  # squeeze, not [:, 0]: its backward is a view, a select's writes zeros and a copy
-        return ctx.squeeze(1), weights.squeeze(1)
-    return ctx, weights
+    return attention_forward(query, keys, values, mask, splits=splits, block_l=block_l, tiled=tiled)[:2]

@@ -622,10 +622,24 @@ def _tile_safe(x, *blocks):
     return x.contiguous() if span >= 2**31 else x
 
 
-def attention_forward(query, keys, values, mask, *, splits=None, block_l=None, tiled=None, for_backward=False):
-    """query (B, T, D), keys (B, L, D), values (B, L, Dv) or None (= keys), mask None | (B,) int | (B, L) bool.
+def _st3(x):
+    """Strides of x as (batch, query, feature): a 2-D (B, .) tensor is one query per batch row (T = 1;
+    its query stride is never used). The launchers take (B, D) queries as they are: views to and from
+    (B, 1, D) would cost the host ~10 % of a decoder step's attention call (benchmarks/host_overhead.py)."""
+    st = x.stride()
+    return st if len(st) == 3 else (st[0], 0, st[1])
 
-    Inputs already validated (fused_s2s.attention). Returns ctx (B, T, Dv), weights (B, T, L) in
+
+def _unsqueezed(*xs):
+    """(B, .) tensors as (B, 1, .) views (None stays None): for the tiled kernels, which take 3-D only."""
+    return [x if x is None or x.dim() == 3 else x[:, None] for x in xs]
+
+
+def attention_forward(query, keys, values, mask, *, splits=None, block_l=None, tiled=None, for_backward=False):
+    """query (B, T, D) or (B, D), keys (B, L, D), values (B, L, Dv) or None (= keys), mask None | (B,) int |
+    (B, L) bool.
+
+    Inputs already validated (fused_s2s.attention). Returns ctx (B, [T,] Dv), weights (B, [T,] L) in
     query's dtype, the log-sum-exp stats (B*T, 2) = (m, l) in the accumulation dtype, and what
     :func:`attention_backward` takes as ctx and weights: with ``for_backward`` and fp16/bf16, the
     context in fp32 (ctx_acc, (B, T, Dv)) and the fp32 raw scores (scores_acc, (B, T, L), the
@@ -634,7 +648,8 @@ def attention_forward(query, keys, values, mask, *, splits=None, block_l=None, t
     heuristic, True / False force the tiled (T > 1, ``fused_s2s.kernels.attention_tiled``) or the
     per-row kernels.
     """
-    B, T, D = query.shape
+    lead = query.shape[:-1]  # (B, T) or (B,): the outputs' leading dims
+    B, T, D = lead[0], (lead[1] if len(lead) == 2 else 1), query.shape[-1]
     L = keys.shape[1]
     shared = values is None
     v = keys if shared else values
@@ -642,11 +657,13 @@ def attention_forward(query, keys, values, mask, *, splits=None, block_l=None, t
     from fused_s2s.kernels import attention_tiled as _tiled
 
     if _tiled.use_tiled(T, D, Dv, query.dtype, tiled):
-        return _tiled.attention_forward_tiled(query, keys, values, mask, block_l=block_l, for_backward=for_backward)
+        out = _tiled.attention_forward_tiled(*_unsqueezed(query), keys, values, mask, block_l=block_l,
+                                             for_backward=for_backward)
+        return out if query.dim() == 3 else tuple(x.squeeze(1) if x.dim() == 3 else x for x in out)
     dev, dtype = query.device, query.dtype
-    ctx = torch.empty(B, T, Dv, device=dev, dtype=dtype)
+    ctx = torch.empty(*lead, Dv, device=dev, dtype=dtype)
     ctx_acc, store_ctxa = ctx_acc_buffer(ctx, for_backward)
-    weights = torch.empty(B, T, L, device=dev, dtype=dtype)
+    weights = torch.empty(*lead, L, device=dev, dtype=dtype)
     acc_t = torch.float64 if dtype == torch.float64 else torch.float32
     rows = B * T
     lse = torch.empty(rows, 2, device=dev, dtype=acc_t)  # (m, l) per row: lse = m + log(l)
@@ -661,7 +678,7 @@ def attention_forward(query, keys, values, mask, *, splits=None, block_l=None, t
         mask = _tile_safe(mask, bl)
     v = keys if shared else values
     # Raw scores: in place in the weights when they are already in the accumulation dtype.
-    scores = weights if dtype == acc_t else torch.empty(B, T, L, device=dev, dtype=acc_t)
+    scores = weights if dtype == acc_t else torch.empty(*lead, L, device=dev, dtype=acc_t)
     m_ptr, mode, s_mb, s_ml = _mask_args(mask, query)
     finalize = nsplit == 1
     if finalize:
@@ -673,7 +690,7 @@ def attention_forward(query, keys, values, mask, *, splits=None, block_l=None, t
     _attn_fwd_kernel[(rows, nsplit)](
         query, keys, v, m_ptr, ctx, ctx_acc, weights, scores, lse, pm, pl, pacc,
         T, L, D, Dv, per,
-        *query.stride(), *keys.stride(), *v.stride(), s_mb, s_ml,
+        *_st3(query), *keys.stride(), *v.stride(), s_mb, s_ml,
         MASK_MODE=mode, SHARED_KV=shared, FINALIZE=finalize, STORE_CTXA=store_ctxa, ACC=_acc(dtype),
         BLOCK_L=bl, BLOCK_D=block_d, num_warps=num_warps, enable_fp_fusion=True,
     )
@@ -687,14 +704,15 @@ def attention_forward(query, keys, values, mask, *, splits=None, block_l=None, t
 
 def attention_backward(query, keys, values, mask, ctx, weights, lse, dctx, dweights, *,
                        splits=None, block_l=None, tiled=None):
-    """Gradients (dquery (B, T, D), dkeys (B, L, D), dvalues (B, L, Dv) or None when values is None).
+    """Gradients (dquery (B, [T,] D) like query, dkeys (B, L, D), dvalues (B, L, Dv) or None when values is None).
 
-    dctx (B, T, Dv) and dweights (B, T, L) may be None (that output got no gradient) and may have
+    dctx (B, [T,] Dv) and dweights (B, [T,] L) may be None (that output got no gradient) and may have
     any strides. ctx, weights, lse are what :func:`attention_forward` returned: for fp16/bf16
     preferably its ctx_acc and scores_acc (fp32; weights in fp32 with 16-bit inputs are read as raw
     scores and normalised in-kernel), else its ctx and weights (correct, less precise on peaked rows).
     """
-    B, T, D = query.shape
+    lead = query.shape[:-1]  # (B, T) or (B,)
+    B, T, D = lead[0], (lead[1] if len(lead) == 2 else 1), query.shape[-1]
     L = keys.shape[1]
     shared = values is None
     v = keys if shared else values
@@ -705,13 +723,15 @@ def attention_backward(query, keys, values, mask, ctx, weights, lse, dctx, dweig
     rows = B * T
     if rows == 0 or not (has_dc or has_dw):
         z = torch.zeros
-        return z(B, T, D, device=dev, dtype=dtype), z(B, L, D, device=dev, dtype=dtype), \
+        return z(*lead, D, device=dev, dtype=dtype), z(B, L, D, device=dev, dtype=dtype), \
             None if shared else z(B, L, Dv, device=dev, dtype=dtype)
     from fused_s2s.kernels import attention_tiled as _tiled
 
     if _tiled.use_tiled(T, D, Dv, dtype, tiled):
-        return _tiled.attention_backward_tiled(query, keys, values, mask, ctx, weights, lse, dctx, dweights,
-                                               block_l=block_l)
+        q3, ctx3, w3, dc3, dw3 = _unsqueezed(query, ctx, weights, dctx, dweights)
+        dq, dk, dv = _tiled.attention_backward_tiled(q3, keys, values, mask, ctx3, w3, lse, dc3, dw3,
+                                                     block_l=block_l)
+        return dq.view(query.shape), dk, dv
     dk = torch.empty(B, L, D, device=dev, dtype=dtype)
     # dV is only written where dc flows (HAS_DCTX); without it it is zero.
     dv = None if shared else (torch.empty if has_dc else torch.zeros)(B, L, Dv, device=dev, dtype=dtype)
@@ -727,8 +747,8 @@ def attention_backward(query, keys, values, mask, ctx, weights, lse, dctx, dweig
     v = keys if shared else values
     write_kv = T == 1
     nsplit, per = split_plan(rows, L, bl, dev, splits)
-    dq = torch.empty(B, T, D, device=dev, dtype=dtype) if nsplit == 1 else \
-        torch.empty(nsplit, B, T, D, device=dev, dtype=acc_t)
+    dq = torch.empty(*lead, D, device=dev, dtype=dtype) if nsplit == 1 else \
+        torch.empty(nsplit, *lead, D, device=dev, dtype=acc_t)
     delta = torch.empty(rows, 2, device=dev, dtype=acc_t)  # (delta, alpha scale) per row
     dc = dctx if has_dc else ctx
     dw = dweights if has_dw else weights
@@ -746,14 +766,14 @@ def attention_backward(query, keys, values, mask, ctx, weights, lse, dctx, dweig
     if delta_mode in (2, 3):
         dpart = torch.empty(rows, nsplit, 2, device=dev, dtype=acc_t)  # per chunk: (sum w g, sum w) | (sum a da, 0)
         _attn_bwd_delta_kernel[(rows, nsplit)](
-            query, weights, lse, v, dc, dw, dpart, T, L, Dv, per, *v.stride(), *dc.stride(), *dw.stride(),
+            query, weights, lse, v, dc, dw, dpart, T, L, Dv, per, *v.stride(), *_st3(dc), *_st3(dw),
             HAS_DCTX=has_dc, HAS_DW=has_dw, DELTA_MODE=delta_mode, ACC=_acc(dtype), BLOCK_L=bl, BLOCK_D=block_d,
             num_warps=num_warps, enable_fp_fusion=True,
         )
     _attn_bwd_row_kernel[(rows, nsplit)](
         query, keys, v, ctx, weights, lse, dc, dw, dq, dk, dv_ptr, delta, dpart,
         T, L, D, Dv, per, rows,
-        *query.stride(), *keys.stride(), *v.stride(), *dc.stride(), *dw.stride(),
+        *_st3(query), *keys.stride(), *v.stride(), *_st3(dc), *_st3(dw),
         WRITE_KV=write_kv, DELTA_MODE=delta_mode, BLOCK_L=bl, **common,
     )
     if nsplit > 1:
@@ -763,7 +783,7 @@ def attention_backward(query, keys, values, mask, ctx, weights, lse, dctx, dweig
         _attn_bwd_kv_kernel[(B, cdiv(L, bl_kv))](
             query, keys, v, weights, lse, delta, dc, dw, dk, dv_ptr,
             T, L, D, Dv,
-            *query.stride(), *keys.stride(), *v.stride(), *dc.stride(), *dw.stride(),
+            *_st3(query), *keys.stride(), *v.stride(), *_st3(dc), *_st3(dw),
             BLOCK_L=bl_kv, **common,
         )
     return dq, dk, dv

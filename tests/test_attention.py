@@ -264,6 +264,26 @@ def test_lengths_any_integer_dtype(ldtype, device):
     assert (w[1, :, 4:] == 0).all() and (w[0] == 0).all()
 
 
+@pytest.mark.parametrize("dtype,kw", [(torch.float32, {}), (torch.float32, dict(splits=3, block_l=4)),
+                                      (torch.float16, dict(tiled=True)), (torch.bfloat16, dict(splits=2, block_l=8))],
+                         ids=["one_pass", "split", "tiled_forced", "split_bf16"])
+def test_2d_query_is_the_t1_query(dtype, kw, device):
+    """A (B, D) query runs the launchers as it is (no views to (B, 1, D)): the same kernels, so
+    the same bits as the (B, 1, D) query, outputs and gradients, with strided inputs and
+    gradients (a (B, 2D) slice, a stride-0 dweights)."""
+    B, L, D, Dv = 3, 29, 12, 10
+    q = torch.randn(B, 2 * D, device=device).to(dtype)[:, ::2]  # (B, D), stride 2
+    k, v = _inputs(B, None, L, D, Dv, dtype, device)[1:]
+    mask = _mask("len", B, L, device)
+    gc = torch.randn(B, Dv, dtype=torch.float64, device=device)
+    gw = torch.randn(L, dtype=torch.float64, device=device).expand(B, L)
+    two = _run(attention_step, q, k, v, mask, gc, gw, backend="triton", **kw)
+    three = _run(attention_step, q[:, None], k, v, mask, gc[:, None], gw[:, None], backend="triton", **kw)
+    assert two[0].shape == (B, Dv) and two[1].shape == (B, L) and two[2][0].shape == (B, D)
+    for a, b in zip((two[0], two[1], *two[2]), (three[0][:, 0], three[1][:, 0], three[2][0][:, 0], *three[2][1:])):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("L,block_l,splits", [(45, 4, (2, 5, 12)), (1100, 64, (3, 7))], ids=["L45", "L1100"])
 def test_split_matches_one_pass(L, block_l, splits, device):
     """The flash-decoding combine gives the one-pass result (up to fp32 rounding), forced splits.
