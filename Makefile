@@ -20,7 +20,7 @@ PYTEST_ARGS ?=
 BASE_VENV   ?=
 PY          := $(VENV)/bin/python
 
-.PHONY: setup demo test aot bench clean
+.PHONY: setup demo test aot aot36 bench clean
 
 setup: $(VENV)/.installed
 
@@ -56,6 +56,12 @@ test: setup
 
 aot: setup
 	env -u TRITON_INTERPRET $(PY) -m fused_s2s.aot
+
+# make aot36   the same under triton 3.6.0 for both archs (CI's 3.6 pass compiles sm_90 only; in
+# session 8 this found a spill on sm_80 that CI had missed): a triton-only venv over .venv
+aot36: setup
+	$(MAKE) setup VENV=.venv-triton36 BASE_VENV=$(VENV) TRITON_SPEC=triton==3.6.0
+	env -u TRITON_INTERPRET .venv-triton36/bin/python -m fused_s2s.aot
 
 bench: setup
 	$(PY) -m fused_s2s bench
