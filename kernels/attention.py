@@ -263,7 +263,7 @@ def _attn_combine_kernel(CTX, CTXA, W, S, LSE, PM, PL, PACC, L, DV, BLOCKS_PER_S
     while sp < nsplit:
         l_i += tl.exp(tl.load(PM + row * nsplit + sp).to(ACC) - m_use) * tl.load(PL + row * nsplit + sp).to(ACC)
         sp += 1
-    m_use, inv_l = _final_stats(m_i, l_i)
+    inv_l = _final_stats(m_i, l_i)[1]
     if sp_own == 0:
         acc = tl.zeros([BLOCK_D], ACC)
         sp = row * 0
