@@ -14,7 +14,7 @@
 #   benchmarks/gpu_session.sh recheck a second, shorter call after fixes (~390 s): -m gpu and kernel tests,
 #                                     benchmarks/sweep_{attention,gumbel}.py (kernel configs, sweep.txt),
 #                                     a 22 s attention fuzz on CUDA, host_overhead.py --cuda,
-#                                     attention tf/large, train large teacher forcing, graphed bf16 notes
+#                                     attention long/tf/large, train large teacher forcing, graphed bf16 notes
 #   benchmarks/gpu_session.sh profile benchmarks/profile_step.py: kernels per training step, GPU-busy vs
 #                                     wall time (fused, fused_graphed; teacher forcing, ss_gumbel_hard)
 #   benchmarks/gpu_session.sh budget  everything that matters in ONE command of at most GPU_BUDGET=570 s,
@@ -358,7 +358,7 @@ recheck_phase() {  # a second, shorter call after fixes (about 390 s): tests, ke
         >>"$OUT/sweep.txt" 2>&1
     say "sweep + fuzz: $(grep -c '^\[sweep\]' "$OUT/sweep.txt") sweep lines; fuzz: $(grep -E 'cases, [0-9]+ failed' "$OUT/sweep.txt")"
     host_pass "$OUT/sweep.txt" "$(budget_t HOST 20)"
-    bench_pass attention "fused,fused_rows,eager" "$(budget_t ATTENTION 35)" --quick --sizes tf,large
+    bench_pass attention "fused,fused_rows,eager" "$(budget_t ATTENTION 45)" --quick --sizes long,tf,large
     bench_pass train fused "$(budget_t TRAIN 35)" --quick --sizes large --modes teacher_forcing
     bench_pass train fused_graphed "$(budget_t TRAIN_GRAPHED 35)" --quick --sizes notes \
         --modes teacher_forcing,ss_gumbel_hard --dtypes bfloat16
