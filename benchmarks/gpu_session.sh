@@ -11,7 +11,7 @@
 #                                     then torch.compile, each under its own time budget; rows go to
 #                                     $OUT/results.csv as they are measured; a compact table last
 #   benchmarks/gpu_session.sh all     setup + test + bench (for a machine with more time)
-#   benchmarks/gpu_session.sh recheck a second, shorter call after fixes (~390 s): -m gpu and kernel tests,
+#   benchmarks/gpu_session.sh recheck a second, shorter call after fixes (~420 s): -m gpu and kernel tests,
 #                                     benchmarks/sweep_{attention,gumbel}.py (kernel configs, sweep.txt),
 #                                     a 22 s attention fuzz on CUDA, host_overhead.py --cuda,
 #                                     attention long/tf/large, train large teacher forcing, graphed bf16 notes
@@ -339,7 +339,7 @@ budget_phase() {  # one command for a 15-minute device session (docs/gpu.md): wh
 }
 
 # ---------------------------------------------------------------------------------------- recheck
-recheck_phase() {  # a second, shorter call after fixes (about 390 s): tests, kernel sweeps, the changed rows
+recheck_phase() {  # a second, shorter call after fixes (about 420 s): tests, kernel sweeps, the changed rows
     local -a sel common xdist
     pytest_opts 120 load
     export FUSED_S2S_RESULTS_CSV="$OUT/results.csv"
