@@ -42,6 +42,22 @@ HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")  # where every benchmark runs
 
 
+def sweep_args(prog: str, doc: str, argv, *, seconds: float, sizes: str, dtypes: str):
+    """The kernel sweeps' (sweep_attention / sweep_gumbel) command line: --seconds, --sizes,
+    --dtypes with these defaults. None, after saying so, without CUDA (a sweep times kernels)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog=prog, description=doc.split("\n")[0])
+    p.add_argument("--seconds", type=float, default=seconds)
+    p.add_argument("--sizes", default=sizes)
+    p.add_argument("--dtypes", default=dtypes)
+    a = p.parse_args(argv)
+    if not HAS_CUDA:
+        print(f"{prog}: needs CUDA", file=sys.stderr)
+        return None
+    return a
+
+
 def compile_fresh(fn):
     """torch.compile(fn) with static shapes after torch._dynamo.reset(): each benchmark case gets its
     own compile. One compiled function shared by every size, dtype and pass would go dynamic-shape

@@ -12,13 +12,14 @@ counts. It stops starting configurations after --seconds (each new one compiles:
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import common  # noqa: E402
 import torch  # noqa: E402
 
 SIZES = {  # (B, T, L, D) as bench_attention
@@ -31,13 +32,8 @@ GRID = ((2, 4), (4, 4), (4, 8), (8, 4), (8, 8), (16, 8))  # (BLOCK_L, num_warps)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--seconds", type=float, default=90.0)
-    p.add_argument("--sizes", default="large,long")
-    p.add_argument("--dtypes", default="bfloat16,float32")
-    a = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("sweep_attention: needs CUDA", file=sys.stderr)
+    a = common.sweep_args("sweep_attention", __doc__, argv, seconds=90.0, sizes="large,long", dtypes="bfloat16,float32")
+    if a is None:
         return 0
     import triton.testing
 

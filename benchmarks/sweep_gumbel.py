@@ -12,13 +12,14 @@ explicit noise tensor (no RNG), and the same elements as R*k rows of V/k (split 
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import common  # noqa: E402
 import torch  # noqa: E402
 
 SIZES = {"large": (256, 128000), "mid": (256, 32000), "notes": (32, 10000)}  # (B, V) as bench_gumbel
@@ -26,13 +27,8 @@ GRID = ((1024, 4), (2048, 8), (4096, 8), (8192, 16), (8192, 32))  # (BLOCK_V, nu
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--seconds", type=float, default=60.0)
-    p.add_argument("--sizes", default="large,mid")
-    p.add_argument("--dtypes", default="float32,bfloat16")
-    a = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("sweep_gumbel: needs CUDA", file=sys.stderr)
+    a = common.sweep_args("sweep_gumbel", __doc__, argv, seconds=60.0, sizes="large,mid", dtypes="float32,bfloat16")
+    if a is None:
         return 0
     import triton.testing
 

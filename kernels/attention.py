@@ -622,10 +622,17 @@ def _tile_safe(x, *blocks):
     return x.contiguous() if span >= 2**31 else x
 
 
+def _query_dims(query):
+    """(lead, B, T, D) of a (B, T, D) or (B, D) query; lead, (B, T) or (B,), leads the outputs' shapes."""
+    lead = query.shape[:-1]
+    return lead, lead[0], (lead[1] if len(lead) == 2 else 1), query.shape[-1]
+
+
 def _st3(x):
     """Strides of x as (batch, query, feature): a 2-D (B, .) tensor is one query per batch row (T = 1;
     its query stride is never used). The launchers take (B, D) queries as they are: views to and from
-    (B, 1, D) would cost the host ~10 % of a decoder step's attention call (benchmarks/host_overhead.py)."""
+    (B, 1, D) cost ~20 % of the host time of a decoder step's attention fwd + bwd
+    (benchmarks/host_overhead.py: 105 -> 81 us stubbed, session 8)."""
     st = x.stride()
     return st if len(st) == 3 else (st[0], 0, st[1])
 
@@ -648,8 +655,7 @@ def attention_forward(query, keys, values, mask, *, splits=None, block_l=None, t
     heuristic, True / False force the tiled (T > 1, ``fused_s2s.kernels.attention_tiled``) or the
     per-row kernels.
     """
-    lead = query.shape[:-1]  # (B, T) or (B,): the outputs' leading dims
-    B, T, D = lead[0], (lead[1] if len(lead) == 2 else 1), query.shape[-1]
+    lead, B, T, D = _query_dims(query)
     L = keys.shape[1]
     shared = values is None
     v = keys if shared else values
@@ -711,8 +717,7 @@ def attention_backward(query, keys, values, mask, ctx, weights, lse, dctx, dweig
     preferably its ctx_acc and scores_acc (fp32; weights in fp32 with 16-bit inputs are read as raw
     scores and normalised in-kernel), else its ctx and weights (correct, less precise on peaked rows).
     """
-    lead = query.shape[:-1]  # (B, T) or (B,)
-    B, T, D = lead[0], (lead[1] if len(lead) == 2 else 1), query.shape[-1]
+    lead, B, T, D = _query_dims(query)
     L = keys.shape[1]
     shared = values is None
     v = keys if shared else values
