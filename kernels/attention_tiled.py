@@ -48,17 +48,11 @@ _MIN_T = 16  # the launcher's heuristic: tiles pay once a batch row has this man
 # core dots. Sized with the AOT tool for zero spills on sm_80 / sm_90 (shared memory <= 25 KB); it
 # spills beyond BLOCK_D 256, where the chunked kernels of attention_tiled_wide run (_WIDE_CONFIGS).
 _TILED_CONFIGS = {
-    "16": {
-        "fwd": {16: (16, 64, 4), 32: (16, 64, 4), 64: (16, 32, 4), 128: (16, 32, 4), 256: (16, 32, 8)},
-        "bwd": {16: (16, 16, 4), 32: (16, 16, 4), 64: (16, 32, 4), 128: (16, 16, 4), 256: (16, 16, 8)},
-    },
+    "fwd": {16: (16, 64, 4), 32: (16, 64, 4), 64: (16, 32, 4), 128: (16, 32, 4), 256: (16, 32, 8)},
+    "bwd": {16: (16, 16, 4), 32: (16, 16, 4), 64: (16, 32, 4), 128: (16, 16, 4), 256: (16, 16, 8)},
 }
 
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}  # the dtypes the tiled kernels take
-
-
-def _table(dtype: torch.dtype) -> dict:
-    return _TILED_CONFIGS["16"]
 
 
 def tiled_config(D: int, Dv: int, dtype: torch.dtype, kind: str) -> tuple[int, int, int, int] | None:
@@ -66,7 +60,7 @@ def tiled_config(D: int, Dv: int, dtype: torch.dtype, kind: str) -> tuple[int, i
     if dtype not in _TL:
         return None  # fp32 / fp64: per-row kernels (module docstring)
     block_d = max(16, next_power_of_2(max(D, Dv)))
-    cfg = _table(dtype)[kind].get(block_d)
+    cfg = _TILED_CONFIGS[kind].get(block_d)
     if cfg is None:
         return None
     bt, bl, nw = cfg
@@ -76,13 +70,7 @@ def tiled_config(D: int, Dv: int, dtype: torch.dtype, kind: str) -> tuple[int, i
 # Wide features (no _TILED_CONFIGS entry for BLOCK_D): the chunked kernels of attention_tiled_wide,
 # (BLOCK_T, BLOCK_L, BLOCK_K feature chunk of the score / g sums, BLOCK_O output features, num_warps);
 # their tiles do not depend on D, so one config per dtype and kernel covers every D.
-_WIDE_CONFIGS = {
-    "16": {"fwd": (16, 32, 64, 128, 8), "bwd": (16, 32, 64, 128, 8)},
-}
-
-
-def wide_config(dtype: torch.dtype, kind: str) -> tuple[int, int, int, int, int]:
-    return _WIDE_CONFIGS["16"][kind]
+_WIDE_CONFIGS = {"fwd": (16, 32, 64, 128, 8), "bwd": (16, 32, 64, 128, 8)}
 
 
 def use_tiled(T: int, D: int, Dv: int, dtype: torch.dtype, tiled: bool | None) -> bool:
@@ -400,7 +388,7 @@ def attention_forward_tiled(query, keys, values, mask, *, block_l=None, for_back
     if cfg is None:
         from fused_s2s.kernels import attention_tiled_wide as _wide
 
-        return _wide.attention_forward_wide(query, keys, values, mask, wide_config(dtype, "fwd"), block_l=block_l,
+        return _wide.attention_forward_wide(query, keys, values, mask, _WIDE_CONFIGS["fwd"], block_l=block_l,
                                             for_backward=for_backward)
     bt, bl, block_d, nw = cfg
     bl = _block_l(bl, block_l)
@@ -432,7 +420,7 @@ def attention_backward_tiled(query, keys, values, mask, ctx, weights, lse, dctx,
         from fused_s2s.kernels import attention_tiled_wide as _wide
 
         return _wide.attention_backward_wide(query, keys, values, mask, ctx, weights, lse, dctx, dweights,
-                                             wide_config(dtype, "bwd"), block_l=block_l)
+                                             _WIDE_CONFIGS["bwd"], block_l=block_l)
     bt, bl, block_d, nw = cfg
     bl = _block_l(bl, block_l)
     query, keys, v, mask, dc, dw, dq, dk, dv, delta = _tiled_bwd_setup(
@@ -469,8 +457,8 @@ def aot_configs():
     names = {torch.float16: "fp16", torch.bfloat16: "bf16"}
     i = 0
     for dtype, ty in names.items():
-        tdt, table = _TL[dtype], _table(dtype)
-        for block_d in table["fwd"]:
+        tdt = _TL[dtype]
+        for block_d in _TILED_CONFIGS["fwd"]:
             mask_ty, mode = masks[i % len(masks)]
             shared = i % 5 == 4
             i += 1
@@ -483,14 +471,14 @@ def aot_configs():
             flags = dict(MASK_MODE=mode, SHARED_KV=shared, DOT_T=tdt, RND_T=tdt, BLOCK_D=block_d)
             tag = f"{ty} BD={block_d} mask={mode} kv={int(shared)}"
 
-            bt, bl, nw = table["fwd"][block_d]
+            bt, bl, nw = _TILED_CONFIGS["fwd"][block_d]
             sig = dict(Q=p, K=p, V=p, MASK=mask_ty, CTX=p, CTXA=a, W=p, S=a, LSE=a, **sizes, **strides, MASK_MODE=cx,
                        SHARED_KV=cx, STORE_CTXA=cx, DOT_T=cx, RND_T=cx, BLOCK_T=cx, BLOCK_L=cx, BLOCK_D=cx)
             yield AOTConfig(_attn_fwd_tiled_kernel, sig,
                             dict(unit, BLOCK_T=bt, BLOCK_L=bl, STORE_CTXA=True, **flags), num_warps=nw,
                             label=f"fwd_tiled {tag} BT={bt} BL={bl}")
 
-            bt, bl, nw = table["bwd"][block_d]
+            bt, bl, nw = _TILED_CONFIGS["bwd"][block_d]
             c = dict(unit, s_cd=1, s_wl=1, HAS_DCTX=True, HAS_DW=True, BLOCK_T=bt, BLOCK_L=bl, **flags)
             bwd = dict(MASK_MODE=cx, SHARED_KV=cx, HAS_DCTX=cx, HAS_DW=cx, DOT_T=cx, RND_T=cx, BLOCK_T=cx,
                        BLOCK_L=cx, BLOCK_D=cx)

@@ -310,21 +310,21 @@ def aot_configs(wide_configs: dict):
     gstrides = dict(s_cb=i32, s_ct=i32, s_cd=cx, s_wb=i32, s_wt=i32, s_wl=cx)
     unit = dict(s_qd=1, s_kd=1, s_vd=1, s_ml=1)
     masks = [("*i1", 2), ("*i64", 1), ("*i64", 0)]
-    types = {torch.float16: ("fp16", tl.float16, "16"), torch.bfloat16: ("bf16", tl.bfloat16, "16")}
-    for i, (ty, tdt, cls) in enumerate(types.values()):
+    types = {torch.float16: ("fp16", tl.float16), torch.bfloat16: ("bf16", tl.bfloat16)}
+    for i, (ty, tdt) in enumerate(types.values()):
         mask_ty, mode = masks[i % len(masks)]
         p, a = f"*{ty}", "*fp32"
         flags = dict(MASK_MODE=mode, DOT_T=tdt, RND_T=tdt)
         blocks = dict(BLOCK_T=cx, BLOCK_L=cx, BLOCK_K=cx, BLOCK_O=cx)
 
-        bt, bl, bk, bo, nw = wide_configs[cls]["fwd"]
+        bt, bl, bk, bo, nw = wide_configs["fwd"]
         tag = f"{ty} mask={mode} BT={bt} BL={bl} BK={bk} BO={bo}"
         sig = dict(Q=p, K=p, V=p, MASK=mask_ty, CTX=p, CTXA=a, W=p, S=a, LSE=a, **sizes, **strides, MASK_MODE=cx,
                    STORE_CTXA=cx, DOT_T=cx, RND_T=cx, **blocks)
         c = dict(unit, BLOCK_T=bt, BLOCK_L=bl, BLOCK_K=bk, BLOCK_O=bo, STORE_CTXA=True, **flags)
         yield AOTConfig(_attn_fwd_wide_kernel, sig, c, num_warps=nw, label=f"fwd_wide {tag}")
 
-        bt, bl, bk, bo, nw = wide_configs[cls]["bwd"]
+        bt, bl, bk, bo, nw = wide_configs["bwd"]
         tag = f"{ty} mask={mode} BT={bt} BL={bl} BK={bk} BO={bo}"
         c = dict(unit, s_cd=1, s_wl=1, HAS_DCTX=True, HAS_DW=True, BLOCK_T=bt, BLOCK_L=bl, BLOCK_K=bk, BLOCK_O=bo,
                  **flags)
