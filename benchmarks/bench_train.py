@@ -13,7 +13,9 @@ at the notes' size only. ``--quick``: fewer repetitions, and the notes' size unl
 step (``fused_s2s.graphs.graph_decoder_loss``, experimental; the encoder, whose packed sequence
 needs the lengths on the host, and the optimiser stay eager): the per-step loop of scheduled
 sampling launches ~30 small kernels a step from Python, which at these sizes costs more host time
-than the GPU work, and a replay removes that cost.
+than the GPU work, and a replay removes that cost. Its scheduled-sampling rows capture with
+``scheduled=True`` and write the ratio and tau before every replay, as a run with schedules does
+(from session 9; the rows before it had them fixed at capture).
 
 "compile" compiles each case afresh (``common.compile_fresh``).
 """
@@ -64,13 +66,17 @@ def train_step_fn(impl: str, size, ratio: float, sampling: str, dtype=torch.floa
     if impl == "fused_graphed":
         from fused_s2s.graphs import graph_decoder_loss
 
+        # scheduled sampling as a run with schedules trains: ratio and tau written every step
+        # (scheduled=True); pure teacher forcing captures its fast path
+        scheduled = ratio < 1.0
+        per_call = dict(teacher_forcing_ratio=ratio, tau=1.0) if scheduled else {}
         with amp_ctx():
-            graphed = graph_decoder_loss(model, src, src_lengths, tgt, ratio, sampling, 1.0)
+            graphed = graph_decoder_loss(model, src, src_lengths, tgt, ratio, sampling, 1.0, scheduled=scheduled)
 
         def graphed_step():
             opt.zero_grad(set_to_none=True)
             with amp_ctx():
-                loss = graphed(src, src_lengths, tgt).loss
+                loss = graphed(src, src_lengths, tgt, **per_call).loss
             loss.backward()
             opt.step()
 

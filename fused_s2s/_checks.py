@@ -2,7 +2,8 @@
 
 All checks look at shapes, dtypes, devices and Python scalars only: nothing here reads tensor
 values except :func:`check_ids`, which callers use outside the per-step path (it syncs on CUDA,
-and is skipped while a CUDA graph is being captured, where values cannot be read).
+and is skipped while a CUDA graph is being captured, where values cannot be read), and the 0-d
+tensor forms of tau and the teacher-forcing ratio, checked on the device (:func:`_scalar_tensor`).
 Every error names the argument and says what was expected.
 """
 from __future__ import annotations
@@ -58,21 +59,44 @@ def check_ids(name: str, ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return ids
 
 
-def check_tau(tau) -> float:
+def _scalar_tensor(name: str, t: torch.Tensor, device, ok, expected: str) -> torch.Tensor:
+    """A 0-d float tensor on ``device`` (None: any) whose value must satisfy ``ok`` (a tensor
+    predicate): the capturable form of a scalar argument, read on the device by the ops.
+
+    Its value is checked without a host sync: on the CPU directly (ValueError); on a device by a
+    device-side assert (``torch._assert_async``: the error surfaces at the next synchronisation).
+    While a CUDA graph is being captured nothing is checked: the values a graph replays are
+    written by its owner, who checks them as Python floats (fused_s2s.graphs)."""
+    check_float(name, t, device=device)
+    if t.dim() != 0:
+        raise ValueError(f"{name} as a tensor must be 0-d (a scalar), got shape {tuple(t.shape)}")
+    if t.device.type == "cpu":
+        if not bool(ok(t.detach())):
+            raise ValueError(f"{name} must be {expected}, got {t.item()}")
+    elif not (t.is_cuda and torch.cuda.is_current_stream_capturing()):
+        torch._assert_async(ok(t.detach()), f"{name} must be {expected}")
+    return t
+
+
+def check_tau(tau, device=None):
+    """tau: a finite Python real > 0 (-> float), or a 0-d float tensor (see _scalar_tensor) on
+    ``device``, which the ops read on the device (CUDA-graph capturable: an annealed tau)."""
     if isinstance(tau, torch.Tensor):
-        raise TypeError("tau must be a Python float (a tensor tau would need a host sync to validate)")
+        return _scalar_tensor("tau", tau, device, lambda t: (t > 0) & t.isfinite(), "a finite number > 0")
     if isinstance(tau, bool) or not isinstance(tau, numbers.Real):
-        raise TypeError(f"tau must be a Python float > 0, got {type(tau).__name__}")
+        raise TypeError(f"tau must be a Python float > 0 or a 0-d float tensor, got {type(tau).__name__}")
     tau = float(tau)
     if not math.isfinite(tau) or tau <= 0:
         raise ValueError(f"tau must be a finite number > 0, got {tau}")
     return tau
 
 
-def check_ratio(name: str, value) -> float:
-    """A Python real in [0, 1] (a tensor would need a host sync to validate)."""
-    if isinstance(value, torch.Tensor) or isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a Python float in [0, 1], got {type(value).__name__}")
+def check_ratio(name: str, value, device=None):
+    """A Python real in [0, 1] (-> float), or a 0-d float tensor (see _scalar_tensor) on ``device``."""
+    if isinstance(value, torch.Tensor):
+        return _scalar_tensor(name, value, device, lambda t: (t >= 0) & (t <= 1), "in [0, 1]")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a Python float in [0, 1] or a 0-d float tensor, got {type(value).__name__}")
     value = float(value)
     if not (0.0 <= value <= 1.0):
         raise ValueError(f"{name} must be in [0, 1], got {value}")

@@ -130,6 +130,10 @@ def _train_flags(p: argparse.ArgumentParser, suppress: bool = False) -> None:
         help="cosine: lr decays to lr/20 at --steps (a pure function of the step: resumable)")
     add("--clip", type=_positive_float, default=1.0, help="gradient-norm clipping")
     add("--amp", choices=tuple(AMP), default="none", help="autocast dtype (fp16: CUDA only, with loss scaling)")
+    add("--cuda-graph", action="store_true", default=False,
+        help="replay the decoder pass and loss from CUDA graphs (fused_s2s.graphs, scheduled=True: the "
+             "schedules' ratio and tau are written each step): one capture per batch shape, lengths padded "
+             "to multiples of 8. CUDA, one process")
     add("--seed", type=int, default=0, help="data split, initial weights, batches, draws")
     add("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when available")
     add("--threads", type=_positive_int, help="CPU threads for torch (default: half the cores, at most 4)")
@@ -336,6 +340,33 @@ def _batch_indices(n: int, batch_size: int, seed: int, rank: int, step: int) -> 
     return torch.randint(n, (batch_size,), generator=g)
 
 
+_GRAPH_PAD = 8  # --cuda-graph: source and target lengths rounded up to a multiple of this
+
+
+def _graph_steps(args, device, world: int):
+    """--cuda-graph: refuse what a replayed pass cannot do, else an empty {shape: step} cache."""
+    if not getattr(args, "cuda_graph", False):
+        return None
+    if device.type != "cuda":
+        raise ValueError(f"--cuda-graph needs a CUDA device, got {device}")
+    if world > 1:
+        raise ValueError("--cuda-graph runs one process: the replay bypasses DistributedDataParallel's forward")
+    return {}
+
+
+def _graph_step(graphed: dict, model, batch, ratio: float, tau: float, args):
+    """The decoder pass and loss of ``batch`` replayed from the graph of its shape, captured at the
+    first batch of that shape (scheduled: the ratio and tau are this step's)."""
+    from fused_s2s import graphs
+
+    key = (tuple(batch.src.shape), tuple(batch.tgt.shape))
+    step = graphed.get(key)
+    if step is None:
+        step = graphed[key] = graphs.graph_decoder_loss(model, batch.src, batch.src_lengths, batch.tgt, ratio,
+                                                        args.sampling, tau, coin=args.coin, scheduled=True)
+    return step(batch.src, batch.src_lengths, batch.tgt, teacher_forcing_ratio=ratio, tau=tau)
+
+
 def train(args, explicit: set[str] | None = None) -> dict:
     explicit = set(vars(args)) if explicit is None else explicit
     rank, world, local = _dist_setup()
@@ -354,6 +385,7 @@ def train(args, explicit: set[str] | None = None) -> dict:
     device = _device(args.device, local)
     if args.amp == "fp16" and device.type != "cuda":  # fp16 autocast + loss scaling: CUDA only here
         raise ValueError("--amp fp16 needs a CUDA device (use --amp bf16 on CPU)")
+    graphed = _graph_steps(args, device, world)  # {(src shape, tgt shape): step} or None
     _set_threads(args.threads, device)
     data = data_lib.load_task(args.task, seed=args.seed, n_train=args.train_size, n_valid=args.valid_size,
                               train_file=args.train, valid_file=args.valid)
@@ -444,13 +476,18 @@ def train(args, explicit: set[str] | None = None) -> dict:
         while step < args.steps:
             idx = _batch_indices(len(data.train), args.batch_size, args.seed, rank, step).tolist()
             pairs = [data.train[i] for i in idx]
-            batch = data_lib.collate(pairs, vocab, device)
+            batch = data_lib.collate(pairs, vocab, device, pad_multiple=_GRAPH_PAD if graphed is not None else 1)
             ratio = float(sched["tf"](step))
             tau = float(sched["tau"](step))
-            ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+            # graphs: autocast without its weight cache, which a capture must not hold (fused_s2s.graphs)
+            ctx = (torch.autocast(device.type, dtype=amp_dtype, cache_enabled=graphed is None) if amp_dtype
+                   else contextlib.nullcontext())
             with ctx:
-                out = net(batch.src, batch.src_lengths, batch.tgt, teacher_forcing_ratio=ratio,
-                          sampling=args.sampling, tau=tau, coin=args.coin)
+                if graphed is None:
+                    out = net(batch.src, batch.src_lengths, batch.tgt, teacher_forcing_ratio=ratio,
+                              sampling=args.sampling, tau=tau, coin=args.coin)
+                else:
+                    out = _graph_step(graphed, model, batch, ratio, tau, args)
             opt.zero_grad(set_to_none=True)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, args)

@@ -294,13 +294,18 @@ class Batch(NamedTuple):
     tgt: torch.Tensor          # (B, T+1) long: BOS y_1 .. y_T EOS, right-padded with PAD
 
 
-def encode_sources(texts: Sequence[str], vocab: Vocab, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, L) padded ids and (B,) lengths. Empty sources are rejected (nothing to attend to)."""
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def encode_sources(texts: Sequence[str], vocab: Vocab, device=None, pad_multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) padded ids and (B,) lengths, L the longest source rounded up to ``pad_multiple``.
+    Empty sources are rejected (nothing to attend to)."""
     ids = [vocab.encode(t) for t in texts]
     for i, x in enumerate(ids):
         if not x:
             raise ValueError(f"source #{i} is empty; every source needs at least one character")
-    L = max(len(x) for x in ids)
+    L = _round_up(max(len(x) for x in ids), pad_multiple)
     src = torch.full((len(ids), L), PAD, dtype=torch.long)
     for i, x in enumerate(ids):
         src[i, : len(x)] = torch.tensor(x, dtype=torch.long)
@@ -308,12 +313,15 @@ def encode_sources(texts: Sequence[str], vocab: Vocab, device=None) -> tuple[tor
     return src.to(device), lengths.to(device)
 
 
-def collate(pairs: Sequence, vocab: Vocab, device=None) -> Batch:
+def collate(pairs: Sequence, vocab: Vocab, device=None, pad_multiple: int = 1) -> Batch:
+    """src (B, L), src_lengths (B,), tgt (B, T+1) = BOS .. EOS right-padded with PAD. ``pad_multiple``
+    rounds L and T+1 up to a multiple (fewer distinct shapes: one CUDA graph per shape); the extra
+    positions are masked (source) or PAD targets, which the loss leaves out."""
     if not pairs:
         raise ValueError("cannot make a batch of zero examples")
-    src, lengths = encode_sources([p[0] for p in pairs], vocab, device)
+    src, lengths = encode_sources([p[0] for p in pairs], vocab, device, pad_multiple)
     tgt_ids = [vocab.encode(p[1], bos=True, eos=True) for p in pairs]
-    T1 = max(len(x) for x in tgt_ids)
+    T1 = _round_up(max(len(x) for x in tgt_ids), pad_multiple)
     tgt = torch.full((len(pairs), T1), PAD, dtype=torch.long)
     for i, x in enumerate(tgt_ids):
         tgt[i, : len(x)] = torch.tensor(x, dtype=torch.long)

@@ -8,6 +8,19 @@
         out.loss.backward()
         opt.step()
 
+With a teacher-forcing schedule and an annealed tau (SPEC section 2), capture with ``scheduled=True``
+and pass each call's values; one capture serves the whole run:
+
+    step = graph_decoder_loss(model, src, src_lengths, tgt, ratio_schedule(0), "gumbel_hard",
+                              tau_schedule.tau, scheduled=True)
+    for i, (src, src_lengths, tgt) in enumerate(batches):
+        out = step(src, src_lengths, tgt, teacher_forcing_ratio=ratio_schedule(i), tau=tau_schedule.tau)
+
+``scheduled=True`` captures the step loop even at ratio 1.0 (a schedule that starts with pure
+teacher forcing), which then draws its coins and samples and uses the gold inputs: the loss of
+teacher forcing at the step loop's cost. Without it, a ratio of 1.0 (and no input feeding) captures
+the teacher-forcing fast path.
+
 Why: in scheduled sampling the decoder runs step by step, ~30 small kernels per step launched from
 Python (attention, cell, W_c, W_out, coin, Gumbel-softmax, lookup, and their backward), and at the
 benchmark sizes the host takes longer to issue them than the GPU to run them. Replaying the pass
@@ -22,9 +35,12 @@ memory and encoder state flow on into the encoder's eager backward.
 Rules (checked on each call before anything runs, except where noted):
 - CUDA only, model in training mode (as captured; eval mode raises), the same shapes / dtypes /
   device as the sample batch (bucket by length for several shapes: one graph per shape);
-- ``teacher_forcing_ratio``, ``sampling``, ``tau``, ``coin`` are fixed at capture; ``noise`` and
-  ``generator`` are not supported: coins and Gumbel seeds come from the default CUDA generator,
-  whose graph-safe Philox offsets advance on every replay (``torch.manual_seed`` reproduces a run);
+- ``sampling`` and ``coin`` are fixed at capture, and so are ``teacher_forcing_ratio`` and ``tau``
+  unless the pass is captured with ``scheduled=True``: then every call may pass its own (a
+  schedule's values, checked as Python floats and written into 0-d device tensors the replayed
+  kernels read; see below). ``noise`` and ``generator`` are not supported: coins and Gumbel seeds
+  come from the default CUDA generator, whose graph-safe Philox offsets advance on every replay
+  (``torch.manual_seed`` reproduces a run);
 - under ``torch.autocast`` the capture and every call need the same autocast state, with
   ``cache_enabled=False`` (the fused model casts its weights once per pass itself). The captured
   forward runs under that state and the captured backward outside autocast, as an eager step's
@@ -43,6 +59,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from fused_s2s._checks import check_ratio, check_tau
 from fused_s2s.reference import Seq2SeqOutput
 
 __all__ = ["graph_decoder_loss", "GraphedDecoderLoss"]
@@ -102,8 +119,8 @@ class GraphedDecoderLoss:
     make_graphed = staticmethod(lambda module, args: torch.cuda.make_graphed_callables(module, args,
                                                                                        allow_unused_input=True))
 
-    def __init__(self, model, src, src_lengths, tgt, mode):
-        self.model, self.mode = model, mode
+    def __init__(self, model, src, src_lengths, tgt, mode, scheduled: bool = False):
+        self.model, self.mode, self.scheduled = model, mode, bool(scheduled)
         self.sample = {name: _signature(t) for name, t in (("src", src), ("src_lengths", src_lengths), ("tgt", tgt))}
         self.device_type = next(model.parameters()).device.type  # "cuda" (the CPU tests: "cpu")
         self.autocast = _autocast_state(self.device_type)
@@ -113,8 +130,14 @@ class GraphedDecoderLoss:
         args = (tgt.long().clone(), memory.detach().requires_grad_(memory.requires_grad), lengths.clone(),
                 *(s.detach().requires_grad_(s.requires_grad) for s in rnn))
         self.static_inputs = args
+        captured = mode
+        if self.scheduled:  # ratio and tau as 0-d fp64 tensors on the device, which the replays read
+            ratio, sampling, tau, coin = mode
+            self.ratio = torch.tensor(ratio, dtype=torch.float64, device=memory.device)
+            self.tau = torch.tensor(tau, dtype=torch.float64, device=memory.device)
+            captured = (self.ratio, sampling, self.tau, coin)
         on, dtype = self.autocast
-        module = _DecoderLoss(model, mode, (self.device_type, dtype) if on else None)
+        module = _DecoderLoss(model, captured, (self.device_type, dtype) if on else None)
         # the warmup and the capture with autocast off: make_graphed_callables runs forward and
         # backward (autograd.grad) in the state it is called in, and the autograd engine carries the
         # caller's autocast into the backward pass. The module turns autocast on for the forward
@@ -122,7 +145,18 @@ class GraphedDecoderLoss:
         with torch.autocast(self.device_type, enabled=False):
             self.graphed = self.make_graphed(module, args)
 
-    def __call__(self, src: Tensor, src_lengths: Tensor, tgt: Tensor) -> Seq2SeqOutput:
+    def __call__(self, src: Tensor, src_lengths: Tensor, tgt: Tensor, teacher_forcing_ratio=None,
+                 tau=None) -> Seq2SeqOutput:
+        """The decoder pass and loss for this batch. teacher_forcing_ratio, tau: this call's values
+        (Python floats; None keeps the previous call's, at first the capture's); only with a
+        pass captured with ``scheduled=True``."""
+        if not self.scheduled and (teacher_forcing_ratio is not None or tau is not None):
+            raise ValueError("teacher_forcing_ratio and tau were fixed at capture; capture with "
+                             "graph_decoder_loss(..., scheduled=True) to pass them per call")
+        # checked before anything runs; written into the graph's tensors after the other checks
+        _no_tensors(teacher_forcing_ratio=teacher_forcing_ratio, tau=tau)
+        ratio = None if teacher_forcing_ratio is None else check_ratio("teacher_forcing_ratio", teacher_forcing_ratio)
+        tau = None if tau is None else check_tau(tau)
         for name, t in (("src", src), ("src_lengths", src_lengths), ("tgt", tgt)):
             if not isinstance(t, Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -139,22 +173,35 @@ class GraphedDecoderLoss:
                                f"{_autocast_state(self.device_type)}")
         # as Seq2Seq.forward (an out-of-range id would assert inside the graph)
         self.model._check_args(src, src_lengths, tgt, *self.mode)
+        for t, value in ((self.ratio, ratio), (self.tau, tau)) if self.scheduled else ():
+            if value is not None:
+                t.fill_(value)  # a fill kernel with the value as its argument: no host sync
         memory, lengths, rnn = _encode(self.model, src, src_lengths)
         loss = self.graphed(tgt.long(), memory, lengths, *rnn)
         return Seq2SeqOutput(loss, *self.graphed.outputs)  # the static buffers of logits, attention
 
 
+def _no_tensors(**values) -> None:
+    for name, v in values.items():
+        if isinstance(v, Tensor):
+            raise TypeError(f"{name} must be a Python float here (the step writes it into its own device "
+                            f"tensor), got a tensor")
+
+
 def graph_decoder_loss(model, src: Tensor, src_lengths: Tensor, tgt: Tensor, teacher_forcing_ratio=1.0,
-                       sampling="argmax", tau=1.0, *, coin="token") -> GraphedDecoderLoss:
+                       sampling="argmax", tau=1.0, *, coin="token", scheduled: bool = False) -> GraphedDecoderLoss:
     """Capture ``model``'s decoder pass and loss for batches shaped like (src, src_lengths, tgt).
 
     ``model`` is a ``fused_s2s.Seq2Seq`` (or the reference) on CUDA, in training mode; the arguments
-    after the batch are Seq2Seq.forward's and stay fixed. The capture runs the pass 3 times to warm
-    up (kernel compilation, cuDNN choices, the allocator) and once more under capture; it advances
-    the CUDA RNG. See the module docstring for the rules of the returned step.
+    after the batch are Seq2Seq.forward's (Python floats for the ratio and tau) and stay fixed,
+    except, with ``scheduled=True``, teacher_forcing_ratio and tau, which each call of the returned
+    step may change. The capture runs the pass 3 times to warm up (kernel compilation, cuDNN
+    choices, the allocator) and once more under capture; it advances the CUDA RNG. See the module
+    docstring for the rules of the returned step.
     """
     if not isinstance(model, nn.Module) or not hasattr(model, "decoder") or not hasattr(model, "_check_args"):
         raise TypeError(f"model must be a fused_s2s.Seq2Seq, got {type(model).__name__}")
+    _no_tensors(teacher_forcing_ratio=teacher_forcing_ratio, tau=tau)
     mode = model._check_args(src, src_lengths, tgt, teacher_forcing_ratio, sampling, tau, coin)  # as forward's
     device = next(model.parameters()).device
     if device.type != "cuda" or not torch.cuda.is_available():
@@ -164,4 +211,4 @@ def graph_decoder_loss(model, src: Tensor, src_lengths: Tensor, tgt: Tensor, tea
     if torch.is_autocast_enabled("cuda") and torch.is_autocast_cache_enabled():
         raise RuntimeError("under torch.autocast, capture with cache_enabled=False "
                            "(torch.autocast('cuda', dtype=..., cache_enabled=False)), and call the step likewise")
-    return GraphedDecoderLoss(model, src, src_lengths, tgt, mode)
+    return GraphedDecoderLoss(model, src, src_lengths, tgt, mode, scheduled)

@@ -22,15 +22,18 @@ from fused_s2s.reference import gumbel_argmax_eager, gumbel_softmax_eager
 
 
 class _GumbelSoftmaxFn(torch.autograd.Function):
-    """Triton forward/backward on x (R, V). noise (R, V) or None (then seed, a 0-d int64 tensor)."""
+    """Triton forward/backward on x (R, V). noise (R, V) or None (then seed, a 0-d int64 tensor);
+    tau a float, or a 0-d float64 tensor the kernels read on the device."""
 
     @staticmethod
-    def forward(ctx, x, noise, seed, tau: float, hard: bool):
+    def forward(ctx, x, noise, seed, tau, hard: bool):
         from fused_s2s.kernels import gumbel as K
 
-        y, idx, m, s = K.gumbel_fwd(x, 1.0 / tau, hard, noise, seed)
-        ctx.save_for_backward(x, noise, seed, m, s)  # (R, V), (R, V) | None, () | None, (R,), (R,)
-        ctx.tau = tau
+        inv_tau, tau_t = _tau_args(tau)
+        y, idx, m, s = K.gumbel_fwd(x, inv_tau, hard, noise, seed, tau=tau_t)
+        # tau_t saved as a tensor: changing it in place before the backward is an autograd error
+        ctx.save_for_backward(x, noise, seed, m, s, tau_t)  # (R, V), (R, V) | None, () | None, (R,), (R,), () | None
+        ctx.inv_tau = inv_tau
         ctx.mark_non_differentiable(idx)
         return y, idx
 
@@ -39,12 +42,19 @@ class _GumbelSoftmaxFn(torch.autograd.Function):
     def backward(ctx, dy, _didx):
         from fused_s2s.kernels import gumbel as K
 
-        x, noise, seed, m, s = ctx.saved_tensors
+        x, noise, seed, m, s, tau_t = ctx.saved_tensors
         if dy.stride(-1) != 1:
             dy = dy.contiguous()
         # straight-through: hard and soft share the soft y's gradient
-        dx = K.gumbel_bwd(dy, x, m, s, 1.0 / ctx.tau, noise, seed)
+        dx = K.gumbel_bwd(dy, x, m, s, ctx.inv_tau, noise, seed, tau=tau_t)
         return dx, None, None, None, None
+
+
+def _tau_args(tau):
+    """-> (1/tau as a float, None) for a float tau; (1.0 unused, tau as 0-d float64) for a tensor."""
+    if isinstance(tau, torch.Tensor):
+        return 1.0, tau.detach().to(torch.float64)  # the kernels read fp64 tau (a no-op for fp64)
+    return 1.0 / tau, None
 
 
 def _eager(x, noise, seed, tau: float, hard: bool):
@@ -68,7 +78,10 @@ def gumbel_softmax(logits: torch.Tensor, tau: float = 1.0, hard: bool = False, d
 
     Args:
         logits: (..., V, ...) float16 / bfloat16 / float32 / float64 unnormalised log-probabilities.
-        tau: temperature, a finite Python float > 0.
+        tau: temperature, a finite Python float > 0; or a 0-d float tensor on the logits' device,
+            read by the kernels on the device, so that a CUDA graph replays one capture with
+            an annealed tau. Its value is checked on the device without a host sync (on CUDA a
+            device-side assert; none while a graph is captured). tau carries no gradient.
         hard: one-hot of the sample forward, gradient of the soft sample backward (straight-through).
         dim: the category dimension.
         noise: explicit Gumbel noise of logits' shape, any float dtype, used in logits' dtype (as
@@ -80,7 +93,7 @@ def gumbel_softmax(logits: torch.Tensor, tau: float = 1.0, hard: bool = False, d
     Returns:
         y of logits' shape and dtype, or (y, index) when ``return_index``.
     """
-    tau = check_tau(tau)
+    tau = check_tau(tau, getattr(logits, "device", None))
     x, n, seed, impl, dim, last, flat = _prepare(logits, dim, noise, generator, backend)  # x (R, V)
     if impl == "triton":
         if torch.is_grad_enabled() and x.requires_grad:
@@ -88,7 +101,8 @@ def gumbel_softmax(logits: torch.Tensor, tau: float = 1.0, hard: bool = False, d
         else:  # no graph to record (generation, no_grad): skip the autograd.Function's host cost
             from fused_s2s.kernels import gumbel as K
 
-            y, idx, _, _ = K.gumbel_fwd(x, 1.0 / tau, bool(hard), n, seed)
+            inv_tau, tau_t = _tau_args(tau)
+            y, idx, _, _ = K.gumbel_fwd(x, inv_tau, bool(hard), n, seed, tau=tau_t)
     else:
         y, idx = _eager(x, n, seed, tau, bool(hard))
     if not flat:  # back to logits' layout (views; each costs microseconds, so only when needed)

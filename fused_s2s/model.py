@@ -322,7 +322,7 @@ class AttentionDecoder(reference.AttentionDecoder):
         """Same contract as ``reference.AttentionDecoder.forward``; teacher forcing takes the fast path."""
         args = self._check_forward_args(tgt_in, memory, memory_mask, state, teacher_forcing_ratio,
                                         sampling, tau, coin, noise, generator, check_ids)
-        if args.ratio == 1.0 and not self.input_feed and tgt_in.shape[1] > 0:
+        if args.teacher_forcing and not self.input_feed and tgt_in.shape[1] > 0:
             return self._teacher_forced(tgt_in, memory, args.mask, state)
         return self._loop(tgt_in, memory, state, args, coin, noise, generator)
 
@@ -339,7 +339,7 @@ class AttentionDecoder(reference.AttentionDecoder):
                 return t if dt is None or t is None else t.to(dt)
 
             W_emb, W_out, b_out = self.embedding.weight, self.W_out.weight, self.W_out.bias
-            if args.ratio < 1.0 and W_emb.requires_grad:
+            if not args.teacher_forcing and W_emb.requires_grad:
                 sink = _PassGrad(W_emb, self.padding_idx)
                 W = _PassParam.apply(W_emb, sink.take_weight)
                 self._pass_emb = (W, cast(W), sink)

@@ -423,6 +423,12 @@ class AttentionDecoder(nn.Module):
         perturbs logits_t (for "sample", "gumbel", "gumbel_hard"; ignored by the other modes).
         check_ids: read tgt_in's values to refuse ids outside [0, V) (one host sync per call);
         False for callers that checked them (Seq2Seq.forward) or must not sync (a CUDA-graph capture).
+
+        teacher_forcing_ratio and tau may also be 0-d float tensors on memory's device: the
+        capturable form (fused_s2s.graphs replays one captured pass with a scheduled ratio and
+        tau). They are read on the device only, so a tensor ratio always runs the step loop and
+        draws its coins, even when it holds 1.0; their values are checked on the device
+        (_checks._scalar_tensor).
         """
         args = self._check_forward_args(tgt_in, memory, memory_mask, state, teacher_forcing_ratio,
                                         sampling, tau, coin, noise, generator, check_ids)
@@ -432,12 +438,12 @@ class AttentionDecoder(nn.Module):
                             tau, coin, noise, generator, ids: bool = False) -> "ForwardArgs":
         """Validate forward's arguments (shapes, dtypes, devices, Python scalars: no host sync; and
         with ``ids``, tgt_in's values: one)."""
-        ratio = check_ratio("teacher_forcing_ratio", teacher_forcing_ratio)
         check_choice("sampling", sampling, SAMPLING_MODES)
         check_choice("coin", coin, COINS)
-        tau = check_tau(tau)
         check_int_tensor("tgt_in", tgt_in, ndim=2)
         self._check_memory(memory)
+        ratio = check_ratio("teacher_forcing_ratio", teacher_forcing_ratio, memory.device)
+        tau = check_tau(tau, memory.device)
         check_same_device(memory=memory, tgt_in=tgt_in)
         B, T = tgt_in.shape
         check_batch(tgt_in=tgt_in, memory=memory)
@@ -458,7 +464,8 @@ class AttentionDecoder(nn.Module):
         B, T = tgt_in.shape
         L, dev = memory.shape[1], memory.device
         tgt_in = tgt_in.long()  # nn.Embedding takes int64 ids; any integer dtype is accepted
-        teacher_forcing = args.ratio == 1.0  # pure teacher forcing: no random draws at all
+        # pure teacher forcing: no random draws at all (a tensor ratio, read on the device, always draws)
+        teacher_forcing = args.teacher_forcing
         if not teacher_forcing and coin == "sequence":
             u_seq = torch.rand(B, generator=generator, device=dev)  # (B,) one coin per sequence
         golds = self._gold_inputs(tgt_in)  # T x (B, D) embeddings of the gold inputs
@@ -525,11 +532,16 @@ class AttentionDecoder(nn.Module):
 class ForwardArgs(NamedTuple):
     """Validated arguments of AttentionDecoder.forward (shared with the fused subclass)."""
 
-    ratio: float  # teacher_forcing_ratio
+    ratio: float | Tensor  # teacher_forcing_ratio (a 0-d tensor: read on the device)
     sampling: str
-    tau: float
+    tau: float | Tensor  # (a 0-d tensor: read on the device)
     coin: str
     mask: Tensor | None  # (B, L) bool, True = attend
+
+    @property
+    def teacher_forcing(self) -> bool:
+        """Pure teacher forcing: a Python ratio of 1.0 (a tensor ratio is not read on the host)."""
+        return not isinstance(self.ratio, Tensor) and self.ratio == 1.0
 
 
 class Seq2SeqOutput(NamedTuple):

@@ -4,6 +4,7 @@ Forward (one launch; a program owns BLOCK_R rows, one row when V is large):
     g   = -log(-log(max(u, U_MIN))),  u = uniform(word col % 4 of philox(seed, (col // 4, row, 0)))
     t   = logits + g                                          (argmax taken on t: tau-free)
     z   = t / tau                                             (computed as t * inv_tau)
+    (tau: a launch argument, or with TAU_PTR read on the device from a 0-d tensor)
     y   = softmax(z) = exp(z - m) / s,   m = max z,  s = sum exp(z - m)    (online over V blocks)
     hard: y = one_hot(argmax t) (exact 0/1; a row whose m or s is not finite becomes NaN)
     index only (STORE_Y off, hard): argmax t and (m, s), y not written (Gumbel-max sampling)
@@ -113,13 +114,38 @@ def _t_tile(x_ptr, noise_ptr, seed, rows, start, mask, stride_x, stride_n,
     return t, g
 
 
+
+@triton.jit
+def _inv_tau(inv_tau, inv_tau_lo, tau_ptr, FP64: tl.constexpr, TAU_PTR: tl.constexpr):
+    """1/tau in the kernel's compute dtype. From the arguments: fp32(1/tau), or in fp64 hi + lo
+    (a float argument is passed as fp32; split_inv_tau). TAU_PTR: from tau itself, read on the device
+    from a 0-d fp64 tensor (CUDA-graph capturable: the value may change between replays) and
+    inverted in fp64, then rounded to fp32 as the host rounds 1/tau (the same bits for the same tau);
+    fp64 kernels refine fp32's 1/tau in fp64 instead (tau >= ~1e-38, fp32's range)."""
+    if TAU_PTR:
+        tau = tl.load(tau_ptr)  # fp64
+        if FP64:
+            # two Newton steps from fp32's 1/tau (~24 -> ~48 -> ~53 bits): the fp64 division is a
+            # subroutine call whose registers spilled 8 bytes in the fp64 backward (AOT, sm_90)
+            inv = (1.0 / tau.to(tl.float32)).to(tl.float64)
+            inv = inv + inv * (1.0 - tau * inv)
+            inv = inv + inv * (1.0 - tau * inv)
+        else:
+            inv = (1.0 / tau).to(tl.float32)  # fp64 division, correctly rounded, then rounded as the host's
+    elif FP64:
+        inv = tl.cast(inv_tau, tl.float64) + tl.cast(inv_tau_lo, tl.float64)
+    else:
+        inv = inv_tau
+    return inv
+
+
 @triton.jit
 def _gumbel_fwd_kernel(
-    x_ptr, noise_ptr, seed_ptr, y_ptr, idx_ptr, m_ptr, s_ptr, g_ptr, mb_ptr,
+    x_ptr, noise_ptr, seed_ptr, tau_ptr, y_ptr, idx_ptr, m_ptr, s_ptr, g_ptr, mb_ptr,
     stride_x, stride_n, stride_y, R, V, NBLK, inv_tau, inv_tau_lo,
     BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, SINGLE: tl.constexpr, HARD: tl.constexpr,
     HAS_NOISE: tl.constexpr, FP64: tl.constexpr, WRITE_NOISE: tl.constexpr, FAST_LOG: tl.constexpr,
-    STORE_Y: tl.constexpr,
+    STORE_Y: tl.constexpr, TAU_PTR: tl.constexpr,
 ):
     """BLOCK_R rows: online (m, s) over z = (x + g) / tau, argmax of t = x + g, then y (unless not
     STORE_Y: hard only, the sampled index alone, a pass over the logits with no (R, V) write).
@@ -135,8 +161,7 @@ def _gumbel_fwd_kernel(
     """
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,) int64
     rmask = rows < R
-    if FP64:  # a float argument is passed as fp32: 1/tau to ~48 bits as fp32 hi + lo (split_inv_tau)
-        inv_tau = tl.cast(inv_tau, tl.float64) + tl.cast(inv_tau_lo, tl.float64)
+    inv_tau = _inv_tau(inv_tau, inv_tau_lo, tau_ptr, FP64, TAU_PTR)
     seed = 0
     if not HAS_NOISE:
         seed = tl.load(seed_ptr)
@@ -245,10 +270,10 @@ def _gumbel_fwd_kernel(
 
 @triton.jit
 def _gumbel_bwd_kernel(
-    x_ptr, noise_ptr, seed_ptr, m_ptr, s_ptr, dy_ptr, dx_ptr,
+    x_ptr, noise_ptr, seed_ptr, tau_ptr, m_ptr, s_ptr, dy_ptr, dx_ptr,
     stride_x, stride_n, stride_dy, stride_dx, R, V, inv_tau, inv_tau_lo,
     BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, SINGLE: tl.constexpr, HAS_NOISE: tl.constexpr,
-    FP64: tl.constexpr, FAST_LOG: tl.constexpr,
+    FP64: tl.constexpr, FAST_LOG: tl.constexpr, TAU_PTR: tl.constexpr,
 ):
     """dx = y * (dy - sum(dy * y)) * inv_tau, y rebuilt from logits, the same noise and (m, s).
 
@@ -259,8 +284,7 @@ def _gumbel_bwd_kernel(
     """
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,) int64
     rmask = rows < R
-    if FP64:  # a float argument is passed as fp32: 1/tau to ~48 bits as fp32 hi + lo (split_inv_tau)
-        inv_tau = tl.cast(inv_tau, tl.float64) + tl.cast(inv_tau_lo, tl.float64)
+    inv_tau = _inv_tau(inv_tau, inv_tau_lo, tau_ptr, FP64, TAU_PTR)
     seed = 0
     if not HAS_NOISE:
         seed = tl.load(seed_ptr)
@@ -373,13 +397,19 @@ def split_inv_tau(inv_tau: float) -> tuple[float, float]:
     return hi, struct.unpack("f", struct.pack("f", inv_tau - hi))[0]
 
 
+def _inv_tau_args(inv_tau: float, tau) -> tuple[float, float]:
+    # with a tau tensor the kernel reads tau itself; the float arguments are placeholders
+    return (1.0, 0.0) if tau is not None else split_inv_tau(inv_tau)
+
+
 def _stats_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def gumbel_fwd(x, inv_tau: float, hard: bool, noise=None, seed=None, *, block_r=None, block_v=None,
+def gumbel_fwd(x, inv_tau: float, hard: bool, noise=None, seed=None, *, tau=None, block_r=None, block_v=None,
                num_warps=None, write_noise: bool = False, store_y: bool = True):
     """x (R, V) with unit column stride; noise (R, V) in x.dtype or None (then seed, a 0-d int64 tensor).
+    tau: None, or a 0-d float64 tensor on x's device holding tau, read by the kernel (inv_tau unused).
 
     Returns y (R, V) in x.dtype (None when not store_y: index only, hard only), idx (R,) int64,
     m (R,), s (R,) [, g (R, V) fp32 if write_noise].
@@ -400,30 +430,33 @@ def gumbel_fwd(x, inv_tau: float, hard: bool, noise=None, seed=None, *, block_r=
     mb = torch.empty((R, nblk), dtype=m.dtype, device=x.device) if not (single or hard or has_noise) else m
     if R:
         _gumbel_fwd_kernel[(cdiv(R, BR),)](
-            x, noise if has_noise else x, idx if has_noise else seed, x if y is None else y, idx, m, s, g, mb,
+            x, noise if has_noise else x, idx if has_noise else seed, m if tau is None else tau,
+            x if y is None else y, idx, m, s, g, mb,
             x.stride(0), noise.stride(0) if has_noise else 0, 0 if y is None else y.stride(0), R, V, nblk,
-            *split_inv_tau(inv_tau), BLOCK_R=BR, BLOCK_V=BV, SINGLE=single, HARD=bool(hard), HAS_NOISE=has_noise,
+            *_inv_tau_args(inv_tau, tau), BLOCK_R=BR, BLOCK_V=BV, SINGLE=single, HARD=bool(hard), HAS_NOISE=has_noise,
             FP64=x.dtype == torch.float64, WRITE_NOISE=bool(write_noise), FAST_LOG=_fast_log(x),
-            STORE_Y=y is not None, num_warps=nw, enable_fp_fusion=True,
+            STORE_Y=y is not None, TAU_PTR=tau is not None, num_warps=nw, enable_fp_fusion=True,
         )
     if write_noise:
         return y, idx, m, s, g
     return y, idx, m, s
 
 
-def gumbel_bwd(dy, x, m, s, inv_tau: float, noise=None, seed=None, *, block_r=None, block_v=None,
+def gumbel_bwd(dy, x, m, s, inv_tau: float, noise=None, seed=None, *, tau=None, block_r=None, block_v=None,
                num_warps=None):
-    """dlogits (R, V) in x.dtype from dy (R, V) (unit column stride), the forward's (m, s) and noise source."""
+    """dlogits (R, V) in x.dtype from dy (R, V) (unit column stride), the forward's (m, s) and noise source;
+    tau as gumbel_fwd's."""
     R, V = x.shape
     BR, BV, nw, single = pick_config(V, x.dtype, block_r=block_r, block_v=block_v, num_warps=num_warps)
     dx = torch.empty((R, V), dtype=x.dtype, device=x.device)
     has_noise = noise is not None
     if R:
         _gumbel_bwd_kernel[(cdiv(R, BR),)](
-            x, noise if has_noise else x, _placeholder_seed(x.device) if has_noise else seed, m, s, dy, dx,
-            x.stride(0), noise.stride(0) if has_noise else 0, dy.stride(0), dx.stride(0), R, V, *split_inv_tau(inv_tau),
-            BLOCK_R=BR, BLOCK_V=BV, SINGLE=single, HAS_NOISE=has_noise, FP64=x.dtype == torch.float64,
-            FAST_LOG=_fast_log(x), num_warps=nw,
+            x, noise if has_noise else x, _placeholder_seed(x.device) if has_noise else seed, m if tau is None else tau,
+            m, s, dy, dx,
+            x.stride(0), noise.stride(0) if has_noise else 0, dy.stride(0), dx.stride(0), R, V,
+            *_inv_tau_args(inv_tau, tau), BLOCK_R=BR, BLOCK_V=BV, SINGLE=single, HAS_NOISE=has_noise,
+            FP64=x.dtype == torch.float64, FAST_LOG=_fast_log(x), TAU_PTR=tau is not None, num_warps=nw,
             enable_fp_fusion=True,
         )
     return dx
@@ -450,27 +483,40 @@ def _aot_configs():
         dt, st = _tt(dtype), _tt(_stats_dtype(dtype))
         for has_noise in (False, True):  # explicit noise comes in logits' dtype (fused_s2s.gumbel casts it)
             for br, bv, nw, single in _block_configs(dtype):
-                common = {"BLOCK_R": br, "BLOCK_V": bv, "SINGLE": single, "HAS_NOISE": has_noise,
-                          "FP64": dtype == torch.float64, "FAST_LOG": True}  # what a CUDA launch picks
-                label = f"{dt} noise={'given' if has_noise else 'philox'} {br}x{bv}{'' if single else ' loop'}"
-                for hard, store_y in ((False, True), (True, True), (True, False)):
-                    sig = {"x_ptr": f"*{dt}", "noise_ptr": f"*{dt}", "seed_ptr": "*i64", "y_ptr": f"*{dt}",
-                           "idx_ptr": "*i64", "m_ptr": f"*{st}", "s_ptr": f"*{st}", "g_ptr": f"*{dt}",
-                           "mb_ptr": f"*{st}", "stride_x": "i32", "stride_n": "i32", "stride_y": "i32",
-                           "R": "i32", "V": "i32", "NBLK": "i32",
-                           "inv_tau": "fp32", "inv_tau_lo": "fp32", "BLOCK_R": "constexpr", "BLOCK_V": "constexpr", "SINGLE": "constexpr",
-                           "HARD": "constexpr", "HAS_NOISE": "constexpr", "FP64": "constexpr",
-                           "WRITE_NOISE": "constexpr", "FAST_LOG": "constexpr", "STORE_Y": "constexpr"}
-                    kind = " index" if not store_y else " hard" if hard else ""
-                    yield aot.AOTConfig(_gumbel_fwd_kernel, sig,
-                                        dict(common, HARD=hard, WRITE_NOISE=False, STORE_Y=store_y),
-                                        num_warps=nw, label=f"fwd {label}{kind}")
-                sig = {"x_ptr": f"*{dt}", "noise_ptr": f"*{dt}", "seed_ptr": "*i64", "m_ptr": f"*{st}",
-                       "s_ptr": f"*{st}", "dy_ptr": f"*{dt}", "dx_ptr": f"*{dt}", "stride_x": "i32",
-                       "stride_n": "i32", "stride_dy": "i32", "stride_dx": "i32", "R": "i32", "V": "i32",
-                       "inv_tau": "fp32", "inv_tau_lo": "fp32", "BLOCK_R": "constexpr", "BLOCK_V": "constexpr", "SINGLE": "constexpr",
-                       "HAS_NOISE": "constexpr", "FP64": "constexpr", "FAST_LOG": "constexpr"}
-                yield aot.AOTConfig(_gumbel_bwd_kernel, sig, common, num_warps=nw, label=f"bwd {label}")
+                # TAU_PTR (tau read from a tensor: the decoder pass replayed from a CUDA graph) with
+                # the in-kernel noise, which is what that pass draws; its tau_ptr is fp64
+                tau_ptr = (False, True) if not has_noise else (False,)
+                for tp in tau_ptr:
+                    yield from _aot_one(dtype, dt, st, has_noise, br, bv, nw, single, tp)
+
+
+def _aot_one(dtype, dt, st, has_noise, br, bv, nw, single, tau_ptr):
+    common = {"BLOCK_R": br, "BLOCK_V": bv, "SINGLE": single, "HAS_NOISE": has_noise,
+              "FP64": dtype == torch.float64, "FAST_LOG": True,  # what a CUDA launch picks
+              "TAU_PTR": tau_ptr}
+    tp = "fp64" if tau_ptr else st
+    label = (f"{dt} noise={'given' if has_noise else 'philox'} {br}x{bv}{'' if single else ' loop'}"
+             f"{' tau_ptr' if tau_ptr else ''}")
+    # the index alone (gumbel_sample) is tau-free: no TAU_PTR variant
+    for hard, store_y in ((False, True), (True, True)) + (() if tau_ptr else ((True, False),)):
+        sig = {"x_ptr": f"*{dt}", "noise_ptr": f"*{dt}", "seed_ptr": "*i64", "tau_ptr": f"*{tp}", "y_ptr": f"*{dt}",
+               "idx_ptr": "*i64", "m_ptr": f"*{st}", "s_ptr": f"*{st}", "g_ptr": f"*{dt}",
+               "mb_ptr": f"*{st}", "stride_x": "i32", "stride_n": "i32", "stride_y": "i32",
+               "R": "i32", "V": "i32", "NBLK": "i32",
+               "inv_tau": "fp32", "inv_tau_lo": "fp32", "BLOCK_R": "constexpr", "BLOCK_V": "constexpr", "SINGLE": "constexpr",
+               "HARD": "constexpr", "HAS_NOISE": "constexpr", "FP64": "constexpr",
+               "WRITE_NOISE": "constexpr", "FAST_LOG": "constexpr", "STORE_Y": "constexpr",
+               "TAU_PTR": "constexpr"}
+        kind = " index" if not store_y else " hard" if hard else ""
+        yield aot.AOTConfig(_gumbel_fwd_kernel, sig,
+                            dict(common, HARD=hard, WRITE_NOISE=False, STORE_Y=store_y),
+                            num_warps=nw, label=f"fwd {label}{kind}")
+    sig = {"x_ptr": f"*{dt}", "noise_ptr": f"*{dt}", "seed_ptr": "*i64", "tau_ptr": f"*{tp}", "m_ptr": f"*{st}",
+           "s_ptr": f"*{st}", "dy_ptr": f"*{dt}", "dx_ptr": f"*{dt}", "stride_x": "i32",
+           "stride_n": "i32", "stride_dy": "i32", "stride_dx": "i32", "R": "i32", "V": "i32",
+           "inv_tau": "fp32", "inv_tau_lo": "fp32", "BLOCK_R": "constexpr", "BLOCK_V": "constexpr", "SINGLE": "constexpr",
+           "HAS_NOISE": "constexpr", "FP64": "constexpr", "FAST_LOG": "constexpr", "TAU_PTR": "constexpr"}
+    yield aot.AOTConfig(_gumbel_bwd_kernel, sig, common, num_warps=nw, label=f"bwd {label}")
 
 
 aot.register("gumbel", _aot_configs)

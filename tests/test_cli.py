@@ -408,3 +408,46 @@ def test_option_the_strategy_ignores_is_an_option_error(argv, named, trained, ca
     strategy = argv[argv.index("--strategy") + 1] if "--strategy" in argv else "greedy"
     assert rc == 2 and out == "" and len(err.splitlines()) == 1
     assert err.startswith(f"error: --strategy {strategy} does not use ") and all(n in err for n in named)
+
+
+def test_cuda_graph_needs_cuda(tmp_path, capsys):
+    out = tmp_path / "g"
+    rc, _, err = _run(["train", *TINY, "--steps", "2", "--cuda-graph", "--device", "cpu", "--out", str(out)], capsys)
+    assert rc == 2 and err.strip() == "error: --cuda-graph needs a CUDA device, got cpu"
+    assert not out.exists()
+
+
+def test_cuda_graph_training_loop_on_cpu(tmp_path, capsys, monkeypatch):
+    """--cuda-graph's wiring, with the 'capture' an identity (the pass runs eagerly, as in
+    tests/test_graphs.py): batches padded to multiples of 8, one scheduled capture per shape, each
+    step's schedule values passed to the replay, the loss trained on."""
+    from fused_s2s import graphs
+
+    monkeypatch.setattr(cli, "_graph_steps", lambda args, device, world: {} if args.cuda_graph else None)
+    monkeypatch.setattr(graphs.GraphedDecoderLoss, "make_graphed", staticmethod(lambda module, args: module))
+    captures, calls = [], []
+
+    def capture(model, src, src_lengths, tgt, ratio, sampling, tau, *, coin, scheduled):
+        captures.append((tuple(src.shape), tuple(tgt.shape), scheduled))
+        mode = model._check_args(src, src_lengths, tgt, ratio, sampling, tau, coin)
+        step = graphs.GraphedDecoderLoss(model, src, src_lengths, tgt, mode, scheduled)
+
+        def call(*batch, teacher_forcing_ratio, tau):
+            calls.append((teacher_forcing_ratio, tau))
+            return step(*batch, teacher_forcing_ratio=teacher_forcing_ratio, tau=tau)
+        return call
+
+    monkeypatch.setattr(graphs, "graph_decoder_loss", capture)
+    out = tmp_path / "g"
+    rc, _, err = _run(["train", *TINY, "--steps", "6", "--eval-every", "0", "--log-every", "2", "--cuda-graph",
+                       "--tf-schedule", "linear", "--tf-c", "0.1", "--sampling", "gumbel_hard", "--tau0", "2",
+                       "--tau-rate", "0.5", "--tau-every", "1", "--out", str(out)], capsys)
+    assert rc == 0, err
+    assert all(s[1] % 8 == 0 and t[1] % 8 == 0 and sched for s, t, sched in captures)
+    assert 1 <= len(captures) == len(set(captures)) <= 6  # one capture per shape
+    assert [r for r, _ in calls] == pytest.approx([1.0, 0.9, 0.8, 0.7, 0.6, 0.5])
+    taus = [t for _, t in calls]
+    assert taus == sorted(taus, reverse=True) and taus[0] == 2.0 and taus[-1] < taus[0]
+    recs = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in recs if "loss" in r] == [2, 4, 6]
+    assert all(r["loss"] > 0 for r in recs if "loss" in r)

@@ -95,6 +95,38 @@ def test_wrapper_logic_without_cuda(monkeypatch):
         step(*batch)
 
 
+def test_scheduled_wrapper_takes_each_calls_ratio_and_tau(monkeypatch):
+    """scheduled=True: the 'captured' pass reads the ratio and tau from the step's own 0-d tensors,
+    so each call's values (a schedule's) give forward's loss at those values; the capture's values
+    until a call passes others, which then stay. Without scheduled=True they are refused per call,
+    and the values are checked as Python floats before anything runs."""
+    monkeypatch.setattr(graphs.GraphedDecoderLoss, "make_graphed", staticmethod(lambda module, args: module))
+    model = _model("cpu")
+    batch = _batch("cpu")
+    step = graphs.GraphedDecoderLoss(model, *batch, (1.0, "gumbel", 0.7, "token"), scheduled=True)
+    calls = [(None, None, 1.0, 0.7), (0.5, 2.0, 0.5, 2.0), (None, 0.3, 0.5, 0.3), (0.0, None, 0.0, 0.3)]
+    losses = []
+    for ratio, tau, want_ratio, want_tau in calls:
+        torch.manual_seed(3)
+        out = step(*batch, teacher_forcing_ratio=ratio, tau=tau)
+        torch.manual_seed(3)
+        want = model(*batch, teacher_forcing_ratio=want_ratio, sampling="gumbel", tau=want_tau)
+        if want_ratio == 1.0:  # forward's float 1.0 takes the teacher-forcing fast path: another sum order
+            torch.testing.assert_close(out.loss, want.loss, rtol=1e-6, atol=1e-6)
+        else:
+            torch.testing.assert_close(out.loss, want.loss, rtol=0, atol=0)
+        losses.append(out.loss.item())
+    assert len(set(losses)) == len(losses)  # each call's values mattered
+    for bad, match in ((dict(tau=0.0), "tau"), (dict(teacher_forcing_ratio=1.5), "teacher_forcing_ratio"),
+                       (dict(tau=torch.tensor(0.5)), "tau")):
+        with pytest.raises((ValueError, TypeError), match=match):
+            step(*batch, **bad)
+    assert step.tau.item() == 0.3 and step.ratio.item() == 0.0  # a refused call wrote nothing
+    fixed = graphs.GraphedDecoderLoss(model, *batch, (0.5, "gumbel", 0.7, "token"))
+    with pytest.raises(ValueError, match="scheduled=True"):
+        fixed(*batch, tau=0.5)
+
+
 @pytest.mark.parametrize("sampling", ["gumbel", "gumbel_hard"])
 def test_capture_under_autocast_runs_the_backward_as_an_eager_step(monkeypatch, sampling):
     """Under bf16 autocast, scheduled sampling, T > _PassGrad.FLUSH steps: the 'capture' (here what
@@ -179,6 +211,18 @@ def test_replayed_step_matches_eager_and_redraws_noise():
         seen.append(model.decoder.embedding.weight.grad.clone())
     assert all(torch.isfinite(g).all() for g in seen)
     assert not (torch.equal(seen[0], seen[1]) and torch.equal(seen[1], seen[2])), "replays drew the same samples"
+    # scheduled=True: one capture, each replay at its own ratio and tau (read on the device). A tau
+    # far above the logits' spread makes the soft samples uniform whatever the noise, and ratio 1.0
+    # makes every input gold: both replays then match an eager step at the same values
+    sched, eager = _model("cuda"), _model("cuda")
+    step_s = graphs.graph_decoder_loss(sched, *batch, 0.5, "gumbel", 0.7, scheduled=True)
+    for ratio, tau in ((1.0, 0.7), (0.0, 1e6), (0.5, 0.7)):
+        out = step_s(*batch, teacher_forcing_ratio=ratio, tau=tau)
+        if ratio == 0.5:
+            assert torch.isfinite(out.loss)
+            continue
+        want = eager(*batch, teacher_forcing_ratio=ratio, sampling="gumbel", tau=tau)
+        torch.testing.assert_close(out.loss, want.loss, rtol=1e-5, atol=1e-5, msg=lambda m: f"{ratio, tau}: {m}")
     # other batches of the same shape: copied into the graph's own inputs, never into the sample's
     sample = [t.clone() for t in batch]
     src, lengths, tgt = batch

@@ -570,11 +570,20 @@ def test_bad_tau(device, no_kernels, tau):
         _gs(torch.randn(2, 5, device=device), tau)
 
 
+@pytest.mark.parametrize("tau", [0.0, -1.0, float("nan"), float("inf")])
+def test_bad_tau_tensor_on_cpu(no_kernels, tau):
+    # a CPU tensor's value is read directly (no device to sync with): the same ValueError as a float
+    with pytest.raises(ValueError, match="tau must be a finite number > 0"):
+        _gs(torch.randn(2, 5), torch.tensor(tau))
+
+
 @pytest.mark.parametrize("kwargs,exc,match", [
     (dict(logits=torch.ones(2, 5, dtype=torch.int64)), TypeError, "logits"),
     (dict(logits=torch.tensor(1.0)), ValueError, "logits"),
     (dict(logits=torch.randn(2, 0)), ValueError, "category"),
-    (dict(tau=torch.tensor(1.0)), TypeError, "tau"),
+    (dict(tau=torch.tensor([1.0])), ValueError, "tau as a tensor must be 0-d"),
+    (dict(tau=torch.tensor(1)), TypeError, "tau"),
+    (dict(tau=torch.tensor(1.0, device="meta")), ValueError, "tau"),
     (dict(dim=2), ValueError, "dim"),
     (dict(dim=-3), ValueError, "dim"),
     (dict(dim=1.0), TypeError, "dim"),
@@ -674,3 +683,99 @@ def test_fp64_kernels_meet_fp64_eager(device):
         want = fused_s2s.reference.gumbel_softmax_eager(logits, 0.3, hard, noise)
         # 1/tau to ~48 bits: |z| * 2**-48 ~ 1e-13 here (|z| <= ~20); fp32(1/tau) alone gives ~1e-8
         torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-15)
+
+
+# ------------------------------------------------------------------------------------------------
+# tau as a 0-d tensor, read by the kernels on the device (a CUDA graph replays it with new values)
+
+
+@pytest.mark.parametrize("tau_dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hard", [False, True])
+@pytest.mark.parametrize("shape,tau", [((4, 37), 0.7), ((2, 3, 300), 2.0), ((2, 17000), 0.5)])
+def test_tau_tensor_gives_the_float_tau_bits(device, shape, tau, hard, dtype, tau_dtype):
+    """The kernels invert the fp64 tau on the device and round to fp32 as the host rounds 1/tau: the
+    same bits forward and backward as the float tau, for the same seed. An fp32 tensor holds
+    fp32(tau), so its bits match only where tau is exact in fp32 (0.5, 2.0)."""
+    if tau_dtype == torch.float32 and tau == 0.7:
+        pytest.skip("fp32(0.7) is another temperature")
+    logits = (torch.randn(shape, device=device) * 3).to(dtype)
+    dy = torch.randn(shape, device=device).to(dtype)
+    outs = []
+    for t in (tau, torch.tensor(tau, dtype=tau_dtype, device=device)):
+        x = logits.clone().requires_grad_()
+        torch.manual_seed(11)
+        y, idx = _gs(x, t, hard, return_index=True)
+        y.backward(dy)
+        outs.append((y.detach(), idx, x.grad))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("block_v", [None, 64])
+def test_tau_tensor_launcher_loop_path_and_fp64(device, block_v):
+    """The launchers' tau tensor on the loop path (forced small blocks), and in fp64, where the kernel
+    divides in fp64 (closer than the hi + lo float pair: both within 1e-15 of the fp64 oracle)."""
+    x = torch.randn(3, 300, dtype=torch.float64, device=device) * 3
+    dy = torch.randn_like(x)
+    g = _torch_noise(x)  # fp64 noise given: the oracle is exact up to the softmax's rounding
+    tau = 0.37
+    tau_t = torch.tensor(tau, dtype=torch.float64, device=device)
+    y_t, i_t, m_t, s_t = K.gumbel_fwd(x, 123.0, False, g, block_v=block_v, tau=tau_t)  # inv_tau unused
+    want = torch.softmax((x + g) / tau, -1)
+    torch.testing.assert_close(y_t, want, rtol=1e-13, atol=1e-15)
+    assert torch.equal(i_t, (x + g).argmax(-1))
+    dx_t = K.gumbel_bwd(dy, x, m_t, s_t, 123.0, g, block_v=block_v, tau=tau_t)
+    want_dx = want * (dy - (dy * want).sum(-1, keepdim=True)) / tau
+    torch.testing.assert_close(dx_t, want_dx, rtol=1e-12, atol=1e-14)
+    seed = philox.draw_seed(x.device)
+    # fp32 logits on the loop path: the float tau's bits
+    x32, dy32 = x.float(), dy.float()
+    y_f, _, m, s = K.gumbel_fwd(x32, 1.0 / tau, False, None, seed, block_v=block_v)
+    y_t, _, _, _ = K.gumbel_fwd(x32, 123.0, False, None, seed, block_v=block_v,
+                                tau=torch.tensor(tau, dtype=torch.float64, device=device))
+    assert torch.equal(y_t, y_f)
+    assert torch.equal(K.gumbel_bwd(dy32, x32, m, s, 123.0, None, seed, block_v=block_v, tau=tau_t),
+                       K.gumbel_bwd(dy32, x32, m, s, 1.0 / tau, None, seed, block_v=block_v))
+
+
+def test_tau_tensor_changed_before_backward_is_an_error(device):
+    """The backward reads tau again: a tau changed in place after the forward (the next step's value
+    of a schedule) would give the gradient of another temperature, so autograd refuses it."""
+    x = torch.randn(2, 37, device=device, requires_grad=True)
+    tau = torch.tensor(0.5, dtype=torch.float64, device=device)
+    y = _gs(x, tau, True)
+    tau.fill_(0.25)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+def test_tau_tensor_eager_backend_matches_float(device):
+    x = torch.randn(3, 40, device=device)
+    torch.manual_seed(4)
+    a = _gs(x, 0.7, False, backend="eager")
+    torch.manual_seed(4)
+    b = _gs(x, torch.tensor(0.7, dtype=torch.float64, device=device), False, backend="eager")
+    assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_tau_tensor_check_is_a_device_assert_and_skipped_under_capture_cuda():
+    """On CUDA the tau tensor's value is checked without a sync (torch._assert_async, not run here:
+    a failing device assert poisons the process's CUDA context); under capture not at all."""
+    x = torch.randn(2, 37, device="cuda")
+    tau = torch.tensor(0.5, dtype=torch.float64, device="cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _gs(x, tau, True)  # a valid tau: no sync, no error
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    g = torch.cuda.CUDAGraph()
+    _gs(x, tau, True)  # warm up (compile) outside the capture
+    with torch.cuda.graph(g):
+        y = _gs(x, tau, False)
+    for t in (0.5, 2.0):
+        tau.fill_(t)
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.isfinite(y).all() and torch.allclose(y.sum(-1), torch.ones(2, device="cuda"))

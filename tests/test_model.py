@@ -453,3 +453,43 @@ def test_autocast_explicit_noise_same_samples_as_reference(device, sampling):
         a, b = [m(src, lengths, tgt, 0.0, sampling, noise=noise).logits.float() for m in (ref, fused)]
     diff = (a - b).abs().max().item()
     assert diff <= 4e-3, diff  # bf16 rounding of the same computation (2e-3 here); a different token fed: ~0.15
+
+
+# ------------------------------------------------------------------------------------------------
+# teacher_forcing_ratio and tau as 0-d tensors (the capturable form, fused_s2s.graphs scheduled=True)
+
+
+@pytest.mark.parametrize("sampling", ["gumbel", "gumbel_hard", "softmax"])
+def test_tensor_ratio_and_tau_give_the_float_run(device, sampling):
+    """Same seed: the same coins, samples, loss and gradients as Python floats, fused and reference
+    (the tensors are compared and divided on the device as the floats are: the same bits)."""
+    ref, fused, _ = _models(device)
+    batch = _batch(device, T=6)
+    for model in (ref, fused):
+        o_f, g_f = _run(model, batch, 0.5, sampling, tau=0.7)
+        tensors = dict(tau=torch.tensor(0.7, dtype=torch.float64, device=device))
+        o_t, g_t = _run(model, batch, torch.tensor(0.5, dtype=torch.float64, device=device), sampling, **tensors)
+        for field in ("loss", "logits", "attention"):
+            assert torch.equal(getattr(o_t, field), getattr(o_f, field)), field
+        for n in g_f:
+            assert (g_t[n] is None) == (g_f[n] is None) and (g_f[n] is None or torch.equal(g_t[n], g_f[n])), n
+
+
+def test_tensor_ratio_one_runs_the_step_loop_with_gold_inputs(device):
+    """A tensor ratio is not read on the host: at 1.0 it runs the step loop, draws its coins and
+    samples, and feeds every step its gold input (the loss of teacher forcing)."""
+    ref, fused, oracle = _models(device)
+    batch = _batch(device)
+    one = torch.tensor(1.0, device=device)
+    for model in (ref, fused):
+        want, _ = _run(model, batch, 1.0, "argmax")
+        rng_state = torch.cuda.get_rng_state if torch.device(device).type == "cuda" else torch.get_rng_state
+        state = rng_state()
+        got, _ = _run(model, batch, one, "gumbel_hard")
+        assert not torch.equal(rng_state(), state)  # it drew (coins, Gumbel seeds)
+        assert_oracle_close(got.loss, _run(ref, batch, 1.0, "argmax")[0].loss, _run(oracle, batch, 1.0, "argmax")[0].loss,
+                            name="loss")
+        torch.testing.assert_close(got.loss, want.loss, rtol=1e-6, atol=1e-6)
+    torch.manual_seed(1)
+    torch.testing.assert_close(_run(ref, batch, one, "gumbel")[0].loss, _run(ref, batch, 1.0, "argmax")[0].loss,
+                               rtol=0, atol=0)  # the reference's step loop is the same ops either way

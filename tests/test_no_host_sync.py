@@ -293,6 +293,16 @@ def test_meta_architectures_make_no_host_sync(meta, cell, layers, input_feed, ra
     _check_grads(model, memory)
 
 
+@pytest.mark.parametrize("sampling", ["gumbel", "gumbel_hard", "softmax"])
+def test_meta_tensor_ratio_and_tau_make_no_host_sync(meta, sampling):
+    """The capturable form (fused_s2s.graphs scheduled=True): ratio and tau as 0-d device tensors,
+    checked on the device and read by the kernels there."""
+    model, dec, tgt_in, tgt_out, memory, lengths, state = _decoder_inputs("meta")
+    ratio, tau = (torch.tensor(v, dtype=torch.float64, device="meta") for v in (0.5, 0.7))
+    meta.check(lambda: _pass(model, dec, tgt_in, tgt_out, memory, lengths, state, ratio, sampling, tau))
+    _check_grads(model, memory)
+
+
 @pytest.mark.parametrize("steps", [T, 16])  # 16 queries: the tiled attention kernels
 def test_meta_teacher_forcing_fast_path_makes_no_host_sync(meta, steps):
     model, dec, tgt_in, tgt_out, memory, lengths, state = _decoder_inputs("meta", T=steps)
