@@ -11,9 +11,10 @@
 #                                     then torch.compile, each under its own time budget; rows go to
 #                                     $OUT/results.csv as they are measured; a compact table last
 #   benchmarks/gpu_session.sh all     setup + test + bench (for a machine with more time)
-#   benchmarks/gpu_session.sh recheck a second, shorter call after fixes (~420 s): -m gpu and kernel tests,
+#   benchmarks/gpu_session.sh recheck a second, shorter call after fixes (~480 s): -m gpu and kernel tests,
 #                                     benchmarks/sweep_{attention,gumbel}.py (kernel configs, sweep.txt),
 #                                     a 22 s attention fuzz on CUDA, host_overhead.py --cuda,
+#                                     fused-s2s train with and without --cuda-graph (tokens/s, sweep.txt),
 #                                     attention long/tf/large, train large teacher forcing, graphed bf16 notes
 #   benchmarks/gpu_session.sh profile benchmarks/profile_step.py: kernels per training step, GPU-busy vs
 #                                     wall time (fused, fused_graphed; teacher forcing, ss_gumbel_hard)
@@ -292,6 +293,21 @@ host_pass() {  # host_pass FILE SECONDS: benchmarks/host_overhead.py --cuda, app
     say "host overhead (--cuda): rc=$rc, $(grep -c ' us$' "$1") lines in $(basename "$1")"
 }
 
+cli_graph_pass() {  # cli_graph_pass FILE SECONDS: fused-s2s train with and without --cuda-graph (tokens/s)
+    local f=$1 each=$(( $2 / 2 )) mode rc
+    for mode in eager graph; do
+        local -a flag=()
+        [ "$mode" = graph ] && flag=(--cuda-graph)
+        rm -rf "/tmp/fused_s2s_cli_$mode"
+        timeout -s INT -k 5 "$each" "$PY" -m fused_s2s train --task dates --steps 200 --sampling gumbel_hard \
+            --tf-schedule linear --tf-c 0.0025 --tau-every 20 --eval-every 0 --log-every 50 --valid-size 100 \
+            --no-progress --out "/tmp/fused_s2s_cli_$mode" "${flag[@]}" >>"$f" 2>&1
+        rc=$?
+        echo "[cli] train $mode rc=$rc tokens/s per 50 steps: $("$PY" -c "import json,os,sys; p=sys.argv[1]; print([round(json.loads(l)['tokens_per_s']) for l in open(p) if 'tokens_per_s' in l] if os.path.exists(p) else 'no metrics')" "/tmp/fused_s2s_cli_$mode/metrics.jsonl" 2>&1)" >>"$f"
+    done
+    say "cli --cuda-graph: $(grep '^\[cli\]' "$f" | tr '\n' ' ')"
+}
+
 budget_phase() {  # one command for a 15-minute device session (docs/gpu.md): what closes the issues first
     local total=${GPU_BUDGET:-570} rc_b=0  # against $SECONDS: the script's start, setup included
     local -a sel common xdist
@@ -339,7 +355,7 @@ budget_phase() {  # one command for a 15-minute device session (docs/gpu.md): wh
 }
 
 # ---------------------------------------------------------------------------------------- recheck
-recheck_phase() {  # a second, shorter call after fixes (about 420 s): tests, kernel sweeps, the changed rows
+recheck_phase() {  # a second, shorter call after fixes (about 480 s): tests, kernel sweeps, the changed rows
     local -a sel common xdist
     pytest_opts 120 load
     export FUSED_S2S_RESULTS_CSV="$OUT/results.csv"
@@ -358,6 +374,8 @@ recheck_phase() {  # a second, shorter call after fixes (about 420 s): tests, ke
         >>"$OUT/sweep.txt" 2>&1
     say "sweep + fuzz: $(grep -c '^\[sweep\]' "$OUT/sweep.txt") sweep lines; fuzz: $(grep -E 'cases, [0-9]+ failed' "$OUT/sweep.txt")"
     host_pass "$OUT/sweep.txt" "$(budget_t HOST 20)"
+    # the training command with the decoder pass replayed from graphs (scheduled ratio and tau)
+    cli_graph_pass "$OUT/sweep.txt" "$(budget_t CLI_GRAPH 60)"
     bench_pass attention "fused,fused_rows,eager" "$(budget_t ATTENTION 45)" --quick --sizes long,tf,large
     bench_pass train fused "$(budget_t TRAIN 35)" --quick --sizes large --modes teacher_forcing
     bench_pass train fused_graphed "$(budget_t TRAIN_GRAPHED 35)" --quick --sizes notes \
