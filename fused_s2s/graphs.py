@@ -16,10 +16,11 @@ and pass each call's values; one capture serves the whole run:
     for i, (src, src_lengths, tgt) in enumerate(batches):
         out = step(src, src_lengths, tgt, teacher_forcing_ratio=ratio_schedule(i), tau=tau_schedule.tau)
 
-``scheduled=True`` captures the step loop even at ratio 1.0 (a schedule that starts with pure
-teacher forcing), which then draws its coins and samples and uses the gold inputs: the loss of
-teacher forcing at the step loop's cost. Without it, a ratio of 1.0 (and no input feeding) captures
-the teacher-forcing fast path.
+``scheduled=True`` captures the step loop, with the ratio and tau in device tensors, even when the
+capture's ratio is 1.0. Calls at a ratio of exactly 1.0 (a schedule that starts with pure teacher
+forcing, or keeps it) replay a second graph instead, of the teacher-forcing fast path (without
+input feeding), captured at the first such call. Without ``scheduled=True``, a ratio of 1.0 (and
+no input feeding) captures the fast path alone.
 
 Why: in scheduled sampling the decoder runs step by step, ~30 small kernels per step launched from
 Python (attention, cell, W_c, W_out, coin, Gumbel-softmax, lookup, and their backward), and at the
@@ -103,6 +104,13 @@ def _encode(model, src, src_lengths):
     return memory, lengths, (state.rnn if isinstance(state.rnn, tuple) else (state.rnn,))
 
 
+def _static_inputs(tgt, memory, lengths, rnn) -> tuple:
+    """A graph's static inputs: every call copies its batch into them, so they must be tensors of
+    our own (tgt.long() and the lengths may be the caller's own tensors)."""
+    return (tgt.long().clone(), memory.detach().requires_grad_(memory.requires_grad), lengths.clone(),
+            *(s.detach().requires_grad_(s.requires_grad) for s in rnn))
+
+
 def _autocast_state(device_type="cuda"):
     on = torch.is_autocast_enabled(device_type)
     return (on, torch.get_autocast_dtype(device_type) if on else None)
@@ -125,25 +133,29 @@ class GraphedDecoderLoss:
         self.device_type = next(model.parameters()).device.type  # "cuda" (the CPU tests: "cpu")
         self.autocast = _autocast_state(self.device_type)
         memory, lengths, rnn = _encode(model, src, src_lengths)
-        # the graph's static inputs: every call copies its batch into them, so they must be tensors
-        # of our own (tgt.long() and the lengths may be the caller's own tensors)
-        args = (tgt.long().clone(), memory.detach().requires_grad_(memory.requires_grad), lengths.clone(),
-                *(s.detach().requires_grad_(s.requires_grad) for s in rnn))
-        self.static_inputs = args
         captured = mode
         if self.scheduled:  # ratio and tau as 0-d fp64 tensors on the device, which the replays read
             ratio, sampling, tau, coin = mode
+            self.ratio_now = ratio  # the value in self.ratio (Python float: picks the graph per call)
             self.ratio = torch.tensor(ratio, dtype=torch.float64, device=memory.device)
             self.tau = torch.tensor(tau, dtype=torch.float64, device=memory.device)
             captured = (self.ratio, sampling, self.tau, coin)
+        self.static_inputs = _static_inputs(tgt, memory, lengths, rnn)
+        self.graphed = self._capture(captured, self.static_inputs)
+        # scheduled: calls at ratio 1.0 replay the teacher-forcing fast path, captured at the first
+        # such call (the step loop with a tensor ratio of 1.0 gives the same loss, at its own cost)
+        self.graphed_tf = None
+        self.fast_path = self.scheduled and not model.decoder.input_feed
+
+    def _capture(self, mode, args):
         on, dtype = self.autocast
-        module = _DecoderLoss(model, captured, (self.device_type, dtype) if on else None)
+        module = _DecoderLoss(self.model, mode, (self.device_type, dtype) if on else None)
         # the warmup and the capture with autocast off: make_graphed_callables runs forward and
         # backward (autograd.grad) in the state it is called in, and the autograd engine carries the
         # caller's autocast into the backward pass. The module turns autocast on for the forward
         # alone: the captured backward is the one an eager step runs (loss.backward() outside autocast)
         with torch.autocast(self.device_type, enabled=False):
-            self.graphed = self.make_graphed(module, args)
+            return self.make_graphed(module, args)
 
     def __call__(self, src: Tensor, src_lengths: Tensor, tgt: Tensor, teacher_forcing_ratio=None,
                  tau=None) -> Seq2SeqOutput:
@@ -173,12 +185,20 @@ class GraphedDecoderLoss:
                                f"{_autocast_state(self.device_type)}")
         # as Seq2Seq.forward (an out-of-range id would assert inside the graph)
         self.model._check_args(src, src_lengths, tgt, *self.mode)
-        for t, value in ((self.ratio, ratio), (self.tau, tau)) if self.scheduled else ():
-            if value is not None:
-                t.fill_(value)  # a fill kernel with the value as its argument: no host sync
+        graphed = self.graphed
+        if self.scheduled:
+            for t, value in ((self.ratio, ratio), (self.tau, tau)):
+                if value is not None:
+                    t.fill_(value)  # a fill kernel with the value as its argument: no host sync
+            self.ratio_now = self.ratio_now if ratio is None else ratio
         memory, lengths, rnn = _encode(self.model, src, src_lengths)
-        loss = self.graphed(tgt.long(), memory, lengths, *rnn)
-        return Seq2SeqOutput(loss, *self.graphed.outputs)  # the static buffers of logits, attention
+        if self.fast_path and self.ratio_now == 1.0:
+            if self.graphed_tf is None:
+                _, sampling, tau_0, coin = self.mode
+                self.graphed_tf = self._capture((1.0, sampling, tau_0, coin), _static_inputs(tgt, memory, lengths, rnn))
+            graphed = self.graphed_tf
+        loss = graphed(tgt.long(), memory, lengths, *rnn)
+        return Seq2SeqOutput(loss, *graphed.outputs)  # the static buffers of logits, attention
 
 
 def _no_tensors(**values) -> None:

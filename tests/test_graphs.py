@@ -100,28 +100,45 @@ def test_scheduled_wrapper_takes_each_calls_ratio_and_tau(monkeypatch):
     so each call's values (a schedule's) give forward's loss at those values; the capture's values
     until a call passes others, which then stay. Without scheduled=True they are refused per call,
     and the values are checked as Python floats before anything runs."""
-    monkeypatch.setattr(graphs.GraphedDecoderLoss, "make_graphed", staticmethod(lambda module, args: module))
+    captured = []
+
+    def capture(module, args):
+        captured.append(tuple(m if isinstance(m, (str, float)) else "tensor" for m in module.mode))
+        return module
+
+    monkeypatch.setattr(graphs.GraphedDecoderLoss, "make_graphed", staticmethod(capture))
     model = _model("cpu")
     batch = _batch("cpu")
     step = graphs.GraphedDecoderLoss(model, *batch, (1.0, "gumbel", 0.7, "token"), scheduled=True)
-    calls = [(None, None, 1.0, 0.7), (0.5, 2.0, 0.5, 2.0), (None, 0.3, 0.5, 0.3), (0.0, None, 0.0, 0.3)]
+    assert captured == [("tensor", "gumbel", "tensor", "token")]  # the step loop, ratio and tau read on the device
+    calls = [(None, None, 1.0, 0.7), (0.5, 2.0, 0.5, 2.0), (None, 0.3, 0.5, 0.3), (0.0, None, 0.0, 0.3),
+             (1.0, None, 1.0, 0.3), (0.25, None, 0.25, 0.3)]
     losses = []
     for ratio, tau, want_ratio, want_tau in calls:
         torch.manual_seed(3)
         out = step(*batch, teacher_forcing_ratio=ratio, tau=tau)
         torch.manual_seed(3)
         want = model(*batch, teacher_forcing_ratio=want_ratio, sampling="gumbel", tau=want_tau)
-        if want_ratio == 1.0:  # forward's float 1.0 takes the teacher-forcing fast path: another sum order
-            torch.testing.assert_close(out.loss, want.loss, rtol=1e-6, atol=1e-6)
-        else:
-            torch.testing.assert_close(out.loss, want.loss, rtol=0, atol=0)
+        torch.testing.assert_close(out.loss, want.loss, rtol=0, atol=0, msg=lambda m: f"{ratio, tau}: {m}")
         losses.append(out.loss.item())
-    assert len(set(losses)) == len(losses)  # each call's values mattered
+    assert len(set(losses)) == len(losses) - 1  # each call's values mattered (the two at ratio 1.0 agree)
+    # ratio 1.0 replays a second graph, of the teacher-forcing fast path, captured once at its first call
+    assert captured == [("tensor", "gumbel", "tensor", "token"), (1.0, "gumbel", 0.7, "token")]
     for bad, match in ((dict(tau=0.0), "tau"), (dict(teacher_forcing_ratio=1.5), "teacher_forcing_ratio"),
                        (dict(tau=torch.tensor(0.5)), "tau")):
         with pytest.raises((ValueError, TypeError), match=match):
             step(*batch, **bad)
-    assert step.tau.item() == 0.3 and step.ratio.item() == 0.0  # a refused call wrote nothing
+    assert step.tau.item() == 0.3 and step.ratio.item() == 0.25  # a refused call wrote nothing
+    # input feeding has no fast path: ratio 1.0 replays the step loop (gold inputs, same loss)
+    captured.clear()
+    torch.manual_seed(0)
+    feed = fused_s2s.Seq2Seq(V, V, D, padding_idx=0, input_feed=True)
+    step = graphs.GraphedDecoderLoss(feed, *batch, (0.5, "gumbel", 0.7, "token"), scheduled=True)
+    torch.manual_seed(3)
+    out = step(*batch, teacher_forcing_ratio=1.0)
+    torch.manual_seed(3)
+    torch.testing.assert_close(out.loss, feed(*batch, teacher_forcing_ratio=1.0).loss, rtol=0, atol=0)
+    assert captured == [("tensor", "gumbel", "tensor", "token")]
     fixed = graphs.GraphedDecoderLoss(model, *batch, (0.5, "gumbel", 0.7, "token"))
     with pytest.raises(ValueError, match="scheduled=True"):
         fixed(*batch, tau=0.5)
