@@ -16,11 +16,11 @@ and pass each call's values; one capture serves the whole run:
     for i, (src, src_lengths, tgt) in enumerate(batches):
         out = step(src, src_lengths, tgt, teacher_forcing_ratio=ratio_schedule(i), tau=tau_schedule.tau)
 
-``scheduled=True`` captures the step loop, with the ratio and tau in device tensors, even when the
-capture's ratio is 1.0. Calls at a ratio of exactly 1.0 (a schedule that starts with pure teacher
-forcing, or keeps it) replay a second graph instead, of the teacher-forcing fast path (without
-input feeding), captured at the first such call. Without ``scheduled=True``, a ratio of 1.0 (and
-no input feeding) captures the fast path alone.
+``scheduled=True`` captures the step loop with the ratio and tau in device tensors. Calls at a
+ratio of exactly 1.0 (a schedule that starts with pure teacher forcing, or keeps it) replay a
+second graph instead, of the teacher-forcing fast path (without input feeding). Each of the two is
+captured when first needed: the one of the capture's ratio at once, the other at its first call.
+Without ``scheduled=True``, a ratio of 1.0 (and no input feeding) captures the fast path alone.
 
 Why: in scheduled sampling the decoder runs step by step, ~30 small kernels per step launched from
 Python (attention, cell, W_c, W_out, coin, Gumbel-softmax, lookup, and their backward), and at the
@@ -140,12 +140,17 @@ class GraphedDecoderLoss:
             self.ratio = torch.tensor(ratio, dtype=torch.float64, device=memory.device)
             self.tau = torch.tensor(tau, dtype=torch.float64, device=memory.device)
             captured = (self.ratio, sampling, self.tau, coin)
+        self.captured = captured
         self.static_inputs = _static_inputs(tgt, memory, lengths, rnn)
-        self.graphed = self._capture(captured, self.static_inputs)
-        # scheduled: calls at ratio 1.0 replay the teacher-forcing fast path, captured at the first
-        # such call (the step loop with a tensor ratio of 1.0 gives the same loss, at its own cost)
-        self.graphed_tf = None
+        # scheduled: calls at ratio 1.0 replay the teacher-forcing fast path (the step loop with a
+        # tensor ratio of 1.0 gives the same loss, at its own cost); each graph is captured when it
+        # is first needed, this one now
         self.fast_path = self.scheduled and not model.decoder.input_feed
+        self.graphed = self.graphed_tf = None
+        if self.fast_path and mode[0] == 1.0:
+            self.graphed_tf = self._capture(mode, self.static_inputs)
+        else:
+            self.graphed = self._capture(captured, self.static_inputs)
 
     def _capture(self, mode, args):
         on, dtype = self.autocast
@@ -185,7 +190,6 @@ class GraphedDecoderLoss:
                                f"{_autocast_state(self.device_type)}")
         # as Seq2Seq.forward (an out-of-range id would assert inside the graph)
         self.model._check_args(src, src_lengths, tgt, *self.mode)
-        graphed = self.graphed
         if self.scheduled:
             for t, value in ((self.ratio, ratio), (self.tau, tau)):
                 if value is not None:
@@ -197,6 +201,10 @@ class GraphedDecoderLoss:
                 _, sampling, tau_0, coin = self.mode
                 self.graphed_tf = self._capture((1.0, sampling, tau_0, coin), _static_inputs(tgt, memory, lengths, rnn))
             graphed = self.graphed_tf
+        else:
+            if self.graphed is None:
+                self.graphed = self._capture(self.captured, _static_inputs(tgt, memory, lengths, rnn))
+            graphed = self.graphed
         loss = graphed(tgt.long(), memory, lengths, *rnn)
         return Seq2SeqOutput(loss, *graphed.outputs)  # the static buffers of logits, attention
 

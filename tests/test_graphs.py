@@ -110,7 +110,7 @@ def test_scheduled_wrapper_takes_each_calls_ratio_and_tau(monkeypatch):
     model = _model("cpu")
     batch = _batch("cpu")
     step = graphs.GraphedDecoderLoss(model, *batch, (1.0, "gumbel", 0.7, "token"), scheduled=True)
-    assert captured == [("tensor", "gumbel", "tensor", "token")]  # the step loop, ratio and tau read on the device
+    assert captured == [(1.0, "gumbel", 0.7, "token")]  # the capture's ratio 1.0: the fast path
     calls = [(None, None, 1.0, 0.7), (0.5, 2.0, 0.5, 2.0), (None, 0.3, 0.5, 0.3), (0.0, None, 0.0, 0.3),
              (1.0, None, 1.0, 0.3), (0.25, None, 0.25, 0.3)]
     losses = []
@@ -122,8 +122,9 @@ def test_scheduled_wrapper_takes_each_calls_ratio_and_tau(monkeypatch):
         torch.testing.assert_close(out.loss, want.loss, rtol=0, atol=0, msg=lambda m: f"{ratio, tau}: {m}")
         losses.append(out.loss.item())
     assert len(set(losses)) == len(losses) - 1  # each call's values mattered (the two at ratio 1.0 agree)
-    # ratio 1.0 replays a second graph, of the teacher-forcing fast path, captured once at its first call
-    assert captured == [("tensor", "gumbel", "tensor", "token"), (1.0, "gumbel", 0.7, "token")]
+    # ratios under 1.0 replay the step loop (ratio and tau read on the device), captured at its first
+    # call; ratio 1.0 the fast path's graph: two captures in all
+    assert captured == [(1.0, "gumbel", 0.7, "token"), ("tensor", "gumbel", "tensor", "token")]
     for bad, match in ((dict(tau=0.0), "tau"), (dict(teacher_forcing_ratio=1.5), "teacher_forcing_ratio"),
                        (dict(tau=torch.tensor(0.5)), "tau")):
         with pytest.raises((ValueError, TypeError), match=match):
