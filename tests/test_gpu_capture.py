@@ -55,3 +55,37 @@ def test_teacher_forced_and_sampled_passes_capture_in_cuda_graph():
         torch.cuda.synchronize()
     torch.testing.assert_close(tf.logits, eager_tf)  # teacher forcing is deterministic
     assert torch.isfinite(ss.logits).all() and torch.isfinite(ss.attention).all()
+
+
+@pytest.mark.parametrize("sampling", ["gumbel", "gumbel_hard"])
+def test_tensor_ratio_and_tau_make_no_host_sync_and_replay_new_values(sampling):
+    """The capturable form: ratio and tau as 0-d CUDA tensors make no host sync outside a capture
+    (their value check is a device assert), and one captured pass replays whatever they hold: at
+    ratio 1.0 every input is gold (the teacher-forced logits), at ratio 0.0 none is."""
+    dec, tgt_in, memory, mask, state = _setup()
+    ratio = torch.tensor(0.5, dtype=torch.float64, device="cuda")
+    tau = torch.tensor(0.7, dtype=torch.float64, device="cuda")
+    dec(tgt_in, memory, mask, state, ratio, sampling, tau)  # compile the kernels first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = dec(tgt_in, memory, mask, state, ratio, sampling, tau, check_ids=False)
+        out.logits.sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(out.logits).all()
+    with torch.no_grad():
+        eager_tf = dec(tgt_in, memory, mask, state, 1.0).logits.clone()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            ss = dec(tgt_in, memory, mask, state, ratio, sampling, tau, check_ids=False)
+        ratio.fill_(1.0)
+        g.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(ss.logits, eager_tf, rtol=1e-5, atol=1e-5)  # all gold: teacher forcing
+        ratio.fill_(0.0)
+        tau.fill_(2.0)
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.isfinite(ss.logits).all()
+        assert not torch.allclose(ss.logits[:, 1:], eager_tf[:, 1:])  # model-fed inputs from step 2 on
