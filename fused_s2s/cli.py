@@ -130,10 +130,10 @@ def _train_flags(p: argparse.ArgumentParser, suppress: bool = False) -> None:
         help="cosine: lr decays to lr/20 at --steps (a pure function of the step: resumable)")
     add("--clip", type=_positive_float, default=1.0, help="gradient-norm clipping")
     add("--amp", choices=tuple(AMP), default="none", help="autocast dtype (fp16: CUDA only, with loss scaling)")
-    add("--cuda-graph", action="store_true", default=False,
+    add("--cuda-graph", action=argparse.BooleanOptionalAction, default=False,
         help="replay the decoder pass and loss from CUDA graphs (fused_s2s.graphs, scheduled=True: the "
              "schedules' ratio and tau are written each step): one capture per batch shape, lengths padded "
-             "to multiples of 8. CUDA, one process")
+             "to multiples of 8. CUDA, one process (--no-cuda-graph: a resumed run without)")
     add("--seed", type=int, default=0, help="data split, initial weights, batches, draws")
     add("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when available")
     add("--threads", type=_positive_int, help="CPU threads for torch (default: half the cores, at most 4)")

@@ -410,11 +410,20 @@ def test_option_the_strategy_ignores_is_an_option_error(argv, named, trained, ca
     assert err.startswith(f"error: --strategy {strategy} does not use ") and all(n in err for n in named)
 
 
-def test_cuda_graph_needs_cuda(tmp_path, capsys):
+def test_cuda_graph_needs_cuda(tmp_path, capsys, monkeypatch):
     out = tmp_path / "g"
     rc, _, err = _run(["train", *TINY, "--steps", "2", "--cuda-graph", "--device", "cpu", "--out", str(out)], capsys)
     assert rc == 2 and err.strip() == "error: --cuda-graph needs a CUDA device, got cpu"
     assert not out.exists()
+    # a run trained with it (its flags in the checkpoint) resumes without it: --no-cuda-graph
+    monkeypatch.setattr(cli, "_graph_steps", lambda args, device, world: None)  # as on a GPU: accepted
+    assert cli.main(["train", *TINY, "--steps", "1", "--eval-every", "0", "--cuda-graph", "--out", str(out)]) == 0
+    assert C.load(str(out / "checkpoint.pt"))["train_args"]["cuda_graph"] is True
+    monkeypatch.undo()
+    rc, _, err = _run(["train", "--resume", "--out", str(out), "--steps", "2"], capsys)
+    assert rc == 2 and "--cuda-graph needs a CUDA device" in err
+    rc, _, err = _run(["train", "--resume", "--out", str(out), "--steps", "2", "--no-cuda-graph"], capsys)
+    assert rc == 0, err
 
 
 def test_cuda_graph_training_loop_on_cpu(tmp_path, capsys, monkeypatch):
