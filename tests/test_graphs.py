@@ -229,12 +229,13 @@ def test_replayed_step_matches_eager_and_redraws_noise():
         seen.append(model.decoder.embedding.weight.grad.clone())
     assert all(torch.isfinite(g).all() for g in seen)
     assert not (torch.equal(seen[0], seen[1]) and torch.equal(seen[1], seen[2])), "replays drew the same samples"
-    # scheduled=True: one capture, each replay at its own ratio and tau (read on the device). A tau
-    # far above the logits' spread makes the soft samples uniform whatever the noise, and ratio 1.0
-    # makes every input gold: both replays then match an eager step at the same values
+    # scheduled=True: one capture of the step loop, each replay at its own ratio and tau (read on the
+    # device), and one of the fast path for ratio 1.0. A tau far above the logits' spread makes the
+    # soft samples uniform whatever the noise, and ratio 1.0 makes every input gold: both replays then
+    # match an eager step at the same values
     sched, eager = _model("cuda"), _model("cuda")
     step_s = graphs.graph_decoder_loss(sched, *batch, 0.5, "gumbel", 0.7, scheduled=True)
-    for ratio, tau in ((1.0, 0.7), (0.0, 1e6), (0.5, 0.7)):
+    for ratio, tau in ((1.0, 0.7), (0.0, 1e8), (0.5, 0.7)):
         out = step_s(*batch, teacher_forcing_ratio=ratio, tau=tau)
         if ratio == 0.5:
             assert torch.isfinite(out.loss)
