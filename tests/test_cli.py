@@ -426,10 +426,12 @@ def test_cuda_graph_needs_cuda(tmp_path, capsys, monkeypatch):
     assert rc == 0, err
 
 
-def test_cuda_graph_training_loop_on_cpu(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("amp", ["none", "bf16"])
+def test_cuda_graph_training_loop_on_cpu(tmp_path, capsys, monkeypatch, amp):
     """--cuda-graph's wiring, with the 'capture' an identity (the pass runs eagerly, as in
     tests/test_graphs.py): batches padded to multiples of 8, one scheduled capture per shape, each
-    step's schedule values passed to the replay, the loss trained on."""
+    step's schedule values passed to the replay, the loss trained on; under --amp, the capture and
+    the calls under autocast without its weight cache (which graph_decoder_loss requires)."""
     from fused_s2s import graphs
 
     monkeypatch.setattr(cli, "_graph_steps", lambda args, device, world: {} if args.cuda_graph else None)
@@ -438,6 +440,8 @@ def test_cuda_graph_training_loop_on_cpu(tmp_path, capsys, monkeypatch):
 
     def capture(model, src, src_lengths, tgt, ratio, sampling, tau, *, coin, scheduled):
         captures.append((tuple(src.shape), tuple(tgt.shape), scheduled))
+        assert torch.is_autocast_enabled("cpu") == (amp == "bf16")
+        assert not (torch.is_autocast_enabled("cpu") and torch.is_autocast_cache_enabled())
         mode = model._check_args(src, src_lengths, tgt, ratio, sampling, tau, coin)
         step = graphs.GraphedDecoderLoss(model, src, src_lengths, tgt, mode, scheduled)
 
@@ -450,7 +454,7 @@ def test_cuda_graph_training_loop_on_cpu(tmp_path, capsys, monkeypatch):
     out = tmp_path / "g"
     rc, _, err = _run(["train", *TINY, "--steps", "6", "--eval-every", "0", "--log-every", "2", "--cuda-graph",
                        "--tf-schedule", "linear", "--tf-c", "0.1", "--sampling", "gumbel_hard", "--tau0", "2",
-                       "--tau-rate", "0.5", "--tau-every", "1", "--out", str(out)], capsys)
+                       "--tau-rate", "0.5", "--tau-every", "1", "--amp", amp, "--out", str(out)], capsys)
     assert rc == 0, err
     assert all(s[1] % 8 == 0 and t[1] % 8 == 0 and sched for s, t, sched in captures)
     assert 1 <= len(captures) == len(set(captures)) <= 6  # one capture per shape
