@@ -11,9 +11,9 @@
 #                                     then torch.compile, each under its own time budget; rows go to
 #                                     $OUT/results.csv as they are measured; a compact table last
 #   benchmarks/gpu_session.sh all     setup + test + bench (for a machine with more time)
-#   benchmarks/gpu_session.sh recheck a second, shorter call after fixes (~480 s): -m gpu and kernel tests,
+#   benchmarks/gpu_session.sh recheck a second, shorter call after fixes (~500 s): -m gpu and kernel tests,
 #                                     benchmarks/sweep_{attention,gumbel}.py (kernel configs, sweep.txt),
-#                                     a 22 s attention fuzz on CUDA, host_overhead.py --cuda,
+#                                     22 s attention and 15 s Gumbel fuzz on CUDA, host_overhead.py --cuda,
 #                                     fused-s2s train with and without --cuda-graph (tokens/s, sweep.txt),
 #                                     attention long/tf/large, train large teacher forcing, graphed bf16 notes
 #   benchmarks/gpu_session.sh profile benchmarks/profile_step.py: kernels per training step, GPU-busy vs
@@ -355,7 +355,7 @@ budget_phase() {  # one command for a 15-minute device session (docs/gpu.md): wh
 }
 
 # ---------------------------------------------------------------------------------------- recheck
-recheck_phase() {  # a second, shorter call after fixes (about 480 s): tests, kernel sweeps, the changed rows
+recheck_phase() {  # a second, shorter call after fixes (about 500 s): tests, kernel sweeps, the changed rows
     local -a sel common xdist
     pytest_opts 120 load
     export FUSED_S2S_RESULTS_CSV="$OUT/results.csv"
@@ -372,7 +372,10 @@ recheck_phase() {  # a second, shorter call after fixes (about 480 s): tests, ke
     # random attention cases against the float64 oracle on the GPU's own exp / dot rounding
     timeout -s INT -k 5 "$(budget_t FUZZ 30)" "$PY" -m tests.fuzz_attention --seconds 22 --device cuda \
         >>"$OUT/sweep.txt" 2>&1
-    say "sweep + fuzz: $(grep -c '^\[sweep\]' "$OUT/sweep.txt") sweep lines; fuzz: $(grep -E 'cases, [0-9]+ failed' "$OUT/sweep.txt")"
+    # and Gumbel-softmax: shapes, blocks, tau (float / tensor), scales, noise source, on the GPU's own log
+    timeout -s INT -k 5 "$(budget_t FUZZ_GUMBEL 20)" "$PY" -m tests.fuzz_gumbel --seconds 15 --device cuda \
+        >>"$OUT/sweep.txt" 2>&1
+    say "sweep + fuzz: $(grep -c '^\[sweep\]' "$OUT/sweep.txt") sweep lines; fuzz (attention, gumbel): $(grep -E 'cases, [0-9]+ failed' "$OUT/sweep.txt" | tr '\n' ' ')"
     host_pass "$OUT/sweep.txt" "$(budget_t HOST 20)"
     # the training command with the decoder pass replayed from graphs (scheduled ratio and tau)
     cli_graph_pass "$OUT/sweep.txt" "$(budget_t CLI_GRAPH 60)"
