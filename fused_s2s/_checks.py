@@ -61,19 +61,24 @@ def check_ids(name: str, ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 def _scalar_tensor(name: str, t: torch.Tensor, device, ok, expected: str) -> torch.Tensor:
     """A 0-d float tensor on ``device`` (None: any) whose value must satisfy ``ok`` (a tensor
-    predicate): the capturable form of a scalar argument, read on the device by the ops.
+    predicate): the capturable form of a scalar argument, read on the device by the ops. A CPU
+    tensor given with inputs on a device is returned as a Python number (reading it is no sync).
 
     Its value is checked without a host sync: on the CPU directly (ValueError); on a device by a
     device-side assert (``torch._assert_async``: the error surfaces at the next synchronisation).
     While a CUDA graph is being captured nothing is checked: the values a graph replays are
     written by its owner, who checks them as Python floats (fused_s2s.graphs)."""
-    check_float(name, t, device=device)
+    check_float(name, t)
     if t.dim() != 0:
         raise ValueError(f"{name} as a tensor must be 0-d (a scalar), got shape {tuple(t.shape)}")
     if t.device.type == "cpu":
         if not bool(ok(t.detach())):
             raise ValueError(f"{name} must be {expected}, got {t.item()}")
-    elif not (t.is_cuda and torch.cuda.is_current_stream_capturing()):
+        if device is not None and torch.device(device).type != "cpu":
+            return t.item()  # a CPU scalar with device inputs: a Python number (no device sync), as torch ops take it
+        return t
+    check_float(name, t, device=device)
+    if not (t.is_cuda and torch.cuda.is_current_stream_capturing()):
         torch._assert_async(ok(t.detach()), f"{name} must be {expected}")
     return t
 

@@ -759,6 +759,22 @@ def test_tau_tensor_eager_backend_matches_float(device):
     assert torch.equal(a, b)
 
 
+def test_cpu_tau_tensor_with_device_inputs_is_a_number():
+    """A CPU scalar tensor with inputs on a device is read as a Python number (no device sync), as
+    torch ops take CPU scalars; on that device it would have to be a device tensor otherwise."""
+    from fused_s2s._checks import check_ratio, check_tau
+
+    meta = torch.device("meta")  # stands in for a GPU
+    assert check_tau(torch.tensor(0.5, dtype=torch.float64), meta) == 0.5
+    assert check_ratio("teacher_forcing_ratio", torch.tensor(0.25), meta) == 0.25
+    with pytest.raises(ValueError, match="tau must be a finite number > 0"):
+        check_tau(torch.tensor(0.0), meta)  # its value still checked
+    t = torch.tensor(0.5)
+    assert check_tau(t, "cpu") is t  # with CPU inputs it stays the tensor (the kernels' pointer)
+    with pytest.raises(ValueError, match="tau must be on cpu"):
+        check_tau(torch.tensor(0.5, device="meta"), "cpu")
+
+
 @pytest.mark.gpu
 def test_tau_tensor_check_is_a_device_assert_and_skipped_under_capture_cuda():
     """On CUDA the tau tensor's value is checked without a sync (torch._assert_async, not run here:
