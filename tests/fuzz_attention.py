@@ -18,62 +18,49 @@ bugs. Session 6, CPU: 2182 cases before the fp32 exact delta, 22 failures (all f
 """
 from __future__ import annotations
 
-import argparse
-import os
-import random
 import sys
-import time
+
+from tests import _fuzz
+
+
+def draw(rng, torch, device):
+    """One random case: (description, check)."""
+    from tests import test_attention as ta
+
+    dt = rng.choice([torch.float32, torch.float16, torch.bfloat16])
+    path = rng.choice(["row", "row", "split", "tiled", "wide"])
+    # tiled / wide: 16-bit only (fp32 runs the per-row kernels at T > 1 then, the launcher's choice)
+    B, L = rng.randint(1, 3), rng.randint(1, 45)
+    T = rng.randint(16, 20) if path in ("tiled", "wide") else rng.choice([None, 1, 2, 5])
+    if path == "wide":  # past the one-tile widths: 16-bit BLOCK_D > 256 (fp32: wide per-row rows)
+        D = rng.randint(65, 140) if dt == torch.float32 else rng.randint(257, 300)
+    else:
+        D = rng.randint(1, 48)
+    Dv = rng.choice([None, D, rng.randint(1, D if path == "wide" else 48)])  # None: values = keys
+    mkind = rng.choice([None, "len", "bool"])
+    scale = rng.choice([0.3, 1.0, 3.0])
+    kw = {"split": dict(splits=rng.randint(2, 4), block_l=rng.choice([2, 4, 8])),
+          "tiled": dict(tiled=True), "wide": dict(tiled=True)}.get(path, {})
+    if path in ("tiled", "wide") and dt == torch.float32:
+        kw = {}
+    if path == "row" and T and T > 1:
+        kw = dict(tiled=False)
+    gc, gw = rng.random() < 0.8, rng.random() < 0.6
+    gc = gc or not gw
+    torch.manual_seed(rng.randint(0, 10**6))
+    q, k, v = ta._inputs(B, T, L, D, Dv or D, torch.float32, device, shared=Dv is None)
+    q, k, v = (q * scale).to(dt), k.to(dt), None if v is None else v.to(dt)
+    desc = (f"{dt} {path} B={B} T={T} L={L} D={D} Dv={Dv} mask={mkind} scale={scale} "
+            f"grad ctx={gc} weights={gw} {kw}")
+
+    def check():  # _check_all raises on a failure
+        ta._check_all(q, k, v, ta._mask(mkind, B, L, device), gc=gc, gw=gw, **kw)
+
+    return desc, check
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seconds", type=float, default=600)
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--device", default="cpu")
-    a = p.parse_args(argv)
-    if a.device == "cpu":
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
-    import torch
-
-    from tests import test_attention as ta
-
-    rng = random.Random(a.seed)
-    t_end = time.time() + a.seconds
-    n = bad = 0
-    while time.time() < t_end:
-        dt = rng.choice([torch.float32, torch.float16, torch.bfloat16])
-        path = rng.choice(["row", "row", "split", "tiled", "wide"])
-        # tiled / wide: 16-bit only (fp32 runs the per-row kernels at T > 1 then, the launcher's choice)
-        B, L = rng.randint(1, 3), rng.randint(1, 45)
-        T = rng.randint(16, 20) if path in ("tiled", "wide") else rng.choice([None, 1, 2, 5])
-        if path == "wide":  # past the one-tile widths: 16-bit BLOCK_D > 256 (fp32: wide per-row rows)
-            D = rng.randint(65, 140) if dt == torch.float32 else rng.randint(257, 300)
-        else:
-            D = rng.randint(1, 48)
-        Dv = rng.choice([None, D, rng.randint(1, D if path == "wide" else 48)])  # None: values = keys
-        mkind = rng.choice([None, "len", "bool"])
-        scale = rng.choice([0.3, 1.0, 3.0])
-        kw = {"split": dict(splits=rng.randint(2, 4), block_l=rng.choice([2, 4, 8])),
-              "tiled": dict(tiled=True), "wide": dict(tiled=True)}.get(path, {})
-        if path in ("tiled", "wide") and dt == torch.float32:
-            kw = {}
-        if path == "row" and T and T > 1:
-            kw = dict(tiled=False)
-        gc, gw = rng.random() < 0.8, rng.random() < 0.6
-        gc = gc or not gw
-        torch.manual_seed(rng.randint(0, 10**6))
-        q, k, v = ta._inputs(B, T, L, D, Dv or D, torch.float32, a.device, shared=Dv is None)
-        q, k, v = (q * scale).to(dt), k.to(dt), None if v is None else v.to(dt)
-        desc = (f"{dt} {path} B={B} T={T} L={L} D={D} Dv={Dv} mask={mkind} scale={scale} "
-                f"grad ctx={gc} weights={gw} {kw}")
-        try:
-            ta._check_all(q, k, v, ta._mask(mkind, B, L, a.device), gc=gc, gw=gw, **kw)
-        except AssertionError as e:
-            bad += 1
-            print(f"FAIL {desc}\n    {str(e).splitlines()[0][:300]}", flush=True)
-        n += 1
-    print(f"{n} cases, {bad} failed", flush=True)
-    return 1 if bad else 0
+    return _fuzz.main(__doc__, argv, draw)
 
 
 if __name__ == "__main__":

@@ -31,12 +31,10 @@ index or one-hot failures, and errors far over the bound are bugs.
 """
 from __future__ import annotations
 
-import argparse
 import math
-import os
-import random
 import sys
-import time
+
+from tests import _fuzz
 
 
 def _case(rng, torch, device):
@@ -106,35 +104,18 @@ def run_case(torch, device, dt, R, V, block_v, hard, tau, tau_kind, scale, given
     return oracle_check(dx, dx_e, dx_o, name="dlogits")[2]
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seconds", type=float, default=600)
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--device", default="cpu")
-    a = p.parse_args(argv)
-    if a.device == "cpu":
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
-    import torch
+def draw(rng, torch, device):
+    """One random case: (description, check)."""
+    case = _case(rng, torch, device)
+    seed = rng.randint(0, 10**6)
+    dt, R, V, block_v, hard, tau, tau_kind, scale, given = case
+    desc = (f"{dt} R={R} V={V} block_v={block_v} hard={hard} tau={tau!r} ({tau_kind}) scale={scale} "
+            f"noise={'given' if given else 'kernel'} seed={seed}")
+    return desc, lambda: run_case(torch, device, *case, seed)
 
-    rng = random.Random(a.seed)
-    t_end = time.time() + a.seconds
-    n = bad = 0
-    while time.time() < t_end:
-        case = _case(rng, torch, a.device)
-        seed = rng.randint(0, 10**6)
-        dt, R, V, block_v, hard, tau, tau_kind, scale, given = case
-        desc = (f"{dt} R={R} V={V} block_v={block_v} hard={hard} tau={tau!r} ({tau_kind}) scale={scale} "
-                f"noise={'given' if given else 'kernel'} seed={seed}")
-        try:
-            msg = run_case(torch, a.device, *case, seed)
-        except Exception as e:  # a crash is a finding too
-            msg = f"{type(e).__name__}: {e}"
-        if msg:
-            bad += 1
-            print(f"FAIL {desc}\n    {msg.splitlines()[0][:300]}", flush=True)
-        n += 1
-    print(f"{n} cases, {bad} failed", flush=True)
-    return 1 if bad else 0
+
+def main(argv=None) -> int:
+    return _fuzz.main(__doc__, argv, draw)
 
 
 if __name__ == "__main__":
