@@ -75,6 +75,12 @@ def test_tensor_ratio_and_tau_make_no_host_sync_and_replay_new_values(sampling):
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(out.logits).all()
     with torch.no_grad():
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):  # warm up the no-grad path (compilation, allocator) off the capture
+            for _ in range(2):
+                dec(tgt_in, memory, mask, state, ratio, sampling, tau)
+        torch.cuda.current_stream().wait_stream(s)
         eager_tf = dec(tgt_in, memory, mask, state, 1.0).logits.clone()
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):

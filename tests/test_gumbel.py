@@ -787,7 +787,8 @@ def test_tau_tensor_check_is_a_device_assert_and_skipped_under_capture_cuda():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     g = torch.cuda.CUDAGraph()
-    _gs(x, tau, True)  # warm up (compile) outside the capture
+    _gs(x, tau, False)  # warm up (compile the soft kernel) outside the capture
+    torch.cuda.synchronize()
     with torch.cuda.graph(g):
         y = _gs(x, tau, False)
     for t in (0.5, 2.0):
