@@ -145,8 +145,9 @@ def test_scheduled_wrapper_takes_each_calls_ratio_and_tau(monkeypatch):
         fixed(*batch, tau=0.5)
 
 
+@pytest.mark.parametrize("scheduled", [False, True])
 @pytest.mark.parametrize("sampling", ["gumbel", "gumbel_hard"])
-def test_capture_under_autocast_runs_the_backward_as_an_eager_step(monkeypatch, sampling):
+def test_capture_under_autocast_runs_the_backward_as_an_eager_step(monkeypatch, sampling, scheduled):
     """Under bf16 autocast, scheduled sampling, T > _PassGrad.FLUSH steps: the 'capture' (here what
     make_graphed_callables does before capturing: the pass and autograd.grad over its inputs and
     parameters, in the state it is called in) succeeds, and its gradients are those of an eager step
@@ -174,7 +175,7 @@ def test_capture_under_autocast_runs_the_backward_as_an_eager_step(monkeypatch, 
     mode = (0.5, sampling, 0.7, "token")
     torch.manual_seed(7)
     with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
-        step = graphs.GraphedDecoderLoss(model, src, lengths, tgt, mode)
+        step = graphs.GraphedDecoderLoss(model, src, lengths, tgt, mode, scheduled)  # scheduled: tensors
     assert not captured["autocast_in_backward"]
     torch.manual_seed(7)  # the encoder draws nothing: the same coins and noise as the capture's
     with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
