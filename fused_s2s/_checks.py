@@ -144,3 +144,15 @@ def check_batch(**tensors) -> int:
         if v.shape[0] != v0.shape[0]:
             raise ValueError(f"{k} has batch size {v.shape[0]} but {k0} has {v0.shape[0]}; expected equal")
     return v0.shape[0]
+
+
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """t on ``device``. A CPU tensor goes to CUDA through pinned memory, non-blocking: a plain
+    ``.to("cuda")`` waits for the stream after its copy (a host sync), this does not. The pinned
+    buffer is the caching host allocator's, which keeps it until the copy has run."""
+    device = torch.device(device)
+    if t.device == device:
+        return t
+    if t.device.type == "cpu" and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)

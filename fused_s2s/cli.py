@@ -364,7 +364,7 @@ def _graph_step(graphed: dict, model, batch, ratio: float, tau: float, args):
     if step is None:
         step = graphed[key] = graphs.graph_decoder_loss(model, batch.src, batch.src_lengths, batch.tgt, ratio,
                                                         args.sampling, tau, coin=args.coin, scheduled=True)
-    return step(batch.src, batch.src_lengths, batch.tgt, teacher_forcing_ratio=ratio, tau=tau)
+    return step(batch.src, batch.src_lengths, batch.tgt, teacher_forcing_ratio=ratio, tau=tau, check_ids=False)
 
 
 def train(args, explicit: set[str] | None = None) -> dict:
@@ -477,7 +477,10 @@ def train(args, explicit: set[str] | None = None) -> dict:
     try:
         while step < args.steps:
             idx = _batch_indices(len(data.train), args.batch_size, args.seed, rank, step).tolist()
-            pairs = [data.train[i] for i in idx]
+            # longest source first: the encoder packs without a device copy of the sort order, and
+            # with the ids built here (check_ids=False) and the lengths on the CPU a step makes no
+            # host sync, so the host prepares the next batch while the GPU runs this one
+            pairs = sorted((data.train[i] for i in idx), key=lambda p: -len(p[0]))
             batch = data_lib.collate(pairs, vocab, device, pad_multiple=_GRAPH_PAD if graphed is not None else 1)
             ratio = float(sched["tf"](step))
             tau = float(sched["tau"](step))
@@ -487,7 +490,7 @@ def train(args, explicit: set[str] | None = None) -> dict:
             with ctx:
                 if graphed is None:
                     out = net(batch.src, batch.src_lengths, batch.tgt, teacher_forcing_ratio=ratio,
-                              sampling=args.sampling, tau=tau, coin=args.coin)
+                              sampling=args.sampling, tau=tau, coin=args.coin, check_ids=False)
                 else:
                     out = _graph_step(graphed, model, batch, ratio, tau, args)
             opt.zero_grad(set_to_none=True)

@@ -25,6 +25,8 @@ from typing import NamedTuple, Sequence
 
 import torch
 
+from fused_s2s._checks import to_device
+
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
 UNK_CHAR = "\ufffd"  # what decode() writes for <unk>
@@ -298,9 +300,14 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def _to(t: torch.Tensor, device) -> torch.Tensor:
+    return t if device is None else to_device(t, device)
+
+
 def encode_sources(texts: Sequence[str], vocab: Vocab, device=None, pad_multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, L) padded ids and (B,) lengths, L the longest source rounded up to ``pad_multiple``.
-    Empty sources are rejected (nothing to attend to)."""
+    """(B, L) padded ids on ``device`` and (B,) lengths on the CPU (the encoder packs by them on
+    the host: no device round trip), L the longest source rounded up to ``pad_multiple``. Empty
+    sources are rejected (nothing to attend to). The ids go to a GPU without a host sync."""
     ids = [vocab.encode(t) for t in texts]
     for i, x in enumerate(ids):
         if not x:
@@ -310,13 +317,13 @@ def encode_sources(texts: Sequence[str], vocab: Vocab, device=None, pad_multiple
     for i, x in enumerate(ids):
         src[i, : len(x)] = torch.tensor(x, dtype=torch.long)
     lengths = torch.tensor([len(x) for x in ids], dtype=torch.long)
-    return src.to(device), lengths.to(device)
+    return _to(src, device), lengths
 
 
 def collate(pairs: Sequence, vocab: Vocab, device=None, pad_multiple: int = 1) -> Batch:
-    """src (B, L), src_lengths (B,), tgt (B, T+1) = BOS .. EOS right-padded with PAD. ``pad_multiple``
-    rounds L and T+1 up to a multiple (fewer distinct shapes: one CUDA graph per shape); the extra
-    positions are masked (source) or PAD targets, which the loss leaves out."""
+    """src (B, L), src_lengths (B,) on the CPU, tgt (B, T+1) = BOS .. EOS right-padded with PAD.
+    ``pad_multiple`` rounds L and T+1 up to a multiple (fewer distinct shapes: one CUDA graph per
+    shape); the extra positions are masked (source) or PAD targets, which the loss leaves out."""
     if not pairs:
         raise ValueError("cannot make a batch of zero examples")
     src, lengths = encode_sources([p[0] for p in pairs], vocab, device, pad_multiple)
@@ -325,7 +332,7 @@ def collate(pairs: Sequence, vocab: Vocab, device=None, pad_multiple: int = 1) -
     tgt = torch.full((len(pairs), T1), PAD, dtype=torch.long)
     for i, x in enumerate(tgt_ids):
         tgt[i, : len(x)] = torch.tensor(x, dtype=torch.long)
-    return Batch(src, lengths, tgt.to(device))
+    return Batch(src, lengths, _to(tgt, device))
 
 
 def batches(pairs: Sequence, vocab: Vocab, batch_size: int, device=None):

@@ -98,9 +98,9 @@ class _DecoderLoss(nn.Module):
         return loss
 
 
-def _encode(model, src, src_lengths):
+def _encode(model, src, src_lengths, check_ids: bool = True):
     """The eager encoder: memory (B, L, D), lengths (B,), the final state as a tuple of tensors."""
-    memory, lengths, state = model.encode(src, src_lengths)
+    memory, lengths, state = model.encode(src, src_lengths, check_ids=check_ids)
     return memory, lengths, (state.rnn if isinstance(state.rnn, tuple) else (state.rnn,))
 
 
@@ -163,10 +163,11 @@ class GraphedDecoderLoss:
             return self.make_graphed(module, args)
 
     def __call__(self, src: Tensor, src_lengths: Tensor, tgt: Tensor, teacher_forcing_ratio=None,
-                 tau=None) -> Seq2SeqOutput:
+                 tau=None, *, check_ids: bool = True) -> Seq2SeqOutput:
         """The decoder pass and loss for this batch. teacher_forcing_ratio, tau: this call's values
         (Python floats; None keeps the previous call's, at first the capture's); only with a
-        pass captured with ``scheduled=True``."""
+        pass captured with ``scheduled=True``. check_ids: as Seq2Seq.forward's (False: the caller
+        built the ids from the vocabulary; an id out of range would assert inside the graph)."""
         if not self.scheduled and (teacher_forcing_ratio is not None or tau is not None):
             raise ValueError("teacher_forcing_ratio and tau were fixed at capture; capture with "
                              "graph_decoder_loss(..., scheduled=True) to pass them per call")
@@ -189,13 +190,13 @@ class GraphedDecoderLoss:
             raise RuntimeError(f"autocast state (enabled, dtype) must be {self.autocast} as at capture, got "
                                f"{_autocast_state(self.device_type)}")
         # as Seq2Seq.forward (an out-of-range id would assert inside the graph)
-        self.model._check_args(src, src_lengths, tgt, *self.mode)
+        self.model._check_args(src, src_lengths, tgt, *self.mode, check_ids)
         if self.scheduled:
             for t, value in ((self.ratio, ratio), (self.tau, tau)):
                 if value is not None:
                     t.fill_(value)  # a fill kernel with the value as its argument: no host sync
             self.ratio_now = self.ratio_now if ratio is None else ratio
-        memory, lengths, rnn = _encode(self.model, src, src_lengths)
+        memory, lengths, rnn = _encode(self.model, src, src_lengths, check_ids)
         if self.fast_path and self.ratio_now == 1.0:
             if self.graphed_tf is None:
                 _, sampling, tau_0, coin = self.mode

@@ -30,12 +30,13 @@ from fused_s2s._checks import (
     check_choice,
     check_float,
     check_generator,
-    check_ids,
+    check_ids as _check_ids,
     check_int_tensor,
     check_ratio,
     check_same_device,
     check_tau,
     check_tensor,
+    to_device,
 )
 
 CELLS = ("lstm", "gru")
@@ -222,11 +223,15 @@ class Encoder(nn.Module):
         self.embedding = nn.Embedding(vocab_size, D, padding_idx=self.padding_idx)  # W_emb (V, D)
         self.rnn = _rnn_class(cell)(D, D, num_layers, batch_first=True)
 
-    def forward(self, src: Tensor, src_lengths: Tensor):
+    def forward(self, src: Tensor, src_lengths: Tensor, *, check_ids: bool = True):
         """src (B, L) ids, src_lengths (B,) integer on any device -> memory H (B, L, D), final state.
 
         H is zero at padded positions. The final state is in nn.LSTM/nn.GRU format. A zero length
         gives H = 0 and a zero final state (the state of an empty sequence).
+
+        Host syncs on a GPU: the id check (``check_ids=False`` skips it, for callers that built the
+        ids themselves), and lengths on the GPU (packing needs them on the host: pass them on the
+        CPU). Lengths sorted longest first also spare packing its device copy of the sort order.
         """
         check_int_tensor("src", src, ndim=2)
         check_int_tensor("src_lengths", src_lengths, ndim=1)
@@ -234,7 +239,8 @@ class Encoder(nn.Module):
         if src.device != self.embedding.weight.device:
             raise ValueError(f"src is on {src.device} but the encoder's parameters are on "
                              f"{self.embedding.weight.device}; expected one device")
-        check_ids("src", src, self.vocab_size)
+        if check_ids:
+            _check_ids("src", src, self.vocab_size)
         B, L = src.shape
         if B == 0 or L == 0:
             raise ValueError(f"src must have shape (B, L) with B >= 1 and L >= 1, got {tuple(src.shape)}")
@@ -243,10 +249,13 @@ class Encoder(nn.Module):
             raise ValueError(f"src_lengths must be in [0, L={L}], got values in "
                              f"[{int(lengths_cpu.min())}, {int(lengths_cpu.max())}]")
         X = self.embedding(src.long())  # (B, L, D)
-        packed = pack_padded_sequence(X, lengths_cpu.clamp_min(1), batch_first=True, enforce_sorted=False)
+        packed_lengths = lengths_cpu.clamp_min(1)
+        # already longest first (checked on the host): no sort order for packing to copy to the device
+        in_order = bool((packed_lengths[:-1] >= packed_lengths[1:]).all())
+        packed = pack_padded_sequence(X, packed_lengths, batch_first=True, enforce_sorted=in_order)
         out, final = self.rnn(packed)
         H, _ = pad_packed_sequence(out, batch_first=True, total_length=L)  # (B, L, D), zero past length
-        lengths = lengths_cpu.to(src.device)  # (B,)
+        lengths = to_device(lengths_cpu, src.device)  # (B,)
         valid = torch.arange(L, device=src.device)[None, :] < lengths[:, None]  # (B, L)
         H = H * valid.unsqueeze(-1).to(H.dtype)  # (B, L, D)  zero-length rows ran one step: clear them
         nonempty = (lengths > 0).to(H.dtype)[None, :, None]  # (1, B, 1)
@@ -456,7 +465,7 @@ class AttentionDecoder(nn.Module):
                 raise ValueError(f"noise must have shape (B, T, V) = ({B}, {T}, {V}), got {tuple(noise.shape)}")
         check_generator(generator, dev, "memory's device")
         if ids:  # last: the only check that reads values (a host sync)
-            check_ids("tgt_in", tgt_in, V)
+            _check_ids("tgt_in", tgt_in, V)
         return ForwardArgs(ratio, sampling, tau, coin, mask)
 
     def _loop(self, tgt_in, memory, state, args: "ForwardArgs", coin, noise, generator) -> DecoderOutput:
@@ -569,24 +578,31 @@ class Seq2Seq(nn.Module):
         self.decoder = self.decoder_cls(tgt_vocab_size, hidden_size, cell, num_layers, padding_idx,
                                         input_feed=input_feed, backend=backend)
 
-    def encode(self, src: Tensor, src_lengths: Tensor):
+    def encode(self, src: Tensor, src_lengths: Tensor, *, check_ids: bool = True):
         """-> memory H (B, L, D), memory_mask = lengths (B,) long on H's device, initial DecoderState."""
-        memory, final = self.encoder(src, src_lengths)
-        memory_mask = src_lengths.to(device=memory.device, dtype=torch.long)  # (B,)
+        memory, final = self.encoder(src, src_lengths, check_ids=check_ids)
+        memory_mask = to_device(src_lengths.long(), memory.device)  # (B,)
         return memory, memory_mask, self.decoder.init_state(final)
 
     def forward(self, src: Tensor, src_lengths: Tensor, tgt: Tensor, teacher_forcing_ratio=1.0,
-                sampling="argmax", tau=1.0, *, coin="token", noise=None, generator=None) -> Seq2SeqOutput:
-        """tgt (B, T+1) = BOS y_1 .. y_T EOS, right-padded. Loss: mean CE over non-pad targets."""
-        self._check_args(src, src_lengths, tgt, teacher_forcing_ratio, sampling, tau, coin)
-        memory, memory_mask, state = self.encode(src, src_lengths)
+                sampling="argmax", tau=1.0, *, coin="token", noise=None, generator=None,
+                check_ids: bool = True) -> Seq2SeqOutput:
+        """tgt (B, T+1) = BOS y_1 .. y_T EOS, right-padded. Loss: mean CE over non-pad targets.
+
+        check_ids: read src's and tgt's values to refuse ids outside the vocabularies (a host sync
+        each on a GPU); False for callers that built the ids from the vocabulary themselves. With
+        that, src_lengths on the CPU and sorted longest first, a training step makes no host sync.
+        """
+        self._check_args(src, src_lengths, tgt, teacher_forcing_ratio, sampling, tau, coin, check_ids)
+        memory, memory_mask, state = self.encode(src, src_lengths, check_ids=check_ids)
         tgt = tgt.long()
         tgt_in, tgt_out = tgt[:, :-1], tgt[:, 1:]  # (B, T) inputs, (B, T) targets
         out = self.decoder(tgt_in, memory, memory_mask, state, teacher_forcing_ratio, sampling, tau,
                            coin=coin, noise=noise, generator=generator, check_ids=False)  # _check_args did
         return Seq2SeqOutput(self.loss(out.logits, tgt_out), out.logits, out.attention)
 
-    def _check_args(self, src, src_lengths, tgt, teacher_forcing_ratio, sampling, tau, coin) -> tuple:
+    def _check_args(self, src, src_lengths, tgt, teacher_forcing_ratio, sampling, tau, coin,
+                    check_ids: bool = True) -> tuple:
         """forward's argument checks, cheap ones first so bad options fail before the encoder runs
         (tgt's ids are read: one host sync). -> (ratio, sampling, tau, coin) validated."""
         mode = (check_ratio("teacher_forcing_ratio", teacher_forcing_ratio), check_choice("sampling", sampling, SAMPLING_MODES),
@@ -597,7 +613,8 @@ class Seq2Seq(nn.Module):
         check_batch(src=src, src_lengths=src_lengths, tgt=tgt)
         if tgt.shape[1] < 2:
             raise ValueError(f"tgt must have shape (B, T+1) with T >= 1 (BOS ... EOS), got {tuple(tgt.shape)}")
-        check_ids("tgt", tgt, self.decoder.vocab_size)
+        if check_ids:
+            _check_ids("tgt", tgt, self.decoder.vocab_size)
         return mode
 
     def loss(self, logits: Tensor, tgt_out: Tensor) -> Tensor:

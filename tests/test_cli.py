@@ -445,9 +445,12 @@ def test_cuda_graph_training_loop_on_cpu(tmp_path, capsys, monkeypatch, amp):
         mode = model._check_args(src, src_lengths, tgt, ratio, sampling, tau, coin)
         step = graphs.GraphedDecoderLoss(model, src, src_lengths, tgt, mode, scheduled)
 
-        def call(*batch, teacher_forcing_ratio, tau):
+        def call(*batch, teacher_forcing_ratio, tau, check_ids):
             calls.append((teacher_forcing_ratio, tau))
-            return step(*batch, teacher_forcing_ratio=teacher_forcing_ratio, tau=tau)
+            assert not check_ids  # the command's own ids: not read back (a host sync)
+            src, src_lengths, _ = batch
+            assert src_lengths.device.type == "cpu" and bool((src_lengths[:-1] >= src_lengths[1:]).all())
+            return step(*batch, teacher_forcing_ratio=teacher_forcing_ratio, tau=tau, check_ids=check_ids)
         return call
 
     monkeypatch.setattr(graphs, "graph_decoder_loss", capture)

@@ -95,3 +95,32 @@ def test_tensor_ratio_and_tau_make_no_host_sync_and_replay_new_values(sampling):
         torch.cuda.synchronize()
         assert torch.isfinite(ss.logits).all()
         assert not torch.allclose(ss.logits[:, 1:], eager_tf[:, 1:])  # model-fed inputs from step 2 on
+
+
+@pytest.mark.parametrize("sampling", ["argmax", "gumbel_hard"])
+def test_training_step_with_cpu_sorted_lengths_makes_no_host_sync(sampling):
+    """A whole training step (encoder, decoder, loss, backward, fused Adam) makes no host sync when
+    the caller vouches for the ids (check_ids=False) and passes the lengths on the CPU, longest
+    first, as fused-s2s train does: its host can then prepare the next batch while the GPU runs."""
+    torch.manual_seed(0)
+    model = fused_s2s.Seq2Seq(V, V, D, backend="triton").cuda()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    src = torch.randint(3, V, (B, L), device="cuda")
+    lengths = torch.tensor([9, 7, 5, 1])  # CPU, sorted
+    tgt = torch.randint(3, V, (B, T + 1), device="cuda")
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        out = model(src, lengths, tgt, 0.5, sampling, 0.7, check_ids=False)
+        out.loss.backward()
+        opt.step()
+        return out.loss
+
+    step()  # compile and allocate first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss)

@@ -688,11 +688,36 @@ def test_decoder_check_ids_false_skips_reading_the_ids(monkeypatch):
     memory, mask, state = m.encode(src, lengths)
     seen = []
     real = _checks.check_ids
-    monkeypatch.setattr(reference, "check_ids", lambda name, ids, V: seen.append(name) or real(name, ids, V))
+    monkeypatch.setattr(reference, "_check_ids", lambda name, ids, V: seen.append(name) or real(name, ids, V))
     m.decoder(tgt[:, :-1], memory, mask, state)
     m.decoder(tgt[:, :-1], memory, mask, state, check_ids=False)
     m(src, lengths, tgt)
     assert seen == ["tgt_in", "tgt", "src"]  # the decoder's own check once; Seq2Seq's tgt (and the encoder's src), no second tgt_in
+    # Seq2Seq.forward(check_ids=False), for ids the caller built: neither src nor tgt is read
+    seen.clear()
+    m(src, lengths, tgt, check_ids=False)
+    assert seen == []
+
+
+def test_encoder_packs_sorted_lengths_without_a_sort_order_and_equally(monkeypatch):
+    """Lengths already longest first are packed with enforce_sorted=True (no sort order for the
+    device); the result is the unsorted batch's, row for row."""
+    import torch.nn.utils.rnn as rnn_utils
+
+    m = make_model("lstm", False, V=7, D=4, dtype=torch.float32)
+    src, lengths, _ = make_batch(B=4, L=5, T=3)
+    lengths = torch.tensor([2, 5, 1, 4])
+    order = torch.argsort(lengths, descending=True)
+    calls = []
+    real = rnn_utils.pack_padded_sequence
+    monkeypatch.setattr(reference, "pack_padded_sequence",
+                        lambda *a, **k: calls.append(k["enforce_sorted"]) or real(*a, **k))
+    H, final = m.encoder(src, lengths)
+    H_s, final_s = m.encoder(src[order], lengths[order])
+    assert calls == [False, True]
+    torch.testing.assert_close(H_s, H[order], rtol=0, atol=0)
+    for a, b in zip(final_s, final):
+        torch.testing.assert_close(a, b[:, order], rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------
