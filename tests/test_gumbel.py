@@ -808,3 +808,34 @@ def test_fuzz_gumbel_cases_pass(device, case):
     from tests import fuzz_gumbel
 
     assert fuzz_gumbel.run_case(torch, device, *case, seed=5) is None
+
+
+def test_fuzz_driver_counts_every_kind_of_failure(capsys, monkeypatch):
+    """tests/_fuzz.py: a returned message, an AssertionError and any other exception each count as
+    a failing case (printed with its description); passing cases do not; exit status 1."""
+    from tests import _fuzz
+
+    clock = [0.0]  # a fake clock: each case takes 1 "second", the run 5
+    monkeypatch.setattr(_fuzz.time, "time", lambda: clock[0])
+
+    def boom():
+        raise RuntimeError("crash")
+
+    def wrong():
+        raise AssertionError("over the bound")
+
+    def passes():
+        return None
+
+    checks = iter([passes, lambda: "bad value", wrong, boom, passes])
+
+    def draw(rng, torch_, device):
+        clock[0] += 1.0
+        check = next(checks)
+        return f"case {check.__name__}", check
+
+    assert _fuzz.main("doc", ["--seconds", "4.5"], draw) == 1
+    out = capsys.readouterr().out
+    assert out.count("FAIL ") == 3 and "bad value" in out and "over the bound" in out and "RuntimeError: crash" in out
+    assert "5 cases, 3 failed" in out
+    assert _fuzz.main("doc", ["--seconds", "0"], draw) == 0  # no case run: nothing failed
