@@ -133,24 +133,30 @@ class GraphedDecoderLoss:
         self.device_type = next(model.parameters()).device.type  # "cuda" (the CPU tests: "cpu")
         self.autocast = _autocast_state(self.device_type)
         memory, lengths, rnn = _encode(model, src, src_lengths)
+        self.ratio_now = mode[0]  # the ratio of the next replay, as a Python float: picks its graph
         captured = mode
         if self.scheduled:  # ratio and tau as 0-d fp64 tensors on the device, which the replays read
             ratio, sampling, tau, coin = mode
-            self.ratio_now = ratio  # the value in self.ratio (Python float: picks the graph per call)
             self.ratio = torch.tensor(ratio, dtype=torch.float64, device=memory.device)
             self.tau = torch.tensor(tau, dtype=torch.float64, device=memory.device)
             captured = (self.ratio, sampling, self.tau, coin)
-        self.captured = captured
-        self.static_inputs = _static_inputs(tgt, memory, lengths, rnn)
-        # scheduled: calls at ratio 1.0 replay the teacher-forcing fast path (the step loop with a
-        # tensor ratio of 1.0 gives the same loss, at its own cost); each graph is captured when it
-        # is first needed, this one now
-        self.fast_path = self.scheduled and not model.decoder.input_feed
-        self.graphed = self.graphed_tf = None
-        if self.fast_path and mode[0] == 1.0:
-            self.graphed_tf = self._capture(mode, self.static_inputs)
-        else:
-            self.graphed = self._capture(captured, self.static_inputs)
+        # the mode each graph replays, keyed by "the teacher-forcing fast path": scheduled, calls at
+        # ratio 1.0 replay it (the step loop with a tensor ratio of 1.0 gives the same loss, at its
+        # own cost); input feeding has none
+        self.modes = {False: captured}
+        if self.scheduled and not model.decoder.input_feed:
+            self.modes[True] = (1.0, *mode[1:])
+        self.graphs = {}  # captured when first needed: the capture ratio's now
+        self._graph(tgt, memory, lengths, rnn)
+
+    def _graph(self, tgt, memory, lengths, rnn):
+        """The graph for the next replay's ratio, captured at its first use; copies of this batch's
+        tensors become its static inputs (``self.static_inputs``: the latest capture's)."""
+        fast = True in self.modes and self.ratio_now == 1.0
+        if fast not in self.graphs:
+            self.static_inputs = _static_inputs(tgt, memory, lengths, rnn)
+            self.graphs[fast] = self._capture(self.modes[fast], self.static_inputs)
+        return self.graphs[fast]
 
     def _capture(self, mode, args):
         on, dtype = self.autocast
@@ -197,15 +203,7 @@ class GraphedDecoderLoss:
                     t.fill_(value)  # a fill kernel with the value as its argument: no host sync
             self.ratio_now = self.ratio_now if ratio is None else ratio
         memory, lengths, rnn = _encode(self.model, src, src_lengths, check_ids)
-        if self.fast_path and self.ratio_now == 1.0:
-            if self.graphed_tf is None:
-                _, sampling, tau_0, coin = self.mode
-                self.graphed_tf = self._capture((1.0, sampling, tau_0, coin), _static_inputs(tgt, memory, lengths, rnn))
-            graphed = self.graphed_tf
-        else:
-            if self.graphed is None:
-                self.graphed = self._capture(self.captured, _static_inputs(tgt, memory, lengths, rnn))
-            graphed = self.graphed
+        graphed = self._graph(tgt, memory, lengths, rnn)
         loss = graphed(tgt.long(), memory, lengths, *rnn)
         return Seq2SeqOutput(loss, *graphed.outputs)  # the static buffers of logits, attention
 
