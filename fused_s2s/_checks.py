@@ -77,7 +77,7 @@ def _scalar_tensor(name: str, t: torch.Tensor, device, ok, expected: str) -> tor
         if device is not None and torch.device(device).type != "cpu":
             return t.item()  # a CPU scalar with device inputs: a Python number (no device sync), as torch ops take it
         return t
-    check_float(name, t, device=device)
+    check_tensor(name, t, device=device)  # the dtype was checked above
     if not (t.is_cuda and torch.cuda.is_current_stream_capturing()):
         torch._assert_async(ok(t.detach()), f"{name} must be {expected}")
     return t
@@ -147,9 +147,11 @@ def check_batch(**tensors) -> int:
 
 
 def to_device(t: torch.Tensor, device) -> torch.Tensor:
-    """t on ``device``. A CPU tensor goes to CUDA through pinned memory, non-blocking: a plain
-    ``.to("cuda")`` waits for the stream after its copy (a host sync), this does not. The pinned
-    buffer is the caching host allocator's, which keeps it until the copy has run."""
+    """t on ``device`` (None: where it is). A CPU tensor goes to CUDA through pinned memory,
+    non-blocking: a plain ``.to("cuda")`` waits for the stream after its copy (a host sync), this
+    does not. The pinned buffer is the caching host allocator's, which keeps it until the copy has run."""
+    if device is None:
+        return t
     device = torch.device(device)
     if t.device == device:
         return t

@@ -300,10 +300,6 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def _to(t: torch.Tensor, device) -> torch.Tensor:
-    return t if device is None else to_device(t, device)
-
-
 def encode_sources(texts: Sequence[str], vocab: Vocab, device=None, pad_multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, L) padded ids on ``device`` and (B,) lengths on the CPU (the encoder packs by them on
     the host: no device round trip), L the longest source rounded up to ``pad_multiple``. Empty
@@ -317,7 +313,7 @@ def encode_sources(texts: Sequence[str], vocab: Vocab, device=None, pad_multiple
     for i, x in enumerate(ids):
         src[i, : len(x)] = torch.tensor(x, dtype=torch.long)
     lengths = torch.tensor([len(x) for x in ids], dtype=torch.long)
-    return _to(src, device), lengths
+    return to_device(src, device), lengths
 
 
 def collate(pairs: Sequence, vocab: Vocab, device=None, pad_multiple: int = 1) -> Batch:
@@ -332,7 +328,7 @@ def collate(pairs: Sequence, vocab: Vocab, device=None, pad_multiple: int = 1) -
     tgt = torch.full((len(pairs), T1), PAD, dtype=torch.long)
     for i, x in enumerate(tgt_ids):
         tgt[i, : len(x)] = torch.tensor(x, dtype=torch.long)
-    return Batch(src, lengths, _to(tgt, device))
+    return Batch(src, lengths, to_device(tgt, device))
 
 
 def batches(pairs: Sequence, vocab: Vocab, batch_size: int, device=None):
