@@ -59,6 +59,7 @@ def run_case(torch, device, dt, R, V, block_v, hard, tau, tau_kind, scale, given
     from fused_s2s import philox
     from fused_s2s.kernels import gumbel as K
     from tests.helpers import oracle_check
+    from tests.test_gumbel import _softmax_grads
 
     torch.manual_seed(seed)
     x = (torch.randn(R, V, device=device) * scale).to(dt)
@@ -88,14 +89,8 @@ def run_case(torch, device, dt, R, V, block_v, hard, tau, tau_kind, scale, given
     if not ((idx == t.argmax(-1)) | (best - picked <= 16 * ulp)).all():
         return f"index: {int((idx != t.argmax(-1)).sum())} of {R} rows off the argmax of t"
 
-    def soft(dtype):
-        xx = x.to(dtype).requires_grad_()
-        yy = torch.softmax((xx + g.to(dtype)) / tau, -1)
-        yy.backward(dy.to(dtype))
-        return yy.detach(), xx.grad
-
-    y_o, dx_o = soft(torch.float64)
-    y_e, dx_e = soft(dt)
+    y_o, dx_o = _softmax_grads(x, g, dy, tau, torch.float64)
+    y_e, dx_e = _softmax_grads(x, g, dy, tau, dt)
     if hard:
         if not torch.equal(y, torch.nn.functional.one_hot(idx, V).to(dt)):
             return "hard y is not the exact one-hot of the index"

@@ -10,6 +10,8 @@ eager happens to be exact. NaN/inf in ``actual`` where the oracle is finite alwa
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -68,3 +70,14 @@ def assert_oracle_close(actual, eager, oracle, *, factor: float = 4.0, atol: flo
     message = oracle_check(actual, eager, oracle, factor=factor, atol=atol, name=name)[2]
     if message is not None:
         raise AssertionError(message)
+
+
+@contextlib.contextmanager
+def no_host_sync():
+    """CUDA: any call inside that synchronises with the host raises
+    (``torch.cuda.set_sync_debug_mode("error")``); the default mode comes back on exit."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

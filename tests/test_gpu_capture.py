@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import fused_s2s
+from tests.helpers import no_host_sync
 
 pytestmark = [pytest.mark.gpu, pytest.mark.kernels]
 
@@ -27,12 +28,9 @@ def test_decoder_loop_makes_no_host_sync(sampling):
     dec, tgt_in, memory, mask, state = _setup()
     dec(tgt_in, memory, mask, state, 0.5, sampling, 0.7)  # compile the kernels first
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")  # any synchronising call inside raises
-    try:  # check_ids=False: the documented opt-out of the one per-call id read (it syncs by design)
+    with no_host_sync():  # check_ids=False: the documented opt-out of the one per-call id read (it syncs by design)
         out = dec(tgt_in, memory, mask, state, 0.5, sampling, 0.7, check_ids=False)
         out.logits.sum().backward()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(out.logits).all()
 
 
@@ -67,12 +65,9 @@ def test_tensor_ratio_and_tau_make_no_host_sync_and_replay_new_values(sampling):
     tau = torch.tensor(0.7, dtype=torch.float64, device="cuda")
     dec(tgt_in, memory, mask, state, ratio, sampling, tau)  # compile the kernels first
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync():
         out = dec(tgt_in, memory, mask, state, ratio, sampling, tau, check_ids=False)
         out.logits.sum().backward()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(out.logits).all()
     with torch.no_grad():
         s = torch.cuda.Stream()
@@ -118,9 +113,6 @@ def test_training_step_with_cpu_sorted_lengths_makes_no_host_sync(sampling):
 
     step()  # compile and allocate first
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync():
         loss = step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(loss)
