@@ -1,13 +1,14 @@
-"""Block-config sweep of the Gumbel-softmax kernels on a GPU: (BLOCK_V, num_warps) of the looped
-(multi-block) rows against the launcher's choice. A tuning tool, not a benchmark of record
+"""Block-config sweep of the Gumbel-softmax kernels on a GPU: (BLOCK_V, num_warps) and the loop's
+software-pipelining depth (num_stages) of the looped (multi-block) rows against the launcher's choice. A tuning tool, not a benchmark of record
 (benchmarks/bench_gumbel.py is); one line per configuration.
 
     python benchmarks/sweep_gumbel.py [--seconds 60] [--sizes large,mid] [--dtypes float32,bfloat16]
 
 For each size, dtype and hard / soft it times (triton.testing.do_bench, median ms) the forward
 (gumbel_fwd, in-kernel noise) and the backward (gumbel_bwd from its saved (m, s)) at the
-launcher's config and at each (BLOCK_V, num_warps) below; it stops starting configurations after
---seconds (each new one compiles). Two diagnostics per case: the launcher's kernels reading an
+launcher's config, at the launcher's block config with each other num_stages (1: not pipelined,
+the kernels before session 10), and at each (BLOCK_V, num_warps) below; it stops starting
+configurations after --seconds (each new one compiles). Two diagnostics per case: the launcher's kernels reading an
 explicit noise tensor (no RNG), and the same elements as R*k rows of V/k (split rows).
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch  # noqa: E402
 
 SIZES = {"large": (256, 128000), "mid": (256, 32000), "notes": (32, 10000)}  # (B, V) as bench_gumbel
 GRID = ((1024, 4), (2048, 8), (4096, 8), (8192, 16), (8192, 32))  # (BLOCK_V, num_warps)
+STAGES = (1, 2, 3, 4)  # the loop's num_stages (tl.range): 1 = no software pipelining
 
 
 def main(argv=None) -> int:
@@ -55,14 +57,29 @@ def main(argv=None) -> int:
                     return triton.testing.do_bench(fwd, warmup=5, rep=20), triton.testing.do_bench(bwd, warmup=5, rep=20)
 
                 br, bv, nw, single = G.pick_config(V, dtype)
+                ns = G.loop_stages(single, False, dtype)
                 base_f, base_b = run()
                 gb_f, gb_b = 2 * R * V * es / 1e9, 3 * R * V * es / 1e9  # x -> y; x, dy -> dx
                 tag = f"{size:6} {dname:9} {'hard' if hard else 'soft'}"
-                print(f"[sweep] {tag} launcher BV={bv} nw={nw} single={single}: fwd {base_f:.4f} ms "
+                print(f"[sweep] {tag} launcher BV={bv} nw={nw} stages={ns} single={single}: fwd {base_f:.4f} ms "
                       f"{gb_f / base_f * 1e3:7.1f} GB/s | bwd {base_b:.4f} ms {gb_b / base_b * 1e3:7.1f} GB/s", flush=True)
+                # the loop's pipelining depth at the launcher's blocks (first: it is what session 10 changed)
+                for ns_ in STAGES:
+                    if single or ns_ == ns or time.time() > t_end:
+                        continue
+                    try:
+                        f, b = run(num_stages=ns_)
+                    except Exception as e:  # noqa: BLE001
+                        print(f"[sweep] {tag} stages={ns_}: failed {type(e).__name__}: {str(e)[:100]}")
+                        continue
+                    print(f"[sweep] {tag} launcher BV={bv} nw={nw} stages={ns_}: fwd {f:.4f} ms ({base_f / f:4.2f}x "
+                          f"launcher, {gb_f / f * 1e3:7.1f} GB/s) | bwd {b:.4f} ms ({base_b / b:4.2f}x, "
+                          f"{gb_b / b * 1e3:7.1f} GB/s)", flush=True)
                 # diagnostic: the same kernels reading an explicit noise tensor (one more (R, V) read, no
-                # Philox / log): much faster per element means the in-kernel noise is the bottleneck
-                f = triton.testing.do_bench(lambda: G.gumbel_fwd(x, 1.0, hard, noise, None), warmup=5, rep=20)
+                # Philox / log; the launcher's stages, which it does not pick for given noise): much faster per
+                # element means the in-kernel noise is the bottleneck
+                f = triton.testing.do_bench(lambda: G.gumbel_fwd(x, 1.0, hard, noise, None, num_stages=ns), warmup=5,
+                                             rep=20)
                 print(f"[sweep] {tag} launcher, explicit noise (no RNG): fwd {f:.4f} ms ({base_f / f:4.2f}x in-kernel "
                       f"noise, {1.5 * gb_f / f * 1e3:7.1f} GB/s)", flush=True)
                 # diagnostic: the same elements as R*k rows of V/k (launcher configs): what splitting a

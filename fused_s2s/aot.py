@@ -51,7 +51,9 @@ class AOTConfig:
 
     signature: argument name -> triton type string ("*fp32", "*bf16", "i32", "i64", "fp32",
     "constexpr"); constexprs: values of the "constexpr" arguments; expect_no_spill: the launcher can
-    pick this config for D <= 1024, so spills are an error.
+    pick this config for D <= 1024, so spills are an error; pipelined: its loops are software-pipelined
+    (``tl.range(num_stages=)`` > 1), so the aligned variant must copy with ``cp.async`` (a loop
+    turned back into a ``while``, or a triton that stops pipelining it, is an error).
     """
 
     kernel: object
@@ -61,6 +63,7 @@ class AOTConfig:
     num_stages: int = 2
     label: str = ""
     expect_no_spill: bool = True
+    pipelined: bool = False
 
 
 _REGISTRY: dict[str, Callable[[], Iterable[AOTConfig]]] = {}
@@ -122,7 +125,9 @@ def _cuobjdump(cubin: bytes, flag: str) -> str:
 def compile_config(cfg: AOTConfig, cc: int, variant: str = "generic") -> dict:
     """Compile one config for sm_<cc>; return registers, spills, shared and local memory."""
     compiled = _compile(cfg, cc, variant)
-    row = {"arch": f"sm_{cc}", "shared": int(compiled.metadata.shared), "loop_spills": 0}
+    row = {"arch": f"sm_{cc}", "shared": int(compiled.metadata.shared), "loop_spills": 0,
+           # asynchronous global -> shared copies: what a software-pipelined loop's loads become
+           "async_copies": len(re.findall(r"\bcp\.async\.c[ag]\b", compiled.asm["ptx"]))}
     res = _cuobjdump(compiled.asm["cubin"], "-res-usage")
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", res)
     if not m:
@@ -190,7 +195,8 @@ def _compile_task(task) -> dict:
     name, i, cc, variant = task
     cfg = _configs(name)[i]
     row = {"kernel": name, "fn": getattr(cfg.kernel, "__name__", str(cfg.kernel)), "config": cfg.label,
-           "variant": variant, "num_warps": cfg.num_warps, "expect_no_spill": cfg.expect_no_spill}
+           "variant": variant, "num_warps": cfg.num_warps, "expect_no_spill": cfg.expect_no_spill,
+           "expect_pipelined": cfg.pipelined}
     try:
         row.update(compile_config(cfg, cc, variant))
         row["error"] = ""
@@ -234,14 +240,16 @@ def _fmt(r: dict) -> str:
         return f"{head} ERROR {r['error']}"
     return (f"{head} "
             f"regs={r.get('regs', '?'):<4} spill_bytes={r['spill_bytes']:<4} in_loops={r['loop_spills']:<3} "
-            f"smem={r['shared']}")
+            f"smem={r['shared']} cp.async={r.get('async_copies', '?')}")
 
 
 def failures(rows: list[dict]) -> list[dict]:
-    """Rows that failed to compile, need more shared memory than the arch has, or spill where the
-    launcher can pick them."""
+    """Rows that failed to compile, need more shared memory than the arch has, spill where the
+    launcher can pick them, or lost the software pipelining of their loops (aligned variant: the
+    generic one's 16-bit scalar loads are too narrow for cp.async)."""
     return [r for r in rows if r["error"] or r.get("shared", 0) > SMEM_LIMIT[r["arch"]]
-            or (r["expect_no_spill"] and r["spill_bytes"] != 0)]
+            or (r["expect_no_spill"] and r["spill_bytes"] != 0)
+            or (r.get("expect_pipelined") and r["variant"] == "aligned" and r.get("async_copies", 0) == 0)]
 
 
 def main(argv=None) -> int:
@@ -263,7 +271,7 @@ def main(argv=None) -> int:
             json.dump(rows, f, indent=1)
     bad = failures(rows)
     print(f"{len(rows)} compiled, {len(bad)} failing (compile error, shared memory over the arch's limit, "
-          f"or spills); most shared memory: {max((r.get('shared', 0) for r in rows), default=0)} bytes")
+          f"spills, or a pipelined loop without cp.async); most shared memory: {max((r.get('shared', 0) for r in rows), default=0)} bytes")
     return 1 if bad else 0
 
 

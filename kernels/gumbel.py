@@ -41,6 +41,13 @@ _INF = tl.constexpr(float("inf"))
 _SINGLE_CONFIGS = ((32, 32, 32, 4), (256, 4, 256, 4), (1024, 1, 1024, 4), (4096, 1, 4096, 8),
                    (8192, 1, 8192, 32), (16384, 1, 16384, 32))
 _MULTI_CONFIG = (1, 4096, 16)
+# The loop path's software pipelining: blocks of logits (and dy, q) in flight ahead of the one being
+# computed (``tl.range(num_stages=)``; the loads go through shared memory, NUM_STAGES - 1 buffers
+# of each). One program per row, so one or two programs per SM: without it each warp waits out
+# every block's HBM latency. In-kernel noise, fp32 / fp16 / bf16 only: with given noise (one more
+# load) or fp64 the unaligned (generic) variants spilled 8-24 bytes at 2 stages (AOT, triton 3.9),
+# so those verification paths keep 1 (no pipelining), as does a row in one block (SINGLE).
+_LOOP_STAGES = 2
 # fp64 (gradcheck, verification) keeps its tiles small: twice the registers per element
 _SINGLE_CONFIGS_FP64 = ((256, 1, 256, 2), (1024, 1, 1024, 4))
 _MULTI_CONFIG_FP64 = (1, 1024, 8)
@@ -145,7 +152,7 @@ def _gumbel_fwd_kernel(
     stride_x, stride_n, stride_y, R, V, NBLK, inv_tau, inv_tau_lo,
     BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, SINGLE: tl.constexpr, HARD: tl.constexpr,
     HAS_NOISE: tl.constexpr, FP64: tl.constexpr, WRITE_NOISE: tl.constexpr, FAST_LOG: tl.constexpr,
-    STORE_Y: tl.constexpr, TAU_PTR: tl.constexpr,
+    STORE_Y: tl.constexpr, TAU_PTR: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """BLOCK_R rows: online (m, s) over z = (x + g) / tau, argmax of t = x + g, then y (unless not
     STORE_Y: hard only, the sampled index alone, a pass over the logits with no (R, V) write).
@@ -185,8 +192,7 @@ def _gumbel_fwd_kernel(
         tl.store(mb_ptr + rows * NBLK, m, mask=rmask)
     nan_i = tl.min(tl.where(t != t, cols[None, :], V), 1)  # torch.argmax picks the first NaN
     if not SINGLE:
-        start = BLOCK_V
-        while start < V:  # a while loop: triton 3.6's interpreter cannot range() over a runtime V
+        for start in tl.range(BLOCK_V, V, BLOCK_V, num_stages=NUM_STAGES):
             c = start + cols
             mask = rmask[:, None] & (c < V)[None, :]
             t, g = _t_tile(x_ptr, noise_ptr, seed, rows, start, mask, stride_x, stride_n,
@@ -209,19 +215,16 @@ def _gumbel_fwd_kernel(
             m_sub = m_sub_new
             if HAS_NOISE:  # a NaN may come from the given noise: look in t, per block
                 nan_i = tl.minimum(nan_i, tl.min(tl.where(t != t, c[None, :], V), 1))
-            start += BLOCK_V
         if not HAS_NOISE:
             # g is finite, so t = x + g is NaN where x is, and then s is NaN: only such rows (rare)
             # look for the first NaN column, reading x again, instead of a reduction per block
             if tl.sum((s != s).to(tl.int32), 0) > 0:
-                start = BLOCK_V
-                while start < V:
+                for start in range(BLOCK_V, V, BLOCK_V):
                     c = start + cols
                     mask = rmask[:, None] & (c < V)[None, :]
                     # in fp32: a float compare (the interpreter keeps bf16 as raw uint16 bits)
                     xn = tl.load(x_ptr + rows[:, None] * stride_x + c[None, :], mask=mask, other=0.0).to(tl.float32)
                     nan_i = tl.minimum(nan_i, tl.min(tl.where(xn != xn, c[None, :], V), 1))
-                    start += BLOCK_V
     idx = tl.where(nan_i < V, nan_i, best_i)  # (BLOCK_R,)
     tl.store(idx_ptr + rows, idx.to(tl.int64), mask=rmask)
     tl.store(m_ptr + rows, m, mask=rmask)
@@ -234,38 +237,32 @@ def _gumbel_fwd_kernel(
             # exact one-hot; NaN row where softmax would be NaN (NaN / +-inf logits), as in torch
             ok = (s > 0) & (s < _INF) & (m > _NEG_INF) & (m < _INF)
             poison = tl.where(ok, 0.0, float("nan"))
-            start = 0
-            while start < V:
+            for start in range(0, V, BLOCK_V):
                 c = start + cols
                 y = tl.where(c[None, :] == idx[:, None], 1.0, 0.0) + poison[:, None]
                 tl.store(y_rows + c[None, :], y.to(y_ptr.dtype.element_ty), mask=rmask[:, None] & (c < V)[None, :])
-                start += BLOCK_V
     elif SINGLE:
         y = tl.exp(z - m_sub[:, None]) * inv_s[:, None]
         tl.store(y_rows + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
     elif HAS_NOISE:
         # pass 2, given noise: t is two loads away, cheaper to re-read than q to keep
-        start = 0
-        while start < V:
+        for start in tl.range(0, V, BLOCK_V, num_stages=NUM_STAGES):
             c = start + cols
             mask = rmask[:, None] & (c < V)[None, :]
             t, g = _t_tile(x_ptr, noise_ptr, seed, rows, start, mask, stride_x, stride_n,
                           BLOCK_R, BLOCK_V, HAS_NOISE, FP64, FAST_LOG)
             y = tl.exp(t * inv_tau - m_sub[:, None]) * inv_s[:, None]
             tl.store(y_rows + c[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
-            start += BLOCK_V
     else:
         # pass 2: q (pass 1's, in y) rescaled to the final (m, s); no logits, no noise
         tl.debug_barrier()  # q was written by other threads of this program
-        start = 0
-        while start < V:
+        for start in tl.range(0, V, BLOCK_V, num_stages=NUM_STAGES):
             c = start + cols
             mask = rmask[:, None] & (c < V)[None, :]
             m_b = tl.load(mb_ptr + rows * NBLK + start // BLOCK_V, mask=rmask, other=0.0)
             scale = tl.exp(m_b - m_sub) * inv_s  # (BLOCK_R,); 0 * inf = NaN for an all -inf row
             q = tl.load(y_rows + c[None, :], mask=mask, other=0.0).to(m.dtype)
             tl.store(y_rows + c[None, :], (q * scale[:, None]).to(y_ptr.dtype.element_ty), mask=mask)
-            start += BLOCK_V
 
 
 @triton.jit
@@ -273,7 +270,7 @@ def _gumbel_bwd_kernel(
     x_ptr, noise_ptr, seed_ptr, tau_ptr, m_ptr, s_ptr, dy_ptr, dx_ptr,
     stride_x, stride_n, stride_dy, stride_dx, R, V, inv_tau, inv_tau_lo,
     BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, SINGLE: tl.constexpr, HAS_NOISE: tl.constexpr,
-    FP64: tl.constexpr, FAST_LOG: tl.constexpr, TAU_PTR: tl.constexpr,
+    FP64: tl.constexpr, FAST_LOG: tl.constexpr, TAU_PTR: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """dx = y * (dy - sum(dy * y)) * inv_tau, y rebuilt from logits, the same noise and (m, s).
 
@@ -308,8 +305,7 @@ def _gumbel_bwd_kernel(
     else:
         if not HAS_NOISE:
             tl.store(dx_rows + cols[None, :], y.to(dx_ptr.dtype.element_ty), mask=mask)
-        start = BLOCK_V
-        while start < V:
+        for start in tl.range(BLOCK_V, V, BLOCK_V, num_stages=NUM_STAGES):
             c = start + cols
             mask = rmask[:, None] & (c < V)[None, :]
             t, g = _t_tile(x_ptr, noise_ptr, seed, rows, start, mask, stride_x, stride_n,
@@ -319,10 +315,8 @@ def _gumbel_bwd_kernel(
             dot += tl.sum(dy * y, 1)
             if not HAS_NOISE:
                 tl.store(dx_rows + c[None, :], y.to(dx_ptr.dtype.element_ty), mask=mask)
-            start += BLOCK_V
         tl.debug_barrier()  # y was written by other threads of this program
-        start = 0
-        while start < V:
+        for start in tl.range(0, V, BLOCK_V, num_stages=NUM_STAGES):
             c = start + cols
             mask = rmask[:, None] & (c < V)[None, :]
             if HAS_NOISE:  # given noise: y from two loads, as in pass 1
@@ -334,7 +328,6 @@ def _gumbel_bwd_kernel(
             dy = tl.load(dy_rows + c[None, :], mask=mask, other=0.0).to(y.dtype)
             dx = y * (dy - dot[:, None]) * inv_tau
             tl.store(dx_rows + c[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
-            start += BLOCK_V
 
 
 # ----------------------------------------------------------------------------------------------
@@ -348,7 +341,8 @@ def _configs(dtype):
 
 
 def pick_config(V: int, dtype=torch.float32, *, block_r=None, block_v=None, num_warps=None):
-    """(BLOCK_R, BLOCK_V, num_warps, SINGLE) for rows of length V; the keywords force a choice (tests)."""
+    """(BLOCK_R, BLOCK_V, num_warps, SINGLE) for rows of length V; the keywords force a choice (tests).
+    The loop path's NUM_STAGES is ``loop_stages``."""
     singles, multi = _configs(dtype)
     for max_v, br, bv, nw in singles:
         if V <= max_v:
@@ -367,6 +361,17 @@ def pick_config(V: int, dtype=torch.float32, *, block_r=None, block_v=None, num_
     if br > 1 and V > bv:
         raise ValueError(f"block_r > 1 needs the row in one block: V={V} > block_v={bv}")
     return br, bv, num_warps or nw, V <= bv
+
+
+def loop_stages(single: bool, has_noise: bool, dtype, num_stages=None) -> int:
+    """NUM_STAGES for a launch: ``num_stages`` (>= 1) forces it on the loop path (tests, sweeps)."""
+    if single:
+        return 1
+    if num_stages is None:
+        return 1 if has_noise or dtype == torch.float64 else _LOOP_STAGES
+    if isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 1:
+        raise ValueError(f"num_stages must be an int >= 1, got {num_stages!r}")
+    return num_stages
 
 
 # whether this module's kernels are interpreted: fixed when they were decorated (at import), as
@@ -407,7 +412,7 @@ def _stats_dtype(dtype):
 
 
 def gumbel_fwd(x, inv_tau: float, hard: bool, noise=None, seed=None, *, tau=None, block_r=None, block_v=None,
-               num_warps=None, write_noise: bool = False, store_y: bool = True):
+               num_warps=None, num_stages=None, write_noise: bool = False, store_y: bool = True):
     """x (R, V) with unit column stride; noise (R, V) in x.dtype or None (then seed, a 0-d int64 tensor).
     tau: None, or a 0-d float64 tensor on x's device holding tau, read by the kernel (inv_tau unused).
 
@@ -435,7 +440,8 @@ def gumbel_fwd(x, inv_tau: float, hard: bool, noise=None, seed=None, *, tau=None
             x.stride(0), noise.stride(0) if has_noise else 0, 0 if y is None else y.stride(0), R, V, nblk,
             *_inv_tau_args(inv_tau, tau), BLOCK_R=BR, BLOCK_V=BV, SINGLE=single, HARD=bool(hard), HAS_NOISE=has_noise,
             FP64=x.dtype == torch.float64, WRITE_NOISE=bool(write_noise), FAST_LOG=_fast_log(x),
-            STORE_Y=y is not None, TAU_PTR=tau is not None, num_warps=nw, enable_fp_fusion=True,
+            STORE_Y=y is not None, TAU_PTR=tau is not None,
+            NUM_STAGES=loop_stages(single, has_noise, x.dtype, num_stages), num_warps=nw, enable_fp_fusion=True,
         )
     if write_noise:
         return y, idx, m, s, g
@@ -443,7 +449,7 @@ def gumbel_fwd(x, inv_tau: float, hard: bool, noise=None, seed=None, *, tau=None
 
 
 def gumbel_bwd(dy, x, m, s, inv_tau: float, noise=None, seed=None, *, tau=None, block_r=None, block_v=None,
-               num_warps=None):
+               num_warps=None, num_stages=None):
     """dlogits (R, V) in x.dtype from dy (R, V) (unit column stride), the forward's (m, s) and noise source;
     tau as gumbel_fwd's."""
     R, V = x.shape
@@ -456,8 +462,8 @@ def gumbel_bwd(dy, x, m, s, inv_tau: float, noise=None, seed=None, *, tau=None, 
             m, s, dy, dx,
             x.stride(0), noise.stride(0) if has_noise else 0, dy.stride(0), dx.stride(0), R, V,
             *_inv_tau_args(inv_tau, tau), BLOCK_R=BR, BLOCK_V=BV, SINGLE=single, HAS_NOISE=has_noise,
-            FP64=x.dtype == torch.float64, FAST_LOG=_fast_log(x), TAU_PTR=tau is not None, num_warps=nw,
-            enable_fp_fusion=True,
+            FP64=x.dtype == torch.float64, FAST_LOG=_fast_log(x), TAU_PTR=tau is not None,
+            NUM_STAGES=loop_stages(single, has_noise, x.dtype, num_stages), num_warps=nw, enable_fp_fusion=True,
         )
     return dx
 
@@ -493,7 +499,7 @@ def _aot_configs():
 def _aot_one(dtype, dt, st, has_noise, br, bv, nw, single, tau_ptr):
     common = {"BLOCK_R": br, "BLOCK_V": bv, "SINGLE": single, "HAS_NOISE": has_noise,
               "FP64": dtype == torch.float64, "FAST_LOG": True,  # what a CUDA launch picks
-              "TAU_PTR": tau_ptr}
+              "TAU_PTR": tau_ptr, "NUM_STAGES": loop_stages(single, has_noise, dtype)}
     tp = "fp64" if tau_ptr else st
     label = (f"{dt} noise={'given' if has_noise else 'philox'} {br}x{bv}{'' if single else ' loop'}"
              f"{' tau_ptr' if tau_ptr else ''}")
@@ -506,17 +512,20 @@ def _aot_one(dtype, dt, st, has_noise, br, bv, nw, single, tau_ptr):
                "inv_tau": "fp32", "inv_tau_lo": "fp32", "BLOCK_R": "constexpr", "BLOCK_V": "constexpr", "SINGLE": "constexpr",
                "HARD": "constexpr", "HAS_NOISE": "constexpr", "FP64": "constexpr",
                "WRITE_NOISE": "constexpr", "FAST_LOG": "constexpr", "STORE_Y": "constexpr",
-               "TAU_PTR": "constexpr"}
+               "TAU_PTR": "constexpr", "NUM_STAGES": "constexpr"}
         kind = " index" if not store_y else " hard" if hard else ""
         yield aot.AOTConfig(_gumbel_fwd_kernel, sig,
                             dict(common, HARD=hard, WRITE_NOISE=False, STORE_Y=store_y),
-                            num_warps=nw, label=f"fwd {label}{kind}")
+                            num_warps=nw, label=f"fwd {label}{kind}",
+                            pipelined=common["NUM_STAGES"] > 1)
     sig = {"x_ptr": f"*{dt}", "noise_ptr": f"*{dt}", "seed_ptr": "*i64", "tau_ptr": f"*{tp}", "m_ptr": f"*{st}",
            "s_ptr": f"*{st}", "dy_ptr": f"*{dt}", "dx_ptr": f"*{dt}", "stride_x": "i32",
            "stride_n": "i32", "stride_dy": "i32", "stride_dx": "i32", "R": "i32", "V": "i32",
            "inv_tau": "fp32", "inv_tau_lo": "fp32", "BLOCK_R": "constexpr", "BLOCK_V": "constexpr", "SINGLE": "constexpr",
-           "HAS_NOISE": "constexpr", "FP64": "constexpr", "FAST_LOG": "constexpr", "TAU_PTR": "constexpr"}
-    yield aot.AOTConfig(_gumbel_bwd_kernel, sig, common, num_warps=nw, label=f"bwd {label}")
+           "HAS_NOISE": "constexpr", "FP64": "constexpr", "FAST_LOG": "constexpr", "TAU_PTR": "constexpr",
+           "NUM_STAGES": "constexpr"}
+    yield aot.AOTConfig(_gumbel_bwd_kernel, sig, common, num_warps=nw, label=f"bwd {label}",
+                        pipelined=common["NUM_STAGES"] > 1)
 
 
 aot.register("gumbel", _aot_configs)

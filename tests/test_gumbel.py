@@ -225,8 +225,9 @@ def test_noise_is_gumbel_ks(device, R, V):
 def test_samples_bitwise_independent_of_block_size_and_warps(device, R, V):
     x = torch.randn(R, V, device=device)
     seed = philox.draw_seed(device)
+    # num_stages: the loop path's software pipelining (loads in flight ahead), never the values
     configs = [dict(), dict(block_v=16), dict(block_v=64, num_warps=1), dict(block_r=2, block_v=1024, num_warps=8),
-               dict(block_v=256, num_warps=2)]
+               dict(block_v=256, num_warps=2), dict(block_v=64, num_stages=1), dict(block_v=64, num_stages=4)]
     outs = [K.gumbel_fwd(x, 1 / 0.3, hard, None, seed, write_noise=True, **cfg) for cfg in configs for hard in (0, 1)]
     y0s, i0, m0, _, g0 = outs[0]
     y0h = outs[1][0]
@@ -618,6 +619,32 @@ def test_bad_launcher_block():
         K.pick_config(100, block_v=48)
     with pytest.raises(ValueError, match="block_r"):
         K.pick_config(100, block_r=4, block_v=32)
+    for bad in (0, -1, True, 2.0):
+        with pytest.raises(ValueError, match="num_stages"):
+            K.loop_stages(False, False, torch.float32, bad)
+    assert K.loop_stages(True, False, torch.float32, 4) == 1  # one block: no loop to pipeline
+    # the launcher pipelines the in-kernel-noise loop path; given noise and fp64 (verification) stay flat
+    assert K.loop_stages(False, False, torch.bfloat16) == K._LOOP_STAGES >= 2
+    assert K.loop_stages(False, True, torch.float32) == K.loop_stages(False, False, torch.float64) == 1
+
+
+@pytest.mark.parametrize("given", [False, True])
+def test_backward_bitwise_independent_of_num_stages(device, given):
+    """Software pipelining (loads in flight ahead, through shared memory on a GPU) moves data, never
+    the arithmetic: forward and backward are bitwise the same at every num_stages, with in-kernel
+    and with given noise (the loop path, 5 blocks of 64 per row, the last one partial)."""
+    R, V = 3, 300
+    x, dy = torch.randn(R, V, device=device), torch.randn(R, V, device=device)
+    noise = -torch.empty(R, V, device=device).exponential_().log() if given else None
+    seed = None if given else philox.draw_seed(device)
+    outs = []
+    for ns in (1, 2, 3):
+        y, idx, m, s = K.gumbel_fwd(x, 1 / 0.7, False, noise, seed, block_v=64, num_stages=ns)
+        dx = K.gumbel_bwd(dy, x, m, s, 1 / 0.7, noise, seed, block_v=64, num_stages=ns)
+        outs.append((y, idx, m, s, dx))
+    for out in outs[1:]:
+        for a, b in zip(out, outs[0]):
+            assert torch.equal(a, b)
 
 
 # ------------------------------------------------------------------------------------------------
