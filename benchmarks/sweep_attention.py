@@ -1,14 +1,17 @@
-"""Block-config sweep of the per-row attention kernels on a GPU: which (BLOCK_L, num_warps, splits)
-is fastest per size and dtype, against the launcher's own choice. A tuning tool, not a benchmark
+"""Block-config sweep of the per-row attention kernels on a GPU: which (BLOCK_L, num_warps, splits,
+num_stages) is fastest per size and dtype, against the launcher's own choice. A tuning tool, not a benchmark
 of record (benchmarks/bench_attention.py is); it prints one line per configuration.
 
     python benchmarks/sweep_attention.py [--seconds 90] [--sizes large,long] [--dtypes bfloat16,float32]
 
 Sizes are bench_attention's (values = keys, lengths mask). For each size and dtype it times
 (triton.testing.do_bench: L2 flushed, median ms) the forward (attention_forward) and the backward
-(attention_backward from the forward's saved tensors) at the launcher's config, then at each
+(attention_backward from the forward's saved tensors) at the launcher's config, then with the
+loops software-pipelined at num_stages 2 and 3 (the launcher's is 1; session 10), then at each
 (BLOCK_L, num_warps) of the grid below with the heuristic split and, for T == 1, at forced split
-counts. It stops starting configurations after --seconds (each new one compiles: ~1 s).
+counts. For T > 1 in fp16 / bf16 (size "tf") it also times the tiled kernels (attention_tiled, what
+the launcher picks there) at num_stages 1, 2 and 3. It stops starting configurations after
+--seconds (each new one compiles: ~1 s).
 """
 from __future__ import annotations
 
@@ -57,7 +60,7 @@ def main(argv=None) -> int:
             es = q.element_size()
             gb = (B * L * D * es + 2 * B * T * (D + L) * es) / 1e9  # H once, q / ctx / weights
 
-            def run(kind_cfg, splits):
+            def run(kind_cfg, splits, num_stages=None, tiled=False):
                 def cfg(D_, Dv_, kind="fwd", dt=torch.float32):
                     bd, bl, nw = real_cfg(D_, Dv_, kind, dt)
                     if kind in kind_cfg:
@@ -65,11 +68,11 @@ def main(argv=None) -> int:
                     return bd, bl, nw
                 A.block_config = cfg
                 try:
-                    fwd = lambda: A.attention_forward(q, H, None, lengths, splits=splits, tiled=False)  # noqa: E731
-                    saved = A.attention_forward(q, H, None, lengths, splits=splits, tiled=False, for_backward=True)
+                    kw = dict(splits=splits, tiled=tiled, num_stages=num_stages)
+                    fwd = lambda: A.attention_forward(q, H, None, lengths, **kw)  # noqa: E731
+                    saved = A.attention_forward(q, H, None, lengths, for_backward=True, **kw)
                     ctx, w, lse, ctx_acc, s_acc = saved
-                    bwd = lambda: A.attention_backward(q, H, None, lengths, ctx_acc, s_acc, lse, dc, dw,  # noqa: E731
-                                                       splits=splits, tiled=False)
+                    bwd = lambda: A.attention_backward(q, H, None, lengths, ctx_acc, s_acc, lse, dc, dw, **kw)  # noqa: E731
                     return triton.testing.do_bench(fwd, warmup=5, rep=20), triton.testing.do_bench(bwd, warmup=5, rep=20)
                 finally:
                     A.block_config = real_cfg
@@ -81,20 +84,26 @@ def main(argv=None) -> int:
             tag = f"{size:6} {dname:9}"
             print(f"[sweep] {tag} launcher fwd BL={bl} nw={nw} splits={ns}: {base_f:.4f} ms {gb / base_f * 1e3:7.1f} GB/s"
                   f" | bwd BL={blb} nw={nwb}: {base_b:.4f} ms", flush=True)
-            cands = [({"fwd": g, "bwd_row": g}, None) for g in GRID]
+            # (block config, splits, num_stages, tiled): the pipelining depth first (what session 10 opened)
+            cands = [({}, None, ns_, False) for ns_ in (2, 3)]
+            if T > 1 and dtype in (torch.float16, torch.bfloat16):
+                cands += [({}, None, ns_, True) for ns_ in (1, 2, 3)]
+            cands += [({"fwd": g, "bwd_row": g}, None, None, False) for g in GRID]
             if T == 1:
                 want = -(-2 * sms // (B * T))
-                cands += [({}, s) for s in sorted({1, max(1, want // 2), 2 * want, 4 * want, 8 * want})]
-            for kind_cfg, splits in cands:
+                cands += [({}, s, None, False) for s in sorted({1, max(1, want // 2), 2 * want, 4 * want, 8 * want})]
+            for kind_cfg, splits, ns_, tiled in cands:
                 if time.time() > t_end:
                     print("[sweep] time budget spent", flush=True)
                     return 0
+                what = f"cfg={kind_cfg.get('fwd', 'launcher')} splits={splits} stages={ns_ or 'launcher'}" + \
+                    (" tiled" if tiled else "")
                 try:
-                    f, b = run(kind_cfg, splits)
+                    f, b = run(kind_cfg, splits, ns_, tiled)
                 except Exception as e:  # noqa: BLE001 (an out-of-resources config: say so, go on)
-                    print(f"[sweep] {tag} {kind_cfg} splits={splits}: failed {type(e).__name__}: {str(e)[:100]}")
+                    print(f"[sweep] {tag} {what}: failed {type(e).__name__}: {str(e)[:100]}")
                     continue
-                print(f"[sweep] {tag} cfg={kind_cfg.get('fwd', 'launcher')} splits={splits}: fwd {f:.4f} ms "
+                print(f"[sweep] {tag} {what}: fwd {f:.4f} ms "
                       f"({base_f / f:4.2f}x launcher, {gb / f * 1e3:7.1f} GB/s) | bwd {b:.4f} ms ({base_b / b:4.2f}x)",
                       flush=True)
     return 0

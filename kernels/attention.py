@@ -70,8 +70,9 @@ With T >= 16 queries per batch row the launchers hand over to ``fused_s2s.kernel
 (tl.dot tiles of BLOCK_T queries x BLOCK_L keys, same outputs and (m, l) statistics); the kernels
 here remain the T == 1 (decode step), fp64 and large-D path.
 
-Loops over L are ``while`` loops: the triton 3.6 interpreter cannot take a runtime ``range`` bound
-(its scalars are 1-element numpy arrays that numpy 2.4 refuses to ``int()``). Batch, row and block
+The main loops over L (forward, backward dq/dH, the exact delta's pass) are ``for`` loops over
+``tl.range(..., num_stages=NUM_STAGES)`` (session 10; ``while`` loops before, which Triton never
+software-pipelines); ``_ROW_STAGES`` below. Short helper loops stay ``while`` loops. Batch, row and block
 starts are int64 (tensors past 2^31 elements), offsets inside a tile int32 (see ``_tile_safe``).
 Loads are cast to ACC (fp32, or fp64 for gradcheck); stores cast to the output dtype.
 """
@@ -96,6 +97,11 @@ _TILE_PER_WARP = {"fwd": 512, "bwd_row": 256, "bwd_kv": 128}
 _MIN_BLOCK_D = 16
 _MAX_BLOCK_L = 64
 _MIN_BLOCKS_PER_SPLIT = 4
+# Software pipelining of the per-row kernels' loops over L (``tl.range(num_stages=)``: the next tiles
+# of H / V in flight through shared memory while this one computes). 1 = none: the block configs
+# above were measured without it (session 7, when the loops were ``while`` loops, which Triton never
+# pipelines); ``benchmarks/sweep_attention.py`` times 2 and 3 next to it, and decides.
+_ROW_STAGES = 1
 # positions per step of the weights' normalisation (a vector op per step: wide, so that few steps
 # are latency-bound, whatever BLOCK_L the score loop used)
 _BLOCK_W = tl.constexpr(128)
@@ -181,7 +187,7 @@ def _attn_fwd_kernel(
     T, L, D, DV, BLOCKS_PER_SPLIT,
     s_qb, s_qt, s_qd, s_kb, s_kl, s_kd, s_vb, s_vl, s_vd, s_mb, s_ml,
     MASK_MODE: tl.constexpr, SHARED_KV: tl.constexpr, FINALIZE: tl.constexpr, STORE_CTXA: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """Grid (B*T, splits). E = q.H_j, online softmax, c = sum alpha_j V_j; see the module docstring.
 
@@ -203,9 +209,9 @@ def _attn_fwd_kernel(
     m_i = tl.full([], float("-inf"), ACC)
     l_i = tl.zeros([], ACC)
     acc = tl.zeros([BLOCK_D], ACC)
-    l0 = sp * BLOCKS_PER_SPLIT * BLOCK_L
-    l_end = tl.minimum(l0 + BLOCKS_PER_SPLIT * BLOCK_L, L)
-    while l0 < l_end:
+    l_start = sp * BLOCKS_PER_SPLIT * BLOCK_L
+    l_end = tl.minimum(l_start + BLOCKS_PER_SPLIT * BLOCK_L, L)
+    for l0 in tl.range(l_start, l_end, BLOCK_L, num_stages=NUM_STAGES):  # int64 l0 (l_start is)
         in_l = ar_l < L - l0
         valid = _mask_valid(MASK, b, l0, ar_l, in_l, s_mb, s_ml, MASK_MODE)
         k = tl.load(K + b * s_kb + l0 * s_kl + k_tile,
@@ -225,7 +231,6 @@ def _attn_fwd_kernel(
                         mask=in_l[:, None] & in_dv[None, :], other=0.0).to(ACC)
         acc = acc * corr + tl.sum(p[:, None] * v, axis=0)
         m_i = m_new
-        l0 += BLOCK_L
 
     if FINALIZE:
         m_use, inv_l = _final_stats(m_i, l_i)
@@ -291,15 +296,16 @@ def _g_block(v, dc, DW, dw_off, in_l, HAS_DCTX: tl.constexpr, HAS_DW: tl.constex
 
 
 @triton.jit
-def _delta_exact(W, V, DW, dc, row, b, t, l0, l_end, L, s_vb, s_vl, s_vd, s_wb, s_wt, s_wl, ar_l, ar_d, in_dv,
-                 HAS_DCTX: tl.constexpr, HAS_DW: tl.constexpr, ACC: tl.constexpr, BLOCK_L: tl.constexpr):
+def _delta_exact(W, V, DW, dc, row, b, t, l_start, l_end, L, s_vb, s_vl, s_vd, s_wb, s_wt, s_wl, ar_l, ar_d, in_dv,
+                 HAS_DCTX: tl.constexpr, HAS_DW: tl.constexpr, ACC: tl.constexpr, BLOCK_L: tl.constexpr,
+                 NUM_STAGES: tl.constexpr):
     """(sum_j w_j g_j, sum_j w_j) over positions [l0, l_end) of a row (a multiple of BLOCK_L long, or
     ending at L): w the saved weights (in ACC: fp32 / fp64 inputs), g as the dq loop forms it
     (_g_block). The caller divides: delta is the w-weighted mean of g (module docstring)."""
     delta = tl.zeros([], ACC)
     wsum = tl.zeros([], ACC)
     v_tile = ar_l[:, None] * s_vl + ar_d[None, :] * s_vd
-    while l0 < l_end:
+    for l0 in tl.range(l_start, l_end, BLOCK_L, num_stages=NUM_STAGES):
         in_l = ar_l < L - l0
         w = tl.load(W + row * L + l0 + ar_l, mask=in_l, other=0.0).to(ACC)
         v = tl.zeros([BLOCK_L, 1], ACC)
@@ -308,7 +314,6 @@ def _delta_exact(W, V, DW, dc, row, b, t, l0, l_end, L, s_vb, s_vl, s_vd, s_wb, 
         g = _g_block(v, dc, DW, b * s_wb + t * s_wt + l0 * s_wl + ar_l * s_wl, in_l, HAS_DCTX, HAS_DW, ACC, BLOCK_L)
         delta += tl.sum(w * g, axis=0)
         wsum += tl.sum(w, axis=0)
-        l0 += BLOCK_L
     return delta, wsum
 
 
@@ -360,7 +365,7 @@ def _attn_bwd_delta_kernel(
     T, L, DV, BLOCKS_PER_SPLIT,
     s_vb, s_vl, s_vd, s_cb, s_ct, s_cd, s_wb, s_wt, s_wl,
     HAS_DCTX: tl.constexpr, HAS_DW: tl.constexpr, DELTA_MODE: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """Grid (B*T, splits). The split-L partials of delta, DPART (B*T, splits, 2), over each
     program's L chunk (the row kernel's chunks and tiles). DELTA_MODE 2 (the exact delta): sum_j w_j g_j
@@ -376,7 +381,7 @@ def _attn_bwd_delta_kernel(
     if DELTA_MODE == 2:
         dc = _load_dc(DCTX, b, t, s_cb, s_ct, s_cd, ar_d, in_dv, HAS_DCTX, ACC, BLOCK_D)
         part, wsum = _delta_exact(W, V, DW, dc, row, b, t, l0, l_end, L, s_vb, s_vl, s_vd, s_wb, s_wt, s_wl, ar_l,
-                                  ar_d, in_dv, HAS_DCTX, HAS_DW, ACC, BLOCK_L)
+                                  ar_d, in_dv, HAS_DCTX, HAS_DW, ACC, BLOCK_L, NUM_STAGES)
     else:
         m_row, inv_l = _row_stats(LSE, row, ACC)
         part = _alpha_dalpha(W, Q, DW, row, b, t, l0, l_end, L, s_wb, s_wt, s_wl, ar_l, m_row, inv_l, ACC, BLOCK_L)
@@ -393,7 +398,7 @@ def _attn_bwd_row_kernel(
     s_cb, s_ct, s_cd, s_wb, s_wt, s_wl,
     SHARED_KV: tl.constexpr, HAS_DCTX: tl.constexpr, HAS_DW: tl.constexpr,
     WRITE_KV: tl.constexpr, DELTA_MODE: tl.constexpr, ACC: tl.constexpr, BLOCK_L: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """Grid (B*T, splits). dq of one row over its L chunk; with WRITE_KV (T == 1) also dH, dV.
 
@@ -418,7 +423,7 @@ def _attn_bwd_row_kernel(
     dc = _load_dc(DCTX, b, t, s_cb, s_ct, s_cd, ar_d, in_dv, HAS_DCTX, ACC, BLOCK_D)  # (BLOCK_D,)
     if DELTA_MODE == 1:  # delta = sum_j w_j g_j / sum_j w_j, a pass over the row's V first
         num, den = _delta_exact(W, V, DW, dc, row, b, t, row * 0, L, L, s_vb, s_vl, s_vd, s_wb, s_wt, s_wl, ar_l,
-                                ar_d, in_dv, HAS_DCTX, HAS_DW, ACC, BLOCK_L)
+                                ar_d, in_dv, HAS_DCTX, HAS_DW, ACC, BLOCK_L, NUM_STAGES)
         delta = _weighted_mean(num, den)
         a_scale = _weighted_mean(1.0, den)
     elif DELTA_MODE == 2:  # the same, from the split partials (fixed order: deterministic)
@@ -441,9 +446,9 @@ def _attn_bwd_row_kernel(
     dk_tile = ar_l[:, None] * D + ar_d[None, :]  # dH, dV are contiguous (B, L, D) / (B, L, DV)
     dv_tile = ar_l[:, None] * DV + ar_d[None, :]
     dq = tl.zeros([BLOCK_D], ACC)
-    l0 = sp * BLOCKS_PER_SPLIT * BLOCK_L
-    l_end = tl.minimum(l0 + BLOCKS_PER_SPLIT * BLOCK_L, L)
-    while l0 < l_end:
+    l_start = sp * BLOCKS_PER_SPLIT * BLOCK_L
+    l_end = tl.minimum(l_start + BLOCKS_PER_SPLIT * BLOCK_L, L)
+    for l0 in tl.range(l_start, l_end, BLOCK_L, num_stages=NUM_STAGES):
         in_l = ar_l < L - l0
         k = tl.load(K + b * s_kb + l0 * s_kl + k_tile,
                     mask=in_l[:, None] & in_d[None, :], other=0.0).to(ACC)  # (BLOCK_L, BLOCK_D)
@@ -466,7 +471,6 @@ def _attn_bwd_row_kernel(
                 dv = alpha[:, None] * dc[None, :]
                 tl.store(DVAL + (b * L + l0) * DV + dv_tile, dv.to(DVAL.dtype.element_ty),
                          mask=in_l[:, None] & in_dv[None, :])
-        l0 += BLOCK_L
     tl.store(DQ + (sp * NROWS + row) * D + ar_d, dq.to(DQ.dtype.element_ty), mask=in_d)
 
 
@@ -585,6 +589,15 @@ def split_plan(rows: int, L: int, block_l: int, device: torch.device, splits: in
     return cdiv(n_blocks, per), per
 
 
+def stages(num_stages, default: int) -> int:
+    """NUM_STAGES of a launch: ``num_stages`` (an int >= 1) when given, else ``default``."""
+    if num_stages is None:
+        return default
+    if isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 1:
+        raise ValueError(f"num_stages must be an int >= 1, got {num_stages!r}")
+    return num_stages
+
+
 def ctx_acc_buffer(ctx: torch.Tensor, for_backward: bool) -> tuple[torch.Tensor, bool]:
     """(ctx_acc, STORE_CTXA): an fp32 buffer like ctx for a 16-bit output that needs a backward,
     else ctx itself (already in the accumulation dtype, or no backward) and no second store."""
@@ -642,7 +655,8 @@ def _unsqueezed(*xs):
     return [x if x is None or x.dim() == 3 else x[:, None] for x in xs]
 
 
-def attention_forward(query, keys, values, mask, *, splits=None, block_l=None, tiled=None, for_backward=False):
+def attention_forward(query, keys, values, mask, *, splits=None, block_l=None, tiled=None, for_backward=False,
+                      num_stages=None):
     """query (B, T, D) or (B, D), keys (B, L, D), values (B, L, Dv) or None (= keys), mask None | (B,) int |
     (B, L) bool.
 
@@ -653,7 +667,7 @@ def attention_forward(query, keys, values, mask, *, splits=None, block_l=None, t
     forward's scratch, kept instead of freed; see the module docstring); else ctx and weights
     themselves. ``splits``/``block_l`` override the heuristics (tests). ``tiled``: None =
     heuristic, True / False force the tiled (T > 1, ``fused_s2s.kernels.attention_tiled``) or the
-    per-row kernels.
+    per-row kernels. ``num_stages`` (>= 1) forces the loops' software-pipelining depth (sweeps).
     """
     lead, B, T, D = _query_dims(query)
     L = keys.shape[1]
@@ -664,7 +678,7 @@ def attention_forward(query, keys, values, mask, *, splits=None, block_l=None, t
 
     if _tiled.use_tiled(T, D, Dv, query.dtype, tiled):
         out = _tiled.attention_forward_tiled(*_unsqueezed(query), keys, values, mask, block_l=block_l,
-                                             for_backward=for_backward)
+                                             for_backward=for_backward, num_stages=num_stages)
         return out if query.dim() == 3 else tuple(x.squeeze(1) if x.dim() == 3 else x for x in out)
     dev, dtype = query.device, query.dtype
     ctx = torch.empty(*lead, Dv, device=dev, dtype=dtype)
@@ -698,7 +712,8 @@ def attention_forward(query, keys, values, mask, *, splits=None, block_l=None, t
         T, L, D, Dv, per,
         *_st3(query), *keys.stride(), *v.stride(), s_mb, s_ml,
         MASK_MODE=mode, SHARED_KV=shared, FINALIZE=finalize, STORE_CTXA=store_ctxa, ACC=_acc(dtype),
-        BLOCK_L=bl, BLOCK_D=block_d, num_warps=num_warps, enable_fp_fusion=True,
+        BLOCK_L=bl, BLOCK_D=block_d, NUM_STAGES=stages(num_stages, _ROW_STAGES), num_warps=num_warps,
+        enable_fp_fusion=True,
     )
     if not finalize:
         _attn_combine_kernel[(rows, nsplit)](
@@ -709,7 +724,7 @@ def attention_forward(query, keys, values, mask, *, splits=None, block_l=None, t
 
 
 def attention_backward(query, keys, values, mask, ctx, weights, lse, dctx, dweights, *,
-                       splits=None, block_l=None, tiled=None):
+                       splits=None, block_l=None, tiled=None, num_stages=None):
     """Gradients (dquery (B, [T,] D) like query, dkeys (B, L, D), dvalues (B, L, Dv) or None when values is None).
 
     dctx (B, [T,] Dv) and dweights (B, [T,] L) may be None (that output got no gradient) and may have
@@ -735,7 +750,7 @@ def attention_backward(query, keys, values, mask, ctx, weights, lse, dctx, dweig
     if _tiled.use_tiled(T, D, Dv, dtype, tiled):
         q3, ctx3, w3, dc3, dw3 = _unsqueezed(query, ctx, weights, dctx, dweights)
         dq, dk, dv = _tiled.attention_backward_tiled(q3, keys, values, mask, ctx3, w3, lse, dc3, dw3,
-                                                     block_l=block_l)
+                                                     block_l=block_l, num_stages=num_stages)
         return dq.view(query.shape), dk, dv
     dk = torch.empty(B, L, D, device=dev, dtype=dtype)
     # dV is only written where dc flows (HAS_DCTX); without it it is zero.
@@ -767,19 +782,20 @@ def attention_backward(query, keys, values, mask, ctx, weights, lse, dctx, dweig
         delta_mode = 1 if nsplit == 1 else 2
     else:
         delta_mode = 3 if (nsplit > 1 and has_dw) else 0
+    ns = stages(num_stages, _ROW_STAGES)
     dpart = delta
     if delta_mode in (2, 3):
         dpart = torch.empty(rows, nsplit, 2, device=dev, dtype=acc_t)  # per chunk: (sum w g, sum w) | (sum a da, 0)
         _attn_bwd_delta_kernel[(rows, nsplit)](
             query, weights, lse, v, dc, dw, dpart, T, L, Dv, per, *v.stride(), *_st3(dc), *_st3(dw),
             HAS_DCTX=has_dc, HAS_DW=has_dw, DELTA_MODE=delta_mode, ACC=_acc(dtype), BLOCK_L=bl, BLOCK_D=block_d,
-            num_warps=num_warps, enable_fp_fusion=True,
+            NUM_STAGES=ns, num_warps=num_warps, enable_fp_fusion=True,
         )
     _attn_bwd_row_kernel[(rows, nsplit)](
         query, keys, v, ctx, weights, lse, dc, dw, dq, dk, dv_ptr, delta, dpart,
         T, L, D, Dv, per, rows,
         *_st3(query), *keys.stride(), *v.stride(), *_st3(dc), *_st3(dw),
-        WRITE_KV=write_kv, DELTA_MODE=delta_mode, BLOCK_L=bl, **common,
+        WRITE_KV=write_kv, DELTA_MODE=delta_mode, BLOCK_L=bl, NUM_STAGES=ns, **common,
     )
     if nsplit > 1:
         dq = dq.sum(0).to(dtype)
@@ -835,9 +851,9 @@ def _aot_configs():
             for finalize in (True, False):
                 sig = dict(Q=p, K=p, V=p, MASK=mask_ty, CTX=p, CTXA=a, W=p, S=p if ty == "fp32" else a, LSE=a, PM=a,
                            PL=a, PACC=a, **sizes, BLOCKS_PER_SPLIT=i32, **strides, MASK_MODE=cx, SHARED_KV=cx,
-                           FINALIZE=cx, STORE_CTXA=cx, ACC=cx, BLOCK_L=cx, BLOCK_D=cx)
+                           FINALIZE=cx, STORE_CTXA=cx, ACC=cx, BLOCK_L=cx, BLOCK_D=cx, NUM_STAGES=cx)
                 c = dict(cst, MASK_MODE=mode, SHARED_KV=shared, FINALIZE=finalize, STORE_CTXA=ty != "fp32",
-                         ACC=tl.float32, BLOCK_L=bl, BLOCK_D=block_d)
+                         ACC=tl.float32, BLOCK_L=bl, BLOCK_D=block_d, NUM_STAGES=_ROW_STAGES)
                 yield AOTConfig(_attn_fwd_kernel, sig, c, num_warps=nw, expect_no_spill=ok,
                                 label=f"fwd {tag} BL={bl} fin={int(finalize)} mask={mode} kv={int(shared)}")
             sig = dict(CTX=p, CTXA=a, W=p, S=p if ty == "fp32" else a, LSE=a, PM=a, PL=a, PACC=a, L=i32, DV=i32,
@@ -856,9 +872,9 @@ def _aot_configs():
                 sig = dict(Q=p, K=p, V=p, CTX=a, W=a, LSE=a, DCTX=p, DW=p, DQ=a if split else p,
                            DK=p, DVAL=p, DELTA=a, DPART=a, **sizes, BLOCKS_PER_SPLIT=i32, NROWS=i32, **qkv_strides,
                            **gstrides, SHARED_KV=cx, HAS_DCTX=cx, HAS_DW=cx, WRITE_KV=cx, DELTA_MODE=cx,
-                           ACC=cx, BLOCK_L=cx, BLOCK_D=cx)
+                           ACC=cx, BLOCK_L=cx, BLOCK_D=cx, NUM_STAGES=cx)
                 c = dict(bwd_unit, SHARED_KV=shared, HAS_DCTX=True, HAS_DW=True, WRITE_KV=write_kv,
-                         DELTA_MODE=delta_mode, ACC=tl.float32, BLOCK_L=bl, BLOCK_D=block_d)
+                         DELTA_MODE=delta_mode, ACC=tl.float32, BLOCK_L=bl, BLOCK_D=block_d, NUM_STAGES=_ROW_STAGES)
                 yield AOTConfig(_attn_bwd_row_kernel, sig, c, num_warps=nw, expect_no_spill=ok,
                                 label=f"bwd_row {tag} BL={bl} kv={int(write_kv)} split={int(split)} "
                                       f"shared={int(shared)} delta={delta_mode}")
@@ -867,9 +883,9 @@ def _aot_configs():
             for delta_mode, has_dc in ((2, True), (3, False)) if ty == "fp32" else ((3, True),):
                 sig = dict(Q=p, W=a, LSE=a, V=p, DCTX=p, DW=p, DPART=a, T=i32, L=i32, DV=i32, BLOCKS_PER_SPLIT=i32,
                            s_vb=i32, s_vl=i32, s_vd=cx, **gstrides, HAS_DCTX=cx, HAS_DW=cx, DELTA_MODE=cx, ACC=cx,
-                           BLOCK_L=cx, BLOCK_D=cx)
+                           BLOCK_L=cx, BLOCK_D=cx, NUM_STAGES=cx)
                 c = dict(s_vd=1, s_cd=1, HAS_DCTX=has_dc, HAS_DW=True, DELTA_MODE=delta_mode, ACC=tl.float32,
-                         BLOCK_L=bl, BLOCK_D=block_d)
+                         BLOCK_L=bl, BLOCK_D=block_d, NUM_STAGES=_ROW_STAGES)
                 yield AOTConfig(_attn_bwd_delta_kernel, sig, c, num_warps=nw, expect_no_spill=ok,
                                 label=f"bwd_delta {tag} BL={bl} delta={delta_mode}")
 

@@ -30,7 +30,9 @@ Features too wide for one register tile (BLOCK_D > 256) go to the chunked kernel
 ``attention_tiled_wide``.
 
 tl.dot needs every tile dimension >= 16: BLOCK_T, BLOCK_L, BLOCK_D are >= 16, padding is masked.
-Loops are ``while`` loops (triton 3.6's interpreter fails on a runtime ``range`` bound).
+The three kernels' main loops are ``tl.range(..., num_stages=NUM_STAGES)`` loops (``_TILED_STAGES``;
+session 10: they were ``while`` loops, which Triton never software-pipelines); the wide kernels'
+nested loops and the short helper loops stay ``while`` loops.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fused_s2s.kernels.attention import _mask_args, _mask_valid, _saved_alpha, _tile_safe, ctx_acc_buffer
+from fused_s2s.kernels.attention import _mask_args, _mask_valid, _saved_alpha, _tile_safe, ctx_acc_buffer, stages
 from fused_s2s.kernels._launch import cdiv, next_power_of_2
 
 _MIN_T = 16  # the launcher's heuristic: tiles pay once a batch row has this many queries
@@ -51,6 +53,11 @@ _TILED_CONFIGS = {
     "fwd": {16: (16, 64, 4), 32: (16, 64, 4), 64: (16, 32, 4), 128: (16, 32, 4), 256: (16, 32, 8)},
     "bwd": {16: (16, 16, 4), 32: (16, 16, 4), 64: (16, 32, 4), 128: (16, 16, 4), 256: (16, 16, 8)},
 }
+
+# Software pipelining of the three kernels' main loops (tl.range num_stages): the next H / V (or Q)
+# tiles in flight while this one computes. 1 = none, as the configs above were sized and measured;
+# benchmarks/sweep_attention.py (size "tf") times 2 and 3 next to it.
+_TILED_STAGES = 1
 
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}  # the dtypes the tiled kernels take
 
@@ -139,7 +146,7 @@ def _attn_fwd_tiled_kernel(
     s_qb, s_qt, s_qd, s_kb, s_kl, s_kd, s_vb, s_vl, s_vd, s_mb, s_ml,
     MASK_MODE: tl.constexpr, SHARED_KV: tl.constexpr, STORE_CTXA: tl.constexpr,
     DOT_T: tl.constexpr, RND_T: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """Grid (B, cdiv(T, BLOCK_T)). Writes ctx (B, T, DV), weights (B, T, L), (m, l) per row, and with
     STORE_CTXA ctx in fp32 to CTXA (for the backward's delta, see fused_s2s.kernels.attention)."""
@@ -161,8 +168,7 @@ def _attn_fwd_tiled_kernel(
     m_i = tl.full([BLOCK_T], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_T], tl.float32)
     acc = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
-    l0 = b * 0
-    while l0 < L:
+    for l0 in tl.range(b * 0, L, BLOCK_L, num_stages=NUM_STAGES):  # int64 l0
         in_l = ar_l < L - l0
         valid = _mask_valid(MASK, b, l0, ar_l, in_l, s_mb, s_ml, MASK_MODE)
         k = tl.load(K + b * s_kb + l0 * s_kl + k_tile, mask=in_l[:, None] & in_d[None, :], other=0.0).to(DOT_T)
@@ -180,7 +186,6 @@ def _attn_fwd_tiled_kernel(
             v = tl.load(V + b * s_vb + l0 * s_vl + v_tile, mask=in_l[:, None] & in_dv[None, :], other=0.0).to(DOT_T)
         acc = acc * corr[:, None] + tl.dot(p.to(RND_T).to(DOT_T), v, input_precision="ieee")
         m_i = m_new
-        l0 += BLOCK_L
 
     m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
     inv_l = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)  # empty row: l = 0 -> all 0
@@ -199,7 +204,7 @@ def _attn_bwd_dq_tiled_kernel(
     s_cb, s_ct, s_cd, s_wb, s_wt, s_wl,
     MASK_MODE: tl.constexpr, SHARED_KV: tl.constexpr, HAS_DCTX: tl.constexpr, HAS_DW: tl.constexpr,
     DOT_T: tl.constexpr, RND_T: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """Grid (B, cdiv(T, BLOCK_T)). delta (B*T,) fp32 for the dH/dV kernel, and dq (B, T, D)."""
     b = tl.program_id(0).to(tl.int64)
@@ -240,8 +245,7 @@ def _attn_bwd_dq_tiled_kernel(
     k_tile = ar_l[:, None] * s_kl + ar_d[None, :] * s_kd  # (BL, BD)
     v_tile = ar_l[:, None] * s_vl + ar_d[None, :] * s_vd
     dq = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
-    l0 = b * 0
-    while l0 < L:
+    for l0 in tl.range(b * 0, L, BLOCK_L, num_stages=NUM_STAGES):  # int64 l0
         in_l = ar_l < L - l0
         valid = _mask_valid(MASK, b, l0, ar_l, in_l, s_mb, s_ml, MASK_MODE)
         k = tl.load(K + b * s_kb + l0 * s_kl + k_tile, mask=in_l[:, None] & in_d[None, :], other=0.0).to(DOT_T)
@@ -259,7 +263,6 @@ def _attn_bwd_dq_tiled_kernel(
             g += tl.dot(dc, tl.trans(v), input_precision="ieee")
         de = alpha * (g - delta[:, None])  # (BT, BL)
         dq += tl.dot(de.to(RND_T).to(DOT_T), k, input_precision="ieee")
-        l0 += BLOCK_L
     tl.store(DQ + rows[:, None] * D + ar_d[None, :], dq.to(DQ.dtype.element_ty), mask=in_t[:, None] & in_d[None, :])
 
 
@@ -271,7 +274,7 @@ def _attn_bwd_kv_tiled_kernel(
     s_cb, s_ct, s_cd, s_wb, s_wt, s_wl,
     MASK_MODE: tl.constexpr, SHARED_KV: tl.constexpr, HAS_DCTX: tl.constexpr, HAS_DW: tl.constexpr,
     DOT_T: tl.constexpr, RND_T: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """Grid (B, cdiv(L, BLOCK_L)). dH (B, L, D) and dV (B, L, DV), reduced over T in registers.
 
@@ -299,8 +302,7 @@ def _attn_bwd_kv_tiled_kernel(
     dwT_tile = ar_l[:, None] * s_wl + ar_t[None, :] * s_wt  # (BL, BT): dW read transposed
     dk = tl.zeros([BLOCK_L, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_L, BLOCK_D], tl.float32)
-    t0 = b * 0
-    while t0 < T:
+    for t0 in tl.range(b * 0, T, BLOCK_T, num_stages=NUM_STAGES):  # int64 t0
         in_t = ar_t < T - t0
         rows = b * T + t0 + ar_t
         q = tl.load(Q + b * s_qb + t0 * s_qt + q_tile, mask=in_t[:, None] & in_d[None, :], other=0.0).to(DOT_T)
@@ -324,7 +326,6 @@ def _attn_bwd_kv_tiled_kernel(
                 dv += a_dc
         deT = aT * (gT - delta[None, :])  # (BL, BT)
         dk += tl.dot(deT.to(RND_T).to(DOT_T), q, input_precision="ieee")
-        t0 += BLOCK_T
     tl.store(DK + (b * L + l0) * D + ar_l[:, None] * D + ar_d[None, :], dk.to(DK.dtype.element_ty),
              mask=in_l[:, None] & in_d[None, :])
     if not SHARED_KV:
@@ -371,7 +372,7 @@ def _tiled_bwd_setup(query, keys, values, mask, ctx, weights, dctx, dweights, bt
     return query, keys, v, mask, dc, dw, dq, dk, dv, delta
 
 
-def attention_forward_tiled(query, keys, values, mask, *, block_l=None, for_backward=False):
+def attention_forward_tiled(query, keys, values, mask, *, block_l=None, for_backward=False, num_stages=None):
     """As ``attention_forward`` (same outputs, (m, l) stats, ctx_acc, scores_acc) for fp16/bf16, tiled over T."""
     B, T, D = query.shape
     L = keys.shape[1]
@@ -402,12 +403,14 @@ def attention_forward_tiled(query, keys, values, mask, *, block_l=None, for_back
         T, L, D, Dv,
         *query.stride(), *keys.stride(), *v.stride(), s_mb, s_ml,
         MASK_MODE=mode, SHARED_KV=shared, STORE_CTXA=store_ctxa, DOT_T=dot_t, RND_T=rnd_t,
-        BLOCK_T=bt, BLOCK_L=bl, BLOCK_D=block_d, num_warps=nw, enable_fp_fusion=True,
+        BLOCK_T=bt, BLOCK_L=bl, BLOCK_D=block_d, NUM_STAGES=stages(num_stages, _TILED_STAGES), num_warps=nw,
+        enable_fp_fusion=True,
     )
     return ctx, weights, lse, ctx_acc, scores if store_ctxa else weights
 
 
-def attention_backward_tiled(query, keys, values, mask, ctx, weights, lse, dctx, dweights, *, block_l=None):
+def attention_backward_tiled(query, keys, values, mask, ctx, weights, lse, dctx, dweights, *, block_l=None,
+                             num_stages=None):
     """As ``attention_backward`` (at least one of dctx / dweights is given), tiled over T and L."""
     B, T, D = query.shape
     L = keys.shape[1]
@@ -428,7 +431,7 @@ def attention_backward_tiled(query, keys, values, mask, ctx, weights, lse, dctx,
     m_ptr, mode, s_mb, s_ml = _mask_args(mask, query)
     dot_t, rnd_t = _dot_types(query)
     common = dict(MASK_MODE=mode, SHARED_KV=shared, HAS_DCTX=has_dc, HAS_DW=has_dw, DOT_T=dot_t, RND_T=rnd_t,
-                  BLOCK_D=block_d)
+                  BLOCK_D=block_d, NUM_STAGES=stages(num_stages, _TILED_STAGES))
     strides = (*query.stride(), *keys.stride(), *v.stride(), s_mb, s_ml, *dc.stride(), *dw.stride())
     _attn_bwd_dq_tiled_kernel[(B, cdiv(T, bt))](
         query, keys, v, m_ptr, ctx, weights, lse, dc, dw, dq, delta, T, L, D, Dv, *strides,
@@ -468,12 +471,14 @@ def aot_configs():
                            s_mb=i32, s_ml=cx)
             gstrides = dict(s_cb=i32, s_ct=i32, s_cd=cx, s_wb=i32, s_wt=i32, s_wl=cx)
             unit = dict(s_qd=1, s_kd=1, s_vd=1, s_ml=1)
-            flags = dict(MASK_MODE=mode, SHARED_KV=shared, DOT_T=tdt, RND_T=tdt, BLOCK_D=block_d)
+            flags = dict(MASK_MODE=mode, SHARED_KV=shared, DOT_T=tdt, RND_T=tdt, BLOCK_D=block_d,
+                         NUM_STAGES=_TILED_STAGES)
             tag = f"{ty} BD={block_d} mask={mode} kv={int(shared)}"
 
             bt, bl, nw = _TILED_CONFIGS["fwd"][block_d]
             sig = dict(Q=p, K=p, V=p, MASK=mask_ty, CTX=p, CTXA=a, W=p, S=a, LSE=a, **sizes, **strides, MASK_MODE=cx,
-                       SHARED_KV=cx, STORE_CTXA=cx, DOT_T=cx, RND_T=cx, BLOCK_T=cx, BLOCK_L=cx, BLOCK_D=cx)
+                       SHARED_KV=cx, STORE_CTXA=cx, DOT_T=cx, RND_T=cx, BLOCK_T=cx, BLOCK_L=cx, BLOCK_D=cx,
+                       NUM_STAGES=cx)
             yield AOTConfig(_attn_fwd_tiled_kernel, sig,
                             dict(unit, BLOCK_T=bt, BLOCK_L=bl, STORE_CTXA=True, **flags), num_warps=nw,
                             label=f"fwd_tiled {tag} BT={bt} BL={bl}")
@@ -481,7 +486,7 @@ def aot_configs():
             bt, bl, nw = _TILED_CONFIGS["bwd"][block_d]
             c = dict(unit, s_cd=1, s_wl=1, HAS_DCTX=True, HAS_DW=True, BLOCK_T=bt, BLOCK_L=bl, **flags)
             bwd = dict(MASK_MODE=cx, SHARED_KV=cx, HAS_DCTX=cx, HAS_DW=cx, DOT_T=cx, RND_T=cx, BLOCK_T=cx,
-                       BLOCK_L=cx, BLOCK_D=cx)
+                       BLOCK_L=cx, BLOCK_D=cx, NUM_STAGES=cx)
             sig = dict(Q=p, K=p, V=p, MASK=mask_ty, CTX=a, W=a, LSE=a, DCTX=p, DW=p, DQ=p, DELTA=a, **sizes,
                        **strides, **gstrides, **bwd)
             yield AOTConfig(_attn_bwd_dq_tiled_kernel, sig, c, num_warps=nw,

@@ -298,6 +298,32 @@ def test_split_matches_one_pass(L, block_l, splits, device):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("T,dtype,kw", [(None, torch.float32, {}), (None, torch.float32, dict(splits=3)),
+                                         (3, torch.float32, {}), (20, torch.bfloat16, dict(tiled=True))],
+                         ids=["T1", "T1_split", "T3", "tiled_T20"])
+def test_num_stages_changes_no_bits(T, dtype, kw, device):
+    """The main loops' software pipelining (num_stages: tiles in flight ahead, through shared memory
+    on a GPU) moves data, never the arithmetic: every output and gradient is bitwise the same at
+    1, 2 and 3 stages, per-row (one pass, split, T > 1) and tiled. Several L blocks per row."""
+    from fused_s2s.kernels import attention as K
+
+    q, k, v = _inputs(2, T, 45, 16, 12, dtype, device)
+    mask = _mask("len", 2, 45, device)
+    gc = torch.randn(*q.shape[:-1], 12, device=device, dtype=dtype)
+    gw = torch.randn(*q.shape[:-1], 45, device=device, dtype=dtype)
+    outs = []
+    for ns in (1, 2, 3):
+        fwd = K.attention_forward(q, k, v, mask, block_l=16, for_backward=True, num_stages=ns, **kw)
+        ctx, w, lse, ctx_acc, saved_w = fwd
+        grads = K.attention_backward(q, k, v, mask, ctx_acc, saved_w, lse, gc, gw, block_l=16, num_stages=ns, **kw)
+        outs.append((ctx, w, lse, *grads))
+    for out in outs[1:]:
+        for a, b in zip(out, outs[0]):
+            assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="num_stages"):
+        K.attention_forward(q, k, v, mask, num_stages=0, **kw)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_non_contiguous_inputs(dtype, device):
     """Slices and transposed views of bigger tensors (strides go to the kernel), stride-0 grads."""
