@@ -24,18 +24,20 @@ def validate(backend: str) -> str:
 
 
 def resolve(backend: str, device: torch.device) -> str:
-    """The backend that actually runs for tensors on ``device``: "triton" or "eager"."""
+    """The backend that actually runs for tensors on ``device``: "triton" or "eager".
+
+    Called once per op call: the messages are only formatted on an error (host time per call)."""
     validate(backend)
-    source = f"backend={backend!r}"
+    explicit = backend
     if backend == "auto":
-        env = os.environ.get("FUSED_S2S_BACKEND", "auto")
-        if env not in BACKENDS:
-            raise ValueError(f"FUSED_S2S_BACKEND must be one of {list(BACKENDS)}, got {env!r}")
-        backend = env
-        source = f"FUSED_S2S_BACKEND={env} (overriding backend='auto')"
+        backend = os.environ.get("FUSED_S2S_BACKEND", "auto")
+        if backend not in BACKENDS:
+            raise ValueError(f"FUSED_S2S_BACKEND must be one of {list(BACKENDS)}, got {backend!r}")
     if backend == "auto":
         return "triton" if device.type == "cuda" else "eager"
     if backend == "triton" and device.type != "cuda" and not interpret_mode():
+        source = (f"FUSED_S2S_BACKEND={backend} (overriding backend='auto')" if explicit == "auto"
+                  else f"backend={explicit!r}")
         raise ValueError(
             f"{source} needs CUDA tensors (got {device}); set TRITON_INTERPRET=1 before importing "
             "triton to run the kernels on the CPU, or use backend='auto'/'eager'"
