@@ -44,18 +44,39 @@ DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")  # where every benchmark ru
 
 def sweep_args(prog: str, doc: str, argv, *, seconds: float, sizes: str, dtypes: str):
     """The kernel sweeps' (sweep_attention / sweep_gumbel) command line: --seconds, --sizes,
-    --dtypes with these defaults. None, after saying so, without CUDA (a sweep times kernels)."""
+    --dtypes with these defaults, --stages-only (the launcher's config and its loops' num_stages
+    alternatives, nothing else) and --device. None, after saying so, without CUDA (a sweep times
+    kernels). ``--device cpu`` runs the sweep under Triton's interpreter (TRITON_INTERPRET=1): a
+    smoke test of the script (tests/test_sweeps.py, size "tiny"), its times meaningless."""
     import argparse
 
     p = argparse.ArgumentParser(prog=prog, description=doc.split("\n")[0])
     p.add_argument("--seconds", type=float, default=seconds)
     p.add_argument("--sizes", default=sizes)
     p.add_argument("--dtypes", default=dtypes)
+    p.add_argument("--stages-only", action="store_true",
+                   help="only the launcher's config at each num_stages (software pipelining depth)")
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                   help="cpu: under TRITON_INTERPRET=1, to check the script itself (times meaningless)")
     a = p.parse_args(argv)
-    if not HAS_CUDA:
+    if a.device == "cuda" and not HAS_CUDA:
         print(f"{prog}: needs CUDA", file=sys.stderr)
         return None
+    if a.device == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        p.error("--device cpu runs the kernels under the interpreter: set TRITON_INTERPRET=1")
     return a
+
+
+def kernel_ms(fn, device) -> float:
+    """A sweep's kernel time (ms): ``triton.testing.do_bench`` (L2 flushed, median) on CUDA; on the
+    CPU (interpreter smoke runs) one timed call."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=5, rep=20)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
 
 
 def compile_fresh(fn):

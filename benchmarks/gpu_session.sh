@@ -24,8 +24,9 @@
 #                                     counted from the script's start (setup included; a 15-minute
 #                                     device session: one start + one 10-minute call, timeout_s=600):
 #                                     -m gpu tests, the benchmarks at every size with few repetitions
-#                                     (fused + eager, then torch.compile, largest sizes first), then the
-#                                     kernel tests on CUDA with whatever time is left
+#                                     (fused + eager, then torch.compile, largest sizes first), the
+#                                     loops' num_stages side by side (sweeps --stages-only, profile.txt),
+#                                     then the kernel tests on CUDA with whatever time is left
 #
 # Files under $OUT (default /tmp/fused_s2s_out), at most 8 (what the device tool returns):
 # setup.log, pytest_gpu.{log,xml},
@@ -295,6 +296,15 @@ host_pass() {  # host_pass FILE SECONDS: benchmarks/host_overhead.py --cuda, app
     say "host overhead (--cuda): rc=$rc, $(grep -c ' us$' "$1") lines in $(basename "$1")"
 }
 
+stages_pass() {  # stages_pass FILE SECONDS: the sweeps' --stages-only rows (Gumbel first), appended to FILE
+    local f=$1 half=$(( $2 / 2 ))
+    timeout -s INT -k 5 "$half" "$PY" benchmarks/sweep_gumbel.py --stages-only --sizes large,mid \
+        --seconds $(( half - 8 )) >>"$f" 2>&1
+    timeout -s INT -k 5 "$half" "$PY" benchmarks/sweep_attention.py --stages-only --sizes large,long,tf \
+        --seconds $(( half - 8 )) >>"$f" 2>&1
+    say "stages: $(grep -c 'stages=' "$f") sweep lines in $(basename "$f")"
+}
+
 cli_graph_pass() {  # cli_graph_pass FILE SECONDS: fused-s2s train with and without --cuda-graph (tokens/s)
     local f=$1 each=$(( $2 / 2 )) mode rc
     for mode in eager graph; do
@@ -333,6 +343,10 @@ budget_phase() {  # one command for a 15-minute device session (docs/gpu.md): wh
     profile_pass "$(budget_t PROFILE 40)"
     # host time per call with the real kernels, and its parts (Triton's launch, our launchers)
     host_pass "$OUT/profile.txt" "$(budget_t HOST 20)"
+    # the loops' software pipelining, side by side (session 10): Gumbel's default 2 stages against 1
+    # (the kernels before) and 3-4, attention's default 1 against 2-3; kernel time only (the budget's
+    # 8 files are taken: into profile.txt, after the host lines)
+    stages_pass "$OUT/profile.txt" "$(budget_t STAGES 50)"
     # 3. torch.compile, largest sizes first (each case compiles afresh: tens of seconds each)
     if [ "${GPU_BENCH_NO_COMPILE:-0}" != 1 ]; then
         bench_pass attention compile "$(budget_t ATTENTION_COMPILE 40)" --quick --sizes large,long,tf,notes

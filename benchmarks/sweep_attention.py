@@ -3,6 +3,7 @@ num_stages) is fastest per size and dtype, against the launcher's own choice. A 
 of record (benchmarks/bench_attention.py is); it prints one line per configuration.
 
     python benchmarks/sweep_attention.py [--seconds 90] [--sizes large,long] [--dtypes bfloat16,float32]
+                                         [--stages-only]   # the launcher's config at num_stages 1-3 only
 
 Sizes are bench_attention's (values = keys, lengths mask). For each size and dtype it times
 (triton.testing.do_bench: L2 flushed, median ms) the forward (attention_forward) and the backward
@@ -25,7 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 import torch  # noqa: E402
 
-SIZES = {  # (B, T, L, D) as bench_attention
+SIZES = {  # (B, T, L, D) as bench_attention; "tiny": the CPU smoke run's (--device cpu)
+    "tiny": (2, 20, 40, 16),
     "notes": (32, 1, 10, 256),
     "large": (256, 1, 512, 1024),
     "long": (8, 1, 4096, 512),
@@ -38,15 +40,15 @@ def main(argv=None) -> int:
     a = common.sweep_args("sweep_attention", __doc__, argv, seconds=90.0, sizes="large,long", dtypes="bfloat16,float32")
     if a is None:
         return 0
-    import triton.testing
-
     from fused_s2s.kernels import attention as A
 
     real_cfg = A.block_config
     t_end = time.time() + a.seconds
-    dev = torch.device("cuda")
+    dev = torch.device(a.device)
+    bench = lambda fn: common.kernel_ms(fn, dev)  # noqa: E731
     sms = A._num_sms(dev)
-    print(f"[sweep] {torch.cuda.get_device_name()} ({sms} SMs), torch {torch.__version__}")
+    name = common.device_name() if dev.type == "cuda" else "cpu (interpreter)"
+    print(f"[sweep] {name} ({sms} SMs), torch {torch.__version__}")
     for size in a.sizes.split(","):
         B, T, L, D = SIZES[size]
         for dname in a.dtypes.split(","):
@@ -73,7 +75,7 @@ def main(argv=None) -> int:
                     saved = A.attention_forward(q, H, None, lengths, for_backward=True, **kw)
                     ctx, w, lse, ctx_acc, s_acc = saved
                     bwd = lambda: A.attention_backward(q, H, None, lengths, ctx_acc, s_acc, lse, dc, dw, **kw)  # noqa: E731
-                    return triton.testing.do_bench(fwd, warmup=5, rep=20), triton.testing.do_bench(bwd, warmup=5, rep=20)
+                    return bench(fwd), bench(bwd)
                 finally:
                     A.block_config = real_cfg
 
@@ -88,8 +90,8 @@ def main(argv=None) -> int:
             cands = [({}, None, ns_, False) for ns_ in (2, 3)]
             if T > 1 and dtype in (torch.float16, torch.bfloat16):
                 cands += [({}, None, ns_, True) for ns_ in (1, 2, 3)]
-            cands += [({"fwd": g, "bwd_row": g}, None, None, False) for g in GRID]
-            if T == 1:
+            cands += [] if a.stages_only else [({"fwd": g, "bwd_row": g}, None, None, False) for g in GRID]
+            if T == 1 and not a.stages_only:
                 want = -(-2 * sms // (B * T))
                 cands += [({}, s, None, False) for s in sorted({1, max(1, want // 2), 2 * want, 4 * want, 8 * want})]
             for kind_cfg, splits, ns_, tiled in cands:

@@ -3,6 +3,7 @@ software-pipelining depth (num_stages) of the looped (multi-block) rows against 
 (benchmarks/bench_gumbel.py is); one line per configuration.
 
     python benchmarks/sweep_gumbel.py [--seconds 60] [--sizes large,mid] [--dtypes float32,bfloat16]
+                                      [--stages-only]   # the launcher's config at num_stages 1-4 only
 
 For each size, dtype and hard / soft it times (triton.testing.do_bench, median ms) the forward
 (gumbel_fwd, in-kernel noise) and the backward (gumbel_bwd from its saved (m, s)) at the
@@ -23,7 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 import torch  # noqa: E402
 
-SIZES = {"large": (256, 128000), "mid": (256, 32000), "notes": (32, 10000)}  # (B, V) as bench_gumbel
+# (B, V) as bench_gumbel; "tiny": the CPU smoke run's (--device cpu; two loop blocks a row)
+SIZES = {"large": (256, 128000), "mid": (256, 32000), "notes": (32, 10000), "tiny": (2, 20000)}
 GRID = ((1024, 4), (2048, 8), (4096, 8), (8192, 16), (8192, 32))  # (BLOCK_V, num_warps)
 STAGES = (1, 2, 3, 4)  # the loop's num_stages (tl.range): 1 = no software pipelining
 
@@ -32,13 +34,12 @@ def main(argv=None) -> int:
     a = common.sweep_args("sweep_gumbel", __doc__, argv, seconds=60.0, sizes="large,mid", dtypes="float32,bfloat16")
     if a is None:
         return 0
-    import triton.testing
-
     from fused_s2s.kernels import gumbel as G
 
     t_end = time.time() + a.seconds
-    dev = torch.device("cuda")
-    print(f"[sweep] {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    dev = torch.device(a.device)
+    bench = lambda fn: common.kernel_ms(fn, dev)  # noqa: E731
+    print(f"[sweep] {common.device_name() if dev.type == 'cuda' else 'cpu (interpreter)'}, torch {torch.__version__}")
     for size in a.sizes.split(","):
         R, V = SIZES[size]
         for dname in a.dtypes.split(","):
@@ -54,7 +55,7 @@ def main(argv=None) -> int:
                     fwd = lambda: G.gumbel_fwd(x, 1.0, hard, None, seed, **kw)  # noqa: E731
                     _, _, m, s = fwd()
                     bwd = lambda: G.gumbel_bwd(dy, x, m, s, 1.0, None, seed, **kw)  # noqa: E731
-                    return triton.testing.do_bench(fwd, warmup=5, rep=20), triton.testing.do_bench(bwd, warmup=5, rep=20)
+                    return bench(fwd), bench(bwd)
 
                 br, bv, nw, single = G.pick_config(V, dtype)
                 ns = G.loop_stages(single, False, dtype)
@@ -75,11 +76,12 @@ def main(argv=None) -> int:
                     print(f"[sweep] {tag} launcher BV={bv} nw={nw} stages={ns_}: fwd {f:.4f} ms ({base_f / f:4.2f}x "
                           f"launcher, {gb_f / f * 1e3:7.1f} GB/s) | bwd {b:.4f} ms ({base_b / b:4.2f}x, "
                           f"{gb_b / b * 1e3:7.1f} GB/s)", flush=True)
+                if a.stages_only:
+                    continue
                 # diagnostic: the same kernels reading an explicit noise tensor (one more (R, V) read, no
                 # Philox / log; the launcher's stages, which it does not pick for given noise): much faster per
                 # element means the in-kernel noise is the bottleneck
-                f = triton.testing.do_bench(lambda: G.gumbel_fwd(x, 1.0, hard, noise, None, num_stages=ns), warmup=5,
-                                             rep=20)
+                f = bench(lambda: G.gumbel_fwd(x, 1.0, hard, noise, None, num_stages=ns))
                 print(f"[sweep] {tag} launcher, explicit noise (no RNG): fwd {f:.4f} ms ({base_f / f:4.2f}x in-kernel "
                       f"noise, {1.5 * gb_f / f * 1e3:7.1f} GB/s)", flush=True)
                 # diagnostic: the same elements as R*k rows of V/k (launcher configs): what splitting a
@@ -88,9 +90,9 @@ def main(argv=None) -> int:
                     if V % k:
                         continue
                     xk, dyk = x.view(R * k, V // k), dy.view(R * k, V // k)
-                    fk = triton.testing.do_bench(lambda: G.gumbel_fwd(xk, 1.0, hard, None, seed), warmup=5, rep=20)
+                    fk = bench(lambda: G.gumbel_fwd(xk, 1.0, hard, None, seed))
                     _, _, mk, sk = G.gumbel_fwd(xk, 1.0, hard, None, seed)
-                    bk = triton.testing.do_bench(lambda: G.gumbel_bwd(dyk, xk, mk, sk, 1.0, None, seed), warmup=5, rep=20)
+                    bk = bench(lambda: G.gumbel_bwd(dyk, xk, mk, sk, 1.0, None, seed))
                     print(f"[sweep] {tag} as {R * k} rows of {V // k}: fwd {fk:.4f} ms ({base_f / fk:4.2f}x) | "
                           f"bwd {bk:.4f} ms ({base_b / bk:4.2f}x)", flush=True)
                 for bv_, nw_ in GRID:
