@@ -49,7 +49,9 @@
 #   GPU_BUDGET=570            budget: wall limit (s) from the script's start, setup included; its passes
 #                             take gpu tests 90, attention 55, gumbel 40, train 70 + graphed 35, profile 40,
 #                             host overhead 20 (benchmarks/host_overhead.py --cuda, into profile.txt),
-#                             compile 40 + 30 + 120 (train: fp32 teacher forcing and gumbel_hard, notes' size),
+#                             the loops' num_stages 40 (sweeps --stages-only, into profile.txt),
+#                             compile 40 + 30 + 100 (train: fp32 teacher forcing and gumbel_hard, notes' size;
+#                             one such compile took 9-18 s on this project's CPU),
 #                             and the kernel tests the rest less 35 s (their pass's 30 s kill grace and the
 #                             summary) (GPU_BUDGET_T_* override each, e.g. GPU_BUDGET_T_TRAIN)
 set -uo pipefail
@@ -346,13 +348,13 @@ budget_phase() {  # one command for a 15-minute device session (docs/gpu.md): wh
     # the loops' software pipelining, side by side (session 10): Gumbel's default 2 stages against 1
     # (the kernels before) and 3-4, attention's default 1 against 2-3; kernel time only (the budget's
     # 8 files are taken: into profile.txt, after the host lines)
-    stages_pass "$OUT/profile.txt" "$(budget_t STAGES 50)"
+    stages_pass "$OUT/profile.txt" "$(budget_t STAGES 40)"
     # 3. torch.compile, largest sizes first (each case compiles afresh: tens of seconds each)
     if [ "${GPU_BENCH_NO_COMPILE:-0}" != 1 ]; then
         bench_pass attention compile "$(budget_t ATTENTION_COMPILE 40)" --quick --sizes large,long,tf,notes
         bench_pass gumbel compile "$(budget_t GUMBEL_COMPILE 30)" --quick --sizes large,mid,notes
         # each case compiles the whole model afresh: the two whose ratio closes issue 6 first
-        bench_pass train compile "$(budget_t TRAIN_COMPILE 120)" --quick --sizes notes \
+        bench_pass train compile "$(budget_t TRAIN_COMPILE 100)" --quick --sizes notes \
             --modes teacher_forcing,ss_gumbel_hard --dtypes float32
     fi
     "$PY" benchmarks/summarize.py "$OUT/results.csv" || rc_b=1
