@@ -20,6 +20,8 @@
 #                                     wall time (fused, fused_graphed; teacher forcing, ss_gumbel_hard)
 #   benchmarks/gpu_session.sh cli     fused-s2s train with and without --cuda-graph (GPU_CLI_TIMEOUT=120 s
 #                                     for both): tokens/s per 50 steps, into $OUT/cli.txt
+#   benchmarks/gpu_session.sh stages  the sweeps' --stages-only rows alone (GPU_STAGES_TIMEOUT=120 s for both):
+#                                     the loops' software-pipelining depth side by side, into $OUT/stages.txt
 #   benchmarks/gpu_session.sh budget  everything that matters in ONE command of at most GPU_BUDGET=570 s,
 #                                     counted from the script's start (setup included; a 15-minute
 #                                     device session: one start + one 10-minute call, timeout_s=600):
@@ -417,6 +419,7 @@ case $phase in  # exit status: 1 when a test failed (test), no row was measured 
     recheck) setup; recheck_phase ;;
     profile) setup; profile_pass "${GPU_PROFILE_TIMEOUT:-300}" ;;
     cli) setup; cli_graph_pass "$OUT/cli.txt" "${GPU_CLI_TIMEOUT:-120}"; cat "$OUT/cli.txt" | tail -n 20 ;;
-    *) echo "usage: $0 setup|test|bench|all|budget|recheck|profile|cli   (see the header of this file for the environment knobs)" >&2
+    stages) setup; stages_pass "$OUT/stages.txt" "${GPU_STAGES_TIMEOUT:-120}"; grep '^\[sweep\]' "$OUT/stages.txt" | tail -n 60 ;;
+    *) echo "usage: $0 setup|test|bench|all|budget|recheck|profile|cli|stages   (see the header of this file for the environment knobs)" >&2
        exit 2 ;;
 esac
