@@ -53,7 +53,8 @@ class AOTConfig:
     "constexpr"); constexprs: values of the "constexpr" arguments; expect_no_spill: the launcher can
     pick this config for D <= 1024, so spills are an error; pipelined: its loops are software-pipelined
     (``tl.range(num_stages=)`` > 1), so the aligned variant must copy with ``cp.async`` (a loop
-    turned back into a ``while``, or a triton that stops pipelining it, is an error).
+    turned back into a ``while``, or a triton that stops pipelining it, is an error); variants: the
+    variants (VARIANTS) the launcher runs this config in, where it picks another config for the others.
     """
 
     kernel: object
@@ -64,6 +65,7 @@ class AOTConfig:
     label: str = ""
     expect_no_spill: bool = True
     pipelined: bool = False
+    variants: tuple = VARIANTS
 
 
 _REGISTRY: dict[str, Callable[[], Iterable[AOTConfig]]] = {}
@@ -210,8 +212,8 @@ def run(names: Iterable[str] | None = None, archs=ARCHS, variants=VARIANTS, jobs
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("fused_s2s.aot: unset TRITON_INTERPRET; interpreted kernels cannot be compiled")
     reg = registered()
-    tasks = [(name, i, cc, variant) for name in (names or sorted(reg)) for i in range(len(_configs(name)))
-             for cc in archs for variant in variants]
+    tasks = [(name, i, cc, variant) for name in (names or sorted(reg)) for i, cfg in enumerate(_configs(name))
+             for cc in archs for variant in variants if variant in cfg.variants]
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(tasks)))
     rows = []
     if jobs == 1:

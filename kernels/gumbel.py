@@ -44,9 +44,12 @@ _MULTI_CONFIG = (1, 4096, 16)
 # The loop path's software pipelining: blocks of logits (and dy, q) in flight ahead of the one being
 # computed (``tl.range(num_stages=)``; the loads go through shared memory, NUM_STAGES - 1 buffers
 # of each). One program per row, so one or two programs per SM: without it each warp waits out
-# every block's HBM latency. In-kernel noise, fp32 / fp16 / bf16 only: with given noise (one more
-# load) or fp64 the unaligned (generic) variants spilled 8-24 bytes at 2 stages (AOT, triton 3.9),
-# so those verification paths keep 1 (no pipelining), as does a row in one block (SINGLE).
+# every block's HBM latency. In-kernel noise, fp32 / fp16 / bf16, rows Triton specialises as 16-
+# aligned (V, the row strides and the pointers divisible by 16: 128-bit loads) only. Unaligned
+# rows compile to scalar loads, whose pipelined fp32 loop took 116-128 registers (AOT: one 16-warp
+# program per SM, so B 256 rows would run in two waves where 40 registers fit three programs per SM);
+# with given noise (one more load) or fp64 the unaligned variants spilled 8-24 bytes. Those keep 1
+# (no pipelining), as does a row in one block (SINGLE).
 _LOOP_STAGES = 2
 # fp64 (gradcheck, verification) keeps its tiles small: twice the registers per element
 _SINGLE_CONFIGS_FP64 = ((256, 1, 256, 2), (1024, 1, 1024, 4))
@@ -363,15 +366,22 @@ def pick_config(V: int, dtype=torch.float32, *, block_r=None, block_v=None, num_
     return br, bv, num_warps or nw, V <= bv
 
 
-def loop_stages(single: bool, has_noise: bool, dtype, num_stages=None) -> int:
-    """NUM_STAGES for a launch: ``num_stages`` (>= 1) forces it on the loop path (tests, sweeps)."""
+def loop_stages(single: bool, has_noise: bool, dtype, num_stages=None, aligned: bool = True) -> int:
+    """NUM_STAGES for a launch: ``num_stages`` (>= 1) forces it on the loop path (tests, sweeps).
+    ``aligned``: the launch's rows are 16-aligned (``rows_aligned``)."""
     if single:
         return 1
     if num_stages is None:
-        return 1 if has_noise or dtype == torch.float64 else _LOOP_STAGES
+        return _LOOP_STAGES if aligned and not has_noise and dtype != torch.float64 else 1
     if isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 1:
         raise ValueError(f"num_stages must be an int >= 1, got {num_stages!r}")
     return num_stages
+
+
+def rows_aligned(V: int, *rows) -> bool:
+    """Whether Triton's JIT specialises a launch over these (R, V) tensors as 16-aligned (the AOT tool's
+    "aligned" variant, 128-bit loads): V, each row stride and each pointer divisible by 16."""
+    return V % 16 == 0 and all(t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in rows)
 
 
 # whether this module's kernels are interpreted: fixed when they were decorated (at import), as
@@ -441,7 +451,8 @@ def gumbel_fwd(x, inv_tau: float, hard: bool, noise=None, seed=None, *, tau=None
             *_inv_tau_args(inv_tau, tau), BLOCK_R=BR, BLOCK_V=BV, SINGLE=single, HARD=bool(hard), HAS_NOISE=has_noise,
             FP64=x.dtype == torch.float64, WRITE_NOISE=bool(write_noise), FAST_LOG=_fast_log(x),
             STORE_Y=y is not None, TAU_PTR=tau is not None,
-            NUM_STAGES=loop_stages(single, has_noise, x.dtype, num_stages), num_warps=nw, enable_fp_fusion=True,
+            NUM_STAGES=loop_stages(single, has_noise, x.dtype, num_stages, single or rows_aligned(V, x)),
+            num_warps=nw, enable_fp_fusion=True,
         )
     if write_noise:
         return y, idx, m, s, g
@@ -463,7 +474,8 @@ def gumbel_bwd(dy, x, m, s, inv_tau: float, noise=None, seed=None, *, tau=None, 
             x.stride(0), noise.stride(0) if has_noise else 0, dy.stride(0), dx.stride(0), R, V,
             *_inv_tau_args(inv_tau, tau), BLOCK_R=BR, BLOCK_V=BV, SINGLE=single, HAS_NOISE=has_noise,
             FP64=x.dtype == torch.float64, FAST_LOG=_fast_log(x), TAU_PTR=tau is not None,
-            NUM_STAGES=loop_stages(single, has_noise, x.dtype, num_stages), num_warps=nw, enable_fp_fusion=True,
+            NUM_STAGES=loop_stages(single, has_noise, x.dtype, num_stages, single or rows_aligned(V, x, dy)),
+            num_warps=nw, enable_fp_fusion=True,
         )
     return dx
 
@@ -497,12 +509,24 @@ def _aot_configs():
 
 
 def _aot_one(dtype, dt, st, has_noise, br, bv, nw, single, tau_ptr):
+    # the loop path's NUM_STAGES depends on the rows' alignment (loop_stages): unaligned rows run the
+    # generic variant at its stages, aligned rows the aligned one at theirs
+    ns_generic = loop_stages(single, has_noise, dtype, aligned=False)
+    ns_aligned = loop_stages(single, has_noise, dtype, aligned=True)
+    if ns_generic == ns_aligned:
+        yield from _aot_stages(dtype, dt, st, has_noise, br, bv, nw, single, tau_ptr, ns_aligned, aot.VARIANTS)
+    else:
+        yield from _aot_stages(dtype, dt, st, has_noise, br, bv, nw, single, tau_ptr, ns_generic, ("generic",))
+        yield from _aot_stages(dtype, dt, st, has_noise, br, bv, nw, single, tau_ptr, ns_aligned, ("aligned",))
+
+
+def _aot_stages(dtype, dt, st, has_noise, br, bv, nw, single, tau_ptr, stages, variants):
     common = {"BLOCK_R": br, "BLOCK_V": bv, "SINGLE": single, "HAS_NOISE": has_noise,
               "FP64": dtype == torch.float64, "FAST_LOG": True,  # what a CUDA launch picks
-              "TAU_PTR": tau_ptr, "NUM_STAGES": loop_stages(single, has_noise, dtype)}
+              "TAU_PTR": tau_ptr, "NUM_STAGES": stages}
     tp = "fp64" if tau_ptr else st
     label = (f"{dt} noise={'given' if has_noise else 'philox'} {br}x{bv}{'' if single else ' loop'}"
-             f"{' tau_ptr' if tau_ptr else ''}")
+             f"{' tau_ptr' if tau_ptr else ''}{'' if single else f' stages={stages}'}")
     # the index alone (gumbel_sample) is tau-free: no TAU_PTR variant
     for hard, store_y in ((False, True), (True, True)) + (() if tau_ptr else ((True, False),)):
         sig = {"x_ptr": f"*{dt}", "noise_ptr": f"*{dt}", "seed_ptr": "*i64", "tau_ptr": f"*{tp}", "y_ptr": f"*{dt}",
@@ -517,7 +541,7 @@ def _aot_one(dtype, dt, st, has_noise, br, bv, nw, single, tau_ptr):
         yield aot.AOTConfig(_gumbel_fwd_kernel, sig,
                             dict(common, HARD=hard, WRITE_NOISE=False, STORE_Y=store_y),
                             num_warps=nw, label=f"fwd {label}{kind}",
-                            pipelined=common["NUM_STAGES"] > 1)
+                            pipelined=stages > 1, variants=variants)
     sig = {"x_ptr": f"*{dt}", "noise_ptr": f"*{dt}", "seed_ptr": "*i64", "tau_ptr": f"*{tp}", "m_ptr": f"*{st}",
            "s_ptr": f"*{st}", "dy_ptr": f"*{dt}", "dx_ptr": f"*{dt}", "stride_x": "i32",
            "stride_n": "i32", "stride_dy": "i32", "stride_dx": "i32", "R": "i32", "V": "i32",
@@ -525,7 +549,7 @@ def _aot_one(dtype, dt, st, has_noise, br, bv, nw, single, tau_ptr):
            "HAS_NOISE": "constexpr", "FP64": "constexpr", "FAST_LOG": "constexpr", "TAU_PTR": "constexpr",
            "NUM_STAGES": "constexpr"}
     yield aot.AOTConfig(_gumbel_bwd_kernel, sig, common, num_warps=nw, label=f"bwd {label}",
-                        pipelined=common["NUM_STAGES"] > 1)
+                        pipelined=stages > 1, variants=variants)
 
 
 aot.register("gumbel", _aot_configs)

@@ -626,6 +626,14 @@ def test_bad_launcher_block():
     # the launcher pipelines the in-kernel-noise loop path; given noise and fp64 (verification) stay flat
     assert K.loop_stages(False, False, torch.bfloat16) == K._LOOP_STAGES >= 2
     assert K.loop_stages(False, True, torch.float32) == K.loop_stages(False, False, torch.float64) == 1
+    # rows Triton does not specialise as 16-aligned (scalar loads) stay unpipelined too
+    assert K.loop_stages(False, False, torch.float32, aligned=False) == 1
+    x = torch.zeros(4, 48)
+    assert K.rows_aligned(32, x[:, :32]) and K.rows_aligned(48, x, torch.zeros(4, 48))
+    assert not K.rows_aligned(30, x[:, :30])  # V
+    assert not K.rows_aligned(47, x[:, 1:])  # V and the pointer (4 bytes in)
+    assert not K.rows_aligned(32, x[:, 1:33])  # the pointer
+    assert not K.rows_aligned(32, torch.zeros(4, 40)[:, :32])  # the row stride
 
 
 @pytest.mark.parametrize("given", [False, True])
