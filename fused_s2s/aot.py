@@ -173,7 +173,7 @@ def print_loops(names, match: str, variants=VARIANTS, cc: int = 90, out=sys.stdo
         for cfg in _configs(name):
             if match not in cfg.label:
                 continue
-            for variant in variants:
+            for variant in (v for v in variants if v in cfg.variants):
                 sass = _cuobjdump(_compile(cfg, cc, variant).asm["cubin"], "-sass")
                 print(f"{name} {cfg.label} [{variant}, sm_{cc}, {cfg.num_warps} warps]", file=out)
                 for lo, hi, c in sass_loops(sass):
