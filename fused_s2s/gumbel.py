@@ -23,10 +23,12 @@ from fused_s2s.reference import gumbel_argmax_eager, gumbel_softmax_eager
 
 class _GumbelSoftmaxFn(torch.autograd.Function):
     """Triton forward/backward on x (R, V). noise (R, V) or None (then seed, a 0-d int64 tensor);
-    tau a float, or a 0-d float64 tensor the kernels read on the device."""
+    tau a float, or a 0-d float64 tensor the kernels read on the device. Returns y, and the sampled
+    index only when ``with_index``: a second, non-differentiable output costs the autograd
+    Function ~4 us of host time per call (benchmarks/host_overhead.py's stubs, this project's CPU)."""
 
     @staticmethod
-    def forward(ctx, x, noise, seed, tau, hard: bool):
+    def forward(ctx, x, noise, seed, tau, hard: bool, with_index: bool):
         from fused_s2s.kernels import gumbel as K
 
         inv_tau, tau_t = _tau_args(tau)
@@ -34,12 +36,14 @@ class _GumbelSoftmaxFn(torch.autograd.Function):
         # tau_t saved as a tensor: changing it in place before the backward is an autograd error
         ctx.save_for_backward(x, noise, seed, m, s, tau_t)  # (R, V), (R, V) | None, () | None, (R,), (R,), () | None
         ctx.inv_tau = inv_tau
+        if not with_index:
+            return y
         ctx.mark_non_differentiable(idx)
         return y, idx
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, dy, _didx):
+    def backward(ctx, dy, _didx=None):
         from fused_s2s.kernels import gumbel as K
 
         x, noise, seed, m, s, tau_t = ctx.saved_tensors
@@ -47,7 +51,7 @@ class _GumbelSoftmaxFn(torch.autograd.Function):
             dy = dy.contiguous()
         # straight-through: hard and soft share the soft y's gradient
         dx = K.gumbel_bwd(dy, x, m, s, ctx.inv_tau, noise, seed, tau=tau_t)
-        return dx, None, None, None, None
+        return dx, None, None, None, None, None
 
 
 def _tau_args(tau):
@@ -97,7 +101,8 @@ def gumbel_softmax(logits: torch.Tensor, tau: float = 1.0, hard: bool = False, d
     x, n, seed, impl, dim, last, flat = _prepare(logits, dim, noise, generator, backend)  # x (R, V)
     if impl == "triton":
         if torch.is_grad_enabled() and x.requires_grad:
-            y, idx = _GumbelSoftmaxFn.apply(x, n, seed, tau, bool(hard))
+            out = _GumbelSoftmaxFn.apply(x, n, seed, tau, bool(hard), bool(return_index))
+            y, idx = out if return_index else (out, None)
         else:  # no graph to record (generation, no_grad): skip the autograd.Function's host cost
             from fused_s2s.kernels import gumbel as K
 
@@ -110,7 +115,8 @@ def gumbel_softmax(logits: torch.Tensor, tau: float = 1.0, hard: bool = False, d
         y = y.reshape(*lead, x.shape[1])
         if not last:
             y = y.movedim(-1, dim)
-        idx = idx.reshape(lead)
+        if return_index:
+            idx = idx.reshape(lead)
     if return_index:
         return y, idx
     return y

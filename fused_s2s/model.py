@@ -248,11 +248,14 @@ class AttentionDecoder(reference.AttentionDecoder):
         if sampling == "sample":  # one read of the logits: the index alone, no (B, V) y written
             index = gumbel_sample(logits_t, noise=noise_t, generator=generator, backend=self.backend)  # (B,)
             return self._lookup(index, W_emb, sink)  # (B, D) Gumbel-max sample, not differentiable
-        # one launch: noise (drawn in-kernel from the same seed the reference draws), softmax, argmax
-        y, index = gumbel_softmax(logits_t, tau, hard=sampling != "gumbel", noise=noise_t, generator=generator,
-                                  return_index=True, backend=self.backend)  # (B, V), (B,)
-        if sampling == "gumbel":
-            return self._mix(y, W_mix, sink)  # (B, D) soft mixture
+        # one launch: noise (drawn in-kernel from the same seed the reference draws), softmax, argmax;
+        # the soft mode takes no index (one output less: host time per step)
+        hard = sampling != "gumbel"
+        out = gumbel_softmax(logits_t, tau, hard=hard, noise=noise_t, generator=generator, return_index=hard,
+                             backend=self.backend)  # (B, V) [, (B,)]
+        if not hard:
+            return self._mix(out, W_mix, sink)  # (B, D) soft mixture
+        y, index = out
         return _HardEmbedding.apply(y, index, W_emb, sink)  # (B, D) straight-through
 
     def _lookup(self, index: Tensor, W_emb: Tensor, sink) -> Tensor:

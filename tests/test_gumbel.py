@@ -258,6 +258,24 @@ def test_without_graph_same_samples(device, hard):
         assert torch.equal(y, outs[0][0]) and torch.equal(idx, outs[0][1])
 
 
+@pytest.mark.parametrize("hard", [False, True])
+def test_return_index_changes_nothing_else(device, hard):
+    """With return_index=False the autograd Function returns y alone (less host time); y and the
+    gradient are bitwise those of return_index=True, also with dim not last (moved back)."""
+    logits = torch.randn(2, 40, 3, device=device)
+    dy = torch.randn(2, 40, 3, device=device)
+    outs = []
+    for with_index in (False, True):
+        torch.manual_seed(5)
+        x = logits.clone().requires_grad_(True)
+        out = _gs(x, 0.7, hard, dim=1, return_index=with_index)
+        y = out[0] if with_index else out
+        assert isinstance(y, torch.Tensor) and y.shape == logits.shape
+        (dx,) = torch.autograd.grad(y, x, dy)
+        outs.append((y.detach(), dx))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
 def test_explicit_noise_draws_nothing(device):
     logits = torch.randn(3, 20, device=device)
     noise = _torch_noise(logits)
