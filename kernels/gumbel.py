@@ -380,8 +380,11 @@ def loop_stages(single: bool, has_noise: bool, dtype, num_stages=None, aligned: 
 
 def rows_aligned(V: int, *rows) -> bool:
     """Whether Triton's JIT specialises a launch over these (R, V) tensors as 16-aligned (the AOT tool's
-    "aligned" variant, 128-bit loads): V, each row stride and each pointer divisible by 16."""
-    return V % 16 == 0 and all(t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in rows)
+    "aligned" variant, 128-bit loads): V, each row stride and each pointer divisible by 16. The
+    pointer from the storage offset (PyTorch's allocators align storages to 64 bytes or more):
+    metadata, no data_ptr(). Only the pipelining depth depends on it, never a result."""
+    return V % 16 == 0 and all(t.stride(0) % 16 == 0 and t.storage_offset() * t.element_size() % 16 == 0
+                               for t in rows)
 
 
 # whether this module's kernels are interpreted: fixed when they were decorated (at import), as
