@@ -17,6 +17,16 @@ def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
+def stages(num_stages, default: int) -> int:
+    """NUM_STAGES of a launch (the loops' software-pipelining depth): ``num_stages`` (an int >= 1)
+    when the caller forces one (tests, sweeps), else ``default``, the launcher's choice."""
+    if num_stages is None:
+        return default
+    if isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 1:
+        raise ValueError(f"num_stages must be an int >= 1, got {num_stages!r}")
+    return num_stages
+
+
 def interpreter_range_fix() -> bool:
     """Let Triton's interpreter run ``for i in range(a, n, b)`` / ``tl.range`` over a runtime ``n``.
 

@@ -85,7 +85,7 @@ import triton
 import triton.language as tl
 
 import fused_s2s.aot
-from fused_s2s.kernels._launch import cdiv, next_power_of_2
+from fused_s2s.kernels._launch import cdiv, next_power_of_2, stages
 
 # Register budget: elements of one fp32 (BLOCK_L, BLOCK_D) tile per warp. The forward holds two
 # tiles (H and V) and their addresses; the backward kernels also build dH/dV tiles, so they take
@@ -587,15 +587,6 @@ def split_plan(rows: int, L: int, block_l: int, device: torch.device, splits: in
     splits = max(1, min(int(splits), n_blocks))
     per = cdiv(n_blocks, splits)
     return cdiv(n_blocks, per), per
-
-
-def stages(num_stages, default: int) -> int:
-    """NUM_STAGES of a launch: ``num_stages`` (an int >= 1) when given, else ``default``."""
-    if num_stages is None:
-        return default
-    if isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 1:
-        raise ValueError(f"num_stages must be an int >= 1, got {num_stages!r}")
-    return num_stages
 
 
 def ctx_acc_buffer(ctx: torch.Tensor, for_backward: bool) -> tuple[torch.Tensor, bool]:

@@ -40,8 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fused_s2s.kernels.attention import _mask_args, _mask_valid, _saved_alpha, _tile_safe, ctx_acc_buffer, stages
-from fused_s2s.kernels._launch import cdiv, next_power_of_2
+from fused_s2s.kernels.attention import _mask_args, _mask_valid, _saved_alpha, _tile_safe, ctx_acc_buffer
+from fused_s2s.kernels._launch import cdiv, next_power_of_2, stages
 
 _MIN_T = 16  # the launcher's heuristic: tiles pay once a batch row has this many queries
 

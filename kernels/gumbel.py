@@ -26,7 +26,7 @@ from triton.language.extra import libdevice
 
 from fused_s2s import aot, philox
 from fused_s2s.backend import interpret_mode
-from fused_s2s.kernels._launch import cdiv
+from fused_s2s.kernels._launch import cdiv, stages
 
 _U_MIN = tl.constexpr(philox.U_MIN)
 _NEG_INF = tl.constexpr(float("-inf"))
@@ -371,11 +371,7 @@ def loop_stages(single: bool, has_noise: bool, dtype, num_stages=None, aligned: 
     ``aligned``: the launch's rows are 16-aligned (``rows_aligned``)."""
     if single:
         return 1
-    if num_stages is None:
-        return _LOOP_STAGES if aligned and not has_noise and dtype != torch.float64 else 1
-    if isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 1:
-        raise ValueError(f"num_stages must be an int >= 1, got {num_stages!r}")
-    return num_stages
+    return stages(num_stages, _LOOP_STAGES if aligned and not has_noise and dtype != torch.float64 else 1)
 
 
 def rows_aligned(V: int, *rows) -> bool:
