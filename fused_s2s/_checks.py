@@ -59,7 +59,7 @@ def check_ids(name: str, ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return ids
 
 
-def _scalar_tensor(name: str, t: torch.Tensor, device, ok, expected: str) -> torch.Tensor:
+def _scalar_tensor(name: str, t: torch.Tensor, device, ok, expected: str, values: bool = True) -> torch.Tensor:
     """A 0-d float tensor on ``device`` (None: any) whose value must satisfy ``ok`` (a tensor
     predicate): the capturable form of a scalar argument, read on the device by the ops. A CPU
     tensor given with inputs on a device is returned as a Python number (reading it is no sync).
@@ -67,10 +67,13 @@ def _scalar_tensor(name: str, t: torch.Tensor, device, ok, expected: str) -> tor
     Its value is checked without a host sync: on the CPU directly (ValueError); on a device by a
     device-side assert (``torch._assert_async``: the error surfaces at the next synchronisation).
     While a CUDA graph is being captured nothing is checked: the values a graph replays are
-    written by its owner, who checks them as Python floats (fused_s2s.graphs)."""
+    written by its owner, who checks them as Python floats (fused_s2s.graphs).
+    ``values=False`` checks the form only (for a caller whose callee checks the value again)."""
     check_float(name, t)
     if t.dim() != 0:
         raise ValueError(f"{name} as a tensor must be 0-d (a scalar), got shape {tuple(t.shape)}")
+    if not values:
+        return t
     if t.device.type == "cpu":
         if not bool(ok(t.detach())):
             raise ValueError(f"{name} must be {expected}, got {t.item()}")
@@ -83,11 +86,11 @@ def _scalar_tensor(name: str, t: torch.Tensor, device, ok, expected: str) -> tor
     return t
 
 
-def check_tau(tau, device=None):
+def check_tau(tau, device=None, values: bool = True):
     """tau: a finite Python real > 0 (-> float), or a 0-d float tensor (see _scalar_tensor) on
     ``device``, which the ops read on the device (CUDA-graph capturable: an annealed tau)."""
     if isinstance(tau, torch.Tensor):
-        return _scalar_tensor("tau", tau, device, lambda t: (t > 0) & t.isfinite(), "a finite number > 0")
+        return _scalar_tensor("tau", tau, device, lambda t: (t > 0) & t.isfinite(), "a finite number > 0", values)
     if isinstance(tau, bool) or not isinstance(tau, numbers.Real):
         raise TypeError(f"tau must be a Python float > 0 or a 0-d float tensor, got {type(tau).__name__}")
     tau = float(tau)
@@ -96,10 +99,10 @@ def check_tau(tau, device=None):
     return tau
 
 
-def check_ratio(name: str, value, device=None):
+def check_ratio(name: str, value, device=None, values: bool = True):
     """A Python real in [0, 1] (-> float), or a 0-d float tensor (see _scalar_tensor) on ``device``."""
     if isinstance(value, torch.Tensor):
-        return _scalar_tensor(name, value, device, lambda t: (t >= 0) & (t <= 1), "in [0, 1]")
+        return _scalar_tensor(name, value, device, lambda t: (t >= 0) & (t <= 1), "in [0, 1]", values)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a Python float in [0, 1] or a 0-d float tensor, got {type(value).__name__}")
     value = float(value)

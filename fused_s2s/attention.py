@@ -56,6 +56,20 @@ def _validate(query, keys, values, mask):
             raise ValueError(f"mask of lengths must be (B,) = ({B},), got {tuple(mask.shape)}")
 
 
+_K = None
+
+
+def _kernels():
+    """fused_s2s.kernels.attention, imported on first use (importing fused_s2s does not import
+    triton); a global read per call after that, where an import statement costs ~0.7 us of host time."""
+    global _K
+    if _K is None:
+        from fused_s2s.kernels import attention
+
+        _K = attention
+    return _K
+
+
 class _AttentionFn(torch.autograd.Function):
     """Triton forward (ctx, weights) and backward; saves the inputs, (m, l) (B*T, 2), and the context
     and the weights in the accumulation dtype (for fp16/bf16 an fp32 context and the fp32 raw scores:
@@ -64,11 +78,9 @@ class _AttentionFn(torch.autograd.Function):
 
     @staticmethod
     def forward(fctx, query, keys, values, mask, splits, block_l, tiled):
-        from fused_s2s.kernels.attention import attention_forward
-
         # query (B, D) or (B, T, D) as it is: the launchers take both (no views, each of which costs
         # host time and, around apply(), an autograd node of its own)
-        out, weights, lse, ctx_acc, scores_acc = attention_forward(
+        out, weights, lse, ctx_acc, scores_acc = _kernels().attention_forward(
             query, keys, values, mask, splits=splits, block_l=block_l, tiled=tiled, for_backward=True)
         fctx.save_for_backward(query, keys, values, mask, ctx_acc, scores_acc, lse)
         fctx.splits, fctx.block_l, fctx.tiled = splits, block_l, tiled
@@ -77,10 +89,8 @@ class _AttentionFn(torch.autograd.Function):
 
     @staticmethod
     def backward(fctx, dctx, dweights):
-        from fused_s2s.kernels.attention import attention_backward
-
         query, keys, values, mask, ctx_acc, scores_acc, lse = fctx.saved_tensors
-        dq, dk, dv = attention_backward(query, keys, values, mask, ctx_acc, scores_acc, lse, dctx, dweights,
+        dq, dk, dv = _kernels().attention_backward(query, keys, values, mask, ctx_acc, scores_acc, lse, dctx, dweights,
                                         splits=fctx.splits, block_l=fctx.block_l, tiled=fctx.tiled)
         return dq, dk, dv, None, None, None, None
 
@@ -109,6 +119,12 @@ def attention_step(query, keys, values=None, mask=None, *, backend="auto", split
     ``splits`` and raise ``block_l`` to at least 16.
     """
     _validate(query, keys, values, mask)
+    return _attention(query, keys, values, mask, backend, splits, block_l, tiled)
+
+
+def _attention(query, keys, values, mask, backend, splits=None, block_l=None, tiled=None):
+    """attention_step after _validate: the fused decoder checks memory and mask once per pass (its
+    query is its own W_a's output), not at every step (~7 us of host time a step)."""
     if _backend.resolve(backend, query.device) == "eager":
         from fused_s2s.reference import attention_eager  # bmm -> masked softmax -> bmm
 
@@ -117,6 +133,4 @@ def attention_step(query, keys, values=None, mask=None, *, backend="auto", split
                                     or (values is not None and values.requires_grad)):
         return _AttentionFn.apply(query, keys, values, mask, splits, block_l, tiled)
     # no graph to record (generation, no_grad): skip the autograd.Function's host cost
-    from fused_s2s.kernels.attention import attention_forward
-
-    return attention_forward(query, keys, values, mask, splits=splits, block_l=block_l, tiled=tiled)[:2]
+    return _kernels().attention_forward(query, keys, values, mask, splits=splits, block_l=block_l, tiled=tiled)[:2]

@@ -21,6 +21,20 @@ from fused_s2s._checks import check_float, check_generator, check_tau
 from fused_s2s.reference import gumbel_argmax_eager, gumbel_softmax_eager
 
 
+_K = None
+
+
+def _kernels():
+    """fused_s2s.kernels.gumbel, imported on first use (importing fused_s2s does not import triton);
+    a global read per call after that, where an import statement costs ~0.7 us of host time."""
+    global _K
+    if _K is None:
+        from fused_s2s.kernels import gumbel
+
+        _K = gumbel
+    return _K
+
+
 class _GumbelSoftmaxFn(torch.autograd.Function):
     """Triton forward/backward on x (R, V). noise (R, V) or None (then seed, a 0-d int64 tensor);
     tau a float, or a 0-d float64 tensor the kernels read on the device. Returns y, and the sampled
@@ -29,10 +43,8 @@ class _GumbelSoftmaxFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, noise, seed, tau, hard: bool, with_index: bool):
-        from fused_s2s.kernels import gumbel as K
-
         inv_tau, tau_t = _tau_args(tau)
-        y, idx, m, s = K.gumbel_fwd(x, inv_tau, hard, noise, seed, tau=tau_t)
+        y, idx, m, s = _kernels().gumbel_fwd(x, inv_tau, hard, noise, seed, tau=tau_t)
         # tau_t saved as a tensor: changing it in place before the backward is an autograd error
         ctx.save_for_backward(x, noise, seed, m, s, tau_t)  # (R, V), (R, V) | None, () | None, (R,), (R,), () | None
         ctx.inv_tau = inv_tau
@@ -44,13 +56,11 @@ class _GumbelSoftmaxFn(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy, _didx=None):
-        from fused_s2s.kernels import gumbel as K
-
         x, noise, seed, m, s, tau_t = ctx.saved_tensors
         if dy.stride(-1) != 1:
             dy = dy.contiguous()
         # straight-through: hard and soft share the soft y's gradient
-        dx = K.gumbel_bwd(dy, x, m, s, ctx.inv_tau, noise, seed, tau=tau_t)
+        dx = _kernels().gumbel_bwd(dy, x, m, s, ctx.inv_tau, noise, seed, tau=tau_t)
         return dx, None, None, None, None, None
 
 
@@ -98,16 +108,20 @@ def gumbel_softmax(logits: torch.Tensor, tau: float = 1.0, hard: bool = False, d
         y of logits' shape and dtype, or (y, index) when ``return_index``.
     """
     tau = check_tau(tau, getattr(logits, "device", None))
+    return _gumbel_softmax(logits, tau, hard, dim, noise, generator, return_index, backend)
+
+
+def _gumbel_softmax(logits, tau, hard, dim, noise, generator, return_index, backend):
+    """gumbel_softmax with tau already checked (check_tau): the fused decoder checks it once per
+    pass, not at every step (for a tau tensor the check is a device assert, three small launches)."""
     x, n, seed, impl, dim, last, flat = _prepare(logits, dim, noise, generator, backend)  # x (R, V)
     if impl == "triton":
         if torch.is_grad_enabled() and x.requires_grad:
             out = _GumbelSoftmaxFn.apply(x, n, seed, tau, bool(hard), bool(return_index))
             y, idx = out if return_index else (out, None)
         else:  # no graph to record (generation, no_grad): skip the autograd.Function's host cost
-            from fused_s2s.kernels import gumbel as K
-
             inv_tau, tau_t = _tau_args(tau)
-            y, idx, _, _ = K.gumbel_fwd(x, inv_tau, bool(hard), n, seed, tau=tau_t)
+            y, idx, _, _ = _kernels().gumbel_fwd(x, inv_tau, bool(hard), n, seed, tau=tau_t)
     else:
         y, idx = _eager(x, n, seed, tau, bool(hard))
     if not flat:  # back to logits' layout (views; each costs microseconds, so only when needed)
@@ -136,9 +150,7 @@ def gumbel_sample(logits: torch.Tensor, dim: int = -1, *, noise: torch.Tensor | 
     """
     x, n, seed, impl, dim, _, flat = _prepare(logits, dim, noise, generator, backend)  # x (R, V)
     if impl == "triton":
-        from fused_s2s.kernels import gumbel as K
-
-        _, idx, _, _ = K.gumbel_fwd(x.detach(), 1.0, True, n, seed, store_y=False)  # (R,)
+        _, idx, _, _ = _kernels().gumbel_fwd(x.detach(), 1.0, True, n, seed, store_y=False)  # (R,)
     else:
         g = n if n is not None else philox.gumbel_noise(seed, x.shape, x.device)  # (R, V)
         idx = gumbel_argmax_eager(x.detach(), g)  # (R,)

@@ -30,8 +30,8 @@ import torch
 from torch import Tensor
 
 from fused_s2s import reference
-from fused_s2s.attention import attention_step
-from fused_s2s.gumbel import gumbel_sample, gumbel_softmax
+from fused_s2s.attention import _attention
+from fused_s2s.gumbel import _gumbel_softmax, gumbel_sample
 from fused_s2s.reference import DecoderOutput, DecoderState, Encoder, Seq2SeqOutput  # noqa: F401  (re-exported)
 
 __all__ = ["Encoder", "AttentionDecoder", "Seq2Seq", "DecoderState", "DecoderOutput", "Seq2SeqOutput"]
@@ -230,7 +230,9 @@ class AttentionDecoder(reference.AttentionDecoder):
         # under autocast the query (a Linear output) and memory (an RNN output) may differ in dtype
         if memory.dtype != query.dtype:
             memory = memory.to(query.dtype)
-        return attention_step(query, memory, None, mask, backend=self.backend)  # (B, [T,] D), (B, [T,] L)
+        # attention_step without its argument checks: memory and mask were checked once for the pass
+        # (_check_forward_args, step), the query is W_a's output
+        return _attention(query, memory, None, mask, self.backend)  # (B, [T,] D), (B, [T,] L)
 
     def _gold_inputs(self, tgt_in: Tensor):
         # one lookup for all T steps: the embedding's backward is one (V, D) scatter instead of T
@@ -250,9 +252,9 @@ class AttentionDecoder(reference.AttentionDecoder):
             return self._lookup(index, W_emb, sink)  # (B, D) Gumbel-max sample, not differentiable
         # one launch: noise (drawn in-kernel from the same seed the reference draws), softmax, argmax;
         # the soft mode takes no index (one output less: host time per step)
+        # gumbel_softmax without check_tau: tau was checked once for the pass (_check_forward_args)
         hard = sampling != "gumbel"
-        out = gumbel_softmax(logits_t, tau, hard=hard, noise=noise_t, generator=generator, return_index=hard,
-                             backend=self.backend)  # (B, V) [, (B,)]
+        out = _gumbel_softmax(logits_t, tau, hard, -1, noise_t, generator, hard, self.backend)  # (B, V) [, (B,)]
         if not hard:
             return self._mix(out, W_mix, sink)  # (B, D) soft mixture
         y, index = out

@@ -605,8 +605,10 @@ class Seq2Seq(nn.Module):
                     check_ids: bool = True) -> tuple:
         """forward's argument checks, cheap ones first so bad options fail before the encoder runs
         (tgt's ids are read: one host sync). -> (ratio, sampling, tau, coin) validated."""
-        mode = (check_ratio("teacher_forcing_ratio", teacher_forcing_ratio), check_choice("sampling", sampling, SAMPLING_MODES),
-                check_tau(tau), check_choice("coin", coin, COINS))
+        # a tensor ratio / tau: its form here, its value by the decoder (one device assert, not two)
+        mode = (check_ratio("teacher_forcing_ratio", teacher_forcing_ratio, values=False),
+                check_choice("sampling", sampling, SAMPLING_MODES),
+                check_tau(tau, values=False), check_choice("coin", coin, COINS))
         check_int_tensor("src", src, ndim=2)
         check_int_tensor("tgt", tgt, ndim=2)
         check_same_device(src=src, tgt=tgt)

@@ -4,6 +4,7 @@ Both are loaded with the same weights; the float64 reference is the oracle. The 
 backend="triton" (kernels; the interpreter on CPU) so these tests exercise the kernels inside the
 real decoder loop, including the in-kernel Gumbel noise matching the reference's Philox noise.
 """
+import functools
 import io
 
 import pytest
@@ -473,6 +474,40 @@ def test_tensor_ratio_and_tau_give_the_float_run(device, sampling):
             assert torch.equal(getattr(o_t, field), getattr(o_f, field)), field
         for n in g_f:
             assert (g_t[n] is None) == (g_f[n] is None) and (g_f[n] is None or torch.equal(g_t[n], g_f[n])), n
+
+
+def test_a_pass_checks_tensor_ratio_and_tau_values_once_and_steps_skip_argument_checks(monkeypatch):
+    """Host time per step: a fused training pass reads a tensor ratio's and tau's value once each
+    (on CUDA each check is a device assert, a few small launches), not again in Seq2Seq.forward
+    and at every step's Gumbel-softmax; the steps' attention skips attention_step's argument checks
+    (memory and mask were checked for the pass)."""
+    from fused_s2s import _checks
+    from fused_s2s import attention as A
+
+    value_checks, validates = [], []
+    scalar, validate = _checks._scalar_tensor, A._validate
+
+    def counting_scalar(name, *rest):  # rest: t, device, ok, expected[, values]
+        if rest[4:5] != (False,):
+            value_checks.append(name)
+        return scalar(name, *rest)
+
+    monkeypatch.setattr(_checks, "_scalar_tensor", counting_scalar)
+    monkeypatch.setattr(A, "_validate", lambda *a: validates.append(1) or validate(*a))
+    _, fused, _ = _models("cpu")
+    T = 6
+    batch = _batch("cpu", T=T)
+    tensor = functools.partial(torch.tensor, dtype=torch.float64)
+    for sampling in ("gumbel", "gumbel_hard"):
+        value_checks.clear()
+        _run(fused, batch, tensor(0.5), sampling, tau=tensor(0.7))
+        assert sorted(value_checks) == ["tau", "teacher_forcing_ratio"], (sampling, value_checks)
+    assert validates == []
+    # the public ops still check their arguments
+    fused_s2s.attention_step(torch.randn(2, 8), torch.randn(2, 3, 8), backend="eager")
+    assert validates == [1]
+    with pytest.raises(ValueError, match="tau"):
+        fused_s2s.gumbel_softmax(torch.randn(2, 5), tau=tensor(-1.0), backend="eager")
 
 
 def test_tensor_ratio_one_runs_the_step_loop_with_gold_inputs(device):
