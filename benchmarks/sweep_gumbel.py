@@ -3,12 +3,14 @@ software-pipelining depth (num_stages) of the looped (multi-block) rows against 
 (benchmarks/bench_gumbel.py is); one line per configuration.
 
     python benchmarks/sweep_gumbel.py [--seconds 60] [--sizes large,mid] [--dtypes float32,bfloat16]
-                                      [--stages-only]   # the launcher's config at num_stages 1-4 only
+                                      [--stages-only]   # the launcher's config at num_stages 1-4
+                                                        # and with KEEP flipped, only
 
 For each size, dtype and hard / soft it times (triton.testing.do_bench, median ms) the forward
 (gumbel_fwd, in-kernel noise) and the backward (gumbel_bwd from its saved (m, s)) at the
-launcher's config, at the launcher's block config with each other num_stages (1: not pipelined,
-the kernels before session 10), and at each (BLOCK_V, num_warps) below; it stops starting
+launcher's config, with the loop path's KEEP flipped ("keep=" lines: whether the second passes
+read back what pass 1 kept or draw the noise again), at the launcher's block config with each other
+num_stages (1: not pipelined, the kernels before session 10), and at each (BLOCK_V, num_warps) below; it stops starting
 configurations after --seconds (each new one compiles). Two diagnostics per case: the launcher's kernels reading an
 explicit noise tensor (no RNG), and the same elements as R*k rows of V/k (split rows).
 """
@@ -64,6 +66,15 @@ def main(argv=None) -> int:
                 tag = f"{size:6} {dname:9} {'hard' if hard else 'soft'}"
                 print(f"[sweep] {tag} launcher BV={bv} nw={nw} stages={ns} single={single}: fwd {base_f:.4f} ms "
                       f"{gb_f / base_f * 1e3:7.1f} GB/s | bwd {base_b:.4f} ms {gb_b / base_b * 1e3:7.1f} GB/s", flush=True)
+                # the loop path's KEEP flipped (second passes: read back what pass 1 kept, or draw the
+                # noise again; kernels/gumbel.py _KEEP), at the launcher's blocks and stages: first,
+                # as the smallest question with the largest expected difference
+                if not single:
+                    k = not G._KEEP
+                    f, b = run(keep=k)
+                    print(f"[sweep] {tag} launcher BV={bv} nw={nw} stages={ns} keep={int(k)}: fwd {f:.4f} ms "
+                          f"({base_f / f:4.2f}x launcher keep={int(G._KEEP)}) | bwd {b:.4f} ms ({base_b / b:4.2f}x)",
+                          flush=True)
                 # the loop's pipelining depth at the launcher's blocks (first: it is what session 10 changed)
                 for ns_ in STAGES:
                     if single or ns_ == ns or time.time() > t_end:

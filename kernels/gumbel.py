@@ -51,6 +51,13 @@ _MULTI_CONFIG = (1, 4096, 16)
 # with given noise (one more load) or fp64 the unaligned variants spilled 8-24 bytes. Those keep 1
 # (no pipelining), as does a row in one block (SINGLE).
 _LOOP_STAGES = 2
+# The loop path's second passes with in-kernel noise: KEEP (the default) keeps pass 1's q (soft
+# forward) or y (backward) in the output buffer and reads it back, so the noise is drawn once per
+# element and direction; off, pass 2 re-reads the logits and draws the noise again, as given noise
+# does. Per fp32 element that is 4 bytes less HBM traffic each way (backward 20 bytes instead of 24,
+# soft forward 12 instead of 16) for ~55 more instructions (docs/gumbel.md's static count): which is
+# faster is the GPU's to say (benchmarks/sweep_gumbel.py prints both, "keep=0" lines).
+_KEEP = True
 # fp64 (gradcheck, verification) keeps its tiles small: twice the registers per element
 _SINGLE_CONFIGS_FP64 = ((256, 1, 256, 2), (1024, 1, 1024, 4))
 _MULTI_CONFIG_FP64 = (1, 1024, 8)
@@ -155,7 +162,7 @@ def _gumbel_fwd_kernel(
     stride_x, stride_n, stride_y, R, V, NBLK, inv_tau, inv_tau_lo,
     BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, SINGLE: tl.constexpr, HARD: tl.constexpr,
     HAS_NOISE: tl.constexpr, FP64: tl.constexpr, WRITE_NOISE: tl.constexpr, FAST_LOG: tl.constexpr,
-    STORE_Y: tl.constexpr, TAU_PTR: tl.constexpr, NUM_STAGES: tl.constexpr,
+    STORE_Y: tl.constexpr, TAU_PTR: tl.constexpr, NUM_STAGES: tl.constexpr, KEEP: tl.constexpr,
 ):
     """BLOCK_R rows: online (m, s) over z = (x + g) / tau, argmax of t = x + g, then y (unless not
     STORE_Y: hard only, the sampled index alone, a pass over the logits with no (R, V) write).
@@ -167,7 +174,7 @@ def _gumbel_fwd_kernel(
     block b (saved in mb, (R, NBLK)), and pass 2 rescales it, y = q * exp(m_b - m) / s, instead of
     re-reading the logits and drawing the noise again (the noise is ~80% of a pass's
     instructions). m_b <= m, so the factor is <= 1; m_b = -inf (all logits -inf so far) gives 0.
-    Given noise: pass 2 re-reads x and the noise (two loads) instead.
+    Given noise, or KEEP off: pass 2 re-reads x and the noise (two loads; or draws the noise again) instead.
     """
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,) int64
     rmask = rows < R
@@ -190,7 +197,7 @@ def _gumbel_fwd_kernel(
     m_sub = tl.where(m == _NEG_INF, 0.0, m)
     p = tl.exp(z - m_sub[:, None])
     s = tl.sum(p, 1)
-    if not SINGLE and not HARD and not HAS_NOISE:  # keep q for pass 2
+    if not SINGLE and not HARD and not HAS_NOISE and KEEP:  # keep q for pass 2
         tl.store(y_ptr + rows[:, None] * stride_y + cols[None, :], p.to(y_ptr.dtype.element_ty), mask=mask)
         tl.store(mb_ptr + rows * NBLK, m, mask=rmask)
     nan_i = tl.min(tl.where(t != t, cols[None, :], V), 1)  # torch.argmax picks the first NaN
@@ -211,7 +218,7 @@ def _gumbel_fwd_kernel(
             m_sub_new = tl.where(m_new == _NEG_INF, 0.0, m_new)
             p = tl.exp(z - m_sub_new[:, None])
             s = s * tl.exp(m - m_sub_new) + tl.sum(p, 1)  # m = -inf (s = 0): 0, not 0 * exp(+big)
-            if not HARD and not HAS_NOISE:  # keep q for pass 2
+            if not HARD and not HAS_NOISE and KEEP:  # keep q for pass 2
                 tl.store(y_ptr + rows[:, None] * stride_y + c[None, :], p.to(y_ptr.dtype.element_ty), mask=mask)
                 tl.store(mb_ptr + rows * NBLK + start // BLOCK_V, m_new, mask=rmask)
             m = m_new
@@ -247,8 +254,9 @@ def _gumbel_fwd_kernel(
     elif SINGLE:
         y = tl.exp(z - m_sub[:, None]) * inv_s[:, None]
         tl.store(y_rows + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
-    elif HAS_NOISE:
-        # pass 2, given noise: t is two loads away, cheaper to re-read than q to keep
+    elif HAS_NOISE or not KEEP:
+        # pass 2, given noise: t is two loads away, cheaper to re-read than q to keep (not KEEP: x
+        # re-read and the noise drawn again)
         for start in tl.range(0, V, BLOCK_V, num_stages=NUM_STAGES):
             c = start + cols
             mask = rmask[:, None] & (c < V)[None, :]
@@ -274,13 +282,14 @@ def _gumbel_bwd_kernel(
     stride_x, stride_n, stride_dy, stride_dx, R, V, inv_tau, inv_tau_lo,
     BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, SINGLE: tl.constexpr, HAS_NOISE: tl.constexpr,
     FP64: tl.constexpr, FAST_LOG: tl.constexpr, TAU_PTR: tl.constexpr, NUM_STAGES: tl.constexpr,
+    KEEP: tl.constexpr,
 ):
     """dx = y * (dy - sum(dy * y)) * inv_tau, y rebuilt from logits, the same noise and (m, s).
 
     Rows over several blocks: with in-kernel noise, pass 1 keeps y in dx (in dx's dtype, as eager's
     softmax backward keeps y_soft in the logits' dtype) and pass 2 reads it back, so the noise is
     drawn once: one more write per element for ~70 fewer instructions per element. Given noise
-    makes y two loads away: pass 2 rebuilds it as pass 1 does.
+    makes y two loads away (and KEEP off draws the noise again): pass 2 rebuilds it as pass 1 does.
     """
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,) int64
     rmask = rows < R
@@ -306,7 +315,7 @@ def _gumbel_bwd_kernel(
         dx = y * (dy - dot[:, None]) * inv_tau
         tl.store(dx_rows + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
     else:
-        if not HAS_NOISE:
+        if not HAS_NOISE and KEEP:
             tl.store(dx_rows + cols[None, :], y.to(dx_ptr.dtype.element_ty), mask=mask)
         for start in tl.range(BLOCK_V, V, BLOCK_V, num_stages=NUM_STAGES):
             c = start + cols
@@ -316,13 +325,13 @@ def _gumbel_bwd_kernel(
             y = tl.exp(t * inv_tau - m_sub) * inv_s
             dy = tl.load(dy_rows + c[None, :], mask=mask, other=0.0).to(y.dtype)
             dot += tl.sum(dy * y, 1)
-            if not HAS_NOISE:
+            if not HAS_NOISE and KEEP:
                 tl.store(dx_rows + c[None, :], y.to(dx_ptr.dtype.element_ty), mask=mask)
         tl.debug_barrier()  # y was written by other threads of this program
         for start in tl.range(0, V, BLOCK_V, num_stages=NUM_STAGES):
             c = start + cols
             mask = rmask[:, None] & (c < V)[None, :]
-            if HAS_NOISE:  # given noise: y from two loads, as in pass 1
+            if HAS_NOISE or not KEEP:  # given noise (or KEEP off): y rebuilt as in pass 1
                 t, g = _t_tile(x_ptr, noise_ptr, seed, rows, start, mask, stride_x, stride_n,
                               BLOCK_R, BLOCK_V, HAS_NOISE, FP64, FAST_LOG)
                 y = tl.exp(t * inv_tau - m_sub) * inv_s
@@ -374,6 +383,14 @@ def loop_stages(single: bool, has_noise: bool, dtype, num_stages=None, aligned: 
     return stages(num_stages, _LOOP_STAGES if aligned and not has_noise and dtype != torch.float64 else 1)
 
 
+def keep_flag(single: bool, has_noise: bool, keep=None) -> bool:
+    """KEEP for a launch: ``keep`` (None: _KEEP) on the loop path with in-kernel noise; True where
+    it changes nothing (one block, given noise), so those launches compile one variant."""
+    if single or has_noise or keep is None:
+        return _KEEP or single or has_noise
+    return bool(keep)
+
+
 def rows_aligned(V: int, *rows) -> bool:
     """Whether Triton's JIT specialises a launch over these (R, V) tensors as 16-aligned (the AOT tool's
     "aligned" variant, 128-bit loads): V, each row stride and each pointer divisible by 16. The
@@ -421,9 +438,11 @@ def _stats_dtype(dtype):
 
 
 def gumbel_fwd(x, inv_tau: float, hard: bool, noise=None, seed=None, *, tau=None, block_r=None, block_v=None,
-               num_warps=None, num_stages=None, write_noise: bool = False, store_y: bool = True):
+               num_warps=None, num_stages=None, keep=None, write_noise: bool = False, store_y: bool = True):
     """x (R, V) with unit column stride; noise (R, V) in x.dtype or None (then seed, a 0-d int64 tensor).
     tau: None, or a 0-d float64 tensor on x's device holding tau, read by the kernel (inv_tau unused).
+    keep: the loop path's KEEP (None: _KEEP); only a soft forward with in-kernel noise over several
+    blocks has a pass 2 that it changes.
 
     Returns y (R, V) in x.dtype (None when not store_y: index only, hard only), idx (R,) int64,
     m (R,), s (R,) [, g (R, V) fp32 if write_noise].
@@ -441,7 +460,8 @@ def gumbel_fwd(x, inv_tau: float, hard: bool, noise=None, seed=None, *, tau=None
     # soft rows over several blocks with in-kernel noise: the running max after each block, for
     # pass 2's rescale of q
     nblk = cdiv(V, BV)
-    mb = torch.empty((R, nblk), dtype=m.dtype, device=x.device) if not (single or hard or has_noise) else m
+    keep = keep_flag(single, has_noise, keep)
+    mb = torch.empty((R, nblk), dtype=m.dtype, device=x.device) if keep and not (single or hard or has_noise) else m
     if R:
         _gumbel_fwd_kernel[(cdiv(R, BR),)](
             x, noise if has_noise else x, idx if has_noise else seed, m if tau is None else tau,
@@ -451,7 +471,7 @@ def gumbel_fwd(x, inv_tau: float, hard: bool, noise=None, seed=None, *, tau=None
             FP64=x.dtype == torch.float64, WRITE_NOISE=bool(write_noise), FAST_LOG=_fast_log(x),
             STORE_Y=y is not None, TAU_PTR=tau is not None,
             NUM_STAGES=loop_stages(single, has_noise, x.dtype, num_stages, single or rows_aligned(V, x)),
-            num_warps=nw, enable_fp_fusion=True,
+            KEEP=keep, num_warps=nw, enable_fp_fusion=True,
         )
     if write_noise:
         return y, idx, m, s, g
@@ -459,9 +479,9 @@ def gumbel_fwd(x, inv_tau: float, hard: bool, noise=None, seed=None, *, tau=None
 
 
 def gumbel_bwd(dy, x, m, s, inv_tau: float, noise=None, seed=None, *, tau=None, block_r=None, block_v=None,
-               num_warps=None, num_stages=None):
+               num_warps=None, num_stages=None, keep=None):
     """dlogits (R, V) in x.dtype from dy (R, V) (unit column stride), the forward's (m, s) and noise source;
-    tau as gumbel_fwd's."""
+    tau and keep as gumbel_fwd's."""
     R, V = x.shape
     BR, BV, nw, single = pick_config(V, x.dtype, block_r=block_r, block_v=block_v, num_warps=num_warps)
     dx = torch.empty((R, V), dtype=x.dtype, device=x.device)
@@ -474,7 +494,7 @@ def gumbel_bwd(dy, x, m, s, inv_tau: float, noise=None, seed=None, *, tau=None, 
             *_inv_tau_args(inv_tau, tau), BLOCK_R=BR, BLOCK_V=BV, SINGLE=single, HAS_NOISE=has_noise,
             FP64=x.dtype == torch.float64, FAST_LOG=_fast_log(x), TAU_PTR=tau is not None,
             NUM_STAGES=loop_stages(single, has_noise, x.dtype, num_stages, single or rows_aligned(V, x, dy)),
-            num_warps=nw, enable_fp_fusion=True,
+            KEEP=keep_flag(single, has_noise, keep), num_warps=nw, enable_fp_fusion=True,
         )
     return dx
 
@@ -522,7 +542,7 @@ def _aot_one(dtype, dt, st, has_noise, br, bv, nw, single, tau_ptr):
 def _aot_stages(dtype, dt, st, has_noise, br, bv, nw, single, tau_ptr, stages, variants):
     common = {"BLOCK_R": br, "BLOCK_V": bv, "SINGLE": single, "HAS_NOISE": has_noise,
               "FP64": dtype == torch.float64, "FAST_LOG": True,  # what a CUDA launch picks
-              "TAU_PTR": tau_ptr, "NUM_STAGES": stages}
+              "TAU_PTR": tau_ptr, "NUM_STAGES": stages, "KEEP": keep_flag(single, has_noise)}
     tp = "fp64" if tau_ptr else st
     label = (f"{dt} noise={'given' if has_noise else 'philox'} {br}x{bv}{'' if single else ' loop'}"
              f"{' tau_ptr' if tau_ptr else ''}{'' if single else f' stages={stages}'}")
@@ -535,7 +555,7 @@ def _aot_stages(dtype, dt, st, has_noise, br, bv, nw, single, tau_ptr, stages, v
                "inv_tau": "fp32", "inv_tau_lo": "fp32", "BLOCK_R": "constexpr", "BLOCK_V": "constexpr", "SINGLE": "constexpr",
                "HARD": "constexpr", "HAS_NOISE": "constexpr", "FP64": "constexpr",
                "WRITE_NOISE": "constexpr", "FAST_LOG": "constexpr", "STORE_Y": "constexpr",
-               "TAU_PTR": "constexpr", "NUM_STAGES": "constexpr"}
+               "TAU_PTR": "constexpr", "NUM_STAGES": "constexpr", "KEEP": "constexpr"}
         kind = " index" if not store_y else " hard" if hard else ""
         yield aot.AOTConfig(_gumbel_fwd_kernel, sig,
                             dict(common, HARD=hard, WRITE_NOISE=False, STORE_Y=store_y),
@@ -546,7 +566,7 @@ def _aot_stages(dtype, dt, st, has_noise, br, bv, nw, single, tau_ptr, stages, v
            "stride_n": "i32", "stride_dy": "i32", "stride_dx": "i32", "R": "i32", "V": "i32",
            "inv_tau": "fp32", "inv_tau_lo": "fp32", "BLOCK_R": "constexpr", "BLOCK_V": "constexpr", "SINGLE": "constexpr",
            "HAS_NOISE": "constexpr", "FP64": "constexpr", "FAST_LOG": "constexpr", "TAU_PTR": "constexpr",
-           "NUM_STAGES": "constexpr"}
+           "NUM_STAGES": "constexpr", "KEEP": "constexpr"}
     yield aot.AOTConfig(_gumbel_bwd_kernel, sig, common, num_warps=nw, label=f"bwd {label}",
                         pipelined=stages > 1, variants=variants)
 

@@ -675,6 +675,48 @@ def test_backward_bitwise_independent_of_num_stages(device, given, V):
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_keep_off_draws_the_noise_again_in_the_second_passes(device, dtype):
+    """The loop path's KEEP (kernels/gumbel.py: _KEEP): on, the soft forward's and the backward's
+    second passes read back what pass 1 kept in the output (q, y); off, they re-read the logits
+    and draw the noise again. Same samples and (m, s) either way. In fp32, keep off is exactly the
+    given-noise path fed the in-kernel noise (same arithmetic, bitwise); in both dtypes both are
+    within the float64 rule of the same noise's softmax and gradient."""
+    R, V, tau = 3, 320, 0.7  # 5 blocks of 64 a row
+    x = torch.randn(R, V, device=device).to(dtype)
+    dy = torch.randn(R, V, device=device).to(dtype)
+    seed = philox.draw_seed(device)
+    outs = {}
+    for keep in (True, False):
+        y, idx, m, s, g = K.gumbel_fwd(x, 1 / tau, False, None, seed, block_v=64, keep=keep, write_noise=True)
+        dx = K.gumbel_bwd(dy, x, m, s, 1 / tau, None, seed, block_v=64, keep=keep)
+        outs[keep] = y, idx, m, s, dx
+    for a, b in zip(outs[True][1:4], outs[False][1:4]):  # pass 1 is the same
+        assert torch.equal(a, b)
+    if dtype == torch.float32:
+        y_n, idx_n, m_n, s_n = K.gumbel_fwd(x, 1 / tau, False, g, None, block_v=64)
+        dx_n = K.gumbel_bwd(dy, x, m_n, s_n, 1 / tau, g, None, block_v=64)
+        assert torch.equal(outs[False][0], y_n) and torch.equal(outs[False][4], dx_n)
+    # float64 oracle on the same noise; eager in the same dtype for the error scale
+    x64 = (x.double() + g.double()).requires_grad_()
+    y64 = torch.softmax(x64 / tau, -1)
+    (dx64,) = torch.autograd.grad(y64, x64, dy.double())
+    xe = (x + g.to(dtype)).requires_grad_()
+    ye = torch.softmax(xe / tau, -1)
+    (dxe,) = torch.autograd.grad(ye, xe, dy)
+    for keep, (y, _, _, _, dx) in outs.items():
+        assert_oracle_close(y, ye, y64, name=f"y keep={keep}")
+        assert_oracle_close(dx, dxe, dx64, name=f"dx keep={keep}")
+
+
+def test_keep_flag_only_where_it_changes_something():
+    """KEEP is a compile-time flag: launches where it changes nothing (one block, given noise)
+    pass KEEP=True whatever ``keep`` says, so they never compile a second variant."""
+    assert K.keep_flag(True, False, False) and K.keep_flag(False, True, False)
+    assert not K.keep_flag(False, False, False) and K.keep_flag(False, False, True)
+    assert K.keep_flag(False, False, None) == K._KEEP
+
+
 # ------------------------------------------------------------------------------------------------
 # GPU only: no host sync, offsets past 2**31
 

@@ -32,9 +32,10 @@ def test_sweep_gumbel_stages_only(capsys):
                                   "--seconds", "60"], capsys)
     for kind in ("hard", "soft"):
         ours = [line for line in lines if f" {kind} launcher" in line]
-        # the launcher's row (its default depth, 2 on the loop path), then every other depth
+        # the launcher's row (its default depth, 2 on the loop path), KEEP flipped, then every other depth
         assert re.search(r"stages=2 single=False: fwd [\d.]+ ms", ours[0]), ours
-        assert sorted(re.search(r"stages=(\d)", line)[1] for line in ours[1:]) == ["1", "3", "4"], ours
+        assert re.search(r"stages=2 keep=0: fwd [\d.]+ ms", ours[1]), ours
+        assert sorted(re.search(r"stages=(\d)", line)[1] for line in ours[2:]) == ["1", "3", "4"], ours
     assert not any("rows of" in line or "explicit noise" in line for line in lines)  # --stages-only
 
 
