@@ -460,7 +460,7 @@ def gumbel_fwd(x, inv_tau: float, hard: bool, noise=None, seed=None, *, tau=None
     # soft rows over several blocks with in-kernel noise: the running max after each block, for
     # pass 2's rescale of q
     nblk = cdiv(V, BV)
-    keep = keep_flag(single, has_noise, keep)
+    keep = keep_flag(single, has_noise or hard, keep)  # a hard forward has no pass 2 over the logits
     mb = torch.empty((R, nblk), dtype=m.dtype, device=x.device) if keep and not (single or hard or has_noise) else m
     if R:
         _gumbel_fwd_kernel[(cdiv(R, BR),)](
@@ -558,7 +558,8 @@ def _aot_stages(dtype, dt, st, has_noise, br, bv, nw, single, tau_ptr, stages, v
                "TAU_PTR": "constexpr", "NUM_STAGES": "constexpr", "KEEP": "constexpr"}
         kind = " index" if not store_y else " hard" if hard else ""
         yield aot.AOTConfig(_gumbel_fwd_kernel, sig,
-                            dict(common, HARD=hard, WRITE_NOISE=False, STORE_Y=store_y),
+                            dict(common, HARD=hard, WRITE_NOISE=False, STORE_Y=store_y,
+                                 KEEP=keep_flag(single, has_noise or hard)),  # as gumbel_fwd passes it
                             num_warps=nw, label=f"fwd {label}{kind}",
                             pipelined=stages > 1, variants=variants)
     sig = {"x_ptr": f"*{dt}", "noise_ptr": f"*{dt}", "seed_ptr": "*i64", "tau_ptr": f"*{tp}", "m_ptr": f"*{st}",

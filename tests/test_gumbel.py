@@ -717,6 +717,32 @@ def test_keep_flag_only_where_it_changes_something():
     assert K.keep_flag(False, False, None) == K._KEEP
 
 
+
+def test_launchers_pass_keep_only_to_second_passes(monkeypatch):
+    """What the launchers hand the kernels as KEEP (recorded, nothing launched): ``keep`` on the
+    loop path's soft forward and backward; True for a hard forward (no second pass over the
+    logits), given noise and one block."""
+    seen = []
+
+    class Record:
+        def __getitem__(self, grid):
+            return lambda *args, **meta: seen.append(meta["KEEP"])
+
+    monkeypatch.setattr(K, "_gumbel_fwd_kernel", Record())
+    monkeypatch.setattr(K, "_gumbel_bwd_kernel", Record())
+    x, seed = torch.randn(2, 100), philox.draw_seed("cpu")
+    m = s = torch.zeros(2)
+    for keep in (False, True):
+        for block_v in (32, 128):  # the loop path; one block
+            seen.clear()
+            K.gumbel_fwd(x, 1.0, False, None, seed, block_v=block_v, keep=keep)
+            K.gumbel_fwd(x, 1.0, True, None, seed, block_v=block_v, keep=keep)
+            K.gumbel_fwd(x, 1.0, False, x, None, block_v=block_v, keep=keep)  # given noise
+            K.gumbel_bwd(x, x, m, s, 1.0, None, seed, block_v=block_v, keep=keep)
+            loop = block_v < 100
+            assert seen == [keep or not loop, True, True, keep or not loop], (keep, block_v, seen)
+
+
 # ------------------------------------------------------------------------------------------------
 # GPU only: no host sync, offsets past 2**31
 
