@@ -22,6 +22,12 @@
 #                                     for both): tokens/s per 50 steps, into $OUT/cli.txt
 #   benchmarks/gpu_session.sh stages  the sweeps' --stages-only rows alone (GPU_STAGES_TIMEOUT=120 s for both):
 #                                     the loops' software-pipelining depth side by side, into $OUT/stages.txt
+#   benchmarks/gpu_session.sh compile the training step's torch.compile(reference) column alone, beside
+#                                     fused, fused_graphed and the reference in the same run (notes' size,
+#                                     fp32, teacher forcing and gumbel_hard; GPU_COMPILE_TIMEOUT=300 s),
+#                                     rows into $OUT/results.csv: issue 6's missing column, when budget's
+#                                     100 s did not fit the compiles (a cold compile took 27 s on this
+#                                     project's CPU, 4 s with inductor's cache warm)
 #   benchmarks/gpu_session.sh budget  everything that matters in ONE command of at most GPU_BUDGET=570 s,
 #                                     counted from the script's start (setup included; a 15-minute
 #                                     device session: one start + one 10-minute call, timeout_s=600):
@@ -419,7 +425,11 @@ case $phase in  # exit status: 1 when a test failed (test), no row was measured 
     recheck) setup; recheck_phase ;;
     profile) setup; profile_pass "${GPU_PROFILE_TIMEOUT:-300}" ;;
     cli) setup; cli_graph_pass "$OUT/cli.txt" "${GPU_CLI_TIMEOUT:-120}"; cat "$OUT/cli.txt" | tail -n 20 ;;
+    compile) setup; export FUSED_S2S_RESULTS_CSV="$OUT/results.csv"
+        bench_pass train "fused,fused_graphed,reference,compile" "${GPU_COMPILE_TIMEOUT:-300}" --quick --sizes notes \
+            --modes teacher_forcing,ss_gumbel_hard --dtypes float32
+        "$PY" benchmarks/summarize.py "$OUT/results.csv" ;;
     stages) setup; stages_pass "$OUT/stages.txt" "${GPU_STAGES_TIMEOUT:-120}"; grep '^\[sweep\]' "$OUT/stages.txt" | tail -n 60 ;;
-    *) echo "usage: $0 setup|test|bench|all|budget|recheck|profile|cli|stages   (see the header of this file for the environment knobs)" >&2
+    *) echo "usage: $0 setup|test|bench|all|budget|recheck|profile|cli|stages|compile   (see the header of this file for the environment knobs)" >&2
        exit 2 ;;
 esac
