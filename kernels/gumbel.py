@@ -3,11 +3,15 @@
 Forward (one launch; a program owns BLOCK_R rows, one row when V is large):
     g   = -log(-log(max(u, U_MIN))),  u = uniform(word col % 4 of philox(seed, (col // 4, row, 0)))
     t   = logits + g                                          (argmax taken on t: tau-free)
-    z   = t / tau                                             (computed as t * inv_tau)
-    (tau: a launch argument, or with TAU_PTR read on the device from a 0-d tensor)
-    y   = softmax(z) = exp(z - m) / s,   m = max z,  s = sum exp(z - m)    (online over V blocks)
+    y   = softmax(t / tau) = exp((t - m) * inv_tau) / s,  m = max t,  s = sum exp((t - m) * inv_tau)
+                                                              (online over V blocks)
+    (tau: a launch argument, or with TAU_PTR read on the device from a 0-d tensor; inv_tau = fp32(1/tau))
+    The exponent is scaled after the subtraction: t - m is exact near the max (Sterbenz), so the
+    entries that carry the probability get one rounding, of a small number, where t * inv_tau - m *
+    inv_tau rounds two products of |t / tau| (at fp32 logits x 3, half the oracle-rule failures).
+    exp(a * inv_tau) is computed as exp2(a * inv_tau2), inv_tau2 = inv_tau * log2(e) formed once.
     hard: y = one_hot(argmax t) (exact 0/1; a row whose m or s is not finite becomes NaN)
-    index only (STORE_Y off, hard): argmax t and (m, s), y not written (Gumbel-max sampling)
+    index only (STORE_Y off, hard): argmax t and m, no y and no s (Gumbel-max sampling: no exp)
 The noise is never written: the backward pass draws it again from the same seed and counters and
 rebuilds y from the saved per-row (m, s): O(rows) saved state beyond the logits.
 Backward (straight-through for hard: the gradient of the soft y):
@@ -31,6 +35,7 @@ from fused_s2s.kernels._launch import cdiv, stages
 _U_MIN = tl.constexpr(philox.U_MIN)
 _NEG_INF = tl.constexpr(float("-inf"))
 _INF = tl.constexpr(float("inf"))
+_LOG2E = tl.constexpr(1.4426950408889634)  # exp(a * inv_tau) = exp2(a * inv_tau * log2(e)): one product per element
 
 # (max V, BLOCK_R, BLOCK_V, num_warps): small V packs BLOCK_R rows per program (one tile of
 # BLOCK_R x BLOCK_V); V beyond the last entry loops over BLOCK_V-wide blocks of one row. A row in
@@ -164,14 +169,14 @@ def _gumbel_fwd_kernel(
     HAS_NOISE: tl.constexpr, FP64: tl.constexpr, WRITE_NOISE: tl.constexpr, FAST_LOG: tl.constexpr,
     STORE_Y: tl.constexpr, TAU_PTR: tl.constexpr, NUM_STAGES: tl.constexpr, KEEP: tl.constexpr,
 ):
-    """BLOCK_R rows: online (m, s) over z = (x + g) / tau, argmax of t = x + g, then y (unless not
-    STORE_Y: hard only, the sampled index alone, a pass over the logits with no (R, V) write).
+    """BLOCK_R rows: argmax and max m of t = x + g, online s = sum exp((t - m) / tau), then y (unless
+    not STORE_Y: hard only, the sampled index alone, a pass over the logits with no (R, V) write).
 
-    m_sub (m with -inf replaced by 0) keeps exp(z - m) and the rescale exp(m_old - m_new) free of
+    m_sub (m with -inf replaced by 0) keeps t - m and the rescale exp((m_old - m_new) / tau) free of
     (-inf) - (-inf) when a leading block is all -inf (masked logits); an all -inf row ends with
     s = 0 and gives NaN, like torch.softmax.
-    Soft rows over several blocks, in-kernel noise: pass 1 keeps q = exp(z - m_b) in y, m_b the running max after
-    block b (saved in mb, (R, NBLK)), and pass 2 rescales it, y = q * exp(m_b - m) / s, instead of
+    Soft rows over several blocks, in-kernel noise: pass 1 keeps q = exp((t - m_b) / tau) in y, m_b the running
+    max after block b (saved in mb, (R, NBLK)), and pass 2 rescales it, y = q * exp((m_b - m) / tau) / s, instead of
     re-reading the logits and drawing the noise again (the noise is ~80% of a pass's
     instructions). m_b <= m, so the factor is <= 1; m_b = -inf (all logits -inf so far) gives 0.
     Given noise, or KEEP off: pass 2 re-reads x and the noise (two loads; or draws the noise again) instead.
@@ -179,6 +184,7 @@ def _gumbel_fwd_kernel(
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,) int64
     rmask = rows < R
     inv_tau = _inv_tau(inv_tau, inv_tau_lo, tau_ptr, FP64, TAU_PTR)
+    inv_tau2 = inv_tau * _LOG2E  # the exponents' scale in base 2 (tl.exp would multiply by log2(e) again)
     seed = 0
     if not HAS_NOISE:
         seed = tl.load(seed_ptr)
@@ -190,13 +196,16 @@ def _gumbel_fwd_kernel(
                    BLOCK_R, BLOCK_V, HAS_NOISE, FP64, FAST_LOG)
     if WRITE_NOISE:  # debug/test only: never picked by the launcher's default path
         tl.store(g_ptr + rows[:, None] * V + cols[None, :], g.to(tl.float32), mask=mask)
-    z = t * inv_tau
     best_t, best_i = tl.max(t, 1, return_indices=True)  # ties -> lowest column
-    # max z = (max t) * inv_tau exactly (rounding is monotone, inv_tau > 0): no second reduction
-    m = best_t * inv_tau
+    m = best_t  # the running max of t: the argmax's value, no second reduction
     m_sub = tl.where(m == _NEG_INF, 0.0, m)
-    p = tl.exp(z - m_sub[:, None])
-    s = tl.sum(p, 1)
+    if STORE_Y:
+        p = tl.exp2((t - m_sub[:, None]) * inv_tau2)
+        s = tl.sum(p, 1)
+    else:
+        # the index alone needs no softmax sum; s = sum t only flags NaN rows for the scan below
+        # (NaN where t has a NaN, or +inf beside the -inf of masked lanes: a scan that finds none)
+        s = tl.sum(t, 1)
     if not SINGLE and not HARD and not HAS_NOISE and KEEP:  # keep q for pass 2
         tl.store(y_ptr + rows[:, None] * stride_y + cols[None, :], p.to(y_ptr.dtype.element_ty), mask=mask)
         tl.store(mb_ptr + rows * NBLK, m, mask=rmask)
@@ -209,15 +218,17 @@ def _gumbel_fwd_kernel(
                           BLOCK_R, BLOCK_V, HAS_NOISE, FP64, FAST_LOG)
             if WRITE_NOISE:
                 tl.store(g_ptr + rows[:, None] * V + c[None, :], g.to(tl.float32), mask=mask)
-            z = t * inv_tau
             bt, bi = tl.max(t, 1, return_indices=True)
             better = bt > best_t  # strict: an earlier block keeps ties
             best_i = tl.where(better, bi + start, best_i)
             best_t = tl.where(better, bt, best_t)
-            m_new = best_t * inv_tau  # the running max of z, as above
+            m_new = best_t  # the running max of t, as above
             m_sub_new = tl.where(m_new == _NEG_INF, 0.0, m_new)
-            p = tl.exp(z - m_sub_new[:, None])
-            s = s * tl.exp(m - m_sub_new) + tl.sum(p, 1)  # m = -inf (s = 0): 0, not 0 * exp(+big)
+            if STORE_Y:
+                p = tl.exp2((t - m_sub_new[:, None]) * inv_tau2)
+                s = s * tl.exp2((m - m_sub_new) * inv_tau2) + tl.sum(p, 1)  # m = -inf (s = 0): 0, not 0 * exp(+big)
+            else:
+                s += tl.sum(t, 1)
             if not HARD and not HAS_NOISE and KEEP:  # keep q for pass 2
                 tl.store(y_ptr + rows[:, None] * stride_y + c[None, :], p.to(y_ptr.dtype.element_ty), mask=mask)
                 tl.store(mb_ptr + rows * NBLK + start // BLOCK_V, m_new, mask=rmask)
@@ -238,7 +249,8 @@ def _gumbel_fwd_kernel(
     idx = tl.where(nan_i < V, nan_i, best_i)  # (BLOCK_R,)
     tl.store(idx_ptr + rows, idx.to(tl.int64), mask=rmask)
     tl.store(m_ptr + rows, m, mask=rmask)
-    tl.store(s_ptr + rows, s, mask=rmask)
+    if STORE_Y:
+        tl.store(s_ptr + rows, s, mask=rmask)
 
     inv_s = 1.0 / tl.where(rmask, s, 1.0)  # padding rows (s = 0) stay quiet
     y_rows = y_ptr + rows[:, None] * stride_y
@@ -252,7 +264,7 @@ def _gumbel_fwd_kernel(
                 y = tl.where(c[None, :] == idx[:, None], 1.0, 0.0) + poison[:, None]
                 tl.store(y_rows + c[None, :], y.to(y_ptr.dtype.element_ty), mask=rmask[:, None] & (c < V)[None, :])
     elif SINGLE:
-        y = tl.exp(z - m_sub[:, None]) * inv_s[:, None]
+        y = tl.exp2((t - m_sub[:, None]) * inv_tau2) * inv_s[:, None]
         tl.store(y_rows + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
     elif HAS_NOISE or not KEEP:
         # pass 2, given noise: t is two loads away, cheaper to re-read than q to keep (not KEEP: x
@@ -262,7 +274,7 @@ def _gumbel_fwd_kernel(
             mask = rmask[:, None] & (c < V)[None, :]
             t, g = _t_tile(x_ptr, noise_ptr, seed, rows, start, mask, stride_x, stride_n,
                           BLOCK_R, BLOCK_V, HAS_NOISE, FP64, FAST_LOG)
-            y = tl.exp(t * inv_tau - m_sub[:, None]) * inv_s[:, None]
+            y = tl.exp2((t - m_sub[:, None]) * inv_tau2) * inv_s[:, None]
             tl.store(y_rows + c[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
     else:
         # pass 2: q (pass 1's, in y) rescaled to the final (m, s); no logits, no noise
@@ -271,7 +283,7 @@ def _gumbel_fwd_kernel(
             c = start + cols
             mask = rmask[:, None] & (c < V)[None, :]
             m_b = tl.load(mb_ptr + rows * NBLK + start // BLOCK_V, mask=rmask, other=0.0)
-            scale = tl.exp(m_b - m_sub) * inv_s  # (BLOCK_R,); 0 * inf = NaN for an all -inf row
+            scale = tl.exp2((m_b - m_sub) * inv_tau2) * inv_s  # (BLOCK_R,); 0 * inf = NaN for an all -inf row
             q = tl.load(y_rows + c[None, :], mask=mask, other=0.0).to(m.dtype)
             tl.store(y_rows + c[None, :], (q * scale[:, None]).to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -294,6 +306,7 @@ def _gumbel_bwd_kernel(
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,) int64
     rmask = rows < R
     inv_tau = _inv_tau(inv_tau, inv_tau_lo, tau_ptr, FP64, TAU_PTR)
+    inv_tau2 = inv_tau * _LOG2E  # the exponents' scale in base 2 (tl.exp would multiply by log2(e) again)
     seed = 0
     if not HAS_NOISE:
         seed = tl.load(seed_ptr)
@@ -308,7 +321,7 @@ def _gumbel_bwd_kernel(
     mask = rmask[:, None] & (cols < V)[None, :]
     t, g = _t_tile(x_ptr, noise_ptr, seed, rows, 0, mask, stride_x, stride_n,
                    BLOCK_R, BLOCK_V, HAS_NOISE, FP64, FAST_LOG)
-    y = tl.exp(t * inv_tau - m_sub) * inv_s
+    y = tl.exp2((t - m_sub) * inv_tau2) * inv_s
     dy = tl.load(dy_rows + cols[None, :], mask=mask, other=0.0).to(y.dtype)
     dot = tl.sum(dy * y, 1)
     if SINGLE:
@@ -322,7 +335,7 @@ def _gumbel_bwd_kernel(
             mask = rmask[:, None] & (c < V)[None, :]
             t, g = _t_tile(x_ptr, noise_ptr, seed, rows, start, mask, stride_x, stride_n,
                           BLOCK_R, BLOCK_V, HAS_NOISE, FP64, FAST_LOG)
-            y = tl.exp(t * inv_tau - m_sub) * inv_s
+            y = tl.exp2((t - m_sub) * inv_tau2) * inv_s
             dy = tl.load(dy_rows + c[None, :], mask=mask, other=0.0).to(y.dtype)
             dot += tl.sum(dy * y, 1)
             if not HAS_NOISE and KEEP:
@@ -334,7 +347,7 @@ def _gumbel_bwd_kernel(
             if HAS_NOISE or not KEEP:  # given noise (or KEEP off): y rebuilt as in pass 1
                 t, g = _t_tile(x_ptr, noise_ptr, seed, rows, start, mask, stride_x, stride_n,
                               BLOCK_R, BLOCK_V, HAS_NOISE, FP64, FAST_LOG)
-                y = tl.exp(t * inv_tau - m_sub) * inv_s
+                y = tl.exp2((t - m_sub) * inv_tau2) * inv_s
             else:
                 y = tl.load(dx_rows + c[None, :], mask=mask, other=0.0).to(dot.dtype)
             dy = tl.load(dy_rows + c[None, :], mask=mask, other=0.0).to(y.dtype)
@@ -445,7 +458,8 @@ def gumbel_fwd(x, inv_tau: float, hard: bool, noise=None, seed=None, *, tau=None
     blocks has a pass 2 that it changes.
 
     Returns y (R, V) in x.dtype (None when not store_y: index only, hard only), idx (R,) int64,
-    m (R,), s (R,) [, g (R, V) fp32 if write_noise].
+    m (R,) = max of t = x + g, s (R,) = sum exp((t - m) / tau) (None when not store_y)
+    [, g (R, V) fp32 if write_noise].
     """
     R, V = x.shape
     if not (store_y or hard):
@@ -454,7 +468,7 @@ def gumbel_fwd(x, inv_tau: float, hard: bool, noise=None, seed=None, *, tau=None
     y = torch.empty((R, V), dtype=x.dtype, device=x.device) if store_y else None
     idx = torch.empty((R,), dtype=torch.int64, device=x.device)
     m = torch.empty((R,), dtype=_stats_dtype(x.dtype), device=x.device)
-    s = torch.empty_like(m)
+    s = torch.empty_like(m) if store_y else None
     g = torch.empty((R, V), dtype=torch.float32, device=x.device) if write_noise else x  # x: not written
     has_noise = noise is not None
     # soft rows over several blocks with in-kernel noise: the running max after each block, for
@@ -465,7 +479,7 @@ def gumbel_fwd(x, inv_tau: float, hard: bool, noise=None, seed=None, *, tau=None
     if R:
         _gumbel_fwd_kernel[(cdiv(R, BR),)](
             x, noise if has_noise else x, idx if has_noise else seed, m if tau is None else tau,
-            x if y is None else y, idx, m, s, g, mb,
+            x if y is None else y, idx, m, m if s is None else s, g, mb,
             x.stride(0), noise.stride(0) if has_noise else 0, 0 if y is None else y.stride(0), R, V, nblk,
             *_inv_tau_args(inv_tau, tau), BLOCK_R=BR, BLOCK_V=BV, SINGLE=single, HARD=bool(hard), HAS_NOISE=has_noise,
             FP64=x.dtype == torch.float64, WRITE_NOISE=bool(write_noise), FAST_LOG=_fast_log(x),

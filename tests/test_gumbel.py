@@ -136,17 +136,19 @@ def test_gumbel_sample_kernel_index_alone_equals_full_forward(device, given_nois
     logits[2, :40] = float("-inf")
     logits[3] = -1e4
     logits[4, [20, 37]] = 1e3  # a tie (zero noise below) in different blocks
+    logits[5, 3] = float("inf")  # no NaN, but the index-only kernel's NaN flag (sum t) is NaN: a scan finding none
     noise = _torch_noise(logits) if given_noise else None
     if given_noise:
         noise[4] = 0.0
     seed = None if given_noise else philox.draw_seed(device)
-    y, idx, _, _ = K.gumbel_fwd(logits, 1.0, True, noise, seed, block_v=block_v, store_y=False)
-    _, want, _, _ = K.gumbel_fwd(logits, 1.0, True, noise, seed, block_v=block_v)
-    assert y is None
+    y, idx, m, s = K.gumbel_fwd(logits, 1.0, True, noise, seed, block_v=block_v, store_y=False)
+    _, want, m_full, _ = K.gumbel_fwd(logits, 1.0, True, noise, seed, block_v=block_v)
+    assert y is None and s is None  # no softmax sum either: no exp per element
+    assert torch.equal(m[2:], m_full[2:])  # max t (rows 0, 1: NaN)
     assert idx.tolist() == want.tolist()
     g = noise if given_noise else philox.gumbel_noise(seed, logits.shape, device)
     assert idx.tolist() == (logits + g).argmax(-1).tolist()
-    assert idx[0] == 7 and idx[1] == 50 and idx[2] >= 40
+    assert idx[0] == 7 and idx[1] == 50 and idx[2] >= 40 and idx[5] == 3
     if given_noise:
         assert idx[4] == 20
     with pytest.raises(ValueError, match="hard"):
