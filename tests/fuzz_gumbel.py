@@ -33,11 +33,12 @@ Session 11: 3676 cases (25 min, seed 11) with 6 failures, all fp32 (dlogits 1.2-
 largest at logits x 1000). The kernels then took the exponent as (t - max t) * (1/tau) instead of
 t * (1/tau) - (max t) * (1/tau), which drops z's rounding near the max (kernels/gumbel.py). Three
 of the six then passed and the logits x 1000 one fell from 6.1x to 1.9x. On the same 1400 cases
-(seed 21) the old kernels failed 3, the new 2. One case fails both identically (dlogits, 1.6x): a
-peaked row's top entry, whose dy - sum(dy * y) cancels to 6e-5, so one ulp of the sum decides it,
-against eager's lucky 0.05 ulp. The old kernels' other two were y (at logits x 1000, and at tau
-0.12). The new kernels' other one is given noise at 1.07x. What is left is mostly t = x + g's own
-rounding, which eager shares.
+(seed 21) the old kernels failed 3 and the new 1. (A first version of the new form, with exp
+instead of exp2, failed 2: the extra one was given noise at 1.07x.) The one that fails both,
+identically (dlogits, 1.6x), is a peaked row's top entry. There dy - sum(dy * y) cancels to 6e-5,
+so one ulp of the sum decides it, against eager's lucky 0.05 ulp. The old kernels' other two
+failures were y (at logits x 1000, and at tau 0.12). What is left is mostly t = x + g's own
+rounding, which eager shares, and that cancellation, which eager's formula has too.
 fp16 / bf16 failures, index or one-hot failures, and errors far over the bound are bugs.
 """
 from __future__ import annotations
