@@ -677,6 +677,26 @@ def test_backward_bitwise_independent_of_num_stages(device, given, V):
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("block_v", [None, 64], ids=["one_block", "loop"])
+def test_softmax_exponent_is_shift_invariant(device, block_v):
+    """softmax((x + c) / tau) = softmax(x / tau): logits offset by 1000 (exactly representable, zero
+    noise so t = x) give y and dlogits within a few fp32 ulps of the float64 values. The kernels
+    scale after subtracting the max, exp((t - max t) / tau); the form t / tau - (max t) / tau
+    rounds at |t / tau| ~ 2000 and was ~1e-4 off in y here (as eager fp32 is)."""
+    R, V, tau = 3, 200, 0.7  # 1/tau inexact: x * fp32(1/tau) rounds
+    x = (1000 + torch.randint(-256, 256, (R, V), device=device) / 64).float()  # exact in fp32
+    dy = torch.randn(R, V, device=device)
+    noise = torch.zeros(R, V, device=device)
+    y, _, m, s = K.gumbel_fwd(x, 1 / tau, False, noise, None, block_v=block_v)
+    dx = K.gumbel_bwd(dy, x, m, s, 1 / tau, noise, None, block_v=block_v)
+    x64 = x.double().requires_grad_()
+    y64 = torch.softmax(x64 / tau, -1)
+    (dx64,) = torch.autograd.grad(y64, x64, dy.double())
+    eps = torch.finfo(torch.float32).eps
+    assert (y.double() - y64).abs().max() <= 8 * eps * y64.abs().max()
+    assert (dx.double() - dx64).abs().max() <= 16 * eps * dx64.abs().max()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_keep_off_draws_the_noise_again_in_the_second_passes(device, dtype):
     """The loop path's KEEP (kernels/gumbel.py: _KEEP): on, the soft forward's and the backward's
