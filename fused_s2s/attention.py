@@ -56,20 +56,6 @@ def _validate(query, keys, values, mask):
             raise ValueError(f"mask of lengths must be (B,) = ({B},), got {tuple(mask.shape)}")
 
 
-_K = None
-
-
-def _kernels():
-    """fused_s2s.kernels.attention, imported on first use (importing fused_s2s does not import
-    triton); a global read per call after that, where an import statement costs ~0.7 us of host time."""
-    global _K
-    if _K is None:
-        from fused_s2s.kernels import attention
-
-        _K = attention
-    return _K
-
-
 class _AttentionFn(torch.autograd.Function):
     """Triton forward (ctx, weights) and backward; saves the inputs, (m, l) (B*T, 2), and the context
     and the weights in the accumulation dtype (for fp16/bf16 an fp32 context and the fp32 raw scores:
@@ -80,7 +66,7 @@ class _AttentionFn(torch.autograd.Function):
     def forward(fctx, query, keys, values, mask, splits, block_l, tiled):
         # query (B, D) or (B, T, D) as it is: the launchers take both (no views, each of which costs
         # host time and, around apply(), an autograd node of its own)
-        out, weights, lse, ctx_acc, scores_acc = _kernels().attention_forward(
+        out, weights, lse, ctx_acc, scores_acc = _backend.kernels("attention").attention_forward(
             query, keys, values, mask, splits=splits, block_l=block_l, tiled=tiled, for_backward=True)
         fctx.save_for_backward(query, keys, values, mask, ctx_acc, scores_acc, lse)
         fctx.splits, fctx.block_l, fctx.tiled = splits, block_l, tiled
@@ -90,8 +76,9 @@ class _AttentionFn(torch.autograd.Function):
     @staticmethod
     def backward(fctx, dctx, dweights):
         query, keys, values, mask, ctx_acc, scores_acc, lse = fctx.saved_tensors
-        dq, dk, dv = _kernels().attention_backward(query, keys, values, mask, ctx_acc, scores_acc, lse, dctx, dweights,
-                                        splits=fctx.splits, block_l=fctx.block_l, tiled=fctx.tiled)
+        dq, dk, dv = _backend.kernels("attention").attention_backward(
+            query, keys, values, mask, ctx_acc, scores_acc, lse, dctx, dweights,
+            splits=fctx.splits, block_l=fctx.block_l, tiled=fctx.tiled)
         return dq, dk, dv, None, None, None, None
 
 
@@ -133,4 +120,5 @@ def _attention(query, keys, values, mask, backend, splits=None, block_l=None, ti
                                     or (values is not None and values.requires_grad)):
         return _AttentionFn.apply(query, keys, values, mask, splits, block_l, tiled)
     # no graph to record (generation, no_grad): skip the autograd.Function's host cost
-    return _kernels().attention_forward(query, keys, values, mask, splits=splits, block_l=block_l, tiled=tiled)[:2]
+    return _backend.kernels("attention").attention_forward(query, keys, values, mask, splits=splits,
+                                                           block_l=block_l, tiled=tiled)[:2]

@@ -21,20 +21,6 @@ from fused_s2s._checks import check_float, check_generator, check_tau
 from fused_s2s.reference import gumbel_argmax_eager, gumbel_softmax_eager
 
 
-_K = None
-
-
-def _kernels():
-    """fused_s2s.kernels.gumbel, imported on first use (importing fused_s2s does not import triton);
-    a global read per call after that, where an import statement costs ~0.7 us of host time."""
-    global _K
-    if _K is None:
-        from fused_s2s.kernels import gumbel
-
-        _K = gumbel
-    return _K
-
-
 class _GumbelSoftmaxFn(torch.autograd.Function):
     """Triton forward/backward on x (R, V). noise (R, V) or None (then seed, a 0-d int64 tensor);
     tau a float, or a 0-d float64 tensor the kernels read on the device. Returns y, and the sampled
@@ -44,7 +30,7 @@ class _GumbelSoftmaxFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, noise, seed, tau, hard: bool, with_index: bool):
         inv_tau, tau_t = _tau_args(tau)
-        y, idx, m, s = _kernels().gumbel_fwd(x, inv_tau, hard, noise, seed, tau=tau_t)
+        y, idx, m, s = _backend.kernels("gumbel").gumbel_fwd(x, inv_tau, hard, noise, seed, tau=tau_t)
         # tau_t saved as a tensor: changing it in place before the backward is an autograd error
         ctx.save_for_backward(x, noise, seed, m, s, tau_t)  # (R, V), (R, V) | None, () | None, (R,), (R,), () | None
         ctx.inv_tau = inv_tau
@@ -60,7 +46,7 @@ class _GumbelSoftmaxFn(torch.autograd.Function):
         if dy.stride(-1) != 1:
             dy = dy.contiguous()
         # straight-through: hard and soft share the soft y's gradient
-        dx = _kernels().gumbel_bwd(dy, x, m, s, ctx.inv_tau, noise, seed, tau=tau_t)
+        dx = _backend.kernels("gumbel").gumbel_bwd(dy, x, m, s, ctx.inv_tau, noise, seed, tau=tau_t)
         return dx, None, None, None, None, None
 
 
@@ -121,7 +107,7 @@ def _gumbel_softmax(logits, tau, hard, dim, noise, generator, return_index, back
             y, idx = out if return_index else (out, None)
         else:  # no graph to record (generation, no_grad): skip the autograd.Function's host cost
             inv_tau, tau_t = _tau_args(tau)
-            y, idx, _, _ = _kernels().gumbel_fwd(x, inv_tau, bool(hard), n, seed, tau=tau_t)
+            y, idx, _, _ = _backend.kernels("gumbel").gumbel_fwd(x, inv_tau, bool(hard), n, seed, tau=tau_t)
     else:
         y, idx = _eager(x, n, seed, tau, bool(hard))
     if not flat:  # back to logits' layout (views; each costs microseconds, so only when needed)
@@ -150,7 +136,7 @@ def gumbel_sample(logits: torch.Tensor, dim: int = -1, *, noise: torch.Tensor | 
     """
     x, n, seed, impl, dim, _, flat = _prepare(logits, dim, noise, generator, backend)  # x (R, V)
     if impl == "triton":
-        _, idx, _, _ = _kernels().gumbel_fwd(x.detach(), 1.0, True, n, seed, store_y=False)  # (R,)
+        _, idx, _, _ = _backend.kernels("gumbel").gumbel_fwd(x.detach(), 1.0, True, n, seed, store_y=False)  # (R,)
     else:
         g = n if n is not None else philox.gumbel_noise(seed, x.shape, x.device)  # (R, V)
         idx = gumbel_argmax_eager(x.detach(), g)  # (R,)
