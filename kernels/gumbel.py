@@ -60,7 +60,7 @@ _LOOP_STAGES = 2
 # forward) or y (backward) in the output buffer and reads it back, so the noise is drawn once per
 # element and direction; off, pass 2 re-reads the logits and draws the noise again, as given noise
 # does. Per fp32 element that is 4 bytes less HBM traffic each way (backward 20 bytes instead of 24,
-# soft forward 12 instead of 16) for ~55 more instructions (docs/gumbel.md's static count): which is
+# soft forward 12 instead of 16) for ~50 more instructions (docs/gumbel.md's static count): which is
 # faster is the GPU's to say (benchmarks/sweep_gumbel.py prints both, "keep=0" lines).
 _KEEP = True
 # fp64 (gradcheck, verification) keeps its tiles small: twice the registers per element
@@ -396,12 +396,13 @@ def loop_stages(single: bool, has_noise: bool, dtype, num_stages=None, aligned: 
     return stages(num_stages, _LOOP_STAGES if aligned and not has_noise and dtype != torch.float64 else 1)
 
 
-def keep_flag(single: bool, has_noise: bool, keep=None) -> bool:
+def keep_flag(single: bool, has_noise: bool, keep=None, hard: bool = False) -> bool:
     """KEEP for a launch: ``keep`` (None: _KEEP) on the loop path with in-kernel noise; True where
-    it changes nothing (one block, given noise), so those launches compile one variant."""
-    if single or has_noise or keep is None:
-        return _KEEP or single or has_noise
-    return bool(keep)
+    it changes nothing (one block, given noise, a hard forward: ``hard``, which has no second pass
+    over the logits), so those launches compile one variant."""
+    if single or has_noise or hard:
+        return True
+    return _KEEP if keep is None else bool(keep)
 
 
 def rows_aligned(V: int, *rows) -> bool:
@@ -474,7 +475,7 @@ def gumbel_fwd(x, inv_tau: float, hard: bool, noise=None, seed=None, *, tau=None
     # soft rows over several blocks with in-kernel noise: the running max after each block, for
     # pass 2's rescale of q
     nblk = cdiv(V, BV)
-    keep = keep_flag(single, has_noise or hard, keep)  # a hard forward has no pass 2 over the logits
+    keep = keep_flag(single, has_noise, keep, hard)
     mb = torch.empty((R, nblk), dtype=m.dtype, device=x.device) if keep and not (single or hard or has_noise) else m
     if R:
         _gumbel_fwd_kernel[(cdiv(R, BR),)](
@@ -573,7 +574,7 @@ def _aot_stages(dtype, dt, st, has_noise, br, bv, nw, single, tau_ptr, stages, v
         kind = " index" if not store_y else " hard" if hard else ""
         yield aot.AOTConfig(_gumbel_fwd_kernel, sig,
                             dict(common, HARD=hard, WRITE_NOISE=False, STORE_Y=store_y,
-                                 KEEP=keep_flag(single, has_noise or hard)),  # as gumbel_fwd passes it
+                                 KEEP=keep_flag(single, has_noise, hard=hard)),  # as gumbel_fwd passes it
                             num_warps=nw, label=f"fwd {label}{kind}",
                             pipelined=stages > 1, variants=variants)
     sig = {"x_ptr": f"*{dt}", "noise_ptr": f"*{dt}", "seed_ptr": "*i64", "tau_ptr": f"*{tp}", "m_ptr": f"*{st}",

@@ -737,6 +737,7 @@ def test_keep_flag_only_where_it_changes_something():
     assert K.keep_flag(True, False, False) and K.keep_flag(False, True, False)
     assert not K.keep_flag(False, False, False) and K.keep_flag(False, False, True)
     assert K.keep_flag(False, False, None) == K._KEEP
+    assert K.keep_flag(False, False, False, hard=True)  # a hard forward: no second pass over the logits
 
 
 
