@@ -41,12 +41,13 @@ def main(argv=None) -> int:
     if a is None:
         return 0
     from fused_s2s.kernels import attention as A
+    from fused_s2s.kernels._launch import num_sms
 
     real_cfg = A.block_config
     t_end = time.time() + a.seconds
     dev = torch.device(a.device)
     bench = lambda fn: common.kernel_ms(fn, dev)  # noqa: E731
-    sms = A._num_sms(dev)
+    sms = num_sms(dev)
     name = common.device_name() if dev.type == "cuda" else "cpu (interpreter)"
     print(f"[sweep] {name} ({sms} SMs), torch {torch.__version__}")
     for size in a.sizes.split(","):

@@ -6,6 +6,10 @@ launch, which at the notes' sizes is a noticeable part of a call (benchmarks/hos
 """
 from __future__ import annotations
 
+import functools
+
+import torch
+
 
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for integers, b > 0."""
@@ -57,3 +61,12 @@ def interpreter_range_fix() -> bool:
     _patch_lang_tensor._fused_s2s_range_fix = True
     interpreter._patch_lang_tensor = _patch_lang_tensor
     return True
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached: a device-properties query per launch
+    would cost host time); 4, a small pretend GPU, elsewhere (the interpreter)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4

@@ -85,7 +85,7 @@ import triton
 import triton.language as tl
 
 import fused_s2s.aot
-from fused_s2s.kernels._launch import cdiv, next_power_of_2, stages
+from fused_s2s.kernels._launch import cdiv, next_power_of_2, num_sms, stages
 
 # Register budget: elements of one fp32 (BLOCK_L, BLOCK_D) tile per warp. The forward holds two
 # tiles (H and V) and their addresses; the backward kernels also build dH/dV tiles, so they take
@@ -567,13 +567,6 @@ def block_config(D: int, Dv: int, kind: str = "fwd", dtype: torch.dtype = torch.
     return block_d, block_l, num_warps
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # interpreter: a small pretend GPU
-
-
 def split_plan(rows: int, L: int, block_l: int, device: torch.device, splits: int | None = None) -> tuple[int, int]:
     """(splits, blocks_per_split). Split L when B*T rows cannot fill ~2 programs per SM.
 
@@ -582,7 +575,7 @@ def split_plan(rows: int, L: int, block_l: int, device: torch.device, splits: in
     """
     n_blocks = cdiv(L, block_l)
     if splits is None:
-        want = cdiv(2 * _num_sms(device), max(rows, 1))
+        want = cdiv(2 * num_sms(device), max(rows, 1))
         splits = min(want, n_blocks // _MIN_BLOCKS_PER_SPLIT) if device.type == "cuda" else 1
     splits = max(1, min(int(splits), n_blocks))
     per = cdiv(n_blocks, splits)

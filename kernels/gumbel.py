@@ -30,7 +30,7 @@ from triton.language.extra import libdevice
 
 from fused_s2s import aot, philox
 from fused_s2s.backend import interpret_mode
-from fused_s2s.kernels._launch import cdiv, stages
+from fused_s2s.kernels._launch import cdiv, num_sms, stages
 
 _U_MIN = tl.constexpr(philox.U_MIN)
 _NEG_INF = tl.constexpr(float("-inf"))
@@ -67,6 +67,18 @@ _KEEP = True
 _SINGLE_CONFIGS_FP64 = ((256, 1, 256, 2), (1024, 1, 1024, 4))
 _MULTI_CONFIG_FP64 = (1, 1024, 8)
 _AOT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# Split rows (flash-decoding style, ``split_plan``): when a few long rows cannot fill the GPU (one
+# program per row: B 256 rows on 132 SMs is ~2 programs of 16 warps per SM, where registers allow
+# 3), each row's columns are cut into chunks of at least _SPLIT_MIN_BLOCKS blocks, one program
+# each, until there are about _SPLIT_PROGRAMS_PER_SM programs per SM. Two launches instead of one
+# (PHASE 1: pass 1 per chunk, its partial statistics; PHASE 2: combine them, then the chunk's
+# epilogue); the same HBM traffic. On the H200 the same elements as 4096 rows of 8000 ran 1.15-1.56x
+# (forward) and ~2x (backward) faster than 256 rows of 128,000 (session 7's diagnostic), an upper
+# bound; benchmarks/sweep_gumbel.py prints "split=" lines against the launcher's choice.
+_SPLIT_PROGRAMS_PER_SM = 4
+_SPLIT_MIN_BLOCKS = 2
+_MAX_SPLIT_N = 64  # chunks per split row at most (PHASE 2 loads a row's partials as one vector)
+_MAX_SPLIT = tl.constexpr(_MAX_SPLIT_N)
 
 
 @triton.jit
@@ -163,11 +175,12 @@ def _inv_tau(inv_tau, inv_tau_lo, tau_ptr, FP64: tl.constexpr, TAU_PTR: tl.const
 
 @triton.jit
 def _gumbel_fwd_kernel(
-    x_ptr, noise_ptr, seed_ptr, tau_ptr, y_ptr, idx_ptr, m_ptr, s_ptr, g_ptr, mb_ptr,
-    stride_x, stride_n, stride_y, R, V, NBLK, inv_tau, inv_tau_lo,
+    x_ptr, noise_ptr, seed_ptr, tau_ptr, y_ptr, idx_ptr, m_ptr, s_ptr, g_ptr, mb_ptr, pf_ptr, pi_ptr,
+    stride_x, stride_n, stride_y, R, V, NBLK, CHUNK_V, NSPLIT, inv_tau, inv_tau_lo,
     BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, SINGLE: tl.constexpr, HARD: tl.constexpr,
     HAS_NOISE: tl.constexpr, FP64: tl.constexpr, WRITE_NOISE: tl.constexpr, FAST_LOG: tl.constexpr,
     STORE_Y: tl.constexpr, TAU_PTR: tl.constexpr, NUM_STAGES: tl.constexpr, KEEP: tl.constexpr,
+    PHASE: tl.constexpr,
 ):
     """BLOCK_R rows: argmax and max m of t = x + g, online s = sum exp((t - m) / tau), then y (unless
     not STORE_Y: hard only, the sampled index alone, a pass over the logits with no (R, V) write).
@@ -180,6 +193,13 @@ def _gumbel_fwd_kernel(
     re-reading the logits and drawing the noise again (the noise is ~80% of a pass's
     instructions). m_b <= m, so the factor is <= 1; m_b = -inf (all logits -inf so far) gives 0.
     Given noise, or KEEP off: pass 2 re-reads x and the noise (two loads; or draws the noise again) instead.
+    Split rows (PHASE 1 / 2, the loop path only; ``split_plan``): a row's columns are cut into NSPLIT
+    chunks of CHUNK_V, program_id(1) one chunk, so a few long rows still fill the GPU. PHASE 1 runs
+    pass 1 over its chunk and stores the chunk's (max t, s relative to it) in pf (R, NSPLIT, 2) and
+    (argmax, first NaN column) in pi (R, NSPLIT, 2); PHASE 2, a second launch, combines the row's
+    partials (the row's max, s rescaled to it, the first chunk's argmax among equal maxima: the
+    same lowest-column rule) and runs the epilogue (y, or pass 2) over its chunk. PHASE 0: the
+    whole row in one program.
     """
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,) int64
     rmask = rows < R
@@ -189,112 +209,150 @@ def _gumbel_fwd_kernel(
     if not HAS_NOISE:
         seed = tl.load(seed_ptr)
     cols = tl.arange(0, BLOCK_V)
-
-    # first block (the only one when SINGLE) initialises the running statistics, all (BLOCK_R,)
-    mask = rmask[:, None] & (cols < V)[None, :]
-    t, g = _t_tile(x_ptr, noise_ptr, seed, rows, 0, mask, stride_x, stride_n,
-                   BLOCK_R, BLOCK_V, HAS_NOISE, FP64, FAST_LOG)
-    if WRITE_NOISE:  # debug/test only: never picked by the launcher's default path
-        tl.store(g_ptr + rows[:, None] * V + cols[None, :], g.to(tl.float32), mask=mask)
-    best_t, best_i = tl.max(t, 1, return_indices=True)  # ties -> lowest column
-    m = best_t  # the running max of t: the argmax's value, no second reduction
-    m_sub = tl.where(m == _NEG_INF, 0.0, m)
-    if STORE_Y:
-        p = tl.exp2((t - m_sub[:, None]) * inv_tau2)
-        s = tl.sum(p, 1)
+    # the columns [lo, hi) of this program: the whole row, or chunk program_id(1) of a split row
+    if PHASE == 0:
+        lo = 0
+        hi = V
     else:
-        # the index alone needs no softmax sum; s = sum t only flags NaN rows for the scan below
-        # (NaN where t has a NaN, or +inf beside the -inf of masked lanes: a scan that finds none)
-        s = tl.sum(t, 1)
-    if not SINGLE and not HARD and not HAS_NOISE and KEEP:  # keep q for pass 2
-        tl.store(y_ptr + rows[:, None] * stride_y + cols[None, :], p.to(y_ptr.dtype.element_ty), mask=mask)
-        tl.store(mb_ptr + rows * NBLK, m, mask=rmask)
-    nan_i = tl.min(tl.where(t != t, cols[None, :], V), 1)  # torch.argmax picks the first NaN
-    if not SINGLE:
-        for start in tl.range(BLOCK_V, V, BLOCK_V, num_stages=NUM_STAGES):
-            c = start + cols
-            mask = rmask[:, None] & (c < V)[None, :]
-            t, g = _t_tile(x_ptr, noise_ptr, seed, rows, start, mask, stride_x, stride_n,
-                          BLOCK_R, BLOCK_V, HAS_NOISE, FP64, FAST_LOG)
-            if WRITE_NOISE:
-                tl.store(g_ptr + rows[:, None] * V + c[None, :], g.to(tl.float32), mask=mask)
-            bt, bi = tl.max(t, 1, return_indices=True)
-            better = bt > best_t  # strict: an earlier block keeps ties
-            best_i = tl.where(better, bi + start, best_i)
-            best_t = tl.where(better, bt, best_t)
-            m_new = best_t  # the running max of t, as above
-            m_sub_new = tl.where(m_new == _NEG_INF, 0.0, m_new)
-            if STORE_Y:
-                p = tl.exp2((t - m_sub_new[:, None]) * inv_tau2)
-                s = s * tl.exp2((m - m_sub_new) * inv_tau2) + tl.sum(p, 1)  # m = -inf (s = 0): 0, not 0 * exp(+big)
-            else:
-                s += tl.sum(t, 1)
-            if not HARD and not HAS_NOISE and KEEP:  # keep q for pass 2
-                tl.store(y_ptr + rows[:, None] * stride_y + c[None, :], p.to(y_ptr.dtype.element_ty), mask=mask)
-                tl.store(mb_ptr + rows * NBLK + start // BLOCK_V, m_new, mask=rmask)
-            m = m_new
-            m_sub = m_sub_new
-            if HAS_NOISE:  # a NaN may come from the given noise: look in t, per block
-                nan_i = tl.minimum(nan_i, tl.min(tl.where(t != t, c[None, :], V), 1))
-        if not HAS_NOISE:
-            # g is finite, so t = x + g is NaN where x is, and then s is NaN: only such rows (rare)
-            # look for the first NaN column, reading x again, instead of a reduction per block
-            if tl.sum((s != s).to(tl.int32), 0) > 0:
-                for start in range(BLOCK_V, V, BLOCK_V):
-                    c = start + cols
-                    mask = rmask[:, None] & (c < V)[None, :]
-                    # in fp32: a float compare (the interpreter keeps bf16 as raw uint16 bits)
-                    xn = tl.load(x_ptr + rows[:, None] * stride_x + c[None, :], mask=mask, other=0.0).to(tl.float32)
-                    nan_i = tl.minimum(nan_i, tl.min(tl.where(xn != xn, c[None, :], V), 1))
-    idx = tl.where(nan_i < V, nan_i, best_i)  # (BLOCK_R,)
-    tl.store(idx_ptr + rows, idx.to(tl.int64), mask=rmask)
-    tl.store(m_ptr + rows, m, mask=rmask)
-    if STORE_Y:
-        tl.store(s_ptr + rows, s, mask=rmask)
+        lo = tl.program_id(1) * CHUNK_V
+        hi = tl.minimum(lo + CHUNK_V, V)
 
-    inv_s = 1.0 / tl.where(rmask, s, 1.0)  # padding rows (s = 0) stay quiet
-    y_rows = y_ptr + rows[:, None] * stride_y
-    if HARD:
+    if PHASE == 2:
+        # the row's statistics from its chunks' partials, (BLOCK_R, NSPLIT) (BLOCK_R is 1 here)
+        ks = tl.arange(0, _MAX_SPLIT)
+        kmask = rmask[:, None] & (ks < NSPLIT)[None, :]
+        part = rows[:, None] * (NSPLIT * 2) + ks[None, :] * 2
+        pm = tl.load(pf_ptr + part, mask=kmask, other=_NEG_INF)
+        ps = tl.load(pf_ptr + part + 1, mask=kmask, other=0.0)
+        pbest = tl.load(pi_ptr + part, mask=kmask, other=0)
+        pnan = tl.load(pi_ptr + part + 1, mask=kmask, other=V)
+        m, kbest = tl.max(pm, 1, return_indices=True)  # ties -> the lowest chunk: the lowest column
+        best_i = tl.sum(tl.where(ks[None, :] == kbest[:, None], pbest, 0), 1)
+        nan_i = tl.min(pnan, 1)
+        m_sub = tl.where(m == _NEG_INF, 0.0, m)
+        if STORE_Y:  # each chunk's s is relative to its own max (an empty or all -inf chunk: s 0)
+            s = tl.sum(ps * tl.exp2((pm - m_sub[:, None]) * inv_tau2), 1)
+        else:
+            s = tl.sum(ps, 1)  # sums of t: NaN flags only
+    else:
+        # first block (the only one when SINGLE) initialises the running statistics, all (BLOCK_R,)
+        c = lo + cols
+        mask = rmask[:, None] & (c < hi)[None, :]
+        t, g = _t_tile(x_ptr, noise_ptr, seed, rows, lo, mask, stride_x, stride_n,
+                       BLOCK_R, BLOCK_V, HAS_NOISE, FP64, FAST_LOG)
+        if WRITE_NOISE:  # debug/test only: never picked by the launcher's default path
+            tl.store(g_ptr + rows[:, None] * V + c[None, :], g.to(tl.float32), mask=mask)
+        best_t, best_i = tl.max(t, 1, return_indices=True)  # ties -> lowest column
+        best_i += lo
+        m = best_t  # the running max of t: the argmax's value, no second reduction
+        m_sub = tl.where(m == _NEG_INF, 0.0, m)
         if STORE_Y:
-            # exact one-hot; NaN row where softmax would be NaN (NaN / +-inf logits), as in torch
-            ok = (s > 0) & (s < _INF) & (m > _NEG_INF) & (m < _INF)
-            poison = tl.where(ok, 0.0, float("nan"))
-            for start in range(0, V, BLOCK_V):
+            p = tl.exp2((t - m_sub[:, None]) * inv_tau2)
+            s = tl.sum(p, 1)
+        else:
+            # the index alone needs no softmax sum; s = sum t only flags NaN rows for the scan below
+            # (NaN where t has a NaN, or +inf beside the -inf of masked lanes: a scan that finds none)
+            s = tl.sum(t, 1)
+        if not SINGLE and not HARD and not HAS_NOISE and KEEP:  # keep q for pass 2
+            tl.store(y_ptr + rows[:, None] * stride_y + c[None, :], p.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.store(mb_ptr + rows * NBLK + lo // BLOCK_V, m, mask=rmask)
+        nan_i = tl.min(tl.where(t != t, c[None, :], V), 1)  # torch.argmax picks the first NaN
+        if not SINGLE:
+            for start in tl.range(lo + BLOCK_V, hi, BLOCK_V, num_stages=NUM_STAGES):
                 c = start + cols
-                y = tl.where(c[None, :] == idx[:, None], 1.0, 0.0) + poison[:, None]
-                tl.store(y_rows + c[None, :], y.to(y_ptr.dtype.element_ty), mask=rmask[:, None] & (c < V)[None, :])
-    elif SINGLE:
-        y = tl.exp2((t - m_sub[:, None]) * inv_tau2) * inv_s[:, None]
-        tl.store(y_rows + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
-    elif HAS_NOISE or not KEEP:
-        # pass 2, given noise: t is two loads away, cheaper to re-read than q to keep (not KEEP: x
-        # re-read and the noise drawn again)
-        for start in tl.range(0, V, BLOCK_V, num_stages=NUM_STAGES):
-            c = start + cols
-            mask = rmask[:, None] & (c < V)[None, :]
-            t, g = _t_tile(x_ptr, noise_ptr, seed, rows, start, mask, stride_x, stride_n,
-                          BLOCK_R, BLOCK_V, HAS_NOISE, FP64, FAST_LOG)
-            y = tl.exp2((t - m_sub[:, None]) * inv_tau2) * inv_s[:, None]
-            tl.store(y_rows + c[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+                mask = rmask[:, None] & (c < hi)[None, :]
+                t, g = _t_tile(x_ptr, noise_ptr, seed, rows, start, mask, stride_x, stride_n,
+                              BLOCK_R, BLOCK_V, HAS_NOISE, FP64, FAST_LOG)
+                if WRITE_NOISE:
+                    tl.store(g_ptr + rows[:, None] * V + c[None, :], g.to(tl.float32), mask=mask)
+                bt, bi = tl.max(t, 1, return_indices=True)
+                better = bt > best_t  # strict: an earlier block keeps ties
+                best_i = tl.where(better, bi + start, best_i)
+                best_t = tl.where(better, bt, best_t)
+                m_new = best_t  # the running max of t, as above
+                m_sub_new = tl.where(m_new == _NEG_INF, 0.0, m_new)
+                if STORE_Y:
+                    p = tl.exp2((t - m_sub_new[:, None]) * inv_tau2)
+                    s = s * tl.exp2((m - m_sub_new) * inv_tau2) + tl.sum(p, 1)  # m = -inf (s = 0): 0, not 0 * exp(+big)
+                else:
+                    s += tl.sum(t, 1)
+                if not HARD and not HAS_NOISE and KEEP:  # keep q for pass 2
+                    tl.store(y_ptr + rows[:, None] * stride_y + c[None, :], p.to(y_ptr.dtype.element_ty), mask=mask)
+                    tl.store(mb_ptr + rows * NBLK + start // BLOCK_V, m_new, mask=rmask)
+                m = m_new
+                m_sub = m_sub_new
+                if HAS_NOISE:  # a NaN may come from the given noise: look in t, per block
+                    nan_i = tl.minimum(nan_i, tl.min(tl.where(t != t, c[None, :], V), 1))
+            if not HAS_NOISE:
+                # g is finite, so t = x + g is NaN where x is, and then s is NaN: only such rows (rare)
+                # look for the first NaN column, reading x again, instead of a reduction per block
+                if tl.sum((s != s).to(tl.int32), 0) > 0:
+                    for start in range(lo + BLOCK_V, hi, BLOCK_V):
+                        c = start + cols
+                        mask = rmask[:, None] & (c < hi)[None, :]
+                        # in fp32: a float compare (the interpreter keeps bf16 as raw uint16 bits)
+                        xn = tl.load(x_ptr + rows[:, None] * stride_x + c[None, :], mask=mask, other=0.0).to(tl.float32)
+                        nan_i = tl.minimum(nan_i, tl.min(tl.where(xn != xn, c[None, :], V), 1))
+    if PHASE == 1:
+        # this chunk's partials for PHASE 2; nothing else is written (y is PHASE 2's)
+        part = rows * (NSPLIT * 2) + tl.program_id(1) * 2
+        tl.store(pf_ptr + part, m, mask=rmask)
+        tl.store(pf_ptr + part + 1, s, mask=rmask)
+        tl.store(pi_ptr + part, best_i.to(tl.int32), mask=rmask)
+        tl.store(pi_ptr + part + 1, nan_i.to(tl.int32), mask=rmask)
     else:
-        # pass 2: q (pass 1's, in y) rescaled to the final (m, s); no logits, no noise
-        tl.debug_barrier()  # q was written by other threads of this program
-        for start in tl.range(0, V, BLOCK_V, num_stages=NUM_STAGES):
-            c = start + cols
-            mask = rmask[:, None] & (c < V)[None, :]
-            m_b = tl.load(mb_ptr + rows * NBLK + start // BLOCK_V, mask=rmask, other=0.0)
-            scale = tl.exp2((m_b - m_sub) * inv_tau2) * inv_s  # (BLOCK_R,); 0 * inf = NaN for an all -inf row
-            q = tl.load(y_rows + c[None, :], mask=mask, other=0.0).to(m.dtype)
-            tl.store(y_rows + c[None, :], (q * scale[:, None]).to(y_ptr.dtype.element_ty), mask=mask)
+        idx = tl.where(nan_i < V, nan_i, best_i)  # (BLOCK_R,)
+        own = rmask
+        if PHASE == 2:
+            own = rmask & ((tl.zeros((BLOCK_R,), tl.int32) + tl.program_id(1)) == 0)  # once, by the row's first chunk
+        tl.store(idx_ptr + rows, idx.to(tl.int64), mask=own)
+        tl.store(m_ptr + rows, m, mask=own)
+        if STORE_Y:
+            tl.store(s_ptr + rows, s, mask=own)
+
+        inv_s = 1.0 / tl.where(rmask, s, 1.0)  # padding rows (s = 0) stay quiet
+        y_rows = y_ptr + rows[:, None] * stride_y
+        if HARD:
+            if STORE_Y:
+                # exact one-hot; NaN row where softmax would be NaN (NaN / +-inf logits), as in torch
+                ok = (s > 0) & (s < _INF) & (m > _NEG_INF) & (m < _INF)
+                poison = tl.where(ok, 0.0, float("nan"))
+                for start in range(lo, hi, BLOCK_V):
+                    c = start + cols
+                    y = tl.where(c[None, :] == idx[:, None], 1.0, 0.0) + poison[:, None]
+                    tl.store(y_rows + c[None, :], y.to(y_ptr.dtype.element_ty), mask=rmask[:, None] & (c < hi)[None, :])
+        elif SINGLE:
+            y = tl.exp2((t - m_sub[:, None]) * inv_tau2) * inv_s[:, None]
+            tl.store(y_rows + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+        elif HAS_NOISE or not KEEP:
+            # pass 2, given noise: t is two loads away, cheaper to re-read than q to keep (not KEEP: x
+            # re-read and the noise drawn again)
+            for start in tl.range(lo, hi, BLOCK_V, num_stages=NUM_STAGES):
+                c = start + cols
+                mask = rmask[:, None] & (c < hi)[None, :]
+                t, g = _t_tile(x_ptr, noise_ptr, seed, rows, start, mask, stride_x, stride_n,
+                              BLOCK_R, BLOCK_V, HAS_NOISE, FP64, FAST_LOG)
+                y = tl.exp2((t - m_sub[:, None]) * inv_tau2) * inv_s[:, None]
+                tl.store(y_rows + c[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+        else:
+            # pass 2: q (pass 1's, in y) rescaled to the final (m, s); no logits, no noise
+            tl.debug_barrier()  # q was written by other threads of this program
+            for start in tl.range(lo, hi, BLOCK_V, num_stages=NUM_STAGES):
+                c = start + cols
+                mask = rmask[:, None] & (c < hi)[None, :]
+                m_b = tl.load(mb_ptr + rows * NBLK + start // BLOCK_V, mask=rmask, other=0.0)
+                scale = tl.exp2((m_b - m_sub) * inv_tau2) * inv_s  # (BLOCK_R,); 0 * inf = NaN for an all -inf row
+                q = tl.load(y_rows + c[None, :], mask=mask, other=0.0).to(m.dtype)
+                tl.store(y_rows + c[None, :], (q * scale[:, None]).to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _gumbel_bwd_kernel(
-    x_ptr, noise_ptr, seed_ptr, tau_ptr, m_ptr, s_ptr, dy_ptr, dx_ptr,
-    stride_x, stride_n, stride_dy, stride_dx, R, V, inv_tau, inv_tau_lo,
+    x_ptr, noise_ptr, seed_ptr, tau_ptr, m_ptr, s_ptr, dy_ptr, dx_ptr, pd_ptr,
+    stride_x, stride_n, stride_dy, stride_dx, R, V, CHUNK_V, NSPLIT, inv_tau, inv_tau_lo,
     BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, SINGLE: tl.constexpr, HAS_NOISE: tl.constexpr,
     FP64: tl.constexpr, FAST_LOG: tl.constexpr, TAU_PTR: tl.constexpr, NUM_STAGES: tl.constexpr,
-    KEEP: tl.constexpr,
+    KEEP: tl.constexpr, PHASE: tl.constexpr,
 ):
     """dx = y * (dy - sum(dy * y)) * inv_tau, y rebuilt from logits, the same noise and (m, s).
 
@@ -302,6 +360,8 @@ def _gumbel_bwd_kernel(
     softmax backward keeps y_soft in the logits' dtype) and pass 2 reads it back, so the noise is
     drawn once: one more write per element for ~70 fewer instructions per element. Given noise
     makes y two loads away (and KEEP off draws the noise again): pass 2 rebuilds it as pass 1 does.
+    Split rows (the forward's PHASE 1 / 2): PHASE 1 runs pass 1 over chunk program_id(1) and stores
+    its part of sum(dy * y) in pd (R, NSPLIT); PHASE 2 sums the row's parts and runs pass 2 over its chunk.
     """
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,) int64
     rmask = rows < R
@@ -311,6 +371,12 @@ def _gumbel_bwd_kernel(
     if not HAS_NOISE:
         seed = tl.load(seed_ptr)
     cols = tl.arange(0, BLOCK_V)
+    if PHASE == 0:
+        lo = 0
+        hi = V
+    else:
+        lo = tl.program_id(1) * CHUNK_V
+        hi = tl.minimum(lo + CHUNK_V, V)
     m = tl.load(m_ptr + rows, mask=rmask, other=0.0)
     s = tl.load(s_ptr + rows, mask=rmask, other=1.0)
     m_sub = tl.where(m == _NEG_INF, 0.0, m)[:, None]
@@ -318,41 +384,51 @@ def _gumbel_bwd_kernel(
     dy_rows = dy_ptr + rows[:, None] * stride_dy
     dx_rows = dx_ptr + rows[:, None] * stride_dx
 
-    mask = rmask[:, None] & (cols < V)[None, :]
-    t, g = _t_tile(x_ptr, noise_ptr, seed, rows, 0, mask, stride_x, stride_n,
-                   BLOCK_R, BLOCK_V, HAS_NOISE, FP64, FAST_LOG)
-    y = tl.exp2((t - m_sub) * inv_tau2) * inv_s
-    dy = tl.load(dy_rows + cols[None, :], mask=mask, other=0.0).to(y.dtype)
-    dot = tl.sum(dy * y, 1)
+    if PHASE == 2:
+        ks = tl.arange(0, _MAX_SPLIT)
+        kmask = rmask[:, None] & (ks < NSPLIT)[None, :]
+        dot = tl.sum(tl.load(pd_ptr + rows[:, None] * NSPLIT + ks[None, :], mask=kmask, other=0.0), 1)
+    else:
+        c = lo + cols
+        mask = rmask[:, None] & (c < hi)[None, :]
+        t, g = _t_tile(x_ptr, noise_ptr, seed, rows, lo, mask, stride_x, stride_n,
+                       BLOCK_R, BLOCK_V, HAS_NOISE, FP64, FAST_LOG)
+        y = tl.exp2((t - m_sub) * inv_tau2) * inv_s
+        dy = tl.load(dy_rows + c[None, :], mask=mask, other=0.0).to(y.dtype)
+        dot = tl.sum(dy * y, 1)
     if SINGLE:
         dx = y * (dy - dot[:, None]) * inv_tau
         tl.store(dx_rows + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
     else:
-        if not HAS_NOISE and KEEP:
-            tl.store(dx_rows + cols[None, :], y.to(dx_ptr.dtype.element_ty), mask=mask)
-        for start in tl.range(BLOCK_V, V, BLOCK_V, num_stages=NUM_STAGES):
-            c = start + cols
-            mask = rmask[:, None] & (c < V)[None, :]
-            t, g = _t_tile(x_ptr, noise_ptr, seed, rows, start, mask, stride_x, stride_n,
-                          BLOCK_R, BLOCK_V, HAS_NOISE, FP64, FAST_LOG)
-            y = tl.exp2((t - m_sub) * inv_tau2) * inv_s
-            dy = tl.load(dy_rows + c[None, :], mask=mask, other=0.0).to(y.dtype)
-            dot += tl.sum(dy * y, 1)
+        if PHASE != 2:
             if not HAS_NOISE and KEEP:
                 tl.store(dx_rows + c[None, :], y.to(dx_ptr.dtype.element_ty), mask=mask)
-        tl.debug_barrier()  # y was written by other threads of this program
-        for start in tl.range(0, V, BLOCK_V, num_stages=NUM_STAGES):
-            c = start + cols
-            mask = rmask[:, None] & (c < V)[None, :]
-            if HAS_NOISE or not KEEP:  # given noise (or KEEP off): y rebuilt as in pass 1
+            for start in tl.range(lo + BLOCK_V, hi, BLOCK_V, num_stages=NUM_STAGES):
+                c = start + cols
+                mask = rmask[:, None] & (c < hi)[None, :]
                 t, g = _t_tile(x_ptr, noise_ptr, seed, rows, start, mask, stride_x, stride_n,
                               BLOCK_R, BLOCK_V, HAS_NOISE, FP64, FAST_LOG)
                 y = tl.exp2((t - m_sub) * inv_tau2) * inv_s
-            else:
-                y = tl.load(dx_rows + c[None, :], mask=mask, other=0.0).to(dot.dtype)
-            dy = tl.load(dy_rows + c[None, :], mask=mask, other=0.0).to(y.dtype)
-            dx = y * (dy - dot[:, None]) * inv_tau
-            tl.store(dx_rows + c[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+                dy = tl.load(dy_rows + c[None, :], mask=mask, other=0.0).to(y.dtype)
+                dot += tl.sum(dy * y, 1)
+                if not HAS_NOISE and KEEP:
+                    tl.store(dx_rows + c[None, :], y.to(dx_ptr.dtype.element_ty), mask=mask)
+        if PHASE == 1:
+            tl.store(pd_ptr + rows * NSPLIT + tl.program_id(1), dot, mask=rmask)
+        else:
+            tl.debug_barrier()  # y was written by other threads of this program
+            for start in tl.range(lo, hi, BLOCK_V, num_stages=NUM_STAGES):
+                c = start + cols
+                mask = rmask[:, None] & (c < hi)[None, :]
+                if HAS_NOISE or not KEEP:  # given noise (or KEEP off): y rebuilt as in pass 1
+                    t, g = _t_tile(x_ptr, noise_ptr, seed, rows, start, mask, stride_x, stride_n,
+                                  BLOCK_R, BLOCK_V, HAS_NOISE, FP64, FAST_LOG)
+                    y = tl.exp2((t - m_sub) * inv_tau2) * inv_s
+                else:
+                    y = tl.load(dx_rows + c[None, :], mask=mask, other=0.0).to(dot.dtype)
+                dy = tl.load(dy_rows + c[None, :], mask=mask, other=0.0).to(y.dtype)
+                dx = y * (dy - dot[:, None]) * inv_tau
+                tl.store(dx_rows + c[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -405,6 +481,27 @@ def keep_flag(single: bool, has_noise: bool, keep=None, hard: bool = False) -> b
     return _KEEP if keep is None else bool(keep)
 
 
+def split_plan(R: int, V: int, block_v: int, single: bool, device, split=None) -> tuple[int, int]:
+    """(NSPLIT, CHUNK_V) of a launch: its rows cut into NSPLIT chunks of CHUNK_V columns (a multiple
+    of block_v), or (1, V), one program per row. ``split`` forces the count (tests, sweeps; clipped
+    so every chunk holds at least one block); None: on CUDA, split when the rows alone give fewer
+    than _SPLIT_PROGRAMS_PER_SM programs per SM. One block a row (``single``) never splits."""
+    if split is not None and (isinstance(split, bool) or not isinstance(split, int) or split < 1):
+        raise ValueError(f"split must be an int >= 1, got {split!r}")
+    if single:
+        return 1, V
+    nblk = cdiv(V, block_v)
+    if split is None:
+        if device.type != "cuda":  # the interpreter: tests force split
+            return 1, V
+        split = min(cdiv(_SPLIT_PROGRAMS_PER_SM * num_sms(device), max(R, 1)), nblk // _SPLIT_MIN_BLOCKS)
+    split = max(1, min(split, nblk, _MAX_SPLIT_N))
+    if split == 1:
+        return 1, V
+    per = cdiv(nblk, split)  # blocks per chunk
+    return cdiv(nblk, per), per * block_v
+
+
 def rows_aligned(V: int, *rows) -> bool:
     """Whether Triton's JIT specialises a launch over these (R, V) tensors as 16-aligned (the AOT tool's
     "aligned" variant, 128-bit loads): V, each row stride and each pointer divisible by 16. The
@@ -452,11 +549,13 @@ def _stats_dtype(dtype):
 
 
 def gumbel_fwd(x, inv_tau: float, hard: bool, noise=None, seed=None, *, tau=None, block_r=None, block_v=None,
-               num_warps=None, num_stages=None, keep=None, write_noise: bool = False, store_y: bool = True):
+               num_warps=None, num_stages=None, keep=None, split=None, write_noise: bool = False,
+               store_y: bool = True):
     """x (R, V) with unit column stride; noise (R, V) in x.dtype or None (then seed, a 0-d int64 tensor).
     tau: None, or a 0-d float64 tensor on x's device holding tau, read by the kernel (inv_tau unused).
     keep: the loop path's KEEP (None: _KEEP); only a soft forward with in-kernel noise over several
-    blocks has a pass 2 that it changes.
+    blocks has a pass 2 that it changes. split: chunks per row on the loop path (None: split_plan's
+    choice; two launches when > 1).
 
     Returns y (R, V) in x.dtype (None when not store_y: index only, hard only), idx (R,) int64,
     m (R,) = max of t = x + g, s (R,) = sum exp((t - m) / tau) (None when not store_y)
@@ -477,16 +576,23 @@ def gumbel_fwd(x, inv_tau: float, hard: bool, noise=None, seed=None, *, tau=None
     nblk = cdiv(V, BV)
     keep = keep_flag(single, has_noise, keep, hard)
     mb = torch.empty((R, nblk), dtype=m.dtype, device=x.device) if keep and not (single or hard or has_noise) else m
-    if R:
-        _gumbel_fwd_kernel[(cdiv(R, BR),)](
+    nsplit, chunk_v = split_plan(R, V, BV, single, x.device, split)
+    if nsplit > 1:  # the chunks' partials: (max t, s) and (argmax, first NaN column)
+        pf = torch.empty((R, nsplit, 2), dtype=m.dtype, device=x.device)
+        pi = torch.empty((R, nsplit, 2), dtype=torch.int32, device=x.device)
+    else:
+        pf, pi = m, idx  # not read
+    for phase in ((1, 2) if nsplit > 1 else (0,)) if R else ():
+        _gumbel_fwd_kernel[(cdiv(R, BR), nsplit)](
             x, noise if has_noise else x, idx if has_noise else seed, m if tau is None else tau,
-            x if y is None else y, idx, m, m if s is None else s, g, mb,
+            x if y is None else y, idx, m, m if s is None else s, g, mb, pf, pi,
             x.stride(0), noise.stride(0) if has_noise else 0, 0 if y is None else y.stride(0), R, V, nblk,
-            *_inv_tau_args(inv_tau, tau), BLOCK_R=BR, BLOCK_V=BV, SINGLE=single, HARD=bool(hard), HAS_NOISE=has_noise,
+            chunk_v, nsplit, *_inv_tau_args(inv_tau, tau),
+            BLOCK_R=BR, BLOCK_V=BV, SINGLE=single, HARD=bool(hard), HAS_NOISE=has_noise,
             FP64=x.dtype == torch.float64, WRITE_NOISE=bool(write_noise), FAST_LOG=_fast_log(x),
             STORE_Y=y is not None, TAU_PTR=tau is not None,
             NUM_STAGES=loop_stages(single, has_noise, x.dtype, num_stages, single or rows_aligned(V, x)),
-            KEEP=keep, num_warps=nw, enable_fp_fusion=True,
+            KEEP=keep, PHASE=phase, num_warps=nw, enable_fp_fusion=True,
         )
     if write_noise:
         return y, idx, m, s, g
@@ -494,22 +600,24 @@ def gumbel_fwd(x, inv_tau: float, hard: bool, noise=None, seed=None, *, tau=None
 
 
 def gumbel_bwd(dy, x, m, s, inv_tau: float, noise=None, seed=None, *, tau=None, block_r=None, block_v=None,
-               num_warps=None, num_stages=None, keep=None):
+               num_warps=None, num_stages=None, keep=None, split=None):
     """dlogits (R, V) in x.dtype from dy (R, V) (unit column stride), the forward's (m, s) and noise source;
-    tau and keep as gumbel_fwd's."""
+    tau, keep and split as gumbel_fwd's."""
     R, V = x.shape
     BR, BV, nw, single = pick_config(V, x.dtype, block_r=block_r, block_v=block_v, num_warps=num_warps)
     dx = torch.empty((R, V), dtype=x.dtype, device=x.device)
     has_noise = noise is not None
-    if R:
-        _gumbel_bwd_kernel[(cdiv(R, BR),)](
+    nsplit, chunk_v = split_plan(R, V, BV, single, x.device, split)
+    pd = torch.empty((R, nsplit), dtype=m.dtype, device=x.device) if nsplit > 1 else m  # parts of sum(dy * y)
+    for phase in ((1, 2) if nsplit > 1 else (0,)) if R else ():
+        _gumbel_bwd_kernel[(cdiv(R, BR), nsplit)](
             x, noise if has_noise else x, _placeholder_seed(x.device) if has_noise else seed, m if tau is None else tau,
-            m, s, dy, dx,
-            x.stride(0), noise.stride(0) if has_noise else 0, dy.stride(0), dx.stride(0), R, V,
+            m, s, dy, dx, pd,
+            x.stride(0), noise.stride(0) if has_noise else 0, dy.stride(0), dx.stride(0), R, V, chunk_v, nsplit,
             *_inv_tau_args(inv_tau, tau), BLOCK_R=BR, BLOCK_V=BV, SINGLE=single, HAS_NOISE=has_noise,
             FP64=x.dtype == torch.float64, FAST_LOG=_fast_log(x), TAU_PTR=tau is not None,
             NUM_STAGES=loop_stages(single, has_noise, x.dtype, num_stages, single or rows_aligned(V, x, dy)),
-            KEEP=keep_flag(single, has_noise, keep), num_warps=nw, enable_fp_fusion=True,
+            KEEP=keep_flag(single, has_noise, keep), PHASE=phase, num_warps=nw, enable_fp_fusion=True,
         )
     return dx
 
