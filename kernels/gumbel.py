@@ -481,18 +481,20 @@ def keep_flag(single: bool, has_noise: bool, keep=None, hard: bool = False) -> b
     return _KEEP if keep is None else bool(keep)
 
 
-def split_plan(R: int, V: int, block_v: int, single: bool, device, split=None) -> tuple[int, int]:
+def split_plan(R: int, V: int, block_v: int, single: bool, device, split=None, auto: bool = True) -> tuple[int, int]:
     """(NSPLIT, CHUNK_V) of a launch: its rows cut into NSPLIT chunks of CHUNK_V columns (a multiple
     of block_v), or (1, V), one program per row. ``split`` forces the count (tests, sweeps; clipped
     so every chunk holds at least one block); None: on CUDA, split when the rows alone give fewer
-    than _SPLIT_PROGRAMS_PER_SM programs per SM. One block a row (``single``) never splits."""
+    than _SPLIT_PROGRAMS_PER_SM programs per SM, if ``auto`` (the launchers: in-kernel noise, not
+    fp64, the path that is timed; given noise and fp64 are for verification). One block a row
+    (``single``) never splits."""
     if split is not None and (isinstance(split, bool) or not isinstance(split, int) or split < 1):
         raise ValueError(f"split must be an int >= 1, got {split!r}")
     if single:
         return 1, V
     nblk = cdiv(V, block_v)
     if split is None:
-        if device.type != "cuda":  # the interpreter: tests force split
+        if not auto or device.type != "cuda":  # the interpreter: tests force split
             return 1, V
         split = min(cdiv(_SPLIT_PROGRAMS_PER_SM * num_sms(device), max(R, 1)), nblk // _SPLIT_MIN_BLOCKS)
     split = max(1, min(split, nblk, _MAX_SPLIT_N))
@@ -500,6 +502,10 @@ def split_plan(R: int, V: int, block_v: int, single: bool, device, split=None) -
         return 1, V
     per = cdiv(nblk, split)  # blocks per chunk
     return cdiv(nblk, per), per * block_v
+
+
+def _auto_split(has_noise: bool, dtype) -> bool:
+    return not has_noise and dtype != torch.float64
 
 
 def rows_aligned(V: int, *rows) -> bool:
@@ -576,7 +582,7 @@ def gumbel_fwd(x, inv_tau: float, hard: bool, noise=None, seed=None, *, tau=None
     nblk = cdiv(V, BV)
     keep = keep_flag(single, has_noise, keep, hard)
     mb = torch.empty((R, nblk), dtype=m.dtype, device=x.device) if keep and not (single or hard or has_noise) else m
-    nsplit, chunk_v = split_plan(R, V, BV, single, x.device, split)
+    nsplit, chunk_v = split_plan(R, V, BV, single, x.device, split, _auto_split(has_noise, x.dtype))
     if nsplit > 1:  # the chunks' partials: (max t, s) and (argmax, first NaN column)
         pf = torch.empty((R, nsplit, 2), dtype=m.dtype, device=x.device)
         pi = torch.empty((R, nsplit, 2), dtype=torch.int32, device=x.device)
@@ -607,7 +613,7 @@ def gumbel_bwd(dy, x, m, s, inv_tau: float, noise=None, seed=None, *, tau=None, 
     BR, BV, nw, single = pick_config(V, x.dtype, block_r=block_r, block_v=block_v, num_warps=num_warps)
     dx = torch.empty((R, V), dtype=x.dtype, device=x.device)
     has_noise = noise is not None
-    nsplit, chunk_v = split_plan(R, V, BV, single, x.device, split)
+    nsplit, chunk_v = split_plan(R, V, BV, single, x.device, split, _auto_split(has_noise, x.dtype))
     pd = torch.empty((R, nsplit), dtype=m.dtype, device=x.device) if nsplit > 1 else m  # parts of sum(dy * y)
     for phase in ((1, 2) if nsplit > 1 else (0,)) if R else ():
         _gumbel_bwd_kernel[(cdiv(R, BR), nsplit)](
@@ -669,30 +675,38 @@ def _aot_stages(dtype, dt, st, has_noise, br, bv, nw, single, tau_ptr, stages, v
     tp = "fp64" if tau_ptr else st
     label = (f"{dt} noise={'given' if has_noise else 'philox'} {br}x{bv}{'' if single else ' loop'}"
              f"{' tau_ptr' if tau_ptr else ''}{'' if single else f' stages={stages}'}")
-    # the index alone (gumbel_sample) is tau-free: no TAU_PTR variant
-    for hard, store_y in ((False, True), (True, True)) + (() if tau_ptr else ((True, False),)):
-        sig = {"x_ptr": f"*{dt}", "noise_ptr": f"*{dt}", "seed_ptr": "*i64", "tau_ptr": f"*{tp}", "y_ptr": f"*{dt}",
-               "idx_ptr": "*i64", "m_ptr": f"*{st}", "s_ptr": f"*{st}", "g_ptr": f"*{dt}",
-               "mb_ptr": f"*{st}", "stride_x": "i32", "stride_n": "i32", "stride_y": "i32",
-               "R": "i32", "V": "i32", "NBLK": "i32",
+    # split rows (split_plan: the loop path with in-kernel noise, not fp64) add the two phases
+    phases = (0, 1, 2) if not single and _auto_split(has_noise, dtype) else (0,)
+    for phase in phases:
+        pl = f" phase={phase}" if phase else ""
+        ints = {"pi_ptr": "*i32" if phase else "*i64"}  # PHASE 0: the index buffer stands in (not read)
+        # the index alone (gumbel_sample) is tau-free: no TAU_PTR variant
+        for hard, store_y in ((False, True), (True, True)) + (() if tau_ptr else ((True, False),)):
+            sig = {"x_ptr": f"*{dt}", "noise_ptr": f"*{dt}", "seed_ptr": "*i64", "tau_ptr": f"*{tp}", "y_ptr": f"*{dt}",
+                   "idx_ptr": "*i64", "m_ptr": f"*{st}", "s_ptr": f"*{st}", "g_ptr": f"*{dt}",
+                   "mb_ptr": f"*{st}", "pf_ptr": f"*{st}", **ints, "stride_x": "i32", "stride_n": "i32",
+                   "stride_y": "i32", "R": "i32", "V": "i32", "NBLK": "i32", "CHUNK_V": "i32", "NSPLIT": "i32",
+                   "inv_tau": "fp32", "inv_tau_lo": "fp32", "BLOCK_R": "constexpr", "BLOCK_V": "constexpr", "SINGLE": "constexpr",
+                   "HARD": "constexpr", "HAS_NOISE": "constexpr", "FP64": "constexpr",
+                   "WRITE_NOISE": "constexpr", "FAST_LOG": "constexpr", "STORE_Y": "constexpr",
+                   "TAU_PTR": "constexpr", "NUM_STAGES": "constexpr", "KEEP": "constexpr", "PHASE": "constexpr"}
+            kind = " index" if not store_y else " hard" if hard else ""
+            # a hard PHASE 2 only writes the one-hot (no pipelined loop); the index alone, nothing
+            piped = stages > 1 and not (phase == 2 and hard)
+            yield aot.AOTConfig(_gumbel_fwd_kernel, sig,
+                                dict(common, HARD=hard, WRITE_NOISE=False, STORE_Y=store_y, PHASE=phase,
+                                     KEEP=keep_flag(single, has_noise, hard=hard)),  # as gumbel_fwd passes it
+                                num_warps=nw, label=f"fwd {label}{kind}{pl}",
+                                pipelined=piped, variants=variants)
+        sig = {"x_ptr": f"*{dt}", "noise_ptr": f"*{dt}", "seed_ptr": "*i64", "tau_ptr": f"*{tp}", "m_ptr": f"*{st}",
+               "s_ptr": f"*{st}", "dy_ptr": f"*{dt}", "dx_ptr": f"*{dt}", "pd_ptr": f"*{st}", "stride_x": "i32",
+               "stride_n": "i32", "stride_dy": "i32", "stride_dx": "i32", "R": "i32", "V": "i32",
+               "CHUNK_V": "i32", "NSPLIT": "i32",
                "inv_tau": "fp32", "inv_tau_lo": "fp32", "BLOCK_R": "constexpr", "BLOCK_V": "constexpr", "SINGLE": "constexpr",
-               "HARD": "constexpr", "HAS_NOISE": "constexpr", "FP64": "constexpr",
-               "WRITE_NOISE": "constexpr", "FAST_LOG": "constexpr", "STORE_Y": "constexpr",
-               "TAU_PTR": "constexpr", "NUM_STAGES": "constexpr", "KEEP": "constexpr"}
-        kind = " index" if not store_y else " hard" if hard else ""
-        yield aot.AOTConfig(_gumbel_fwd_kernel, sig,
-                            dict(common, HARD=hard, WRITE_NOISE=False, STORE_Y=store_y,
-                                 KEEP=keep_flag(single, has_noise, hard=hard)),  # as gumbel_fwd passes it
-                            num_warps=nw, label=f"fwd {label}{kind}",
+               "HAS_NOISE": "constexpr", "FP64": "constexpr", "FAST_LOG": "constexpr", "TAU_PTR": "constexpr",
+               "NUM_STAGES": "constexpr", "KEEP": "constexpr", "PHASE": "constexpr"}
+        yield aot.AOTConfig(_gumbel_bwd_kernel, sig, dict(common, PHASE=phase), num_warps=nw, label=f"bwd {label}{pl}",
                             pipelined=stages > 1, variants=variants)
-    sig = {"x_ptr": f"*{dt}", "noise_ptr": f"*{dt}", "seed_ptr": "*i64", "tau_ptr": f"*{tp}", "m_ptr": f"*{st}",
-           "s_ptr": f"*{st}", "dy_ptr": f"*{dt}", "dx_ptr": f"*{dt}", "stride_x": "i32",
-           "stride_n": "i32", "stride_dy": "i32", "stride_dx": "i32", "R": "i32", "V": "i32",
-           "inv_tau": "fp32", "inv_tau_lo": "fp32", "BLOCK_R": "constexpr", "BLOCK_V": "constexpr", "SINGLE": "constexpr",
-           "HAS_NOISE": "constexpr", "FP64": "constexpr", "FAST_LOG": "constexpr", "TAU_PTR": "constexpr",
-           "NUM_STAGES": "constexpr", "KEEP": "constexpr"}
-    yield aot.AOTConfig(_gumbel_bwd_kernel, sig, common, num_warps=nw, label=f"bwd {label}",
-                        pipelined=stages > 1, variants=variants)
 
 
 aot.register("gumbel", _aot_configs)

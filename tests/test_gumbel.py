@@ -766,6 +766,102 @@ def test_launchers_pass_keep_only_to_second_passes(monkeypatch):
             assert seen == [keep or not loop, True, True, keep or not loop], (keep, block_v, seen)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hard,keep", [(False, True), (False, False), (True, True)])
+def test_split_rows_match_one_program_per_row(device, dtype, hard, keep):
+    """Split rows (kernels/gumbel.py: split_plan, PHASE 1 / 2): chunks of a row in programs of their
+    own, their partials combined by a second launch. The sample and the row max m are exactly one
+    program's (max is exact; ties and NaN rows keep torch.argmax's first-column rule across chunks);
+    s, y and dlogits differ only by summation order: each meets the float64 rule of the same noise.
+    Rows: plain, a NaN in a later chunk, the first two chunks all -inf (masked logits)."""
+    R, V, tau = 4, 330, 0.7  # 6 blocks of 64 (the last one partial): 2, 3 and 6 chunks
+    x = (torch.randn(R, V, device=device) * 3).to(dtype)
+    x[1, 250] = float("nan")
+    x[2, :140] = float("-inf")
+    dy = torch.randn(R, V, device=device).to(dtype)
+    seed = philox.draw_seed(device)
+    kw = dict(block_v=64, keep=keep)
+    y1, idx1, m1, s1, g = K.gumbel_fwd(x, 1 / tau, hard, None, seed, write_noise=True, **kw)
+    dx1 = K.gumbel_bwd(dy, x, m1, s1, 1 / tau, None, seed, **kw)
+    # float64 oracle and eager in dtype, on the same noise (rows without the NaN)
+    ok = torch.tensor([True, False, True, True], device=device)
+    x64 = (x.double() + g.double())[ok].requires_grad_()
+    y64 = torch.softmax(x64 / tau, -1)
+    (dx64,) = torch.autograd.grad(y64, x64, dy[ok].double())
+    xe = (x + g.to(dtype))[ok].requires_grad_()
+    ye = torch.softmax(xe / tau, -1)
+    (dxe,) = torch.autograd.grad(ye, xe, dy[ok])
+    for split in (2, 3, 6):
+        assert K.split_plan(R, V, 64, False, x.device, split)[0] == split
+        y, idx, m, s = K.gumbel_fwd(x, 1 / tau, hard, None, seed, split=split, **kw)
+        dx = K.gumbel_bwd(dy, x, m, s, 1 / tau, None, seed, split=split, **kw)
+        assert torch.equal(idx, idx1) and torch.equal(m[ok], m1[ok]), split
+        assert int(idx[1]) == 250  # the first NaN, found in chunk 250 // chunk_v
+        assert y[1].isnan().all() and dx[1].isnan().all()
+        torch.testing.assert_close(s[ok], s1[ok], rtol=4 * torch.finfo(torch.float32).eps, atol=0)
+        if hard:
+            assert torch.equal(y[ok], y1[ok])  # the one-hot: exact
+        else:
+            assert_oracle_close(y[ok], ye, y64, name=f"y split={split}")
+        assert_oracle_close(dx[ok], dxe, dx64, name=f"dx split={split}")
+    # the index alone (gumbel_sample's launch)
+    _, idx, m, _ = K.gumbel_fwd(x, 1.0, True, None, seed, block_v=64, store_y=False, split=3)
+    assert torch.equal(idx, idx1) and torch.equal(m[ok], m1[ok])
+
+
+def test_split_rows_keep_the_first_of_equal_maxima(device):
+    """A tie between chunks goes to the lower column, as torch.argmax (given noise makes the tie)."""
+    R, V = 2, 200
+    x = torch.zeros(R, V, device=device)
+    noise = torch.zeros(R, V, device=device)
+    noise[0, [30, 90, 150]] = 5.0  # chunks 0, 1 and 2 of 64 columns each hold the max
+    noise[1, [70, 190]] = 5.0  # chunks 1 and 2
+    for split in (1, 2, 4):
+        _, idx, m, _ = K.gumbel_fwd(x, 1.0, True, noise, None, block_v=32, split=split)
+        assert idx.tolist() == [30, 70] and m.tolist() == [5.0, 5.0], split
+
+
+def test_split_plan(monkeypatch):
+    """How many chunks a launch cuts its rows into: forced (clipped to whole blocks) or, on CUDA,
+    until ~_SPLIT_PROGRAMS_PER_SM programs per SM, chunks of at least _SPLIT_MIN_BLOCKS blocks."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(K, "num_sms", lambda device: 132)  # an H200; no GPU needed to plan
+    monkeypatch.setattr(K, "_SPLIT_PROGRAMS_PER_SM", 4)
+    monkeypatch.setattr(K, "_SPLIT_MIN_BLOCKS", 2)
+    assert K.split_plan(256, 128_000, 4096, False, cuda) == (3, 11 * 4096)  # 528 programs wanted: 3 chunks of 11 blocks
+    assert K.split_plan(32, 32_000, 4096, False, cuda) == (4, 2 * 4096)  # 8 blocks: at most 4 chunks of 2
+    assert K.split_plan(4096, 128_000, 4096, False, cuda) == (1, 128_000)  # the rows fill the GPU
+    assert K.split_plan(8, 10_000, 16384, True, cuda) == (1, 10_000)  # one block a row
+    assert K.split_plan(8, 128_000, 4096, False, cuda, auto=False) == (1, 128_000)  # given noise, fp64
+    assert K.split_plan(8, 128_000, 4096, False, cpu) == (1, 128_000)  # the interpreter: forced only
+    assert K.split_plan(2, 330, 64, False, cpu, 4) == (3, 128)  # 6 blocks: 2 a chunk -> 3 chunks
+    assert K.split_plan(2, 330, 64, False, cpu, 100) == (6, 64)  # at most one chunk a block
+    assert K.split_plan(2, 100_000, 16, False, cpu, 1000)[0] == K._MAX_SPLIT_N
+    for bad in (0, -1, True, 2.0):
+        with pytest.raises(ValueError, match="split must be an int"):
+            K.split_plan(2, 330, 64, False, cpu, bad)
+
+
+def test_split_launches_two_phases(monkeypatch):
+    """A split launch is PHASE 1 then PHASE 2 on an (R, NSPLIT) grid, forward and backward; one
+    program per row is one PHASE 0 launch (recorded, nothing launched)."""
+    seen = []
+
+    class Record:
+        def __getitem__(self, grid):
+            return lambda *args, **meta: seen.append((grid, meta["PHASE"]))
+
+    monkeypatch.setattr(K, "_gumbel_fwd_kernel", Record())
+    monkeypatch.setattr(K, "_gumbel_bwd_kernel", Record())
+    x, seed = torch.randn(3, 256), philox.draw_seed("cpu")  # 4 blocks of 64
+    m = s = torch.zeros(3)
+    for split, want in ((None, [((3, 1), 0)]), (1, [((3, 1), 0)]), (4, [((3, 4), 1), ((3, 4), 2)])):
+        seen.clear()
+        K.gumbel_fwd(x, 1.0, False, None, seed, block_v=64, split=split)
+        K.gumbel_bwd(x, x, m, s, 1.0, None, seed, block_v=64, split=split)
+        assert seen == want + want, (split, seen)
+
+
 # ------------------------------------------------------------------------------------------------
 # GPU only: no host sync, offsets past 2**31
 
