@@ -4,12 +4,14 @@ software-pipelining depth (num_stages) of the looped (multi-block) rows against 
 
     python benchmarks/sweep_gumbel.py [--seconds 60] [--sizes large,mid] [--dtypes float32,bfloat16]
                                       [--stages-only]   # the launcher's config at num_stages 1-4
-                                                        # and with KEEP flipped, only
+                                                        # and with KEEP flipped or other splits, only
 
 For each size, dtype and hard / soft it times (triton.testing.do_bench, median ms) the forward
 (gumbel_fwd, in-kernel noise) and the backward (gumbel_bwd from its saved (m, s)) at the
-launcher's config, with the loop path's KEEP flipped ("keep=" lines: whether the second passes
-read back what pass 1 kept or draw the noise again), at the launcher's block config with each other
+launcher's config, at other split-row counts ("split=" lines: chunks of a row in programs of
+their own, two launches; split=1 is one program per row), with the loop path's KEEP flipped
+("keep=" lines: whether the second passes read back what pass 1 kept or draw the noise again),
+at the launcher's block config with each other
 num_stages (1: not pipelined, the kernels before session 10), and at each (BLOCK_V, num_warps) below; it stops starting
 configurations after --seconds (each new one compiles). Two diagnostics per case: the launcher's kernels reading an
 explicit noise tensor (no RNG), and the same elements as R*k rows of V/k (split rows).
@@ -30,6 +32,7 @@ import torch  # noqa: E402
 SIZES = {"large": (256, 128000), "mid": (256, 32000), "notes": (32, 10000), "tiny": (2, 20000)}
 GRID = ((1024, 4), (2048, 8), (4096, 8), (8192, 16), (8192, 32))  # (BLOCK_V, num_warps)
 STAGES = (1, 2, 3, 4)  # the loop's num_stages (tl.range): 1 = no software pipelining
+SPLITS = (1, 2, 4, 8, 16)  # chunks per row (split_plan; 1 = one program per row, the kernels before session 12)
 
 
 def main(argv=None) -> int:
@@ -61,11 +64,23 @@ def main(argv=None) -> int:
 
                 br, bv, nw, single = G.pick_config(V, dtype)
                 ns = G.loop_stages(single, False, dtype)
+                nsplit = G.split_plan(R, V, bv, single, dev)[0]
                 base_f, base_b = run()
                 gb_f, gb_b = 2 * R * V * es / 1e9, 3 * R * V * es / 1e9  # x -> y; x, dy -> dx
                 tag = f"{size:6} {dname:9} {'hard' if hard else 'soft'}"
-                print(f"[sweep] {tag} launcher BV={bv} nw={nw} stages={ns} single={single}: fwd {base_f:.4f} ms "
-                      f"{gb_f / base_f * 1e3:7.1f} GB/s | bwd {base_b:.4f} ms {gb_b / base_b * 1e3:7.1f} GB/s", flush=True)
+                print(f"[sweep] {tag} launcher BV={bv} nw={nw} stages={ns} split={nsplit} single={single}: fwd "
+                      f"{base_f:.4f} ms {gb_f / base_f * 1e3:7.1f} GB/s | bwd {base_b:.4f} ms "
+                      f"{gb_b / base_b * 1e3:7.1f} GB/s", flush=True)
+                # split rows (chunks of a row in programs of their own, two launches; kernels/gumbel.py
+                # split_plan) at each other count, the launcher's blocks and stages: first, as session
+                # 12's change, never measured
+                for sp in SPLITS:
+                    if single or sp == nsplit or sp > -(-V // bv) or time.time() > t_end:
+                        continue
+                    f, b = run(split=sp)
+                    print(f"[sweep] {tag} launcher BV={bv} nw={nw} stages={ns} split={sp}: fwd {f:.4f} ms "
+                          f"({base_f / f:4.2f}x launcher split={nsplit}, {gb_f / f * 1e3:7.1f} GB/s) | bwd {b:.4f} ms "
+                          f"({base_b / b:4.2f}x, {gb_b / b * 1e3:7.1f} GB/s)", flush=True)
                 # the loop path's KEEP flipped (second passes: read back what pass 1 kept, or draw the
                 # noise again; kernels/gumbel.py _KEEP), at the launcher's blocks and stages: first,
                 # as the smallest question with the largest expected difference

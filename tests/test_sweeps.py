@@ -32,10 +32,12 @@ def test_sweep_gumbel_stages_only(capsys):
                                   "--seconds", "60"], capsys)
     for kind in ("hard", "soft"):
         ours = [line for line in lines if f" {kind} launcher" in line]
-        # the launcher's row (its default depth, 2 on the loop path), KEEP flipped, then every other depth
-        assert re.search(r"stages=2 single=False: fwd [\d.]+ ms", ours[0]), ours
-        assert re.search(r"stages=2 keep=0: fwd [\d.]+ ms", ours[1]), ours
-        assert sorted(re.search(r"stages=(\d)", line)[1] for line in ours[2:]) == ["1", "3", "4"], ours
+        # the launcher's row (its default depth, 2 on the loop path; one program a row on the CPU), the
+        # other split counts up to the row's 5 blocks, KEEP flipped, then every other depth
+        assert re.search(r"stages=2 split=1 single=False: fwd [\d.]+ ms", ours[0]), ours
+        assert [re.search(r"stages=2 split=(\d+): fwd [\d.]+ ms", line)[1] for line in ours[1:3]] == ["2", "4"], ours
+        assert re.search(r"stages=2 keep=0: fwd [\d.]+ ms", ours[3]), ours
+        assert sorted(re.search(r"stages=(\d)", line)[1] for line in ours[4:]) == ["1", "3", "4"], ours
     assert not any("rows of" in line or "explicit noise" in line for line in lines)  # --stages-only
 
 
