@@ -5,7 +5,8 @@ fixed time. Not collected by pytest (no test_ prefix).
     python -m tests.fuzz_gumbel [--seconds 600] [--seed 1] [--device cpu|cuda]
 
 Each case draws a dtype (fp32/fp16/bf16), rows R (1-6), a row length V (tiny, odd, around the
-one-block limit 16384, or over it), a forced BLOCK_V or the launcher's choice, soft or hard, tau
+one-block limit 16384, or over it), a forced BLOCK_V or the launcher's choice, a forced number of
+chunks per row on the loop path (split rows, session 12) or the launcher's choice, soft or hard, tau
 (0.1-10, a Python float or a 0-d fp64 / fp32 tensor), a logit scale (0.1 to 1000) and the noise
 (drawn in the kernel, or given). It runs the launchers (kernels/gumbel.py) forward and backward and
 checks, against eager PyTorch in the same dtype and a float64 oracle on the same noise:
@@ -64,10 +65,11 @@ def _case(rng, torch, device):
     tau_kind = rng.choice(["float", "fp64", "fp32"])
     scale = rng.choice([0.1, 1.0, 3.0, 1000.0])
     given = rng.random() < 0.3
-    return dt, R, V, block_v, hard, tau, tau_kind, scale, given
+    split = rng.choice([None, None, 2, 3, 8])  # chunks per row on the loop path (split_plan; None: the launcher's)
+    return dt, R, V, block_v, hard, tau, tau_kind, scale, given, split
 
 
-def run_case(torch, device, dt, R, V, block_v, hard, tau, tau_kind, scale, given, seed):
+def run_case(torch, device, dt, R, V, block_v, hard, tau, tau_kind, scale, given, split, seed):
     """-> None, or a message saying what failed."""
     from fused_s2s import philox
     from fused_s2s.kernels import gumbel as K
@@ -82,7 +84,7 @@ def run_case(torch, device, dt, R, V, block_v, hard, tau, tau_kind, scale, given
         tau_t = torch.tensor(tau, dtype=torch.float64 if tau_kind == "fp64" else torch.float32, device=device)
         tau = float(tau_t)  # what the kernel reads (an fp32 tensor holds fp32(tau))
         tau_t = tau_t.to(torch.float64)  # the launchers take fp64 (fused_s2s.gumbel converts)
-    kw = dict(block_v=block_v, tau=tau_t)
+    kw = dict(block_v=block_v, tau=tau_t, split=split)
     seed_t = philox.draw_seed(x.device)
     if given:
         noise = philox.gumbel_noise(seed_t, (R, V), x.device).to(dt)
@@ -118,8 +120,8 @@ def draw(rng, torch, device):
     """One random case: (description, check)."""
     case = _case(rng, torch, device)
     seed = rng.randint(0, 10**6)
-    dt, R, V, block_v, hard, tau, tau_kind, scale, given = case
-    desc = (f"{dt} R={R} V={V} block_v={block_v} hard={hard} tau={tau!r} ({tau_kind}) scale={scale} "
+    dt, R, V, block_v, hard, tau, tau_kind, scale, given, split = case
+    desc = (f"{dt} R={R} V={V} block_v={block_v} split={split} hard={hard} tau={tau!r} ({tau_kind}) scale={scale} "
             f"noise={'given' if given else 'kernel'} seed={seed}")
     return desc, lambda: run_case(torch, device, *case, seed)
 

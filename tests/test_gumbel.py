@@ -1034,9 +1034,10 @@ def test_tau_tensor_check_is_a_device_assert_and_skipped_under_capture_cuda():
 
 
 @pytest.mark.parametrize("case", [
-    (torch.float32, 3, 300, 64, True, 0.7, "fp64", 3.0, False),  # the loop path, hard, tau tensor
-    (torch.bfloat16, 2, 37, None, False, 2.0, "float", 1.0, True),  # one block, soft, given noise
-    (torch.float16, 4, 16390, None, False, 0.5, "fp32", 0.1, False),  # just over one block, soft
+    (torch.float32, 3, 300, 64, True, 0.7, "fp64", 3.0, False, None),  # the loop path, hard, tau tensor
+    (torch.bfloat16, 2, 37, None, False, 2.0, "float", 1.0, True, None),  # one block, soft, given noise
+    (torch.float16, 4, 16390, None, False, 0.5, "fp32", 0.1, False, None),  # just over one block, soft
+    (torch.float32, 2, 700, 64, False, 1.3, "float", 3.0, False, 3),  # split rows, soft
 ])
 def test_fuzz_gumbel_cases_pass(device, case):
     """tests/fuzz_gumbel.py's checks on fixed cases (the harness itself cannot rot unnoticed)."""
