@@ -486,8 +486,8 @@ def split_plan(R: int, V: int, block_v: int, single: bool, device, split=None, a
     of block_v), or (1, V), one program per row. ``split`` forces the count (tests, sweeps; clipped
     so every chunk holds at least one block); None: on CUDA, split when the rows alone give fewer
     than _SPLIT_PROGRAMS_PER_SM programs per SM, if ``auto`` (the launchers: in-kernel noise, not
-    fp64, the path that is timed; given noise and fp64 are for verification). One block a row
-    (``single``) never splits."""
+    fp64, 16-aligned rows: the path that is timed; given noise and fp64 are for verification;
+    _auto_split). One block a row (``single``) never splits."""
     if split is not None and (isinstance(split, bool) or not isinstance(split, int) or split < 1):
         raise ValueError(f"split must be an int >= 1, got {split!r}")
     if single:
@@ -504,8 +504,11 @@ def split_plan(R: int, V: int, block_v: int, single: bool, device, split=None, a
     return cdiv(nblk, per), per * block_v
 
 
-def _auto_split(has_noise: bool, dtype) -> bool:
-    return not has_noise and dtype != torch.float64
+def _auto_split(has_noise: bool, dtype, aligned: bool) -> bool:
+    """Whether split_plan may split a launch on its own: in-kernel noise, not fp64, 16-aligned rows
+    (the pipelined path; unaligned rows' scalar loads took 103 registers in the backward's PHASE 1,
+    sm_90: one 16-warp program per SM, fewer than one program per row runs)."""
+    return not has_noise and dtype != torch.float64 and aligned
 
 
 def rows_aligned(V: int, *rows) -> bool:
@@ -582,7 +585,8 @@ def gumbel_fwd(x, inv_tau: float, hard: bool, noise=None, seed=None, *, tau=None
     nblk = cdiv(V, BV)
     keep = keep_flag(single, has_noise, keep, hard)
     mb = torch.empty((R, nblk), dtype=m.dtype, device=x.device) if keep and not (single or hard or has_noise) else m
-    nsplit, chunk_v = split_plan(R, V, BV, single, x.device, split, _auto_split(has_noise, x.dtype))
+    aligned = single or rows_aligned(V, x)
+    nsplit, chunk_v = split_plan(R, V, BV, single, x.device, split, _auto_split(has_noise, x.dtype, aligned))
     if nsplit > 1:  # the chunks' partials: (max t, s) and (argmax, first NaN column)
         pf = torch.empty((R, nsplit, 2), dtype=m.dtype, device=x.device)
         pi = torch.empty((R, nsplit, 2), dtype=torch.int32, device=x.device)
@@ -597,7 +601,7 @@ def gumbel_fwd(x, inv_tau: float, hard: bool, noise=None, seed=None, *, tau=None
             BLOCK_R=BR, BLOCK_V=BV, SINGLE=single, HARD=bool(hard), HAS_NOISE=has_noise,
             FP64=x.dtype == torch.float64, WRITE_NOISE=bool(write_noise), FAST_LOG=_fast_log(x),
             STORE_Y=y is not None, TAU_PTR=tau is not None,
-            NUM_STAGES=loop_stages(single, has_noise, x.dtype, num_stages, single or rows_aligned(V, x)),
+            NUM_STAGES=loop_stages(single, has_noise, x.dtype, num_stages, aligned),
             KEEP=keep, PHASE=phase, num_warps=nw, enable_fp_fusion=True,
         )
     if write_noise:
@@ -613,7 +617,8 @@ def gumbel_bwd(dy, x, m, s, inv_tau: float, noise=None, seed=None, *, tau=None, 
     BR, BV, nw, single = pick_config(V, x.dtype, block_r=block_r, block_v=block_v, num_warps=num_warps)
     dx = torch.empty((R, V), dtype=x.dtype, device=x.device)
     has_noise = noise is not None
-    nsplit, chunk_v = split_plan(R, V, BV, single, x.device, split, _auto_split(has_noise, x.dtype))
+    aligned = single or rows_aligned(V, x, dy)
+    nsplit, chunk_v = split_plan(R, V, BV, single, x.device, split, _auto_split(has_noise, x.dtype, aligned))
     pd = torch.empty((R, nsplit), dtype=m.dtype, device=x.device) if nsplit > 1 else m  # parts of sum(dy * y)
     for phase in ((1, 2) if nsplit > 1 else (0,)) if R else ():
         _gumbel_bwd_kernel[(cdiv(R, BR), nsplit)](
@@ -622,7 +627,7 @@ def gumbel_bwd(dy, x, m, s, inv_tau: float, noise=None, seed=None, *, tau=None, 
             x.stride(0), noise.stride(0) if has_noise else 0, dy.stride(0), dx.stride(0), R, V, chunk_v, nsplit,
             *_inv_tau_args(inv_tau, tau), BLOCK_R=BR, BLOCK_V=BV, SINGLE=single, HAS_NOISE=has_noise,
             FP64=x.dtype == torch.float64, FAST_LOG=_fast_log(x), TAU_PTR=tau is not None,
-            NUM_STAGES=loop_stages(single, has_noise, x.dtype, num_stages, single or rows_aligned(V, x, dy)),
+            NUM_STAGES=loop_stages(single, has_noise, x.dtype, num_stages, aligned),
             KEEP=keep_flag(single, has_noise, keep), PHASE=phase, num_warps=nw, enable_fp_fusion=True,
         )
     return dx
@@ -675,10 +680,11 @@ def _aot_stages(dtype, dt, st, has_noise, br, bv, nw, single, tau_ptr, stages, v
     tp = "fp64" if tau_ptr else st
     label = (f"{dt} noise={'given' if has_noise else 'philox'} {br}x{bv}{'' if single else ' loop'}"
              f"{' tau_ptr' if tau_ptr else ''}{'' if single else f' stages={stages}'}")
-    # split rows (split_plan: the loop path with in-kernel noise, not fp64) add the two phases
-    phases = (0, 1, 2) if not single and _auto_split(has_noise, dtype) else (0,)
+    # split rows (split_plan: the loop path with in-kernel noise, not fp64, aligned rows) add the two phases
+    phases = (0, 1, 2) if not single and _auto_split(has_noise, dtype, "aligned" in variants) else (0,)
     for phase in phases:
         pl = f" phase={phase}" if phase else ""
+        vs = ("aligned",) if phase else variants  # the launcher splits aligned rows only
         ints = {"pi_ptr": "*i32" if phase else "*i64"}  # PHASE 0: the index buffer stands in (not read)
         # the index alone (gumbel_sample) is tau-free: no TAU_PTR variant
         for hard, store_y in ((False, True), (True, True)) + (() if tau_ptr else ((True, False),)):
@@ -697,7 +703,7 @@ def _aot_stages(dtype, dt, st, has_noise, br, bv, nw, single, tau_ptr, stages, v
                                 dict(common, HARD=hard, WRITE_NOISE=False, STORE_Y=store_y, PHASE=phase,
                                      KEEP=keep_flag(single, has_noise, hard=hard)),  # as gumbel_fwd passes it
                                 num_warps=nw, label=f"fwd {label}{kind}{pl}",
-                                pipelined=piped, variants=variants)
+                                pipelined=piped, variants=vs)
         sig = {"x_ptr": f"*{dt}", "noise_ptr": f"*{dt}", "seed_ptr": "*i64", "tau_ptr": f"*{tp}", "m_ptr": f"*{st}",
                "s_ptr": f"*{st}", "dy_ptr": f"*{dt}", "dx_ptr": f"*{dt}", "pd_ptr": f"*{st}", "stride_x": "i32",
                "stride_n": "i32", "stride_dy": "i32", "stride_dx": "i32", "R": "i32", "V": "i32",
@@ -706,7 +712,7 @@ def _aot_stages(dtype, dt, st, has_noise, br, bv, nw, single, tau_ptr, stages, v
                "HAS_NOISE": "constexpr", "FP64": "constexpr", "FAST_LOG": "constexpr", "TAU_PTR": "constexpr",
                "NUM_STAGES": "constexpr", "KEEP": "constexpr", "PHASE": "constexpr"}
         yield aot.AOTConfig(_gumbel_bwd_kernel, sig, dict(common, PHASE=phase), num_warps=nw, label=f"bwd {label}{pl}",
-                            pipelined=stages > 1, variants=variants)
+                            pipelined=stages > 1, variants=vs)
 
 
 aot.register("gumbel", _aot_configs)
