@@ -490,7 +490,7 @@ def split_plan(R: int, V: int, block_v: int, single: bool, device, split=None, a
     _auto_split). One block a row (``single``) never splits."""
     if split is not None and (isinstance(split, bool) or not isinstance(split, int) or split < 1):
         raise ValueError(f"split must be an int >= 1, got {split!r}")
-    if single:
+    if single or V > 2**30:  # lo + CHUNK_V stays within int32
         return 1, V
     nblk = cdiv(V, block_v)
     if split is None:

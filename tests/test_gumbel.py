@@ -836,6 +836,7 @@ def test_split_plan(monkeypatch):
     assert K.split_plan(2, 330, 64, False, cpu, 4) == (3, 128)  # 6 blocks: 2 a chunk -> 3 chunks
     assert K.split_plan(2, 330, 64, False, cpu, 100) == (6, 64)  # at most one chunk a block
     assert K.split_plan(2, 100_000, 16, False, cpu, 1000)[0] == K._MAX_SPLIT_N
+    assert K.split_plan(2, 2**30 + 1, 4096, False, cpu, 4) == (1, 2**30 + 1)  # chunk ends stay within int32
     # the launchers let it split on its own only on the timed path: in-kernel noise, not fp64, aligned rows
     assert K._auto_split(False, torch.bfloat16, True) and K._auto_split(False, torch.float32, True)
     assert not K._auto_split(True, torch.float32, True) and not K._auto_split(False, torch.float64, True)
