@@ -58,8 +58,8 @@ def main(argv=None) -> int:
             for hard in (True, False):
                 def run(**kw):
                     fwd = lambda: G.gumbel_fwd(x, 1.0, hard, None, seed, **kw)  # noqa: E731
-                    _, _, m, s = fwd()
-                    bwd = lambda: G.gumbel_bwd(dy, x, m, s, 1.0, None, seed, **kw)  # noqa: E731
+                    _, idx, m, s = fwd()
+                    bwd = lambda: G.gumbel_bwd(dy, x, m, s, 1.0, None, seed, idx=idx, **kw)  # noqa: E731
                     return bench(fwd), bench(bwd)
 
                 br, bv, nw, single = G.pick_config(V, dtype)
@@ -117,8 +117,8 @@ def main(argv=None) -> int:
                         continue
                     xk, dyk = x.view(R * k, V // k), dy.view(R * k, V // k)
                     fk = bench(lambda: G.gumbel_fwd(xk, 1.0, hard, None, seed))
-                    _, _, mk, sk = G.gumbel_fwd(xk, 1.0, hard, None, seed)
-                    bk = bench(lambda: G.gumbel_bwd(dyk, xk, mk, sk, 1.0, None, seed))
+                    _, ik, mk, sk = G.gumbel_fwd(xk, 1.0, hard, None, seed)
+                    bk = bench(lambda: G.gumbel_bwd(dyk, xk, mk, sk, 1.0, None, seed, idx=ik))
                     print(f"[sweep] {tag} as {R * k} rows of {V // k}: fwd {fk:.4f} ms ({base_f / fk:4.2f}x) | "
                           f"bwd {bk:.4f} ms ({base_b / bk:4.2f}x)", flush=True)
                 for bv_, nw_ in GRID:

@@ -31,8 +31,9 @@ class _GumbelSoftmaxFn(torch.autograd.Function):
     def forward(ctx, x, noise, seed, tau, hard: bool, with_index: bool):
         inv_tau, tau_t = _tau_args(tau)
         y, idx, m, s = _backend.kernels("gumbel").gumbel_fwd(x, inv_tau, hard, noise, seed, tau=tau_t)
-        # tau_t saved as a tensor: changing it in place before the backward is an autograd error
-        ctx.save_for_backward(x, noise, seed, m, s, tau_t)  # (R, V), (R, V) | None, () | None, (R,), (R,), () | None
+        # tau_t saved as a tensor: changing it in place before the backward is an autograd error;
+        # so is changing the returned index in place (the backward reads it, as torch.max's indices)
+        ctx.save_for_backward(x, noise, seed, m, s, tau_t, idx)  # (R, V), (R, V) | None, () | None, (R,), (R,), () | None, (R,)
         ctx.inv_tau = inv_tau
         if not with_index:
             return y
@@ -42,11 +43,11 @@ class _GumbelSoftmaxFn(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy, _didx=None):
-        x, noise, seed, m, s, tau_t = ctx.saved_tensors
+        x, noise, seed, m, s, tau_t, idx = ctx.saved_tensors
         if dy.stride(-1) != 1:
             dy = dy.contiguous()
         # straight-through: hard and soft share the soft y's gradient
-        dx = _backend.kernels("gumbel").gumbel_bwd(dy, x, m, s, ctx.inv_tau, noise, seed, tau=tau_t)
+        dx = _backend.kernels("gumbel").gumbel_bwd(dy, x, m, s, ctx.inv_tau, noise, seed, idx=idx, tau=tau_t)
         return dx, None, None, None, None, None
 
 
@@ -88,7 +89,9 @@ def gumbel_softmax(logits: torch.Tensor, tau: float = 1.0, hard: bool = False, d
             F.gumbel_softmax's own noise is); then nothing is drawn from torch's RNG.
         generator: torch.Generator on the logits' device that seeds the in-kernel noise (unused,
             and not advanced, when ``noise`` is given).
-        return_index: also return the sampled index, int64 of logits' shape without ``dim``.
+        return_index: also return the sampled index, int64 of logits' shape without ``dim``. The
+            Triton backward reads it (as torch.max's backward reads its indices), so changing it
+            in place before the backward is autograd's in-place error.
         backend: "auto" (Triton on CUDA, eager on CPU), "triton" or "eager".
     Returns:
         y of logits' shape and dtype, or (y, index) when ``return_index``.

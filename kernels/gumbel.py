@@ -16,6 +16,8 @@ The noise is never written: the backward pass draws it again from the same seed 
 rebuilds y from the saved per-row (m, s): O(rows) saved state beyond the logits.
 Backward (straight-through for hard: the gradient of the soft y):
     dlogits = y * (dy - sum(dy * y)) / tau
+    (at the sample's entry k, y_k (dy_k A - B) / tau with A, B the sums off k: no cancellation on
+    peaked rows; see _gumbel_bwd_kernel)
 Counter and uniform conventions are those of ``fused_s2s.philox`` (bit-exact torch mirror).
 Everything is computed in fp32 (fp64 for fp64 logits); outputs are stored in the input dtype.
 """
@@ -348,7 +350,7 @@ def _gumbel_fwd_kernel(
 
 @triton.jit
 def _gumbel_bwd_kernel(
-    x_ptr, noise_ptr, seed_ptr, tau_ptr, m_ptr, s_ptr, dy_ptr, dx_ptr, pd_ptr,
+    x_ptr, noise_ptr, seed_ptr, tau_ptr, m_ptr, s_ptr, idx_ptr, dy_ptr, dx_ptr, pd_ptr,
     stride_x, stride_n, stride_dy, stride_dx, R, V, CHUNK_V, NSPLIT, inv_tau, inv_tau_lo,
     BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, SINGLE: tl.constexpr, HAS_NOISE: tl.constexpr,
     FP64: tl.constexpr, FAST_LOG: tl.constexpr, TAU_PTR: tl.constexpr, NUM_STAGES: tl.constexpr,
@@ -356,12 +358,21 @@ def _gumbel_bwd_kernel(
 ):
     """dx = y * (dy - sum(dy * y)) * inv_tau, y rebuilt from logits, the same noise and (m, s).
 
+    The sample's entry k (the forward's index: t_k = m, so y_k = 1 / s) is taken apart: with
+    A = sum_{j != k} y_j and B = sum_{j != k} dy_j y_j,
+        dx_k = y_k (dy_k A - B) inv_tau        (dy_k - sum(dy * y) = dy_k (1 - y_k) - B, 1 - y_k = A)
+        dx_j = y_j (dy_j - (B + dy_k y_k)) inv_tau   for j != k.
+    On a peaked row (y_k near 1) dy_k - sum(dy * y) is a small difference of two numbers near dy_k,
+    one ulp of which is the largest error of the row; A and B are sums of small terms, so dx_k is
+    accurate to a few ulps (eager's softmax backward keeps the cancellation).
     Rows over several blocks: with in-kernel noise, pass 1 keeps y in dx (in dx's dtype, as eager's
     softmax backward keeps y_soft in the logits' dtype) and pass 2 reads it back, so the noise is
     drawn once: one more write per element for ~70 fewer instructions per element. Given noise
     makes y two loads away (and KEEP off draws the noise again): pass 2 rebuilds it as pass 1 does.
+    Pass 2 writes dx_j everywhere, then (after a barrier) dx_k over it.
     Split rows (the forward's PHASE 1 / 2): PHASE 1 runs pass 1 over chunk program_id(1) and stores
-    its part of sum(dy * y) in pd (R, NSPLIT); PHASE 2 sums the row's parts and runs pass 2 over its chunk.
+    its parts of B and A in pd (R, NSPLIT, 2); PHASE 2 sums the row's parts and runs pass 2 over its
+    chunk, and the chunk that holds k writes dx_k.
     """
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,) int64
     rmask = rows < R
@@ -381,13 +392,18 @@ def _gumbel_bwd_kernel(
     s = tl.load(s_ptr + rows, mask=rmask, other=1.0)
     m_sub = tl.where(m == _NEG_INF, 0.0, m)[:, None]
     inv_s = (1.0 / s)[:, None]
+    k = tl.load(idx_ptr + rows, mask=rmask, other=0).to(tl.int32)  # (BLOCK_R,) the sample's column
+    dy_k = tl.load(dy_ptr + rows * stride_dy + k, mask=rmask, other=0.0).to(m.dtype)
+    y_k = 1.0 / s  # exp((m - m) / tau) / s, as the passes compute it at k
     dy_rows = dy_ptr + rows[:, None] * stride_dy
     dx_rows = dx_ptr + rows[:, None] * stride_dx
 
     if PHASE == 2:
         ks = tl.arange(0, _MAX_SPLIT)
         kmask = rmask[:, None] & (ks < NSPLIT)[None, :]
-        dot = tl.sum(tl.load(pd_ptr + rows[:, None] * NSPLIT + ks[None, :], mask=kmask, other=0.0), 1)
+        part = rows[:, None] * (NSPLIT * 2) + ks[None, :] * 2
+        b = tl.sum(tl.load(pd_ptr + part, mask=kmask, other=0.0), 1)
+        a = tl.sum(tl.load(pd_ptr + part + 1, mask=kmask, other=0.0), 1)
     else:
         c = lo + cols
         mask = rmask[:, None] & (c < hi)[None, :]
@@ -395,9 +411,14 @@ def _gumbel_bwd_kernel(
                        BLOCK_R, BLOCK_V, HAS_NOISE, FP64, FAST_LOG)
         y = tl.exp2((t - m_sub) * inv_tau2) * inv_s
         dy = tl.load(dy_rows + c[None, :], mask=mask, other=0.0).to(y.dtype)
-        dot = tl.sum(dy * y, 1)
+        is_k = c[None, :] == k[:, None]
+        y_o = tl.where(is_k, 0.0, y)  # y off the sample's entry
+        b = tl.sum(dy * y_o, 1)
+        a = tl.sum(y_o, 1)
     if SINGLE:
+        dot = b + dy_k * y_k
         dx = y * (dy - dot[:, None]) * inv_tau
+        dx = tl.where(is_k, (y_k * (dy_k * a - b) * inv_tau)[:, None], dx)
         tl.store(dx_rows + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
     else:
         if PHASE != 2:
@@ -410,12 +431,17 @@ def _gumbel_bwd_kernel(
                               BLOCK_R, BLOCK_V, HAS_NOISE, FP64, FAST_LOG)
                 y = tl.exp2((t - m_sub) * inv_tau2) * inv_s
                 dy = tl.load(dy_rows + c[None, :], mask=mask, other=0.0).to(y.dtype)
-                dot += tl.sum(dy * y, 1)
+                y_o = tl.where(c[None, :] == k[:, None], 0.0, y)
+                b += tl.sum(dy * y_o, 1)
+                a += tl.sum(y_o, 1)
                 if not HAS_NOISE and KEEP:
                     tl.store(dx_rows + c[None, :], y.to(dx_ptr.dtype.element_ty), mask=mask)
         if PHASE == 1:
-            tl.store(pd_ptr + rows * NSPLIT + tl.program_id(1), dot, mask=rmask)
+            part = rows * (NSPLIT * 2) + tl.program_id(1) * 2
+            tl.store(pd_ptr + part, b, mask=rmask)
+            tl.store(pd_ptr + part + 1, a, mask=rmask)
         else:
+            dot = b + dy_k * y_k
             tl.debug_barrier()  # y was written by other threads of this program
             for start in tl.range(lo, hi, BLOCK_V, num_stages=NUM_STAGES):
                 c = start + cols
@@ -429,6 +455,9 @@ def _gumbel_bwd_kernel(
                 dy = tl.load(dy_rows + c[None, :], mask=mask, other=0.0).to(y.dtype)
                 dx = y * (dy - dot[:, None]) * inv_tau
                 tl.store(dx_rows + c[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            tl.debug_barrier()  # dx_k below lands after pass 2's store of the same entry (another thread's)
+            dx_k = y_k * (dy_k * a - b) * inv_tau
+            tl.store(dx_ptr + rows * stride_dx + k, dx_k.to(dx_ptr.dtype.element_ty), mask=rmask & (k >= lo) & (k < hi))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -609,9 +638,10 @@ def gumbel_fwd(x, inv_tau: float, hard: bool, noise=None, seed=None, *, tau=None
     return y, idx, m, s
 
 
-def gumbel_bwd(dy, x, m, s, inv_tau: float, noise=None, seed=None, *, tau=None, block_r=None, block_v=None,
+def gumbel_bwd(dy, x, m, s, inv_tau: float, noise=None, seed=None, *, idx, tau=None, block_r=None, block_v=None,
                num_warps=None, num_stages=None, keep=None, split=None):
-    """dlogits (R, V) in x.dtype from dy (R, V) (unit column stride), the forward's (m, s) and noise source;
+    """dlogits (R, V) in x.dtype from dy (R, V) (unit column stride), the forward's (m, s), its index
+    ``idx`` (R,) (the argmax of t, whose entry the kernel computes apart) and noise source;
     tau, keep and split as gumbel_fwd's."""
     R, V = x.shape
     BR, BV, nw, single = pick_config(V, x.dtype, block_r=block_r, block_v=block_v, num_warps=num_warps)
@@ -619,11 +649,11 @@ def gumbel_bwd(dy, x, m, s, inv_tau: float, noise=None, seed=None, *, tau=None, 
     has_noise = noise is not None
     aligned = single or rows_aligned(V, x, dy)
     nsplit, chunk_v = split_plan(R, V, BV, single, x.device, split, _auto_split(has_noise, x.dtype, aligned))
-    pd = torch.empty((R, nsplit), dtype=m.dtype, device=x.device) if nsplit > 1 else m  # parts of sum(dy * y)
+    pd = torch.empty((R, nsplit, 2), dtype=m.dtype, device=x.device) if nsplit > 1 else m  # parts of B and A
     for phase in ((1, 2) if nsplit > 1 else (0,)) if R else ():
         _gumbel_bwd_kernel[(cdiv(R, BR), nsplit)](
             x, noise if has_noise else x, _placeholder_seed(x.device) if has_noise else seed, m if tau is None else tau,
-            m, s, dy, dx, pd,
+            m, s, idx, dy, dx, pd,
             x.stride(0), noise.stride(0) if has_noise else 0, dy.stride(0), dx.stride(0), R, V, chunk_v, nsplit,
             *_inv_tau_args(inv_tau, tau), BLOCK_R=BR, BLOCK_V=BV, SINGLE=single, HAS_NOISE=has_noise,
             FP64=x.dtype == torch.float64, FAST_LOG=_fast_log(x), TAU_PTR=tau is not None,
@@ -705,7 +735,7 @@ def _aot_stages(dtype, dt, st, has_noise, br, bv, nw, single, tau_ptr, stages, v
                                 num_warps=nw, label=f"fwd {label}{kind}{pl}",
                                 pipelined=piped, variants=vs)
         sig = {"x_ptr": f"*{dt}", "noise_ptr": f"*{dt}", "seed_ptr": "*i64", "tau_ptr": f"*{tp}", "m_ptr": f"*{st}",
-               "s_ptr": f"*{st}", "dy_ptr": f"*{dt}", "dx_ptr": f"*{dt}", "pd_ptr": f"*{st}", "stride_x": "i32",
+               "s_ptr": f"*{st}", "idx_ptr": "*i64", "dy_ptr": f"*{dt}", "dx_ptr": f"*{dt}", "pd_ptr": f"*{st}", "stride_x": "i32",
                "stride_n": "i32", "stride_dy": "i32", "stride_dx": "i32", "R": "i32", "V": "i32",
                "CHUNK_V": "i32", "NSPLIT": "i32",
                "inv_tau": "fp32", "inv_tau_lo": "fp32", "BLOCK_R": "constexpr", "BLOCK_V": "constexpr", "SINGLE": "constexpr",

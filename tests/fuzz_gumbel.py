@@ -89,14 +89,14 @@ def run_case(torch, device, dt, R, V, block_v, hard, tau, tau_kind, scale, given
     if given:
         noise = philox.gumbel_noise(seed_t, (R, V), x.device).to(dt)
         y, idx, m, s = K.gumbel_fwd(x, 1.0 / tau, hard, noise, **kw)
-        dx = K.gumbel_bwd(dy, x, m, s, 1.0 / tau, noise, **kw)
+        dx = K.gumbel_bwd(dy, x, m, s, 1.0 / tau, noise, idx=idx, **kw)
         g = noise.float()
     else:
         y, idx, m, s = K.gumbel_fwd(x, 1.0 / tau, hard, None, seed_t, **kw)
         y_n, idx_n, _, _, g = K.gumbel_fwd(x, 1.0 / tau, hard, None, seed_t, write_noise=True, **kw)
         if not (torch.equal(idx, idx_n) and torch.equal(y, y_n)):
             return "the WRITE_NOISE variant's y / index differ from the production kernel's"
-        dx = K.gumbel_bwd(dy, x, m, s, 1.0 / tau, None, seed_t, **kw)
+        dx = K.gumbel_bwd(dy, x, m, s, 1.0 / tau, None, seed_t, idx=idx, **kw)
     t = x.float() + g  # (R, V) the perturbed logits, formed in fp32 as the kernel forms them
     best = t.max(-1).values
     picked = t.gather(1, idx[:, None]).squeeze(1)

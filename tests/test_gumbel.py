@@ -365,7 +365,7 @@ def test_float64_oracle_loop_path_forced_small_blocks(device, dtype, in_kernel_n
         noise = philox.gumbel_noise(seed, shape, device)
     given = None if in_kernel_noise else noise
     y, idx, m, s = K.gumbel_fwd(logits, 1 / tau, False, given, seed, block_v=64)
-    dx = K.gumbel_bwd(dy, logits, m, s, 1 / tau, given, seed, block_v=64)
+    dx = K.gumbel_bwd(dy, logits, m, s, 1 / tau, given, seed, idx=idx, block_v=64)
     y_o, dx_o = _softmax_grads(logits, noise, dy, tau, torch.float64)
     y_e, dx_e = _softmax_grads(logits, noise, dy, tau, dtype)
     assert_oracle_close(y, y_e, y_o, name="y")
@@ -441,7 +441,7 @@ def test_huge_logits_stay_finite_over_blocks(device, dtype):
     logits[2, :100] = -1e4  # the first blocks far below the row's max
     seed = philox.draw_seed(device)
     y, idx, m, s = K.gumbel_fwd(logits, 10.0, False, None, seed, block_v=64)
-    dx = K.gumbel_bwd(torch.ones_like(logits), logits, m, s, 10.0, None, seed, block_v=64)
+    dx = K.gumbel_bwd(torch.ones_like(logits), logits, m, s, 10.0, None, seed, idx=idx, block_v=64)
     assert torch.isfinite(y).all() and torch.isfinite(dx).all() and (y >= 0).all() and (y <= 1).all()
     torch.testing.assert_close(y.float().sum(-1), torch.ones(4, device=device), atol=1e-2, rtol=0)
     torch.testing.assert_close(dx.float(), torch.zeros_like(dx, dtype=torch.float32), atol=1e-2, rtol=0)  # dy = 1: 0
@@ -670,7 +670,7 @@ def test_backward_bitwise_independent_of_num_stages(device, given, V):
     outs = []
     for ns in (1, 2, 3):
         y, idx, m, s = K.gumbel_fwd(x, 1 / 0.7, False, noise, seed, block_v=64, num_stages=ns)
-        dx = K.gumbel_bwd(dy, x, m, s, 1 / 0.7, noise, seed, block_v=64, num_stages=ns)
+        dx = K.gumbel_bwd(dy, x, m, s, 1 / 0.7, noise, seed, idx=idx, block_v=64, num_stages=ns)
         outs.append((y, idx, m, s, dx))
     for out in outs[1:]:
         for a, b in zip(out, outs[0]):
@@ -687,8 +687,8 @@ def test_softmax_exponent_is_shift_invariant(device, block_v):
     x = (1000 + torch.randint(-256, 256, (R, V), device=device) / 64).float()  # exact in fp32
     dy = torch.randn(R, V, device=device)
     noise = torch.zeros(R, V, device=device)
-    y, _, m, s = K.gumbel_fwd(x, 1 / tau, False, noise, None, block_v=block_v)
-    dx = K.gumbel_bwd(dy, x, m, s, 1 / tau, noise, None, block_v=block_v)
+    y, idx, m, s = K.gumbel_fwd(x, 1 / tau, False, noise, None, block_v=block_v)
+    dx = K.gumbel_bwd(dy, x, m, s, 1 / tau, noise, None, idx=idx, block_v=block_v)
     x64 = x.double().requires_grad_()
     y64 = torch.softmax(x64 / tau, -1)
     (dx64,) = torch.autograd.grad(y64, x64, dy.double())
@@ -711,13 +711,13 @@ def test_keep_off_draws_the_noise_again_in_the_second_passes(device, dtype):
     outs = {}
     for keep in (True, False):
         y, idx, m, s, g = K.gumbel_fwd(x, 1 / tau, False, None, seed, block_v=64, keep=keep, write_noise=True)
-        dx = K.gumbel_bwd(dy, x, m, s, 1 / tau, None, seed, block_v=64, keep=keep)
+        dx = K.gumbel_bwd(dy, x, m, s, 1 / tau, None, seed, idx=idx, block_v=64, keep=keep)
         outs[keep] = y, idx, m, s, dx
     for a, b in zip(outs[True][1:4], outs[False][1:4]):  # pass 1 is the same
         assert torch.equal(a, b)
     if dtype == torch.float32:
         y_n, idx_n, m_n, s_n = K.gumbel_fwd(x, 1 / tau, False, g, None, block_v=64)
-        dx_n = K.gumbel_bwd(dy, x, m_n, s_n, 1 / tau, g, None, block_v=64)
+        dx_n = K.gumbel_bwd(dy, x, m_n, s_n, 1 / tau, g, None, idx=idx_n, block_v=64)
         assert torch.equal(outs[False][0], y_n) and torch.equal(outs[False][4], dx_n)
     # float64 oracle on the same noise; eager in the same dtype for the error scale
     x64 = (x.double() + g.double()).requires_grad_()
@@ -755,15 +755,50 @@ def test_launchers_pass_keep_only_to_second_passes(monkeypatch):
     monkeypatch.setattr(K, "_gumbel_bwd_kernel", Record())
     x, seed = torch.randn(2, 100), philox.draw_seed("cpu")
     m = s = torch.zeros(2)
+    idx = torch.zeros(2, dtype=torch.int64)
     for keep in (False, True):
         for block_v in (32, 128):  # the loop path; one block
             seen.clear()
             K.gumbel_fwd(x, 1.0, False, None, seed, block_v=block_v, keep=keep)
             K.gumbel_fwd(x, 1.0, True, None, seed, block_v=block_v, keep=keep)
             K.gumbel_fwd(x, 1.0, False, x, None, block_v=block_v, keep=keep)  # given noise
-            K.gumbel_bwd(x, x, m, s, 1.0, None, seed, block_v=block_v, keep=keep)
+            K.gumbel_bwd(x, x, m, s, 1.0, None, seed, idx=idx, block_v=block_v, keep=keep)
             loop = block_v < 100
             assert seen == [keep or not loop, True, True, keep or not loop], (keep, block_v, seen)
+
+
+@pytest.mark.parametrize("path", ["one_block", "loop", "loop_keep_off", "split"])
+def test_sample_entry_of_peaked_rows_has_no_cancellation(device, path):
+    """dlogits at the sample's entry k of a peaked row (y_k near 1): dy_k - sum(dy * y) is a small
+    difference of numbers near dy_k, so eager's formula (and the kernels' before session 12) is
+    off by about one ulp of dy_k / tau there, far more than the entry's size warrants. The kernels
+    compute it as y_k (dy_k A - B) / tau from A = sum_{j != k} y_j, B = sum_{j != k} dy_j y_j; its
+    error is bounded by a few ulps of the terms it sums, which this checks against float64 on the
+    kernel's own t = x + g."""
+    R, V, tau = 4, 320, 0.5  # 5 blocks of 64 on the loop paths
+    x = torch.randn(R, V, device=device) * 0.5
+    x[torch.arange(R), torch.tensor([3, 100, 250, 319])] = 6.0  # y_k ~ 1 - 1e-6 .. 1e-4
+    dy = torch.randn(R, V, device=device)
+    seed = philox.draw_seed(device)
+    kw = {"one_block": {}, "loop": dict(block_v=64), "loop_keep_off": dict(block_v=64, keep=False),
+          "split": dict(block_v=64, split=3)}[path]
+    _, idx, m, s, g = K.gumbel_fwd(x, 1 / tau, False, None, seed, write_noise=True, **kw)
+    dx = K.gumbel_bwd(dy, x, m, s, 1 / tau, None, seed, idx=idx, **kw)
+    t64 = (x + g).double().requires_grad_()  # the kernel's t (rounded as it rounds it), in float64
+    y64 = torch.softmax(t64 / tau, -1)
+    (dx64,) = torch.autograd.grad(y64, t64, dy.double())
+    rows = torch.arange(R, device=device)
+    assert torch.equal(idx, t64.argmax(-1))
+    y64 = y64.detach()
+    off = y64.clone()
+    off[rows, idx] = 0
+    scale = y64[rows, idx] * (dy[rows, idx].abs().double() * off.sum(-1) + (dy.abs().double() * off).sum(-1)) / tau
+    err = (dx[rows, idx].double() - dx64[rows, idx]).abs()
+    assert (err <= 16 * torch.finfo(torch.float32).eps * scale).all(), (err / scale / torch.finfo(torch.float32).eps)
+    # the rest of the row as before: within the float64 rule against eager fp32
+    t32 = (x + g).requires_grad_()
+    (dxe,) = torch.autograd.grad(torch.softmax(t32 / tau, -1), t32, dy)
+    assert_oracle_close(dx, dxe, dx64, name="dlogits")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -793,7 +828,7 @@ def test_split_rows_match_one_program_per_row(device, dtype, hard, keep):
     for split in (2, 3, 6):
         assert K.split_plan(R, V, 64, False, x.device, split)[0] == split
         y, idx, m, s = K.gumbel_fwd(x, 1 / tau, hard, None, seed, split=split, **kw)
-        dx = K.gumbel_bwd(dy, x, m, s, 1 / tau, None, seed, split=split, **kw)
+        dx = K.gumbel_bwd(dy, x, m, s, 1 / tau, None, seed, idx=idx, split=split, **kw)
         assert torch.equal(idx, idx1) and torch.equal(m[ok], m1[ok]), split
         assert int(idx[1]) == 250  # the first NaN, found in chunk 250 // chunk_v
         assert y[1].isnan().all() and dx[1].isnan().all()
@@ -861,10 +896,11 @@ def test_split_launches_two_phases(monkeypatch):
     monkeypatch.setattr(K, "_gumbel_bwd_kernel", Record())
     x, seed = torch.randn(3, 256), philox.draw_seed("cpu")  # 4 blocks of 64
     m = s = torch.zeros(3)
+    idx = torch.zeros(3, dtype=torch.int64)
     for split, want in ((None, [((3, 1), 0)]), (1, [((3, 1), 0)]), (4, [((3, 4), 1), ((3, 4), 2)])):
         seen.clear()
         K.gumbel_fwd(x, 1.0, False, None, seed, block_v=64, split=split)
-        K.gumbel_bwd(x, x, m, s, 1.0, None, seed, block_v=64, split=split)
+        K.gumbel_bwd(x, x, m, s, 1.0, None, seed, idx=idx, block_v=64, split=split)
         assert seen == want + want, (split, seen)
 
 
@@ -970,17 +1006,17 @@ def test_tau_tensor_launcher_loop_path_and_fp64(device, block_v):
     want, want_dx = _softmax_grads(x, g, dy, tau, torch.float64)
     torch.testing.assert_close(y_t, want, rtol=1e-13, atol=1e-15)
     assert torch.equal(i_t, (x + g).argmax(-1))
-    dx_t = K.gumbel_bwd(dy, x, m_t, s_t, 123.0, g, block_v=block_v, tau=tau_t)
+    dx_t = K.gumbel_bwd(dy, x, m_t, s_t, 123.0, g, idx=i_t, block_v=block_v, tau=tau_t)
     torch.testing.assert_close(dx_t, want_dx, rtol=1e-12, atol=1e-14)
     seed = philox.draw_seed(x.device)
     # fp32 logits on the loop path: the float tau's bits
     x32, dy32 = x.float(), dy.float()
-    y_f, _, m, s = K.gumbel_fwd(x32, 1.0 / tau, False, None, seed, block_v=block_v)
+    y_f, i_f, m, s = K.gumbel_fwd(x32, 1.0 / tau, False, None, seed, block_v=block_v)
     y_t, _, _, _ = K.gumbel_fwd(x32, 123.0, False, None, seed, block_v=block_v,
                                 tau=torch.tensor(tau, dtype=torch.float64, device=device))
     assert torch.equal(y_t, y_f)
-    assert torch.equal(K.gumbel_bwd(dy32, x32, m, s, 123.0, None, seed, block_v=block_v, tau=tau_t),
-                       K.gumbel_bwd(dy32, x32, m, s, 1.0 / tau, None, seed, block_v=block_v))
+    assert torch.equal(K.gumbel_bwd(dy32, x32, m, s, 123.0, None, seed, idx=i_f, block_v=block_v, tau=tau_t),
+                       K.gumbel_bwd(dy32, x32, m, s, 1.0 / tau, None, seed, idx=i_f, block_v=block_v))
 
 
 def test_tau_tensor_changed_before_backward_is_an_error(device):
