@@ -48,6 +48,10 @@ _LOG2E = tl.constexpr(1.4426950408889634)  # exp(a * inv_tau) = exp2(a * inv_tau
 _SINGLE_CONFIGS = ((32, 32, 32, 4), (256, 4, 256, 4), (1024, 1, 1024, 4), (4096, 1, 4096, 8),
                    (8192, 1, 8192, 32), (16384, 1, 16384, 32))
 _MULTI_CONFIG = (1, 4096, 16)
+# The backward of unaligned rows (scalar loads: a 64-bit address per element) over 8192 columns
+# takes the loop path: in one 16384-wide block of 32 warps (64 registers a thread at most) it
+# spilled 8-64 bytes once the sample's entry was taken apart (session 12; AOT, sm_80 / sm_90).
+_BWD_UNALIGNED_SINGLE_MAX = 8192
 # The loop path's software pipelining: blocks of logits (and dy, q) in flight ahead of the one being
 # computed (``tl.range(num_stages=)``; the loads go through shared memory, NUM_STAGES - 1 buffers
 # of each). One program per row, so one or two programs per SM: without it each warp waits out
@@ -65,9 +69,11 @@ _LOOP_STAGES = 2
 # soft forward 12 instead of 16) for ~50 more instructions (docs/gumbel.md's static count): which is
 # faster is the GPU's to say (benchmarks/sweep_gumbel.py prints both, "keep=0" lines).
 _KEEP = True
-# fp64 (gradcheck, verification) keeps its tiles small: twice the registers per element
+# fp64 (gradcheck, verification) keeps its tiles small: twice the registers per element; the
+# loop at 16 warps (8 spilled 8 bytes in the backward on sm_80 once the sample's entry was taken
+# apart, session 12)
 _SINGLE_CONFIGS_FP64 = ((256, 1, 256, 2), (1024, 1, 1024, 4))
-_MULTI_CONFIG_FP64 = (1, 1024, 8)
+_MULTI_CONFIG_FP64 = (1, 1024, 16)
 _AOT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # Split rows (flash-decoding style, ``split_plan``): when a few long rows cannot fill the GPU (one
 # program per row: B 256 rows on 132 SMs is ~2 programs of 16 warps per SM, where registers allow
@@ -369,7 +375,7 @@ def _gumbel_bwd_kernel(
     softmax backward keeps y_soft in the logits' dtype) and pass 2 reads it back, so the noise is
     drawn once: one more write per element for ~70 fewer instructions per element. Given noise
     makes y two loads away (and KEEP off draws the noise again): pass 2 rebuilds it as pass 1 does.
-    Pass 2 writes dx_j everywhere, then (after a barrier) dx_k over it.
+    Pass 2 (or the one block) writes dx_j everywhere, then (after a barrier) dx_k over it.
     Split rows (the forward's PHASE 1 / 2): PHASE 1 runs pass 1 over chunk program_id(1) and stores
     its parts of B and A in pd (R, NSPLIT, 2); PHASE 2 sums the row's parts and runs pass 2 over its
     chunk, and the chunk that holds k writes dx_k.
@@ -391,10 +397,10 @@ def _gumbel_bwd_kernel(
     m = tl.load(m_ptr + rows, mask=rmask, other=0.0)
     s = tl.load(s_ptr + rows, mask=rmask, other=1.0)
     m_sub = tl.where(m == _NEG_INF, 0.0, m)[:, None]
-    inv_s = (1.0 / s)[:, None]
+    y_k = 1.0 / s  # exp((m - m) / tau) / s: y at the sample's column k (one division: fp64's is a call)
+    inv_s = y_k[:, None]
     k = tl.load(idx_ptr + rows, mask=rmask, other=0).to(tl.int32)  # (BLOCK_R,) the sample's column
     dy_k = tl.load(dy_ptr + rows * stride_dy + k, mask=rmask, other=0.0).to(m.dtype)
-    y_k = 1.0 / s  # exp((m - m) / tau) / s, as the passes compute it at k
     dy_rows = dy_ptr + rows[:, None] * stride_dy
     dx_rows = dx_ptr + rows[:, None] * stride_dx
 
@@ -418,7 +424,6 @@ def _gumbel_bwd_kernel(
     if SINGLE:
         dot = b + dy_k * y_k
         dx = y * (dy - dot[:, None]) * inv_tau
-        dx = tl.where(is_k, (y_k * (dy_k * a - b) * inv_tau)[:, None], dx)
         tl.store(dx_rows + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
     else:
         if PHASE != 2:
@@ -455,9 +460,13 @@ def _gumbel_bwd_kernel(
                 dy = tl.load(dy_rows + c[None, :], mask=mask, other=0.0).to(y.dtype)
                 dx = y * (dy - dot[:, None]) * inv_tau
                 tl.store(dx_rows + c[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
-            tl.debug_barrier()  # dx_k below lands after pass 2's store of the same entry (another thread's)
-            dx_k = y_k * (dy_k * a - b) * inv_tau
-            tl.store(dx_ptr + rows * stride_dx + k, dx_k.to(dx_ptr.dtype.element_ty), mask=rmask & (k >= lo) & (k < hi))
+    if PHASE != 1:
+        # dx_k over what pass 2 stored there (a scalar store per row, not a select per element: the
+        # one-block backward at 16384 columns spilled with the select); after a barrier, as another
+        # thread of this program stored that entry
+        tl.debug_barrier()
+        dx_k = y_k * (dy_k * a - b) * inv_tau
+        tl.store(dx_ptr + rows * stride_dx + k, dx_k.to(dx_ptr.dtype.element_ty), mask=rmask & (k >= lo) & (k < hi))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -645,6 +654,9 @@ def gumbel_bwd(dy, x, m, s, inv_tau: float, noise=None, seed=None, *, idx, tau=N
     tau, keep and split as gumbel_fwd's."""
     R, V = x.shape
     BR, BV, nw, single = pick_config(V, x.dtype, block_r=block_r, block_v=block_v, num_warps=num_warps)
+    if single and BV > _BWD_UNALIGNED_SINGLE_MAX and block_v is None and not rows_aligned(V, x, dy):
+        BR, BV, nw = _configs(x.dtype)[1]  # unaligned rows over 8192 columns: the loop (see the constant)
+        single = False
     dx = torch.empty((R, V), dtype=x.dtype, device=x.device)
     has_noise = noise is not None
     aligned = single or rows_aligned(V, x, dy)
@@ -741,6 +753,8 @@ def _aot_stages(dtype, dt, st, has_noise, br, bv, nw, single, tau_ptr, stages, v
                "inv_tau": "fp32", "inv_tau_lo": "fp32", "BLOCK_R": "constexpr", "BLOCK_V": "constexpr", "SINGLE": "constexpr",
                "HAS_NOISE": "constexpr", "FP64": "constexpr", "FAST_LOG": "constexpr", "TAU_PTR": "constexpr",
                "NUM_STAGES": "constexpr", "KEEP": "constexpr", "PHASE": "constexpr"}
+        if single and bv > _BWD_UNALIGNED_SINGLE_MAX:
+            vs = ("aligned",)  # unaligned rows' backward takes the loop (gumbel_bwd)
         yield aot.AOTConfig(_gumbel_bwd_kernel, sig, dict(common, PHASE=phase), num_warps=nw, label=f"bwd {label}{pl}",
                             pipelined=stages > 1, variants=vs)
 
