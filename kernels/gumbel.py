@@ -16,8 +16,8 @@ The noise is never written: the backward pass draws it again from the same seed 
 rebuilds y from the saved per-row (m, s): O(rows) saved state beyond the logits.
 Backward (straight-through for hard: the gradient of the soft y):
     dlogits = y * (dy - sum(dy * y)) / tau
-    (at the sample's entry k, y_k (dy_k A - B) / tau with A, B the sums off k: no cancellation on
-    peaked rows; see _gumbel_bwd_kernel)
+    (at the sample's entry k as y_k sum_j (dy_k - dy_j) y_j / tau: no cancellation on peaked rows;
+    see _gumbel_bwd_kernel)
 Counter and uniform conventions are those of ``fused_s2s.philox`` (bit-exact torch mirror).
 Everything is computed in fp32 (fp64 for fp64 logits); outputs are stored in the input dtype.
 """
@@ -364,21 +364,19 @@ def _gumbel_bwd_kernel(
 ):
     """dx = y * (dy - sum(dy * y)) * inv_tau, y rebuilt from logits, the same noise and (m, s).
 
-    The sample's entry k (the forward's index: t_k = m, so y_k = 1 / s) is taken apart: with
-    A = sum_{j != k} y_j and B = sum_{j != k} dy_j y_j,
-        dx_k = y_k (dy_k A - B) inv_tau        (dy_k - sum(dy * y) = dy_k (1 - y_k) - B, 1 - y_k = A)
-        dx_j = y_j (dy_j - (B + dy_k y_k)) inv_tau   for j != k.
+    The sample's entry k (the forward's index: t_k = m, so y_k = 1 / s) is computed apart, as
+        dx_k = y_k e inv_tau,   e = sum_j (dy_k - dy_j) y_j     (= dy_k - sum(dy * y) as sum(y) = 1)
     On a peaked row (y_k near 1) dy_k - sum(dy * y) is a small difference of two numbers near dy_k,
-    one ulp of which is the largest error of the row; A and B are sums of small terms, so dx_k is
-    accurate to a few ulps (eager's softmax backward keeps the cancellation).
+    one ulp of which is the largest error of the row (eager's softmax backward keeps it); e is a
+    sum of small terms (its k term is exactly 0), so dx_k is accurate to a few ulps of them. The
+    other entries are stored with k masked out, and dx_k by a scalar store per row.
     Rows over several blocks: with in-kernel noise, pass 1 keeps y in dx (in dx's dtype, as eager's
     softmax backward keeps y_soft in the logits' dtype) and pass 2 reads it back, so the noise is
     drawn once: one more write per element for ~70 fewer instructions per element. Given noise
     makes y two loads away (and KEEP off draws the noise again): pass 2 rebuilds it as pass 1 does.
-    Pass 2 (or the one block) writes dx_j everywhere, then (after a barrier) dx_k over it.
-    Split rows (the forward's PHASE 1 / 2): PHASE 1 runs pass 1 over chunk program_id(1) and stores
-    its parts of B and A in pd (R, NSPLIT, 2); PHASE 2 sums the row's parts and runs pass 2 over its
-    chunk, and the chunk that holds k writes dx_k.
+    One program per row sums e in pass 2, split rows (the forward's PHASE 1 / 2) in pass 1: PHASE 1
+    stores its chunk's parts of sum(dy * y) and e in pd (R, NSPLIT, 2), and PHASE 2 sums the row's
+    parts, writes dx_k if k is in its chunk, and runs pass 2 over the chunk.
     """
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,) int64
     rmask = rows < R
@@ -408,8 +406,8 @@ def _gumbel_bwd_kernel(
         ks = tl.arange(0, _MAX_SPLIT)
         kmask = rmask[:, None] & (ks < NSPLIT)[None, :]
         part = rows[:, None] * (NSPLIT * 2) + ks[None, :] * 2
-        b = tl.sum(tl.load(pd_ptr + part, mask=kmask, other=0.0), 1)
-        a = tl.sum(tl.load(pd_ptr + part + 1, mask=kmask, other=0.0), 1)
+        dot = tl.sum(tl.load(pd_ptr + part, mask=kmask, other=0.0), 1)
+        e = tl.sum(tl.load(pd_ptr + part + 1, mask=kmask, other=0.0), 1)
     else:
         c = lo + cols
         mask = rmask[:, None] & (c < hi)[None, :]
@@ -417,14 +415,12 @@ def _gumbel_bwd_kernel(
                        BLOCK_R, BLOCK_V, HAS_NOISE, FP64, FAST_LOG)
         y = tl.exp2((t - m_sub) * inv_tau2) * inv_s
         dy = tl.load(dy_rows + c[None, :], mask=mask, other=0.0).to(y.dtype)
-        is_k = c[None, :] == k[:, None]
-        y_o = tl.where(is_k, 0.0, y)  # y off the sample's entry
-        b = tl.sum(dy * y_o, 1)
-        a = tl.sum(y_o, 1)
+        dot = tl.sum(dy * y, 1)
+        e = tl.sum((dy_k[:, None] - dy) * y, 1)
     if SINGLE:
-        dot = b + dy_k * y_k
         dx = y * (dy - dot[:, None]) * inv_tau
-        tl.store(dx_rows + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(dx_rows + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask & (c[None, :] != k[:, None]))
+        tl.store(dx_ptr + rows * stride_dx + k, (y_k * e * inv_tau).to(dx_ptr.dtype.element_ty), mask=rmask)
     else:
         if PHASE != 2:
             if not HAS_NOISE and KEEP:
@@ -436,18 +432,24 @@ def _gumbel_bwd_kernel(
                               BLOCK_R, BLOCK_V, HAS_NOISE, FP64, FAST_LOG)
                 y = tl.exp2((t - m_sub) * inv_tau2) * inv_s
                 dy = tl.load(dy_rows + c[None, :], mask=mask, other=0.0).to(y.dtype)
-                y_o = tl.where(c[None, :] == k[:, None], 0.0, y)
-                b += tl.sum(dy * y_o, 1)
-                a += tl.sum(y_o, 1)
+                dot += tl.sum(dy * y, 1)
+                if PHASE == 1:  # one program per row sums e in pass 2 instead: with e from pass 1
+                    # live across pass 2, the fp32 loop took 59 registers instead of 40 (AOT, sm_90)
+                    e += tl.sum((dy_k[:, None] - dy) * y, 1)
                 if not HAS_NOISE and KEEP:
                     tl.store(dx_rows + c[None, :], y.to(dx_ptr.dtype.element_ty), mask=mask)
         if PHASE == 1:
             part = rows * (NSPLIT * 2) + tl.program_id(1) * 2
-            tl.store(pd_ptr + part, b, mask=rmask)
-            tl.store(pd_ptr + part + 1, a, mask=rmask)
+            tl.store(pd_ptr + part, dot, mask=rmask)
+            tl.store(pd_ptr + part + 1, e, mask=rmask)
         else:
-            dot = b + dy_k * y_k
             tl.debug_barrier()  # y was written by other threads of this program
+            if PHASE == 2:
+                # dx_k first (pass 1's y store to that entry is behind the barrier); pass 2 skips it
+                tl.store(dx_ptr + rows * stride_dx + k, (y_k * e * inv_tau).to(dx_ptr.dtype.element_ty),
+                         mask=rmask & (k >= lo) & (k < hi))
+            else:
+                e = tl.zeros_like(dot)  # one program per row: e is summed by pass 2 (pass 1's is unused)
             for start in tl.range(lo, hi, BLOCK_V, num_stages=NUM_STAGES):
                 c = start + cols
                 mask = rmask[:, None] & (c < hi)[None, :]
@@ -459,14 +461,11 @@ def _gumbel_bwd_kernel(
                     y = tl.load(dx_rows + c[None, :], mask=mask, other=0.0).to(dot.dtype)
                 dy = tl.load(dy_rows + c[None, :], mask=mask, other=0.0).to(y.dtype)
                 dx = y * (dy - dot[:, None]) * inv_tau
-                tl.store(dx_rows + c[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
-    if PHASE != 1:
-        # dx_k over what pass 2 stored there (a scalar store per row, not a select per element: the
-        # one-block backward at 16384 columns spilled with the select); after a barrier, as another
-        # thread of this program stored that entry
-        tl.debug_barrier()
-        dx_k = y_k * (dy_k * a - b) * inv_tau
-        tl.store(dx_ptr + rows * stride_dx + k, dx_k.to(dx_ptr.dtype.element_ty), mask=rmask & (k >= lo) & (k < hi))
+                tl.store(dx_rows + c[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask & (c != k[:, None]))
+                if PHASE == 0:
+                    e += tl.sum((dy_k[:, None] - dy) * y, 1)
+            if PHASE == 0:  # pass 2 skipped k: no other store to order against
+                tl.store(dx_ptr + rows * stride_dx + k, (y_k * e * inv_tau).to(dx_ptr.dtype.element_ty), mask=rmask)
 
 
 # ----------------------------------------------------------------------------------------------
