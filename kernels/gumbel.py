@@ -48,10 +48,6 @@ _LOG2E = tl.constexpr(1.4426950408889634)  # exp(a * inv_tau) = exp2(a * inv_tau
 _SINGLE_CONFIGS = ((32, 32, 32, 4), (256, 4, 256, 4), (1024, 1, 1024, 4), (4096, 1, 4096, 8),
                    (8192, 1, 8192, 32), (16384, 1, 16384, 32))
 _MULTI_CONFIG = (1, 4096, 16)
-# The backward of unaligned rows (scalar loads: a 64-bit address per element) over 8192 columns
-# takes the loop path: in one 16384-wide block of 32 warps (64 registers a thread at most) it
-# spilled 8-64 bytes once the sample's entry was taken apart (session 12; AOT, sm_80 / sm_90).
-_BWD_UNALIGNED_SINGLE_MAX = 8192
 # The loop path's software pipelining: blocks of logits (and dy, q) in flight ahead of the one being
 # computed (``tl.range(num_stages=)``; the loads go through shared memory, NUM_STAGES - 1 buffers
 # of each). One program per row, so one or two programs per SM: without it each warp waits out
@@ -69,11 +65,9 @@ _LOOP_STAGES = 2
 # soft forward 12 instead of 16) for ~50 more instructions (docs/gumbel.md's static count): which is
 # faster is the GPU's to say (benchmarks/sweep_gumbel.py prints both, "keep=0" lines).
 _KEEP = True
-# fp64 (gradcheck, verification) keeps its tiles small: twice the registers per element; the
-# loop at 16 warps (8 spilled 8 bytes in the backward on sm_80 once the sample's entry was taken
-# apart, session 12)
+# fp64 (gradcheck, verification) keeps its tiles small: twice the registers per element
 _SINGLE_CONFIGS_FP64 = ((256, 1, 256, 2), (1024, 1, 1024, 4))
-_MULTI_CONFIG_FP64 = (1, 1024, 16)
+_MULTI_CONFIG_FP64 = (1, 1024, 8)
 _AOT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # Split rows (flash-decoding style, ``split_plan``): when a few long rows cannot fill the GPU (one
 # program per row: B 256 rows on 132 SMs is ~2 programs of 16 warps per SM, where registers allow
@@ -392,6 +386,11 @@ def _gumbel_bwd_kernel(
     else:
         lo = tl.program_id(1) * CHUNK_V
         hi = tl.minimum(lo + CHUNK_V, V)
+    # where the loop path sums e: in pass 1 (split rows must: PHASE 2 needs the whole row's), or in
+    # pass 2, with one program per row and pipelined loops, where e live across pass 2 took the fp32
+    # loop from 40 to 59 registers (AOT, sm_90); unpipelined (unaligned rows, fp64, given noise) it
+    # is the other way round: e in pass 2 spilled 8-16 bytes at 64 registers
+    E_IN_PASS2: tl.constexpr = PHASE == 0 and NUM_STAGES > 1
     m = tl.load(m_ptr + rows, mask=rmask, other=0.0)
     s = tl.load(s_ptr + rows, mask=rmask, other=1.0)
     m_sub = tl.where(m == _NEG_INF, 0.0, m)[:, None]
@@ -433,8 +432,7 @@ def _gumbel_bwd_kernel(
                 y = tl.exp2((t - m_sub) * inv_tau2) * inv_s
                 dy = tl.load(dy_rows + c[None, :], mask=mask, other=0.0).to(y.dtype)
                 dot += tl.sum(dy * y, 1)
-                if PHASE == 1:  # one program per row sums e in pass 2 instead: with e from pass 1
-                    # live across pass 2, the fp32 loop took 59 registers instead of 40 (AOT, sm_90)
+                if not E_IN_PASS2:
                     e += tl.sum((dy_k[:, None] - dy) * y, 1)
                 if not HAS_NOISE and KEEP:
                     tl.store(dx_rows + c[None, :], y.to(dx_ptr.dtype.element_ty), mask=mask)
@@ -444,12 +442,12 @@ def _gumbel_bwd_kernel(
             tl.store(pd_ptr + part + 1, e, mask=rmask)
         else:
             tl.debug_barrier()  # y was written by other threads of this program
-            if PHASE == 2:
+            if E_IN_PASS2:
+                e = tl.zeros_like(dot)  # summed by pass 2 (pass 1's first block is unused)
+            else:
                 # dx_k first (pass 1's y store to that entry is behind the barrier); pass 2 skips it
                 tl.store(dx_ptr + rows * stride_dx + k, (y_k * e * inv_tau).to(dx_ptr.dtype.element_ty),
                          mask=rmask & (k >= lo) & (k < hi))
-            else:
-                e = tl.zeros_like(dot)  # one program per row: e is summed by pass 2 (pass 1's is unused)
             for start in tl.range(lo, hi, BLOCK_V, num_stages=NUM_STAGES):
                 c = start + cols
                 mask = rmask[:, None] & (c < hi)[None, :]
@@ -462,9 +460,9 @@ def _gumbel_bwd_kernel(
                 dy = tl.load(dy_rows + c[None, :], mask=mask, other=0.0).to(y.dtype)
                 dx = y * (dy - dot[:, None]) * inv_tau
                 tl.store(dx_rows + c[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask & (c != k[:, None]))
-                if PHASE == 0:
+                if E_IN_PASS2:
                     e += tl.sum((dy_k[:, None] - dy) * y, 1)
-            if PHASE == 0:  # pass 2 skipped k: no other store to order against
+            if E_IN_PASS2:  # pass 2 skipped k: no other store to order against
                 tl.store(dx_ptr + rows * stride_dx + k, (y_k * e * inv_tau).to(dx_ptr.dtype.element_ty), mask=rmask)
 
 
@@ -653,14 +651,11 @@ def gumbel_bwd(dy, x, m, s, inv_tau: float, noise=None, seed=None, *, idx, tau=N
     tau, keep and split as gumbel_fwd's."""
     R, V = x.shape
     BR, BV, nw, single = pick_config(V, x.dtype, block_r=block_r, block_v=block_v, num_warps=num_warps)
-    if single and BV > _BWD_UNALIGNED_SINGLE_MAX and block_v is None and not rows_aligned(V, x, dy):
-        BR, BV, nw = _configs(x.dtype)[1]  # unaligned rows over 8192 columns: the loop (see the constant)
-        single = False
     dx = torch.empty((R, V), dtype=x.dtype, device=x.device)
     has_noise = noise is not None
     aligned = single or rows_aligned(V, x, dy)
     nsplit, chunk_v = split_plan(R, V, BV, single, x.device, split, _auto_split(has_noise, x.dtype, aligned))
-    pd = torch.empty((R, nsplit, 2), dtype=m.dtype, device=x.device) if nsplit > 1 else m  # parts of B and A
+    pd = torch.empty((R, nsplit, 2), dtype=m.dtype, device=x.device) if nsplit > 1 else m  # parts of sum(dy * y) and e
     for phase in ((1, 2) if nsplit > 1 else (0,)) if R else ():
         _gumbel_bwd_kernel[(cdiv(R, BR), nsplit)](
             x, noise if has_noise else x, _placeholder_seed(x.device) if has_noise else seed, m if tau is None else tau,
@@ -752,8 +747,6 @@ def _aot_stages(dtype, dt, st, has_noise, br, bv, nw, single, tau_ptr, stages, v
                "inv_tau": "fp32", "inv_tau_lo": "fp32", "BLOCK_R": "constexpr", "BLOCK_V": "constexpr", "SINGLE": "constexpr",
                "HAS_NOISE": "constexpr", "FP64": "constexpr", "FAST_LOG": "constexpr", "TAU_PTR": "constexpr",
                "NUM_STAGES": "constexpr", "KEEP": "constexpr", "PHASE": "constexpr"}
-        if single and bv > _BWD_UNALIGNED_SINGLE_MAX:
-            vs = ("aligned",)  # unaligned rows' backward takes the loop (gumbel_bwd)
         yield aot.AOTConfig(_gumbel_bwd_kernel, sig, dict(common, PHASE=phase), num_warps=nw, label=f"bwd {label}{pl}",
                             pipelined=stages > 1, variants=vs)
 

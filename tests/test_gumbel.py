@@ -801,33 +801,6 @@ def test_sample_entry_of_peaked_rows_has_no_cancellation(device, path):
     assert_oracle_close(dx, dxe, dx64, name="dlogits")
 
 
-def test_backward_of_unaligned_long_rows_takes_the_loop(monkeypatch, device):
-    """Rows Triton cannot specialise as 16-aligned (scalar loads) over 8192 columns: the backward
-    runs the loop path (one 16384-wide block spilled there, AOT tool), the forward one block; the
-    gradient is the same either way (float64 rule on the same noise)."""
-    R, V, tau = 2, 9000, 0.8  # V % 16 = 8: unaligned
-    x = torch.randn(R, V, device=device)
-    dy = torch.randn(R, V, device=device)
-    seed = philox.draw_seed(device)
-    y, idx, m, s, g = K.gumbel_fwd(x, 1 / tau, False, None, seed, write_noise=True)
-    dx = K.gumbel_bwd(dy, x, m, s, 1 / tau, None, seed, idx=idx)
-    y64, dx64 = _softmax_grads(x, g, dy, tau, torch.float64)
-    y32, dx32 = _softmax_grads(x, g, dy, tau, torch.float32)
-    assert_oracle_close(dx, dx32, dx64, name="dlogits")
-    seen = []
-
-    class Record:
-        def __getitem__(self, grid):
-            return lambda *args, **meta: seen.append((meta["BLOCK_V"], meta["SINGLE"]))
-
-    monkeypatch.setattr(K, "_gumbel_bwd_kernel", Record())
-    K.gumbel_bwd(dy, x, m, s, 1 / tau, None, seed, idx=idx)
-    xa, dya = torch.randn(R, 9008, device=device), torch.randn(R, 9008, device=device)  # aligned
-    K.gumbel_bwd(dya, xa, m, s, 1 / tau, None, seed, idx=idx)
-    K.gumbel_bwd(dy[:, :8000], x[:, :8000], m, s, 1 / tau, None, seed, idx=idx)  # one 8192 block: unchanged
-    assert seen == [(4096, False), (16384, True), (8192, True)], seen
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("hard,keep", [(False, True), (False, False), (True, True)])
 def test_split_rows_match_one_program_per_row(device, dtype, hard, keep):
