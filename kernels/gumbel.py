@@ -418,8 +418,15 @@ def _gumbel_bwd_kernel(
         e = tl.sum((dy_k[:, None] - dy) * y, 1)
     if SINGLE:
         dx = y * (dy - dot[:, None]) * inv_tau
-        tl.store(dx_rows + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask & (c[None, :] != k[:, None]))
-        tl.store(dx_ptr + rows * stride_dx + k, (y_k * e * inv_tau).to(dx_ptr.dtype.element_ty), mask=rmask)
+        # dx_k: a select for packed rows, k masked out and a scalar store for one row a program (each
+        # form spilled in the other's configs: 32x32 fp16 under triton 3.6, 16384 columns under 3.9)
+        dx_k = y_k * e * inv_tau
+        if BLOCK_R > 1:
+            dx = tl.where(c[None, :] == k[:, None], dx_k[:, None], dx)
+            tl.store(dx_rows + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.store(dx_rows + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask & (c[None, :] != k[:, None]))
+            tl.store(dx_ptr + rows * stride_dx + k, dx_k.to(dx_ptr.dtype.element_ty), mask=rmask)
     else:
         if PHASE != 2:
             if not HAS_NOISE and KEEP:
