@@ -362,16 +362,20 @@ def _gumbel_bwd_kernel(
         dx_k = y_k e inv_tau,   e = sum_j (dy_k - dy_j) y_j     (= dy_k - sum(dy * y) as sum(y) = 1)
     On a peaked row (y_k near 1) dy_k - sum(dy * y) is a small difference of two numbers near dy_k,
     one ulp of which is the largest error of the row (eager's softmax backward keeps it); e is a
-    sum of small terms (its k term is exactly 0), so dx_k is accurate to a few ulps of them. The
-    other entries are stored with k masked out, and dx_k by a scalar store per row.
-    Rows over several blocks: with in-kernel noise, pass 1 keeps y in dx (in dx's dtype, as eager's
-    softmax backward keeps y_soft in the logits' dtype) and pass 2 reads it back, so the noise is
-    drawn once: one more write per element for ~70 fewer instructions per element. Given noise
-    makes y two loads away (and KEEP off draws the noise again): pass 2 rebuilds it as pass 1 does.
-    One program per row sums e in pass 2, split rows (the forward's PHASE 1 / 2) in pass 1: PHASE 1
-    stores its chunk's parts of sum(dy * y) and e in pd (R, NSPLIT, 2), and PHASE 2 sums the row's
-    parts, writes dx_k if k is in its chunk, and runs pass 2 over the chunk.
+    sum of small terms (its k term is exactly 0), so dx_k is accurate to a few ulps of them.
+
+    One block a row (SINGLE, PHASE 0): one pass from registers. Rows over several blocks take two
+    launches on an (R, NSPLIT) grid, a program per chunk of CHUNK_V columns (NSPLIT = 1: one per
+    row; split_plan): PHASE 1 runs pass 1 over its chunk and stores its parts of sum(dy * y) and e
+    in pd (R, NSPLIT, 2); PHASE 2 sums the row's parts, stores dx_k if k is in its chunk, and runs
+    pass 2 over the chunk with k masked out. (Both passes in one program kept e or the dot live
+    across pass 2: 59-84 registers for the fp32 loop, against 32 / 40 for the two phases; AOT.)
+    With in-kernel noise, PHASE 1 keeps y in dx (in dx's dtype, as eager's softmax backward keeps
+    y_soft in the logits' dtype) and PHASE 2 reads it back, so the noise is drawn once: one more
+    write per element for ~70 fewer instructions per element. Given noise makes y two loads away
+    (and KEEP off draws the noise again): PHASE 2 rebuilds it as PHASE 1 does.
     """
+    tl.static_assert(SINGLE == (PHASE == 0), "one block a row is PHASE 0; the loop is PHASE 1 then 2")
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,) int64
     rmask = rows < R
     inv_tau = _inv_tau(inv_tau, inv_tau_lo, tau_ptr, FP64, TAU_PTR)
@@ -386,11 +390,6 @@ def _gumbel_bwd_kernel(
     else:
         lo = tl.program_id(1) * CHUNK_V
         hi = tl.minimum(lo + CHUNK_V, V)
-    # where the loop path sums e: in pass 1 (split rows must: PHASE 2 needs the whole row's), or in
-    # pass 2, with one program per row and pipelined loops, where e live across pass 2 took the fp32
-    # loop from 40 to 59 registers (AOT, sm_90); unpipelined (unaligned rows, fp64, given noise) it
-    # is the other way round: e in pass 2 spilled 8-16 bytes at 64 registers
-    E_IN_PASS2: tl.constexpr = PHASE == 0 and NUM_STAGES > 1
     m = tl.load(m_ptr + rows, mask=rmask, other=0.0)
     s = tl.load(s_ptr + rows, mask=rmask, other=1.0)
     m_sub = tl.where(m == _NEG_INF, 0.0, m)[:, None]
@@ -407,6 +406,21 @@ def _gumbel_bwd_kernel(
         part = rows[:, None] * (NSPLIT * 2) + ks[None, :] * 2
         dot = tl.sum(tl.load(pd_ptr + part, mask=kmask, other=0.0), 1)
         e = tl.sum(tl.load(pd_ptr + part + 1, mask=kmask, other=0.0), 1)
+        # dx_k first (behind PHASE 1's y store there: the previous launch); pass 2 skips it
+        tl.store(dx_ptr + rows * stride_dx + k, (y_k * e * inv_tau).to(dx_ptr.dtype.element_ty),
+                 mask=rmask & (k >= lo) & (k < hi))
+        for start in tl.range(lo, hi, BLOCK_V, num_stages=NUM_STAGES):
+            c = start + cols
+            mask = rmask[:, None] & (c < hi)[None, :]
+            if HAS_NOISE or not KEEP:  # given noise (or KEEP off): y rebuilt as in PHASE 1
+                t, g = _t_tile(x_ptr, noise_ptr, seed, rows, start, mask, stride_x, stride_n,
+                              BLOCK_R, BLOCK_V, HAS_NOISE, FP64, FAST_LOG)
+                y = tl.exp2((t - m_sub) * inv_tau2) * inv_s
+            else:
+                y = tl.load(dx_rows + c[None, :], mask=mask, other=0.0).to(dot.dtype)
+            dy = tl.load(dy_rows + c[None, :], mask=mask, other=0.0).to(y.dtype)
+            dx = y * (dy - dot[:, None]) * inv_tau
+            tl.store(dx_rows + c[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask & (c != k[:, None]))
     else:
         c = lo + cols
         mask = rmask[:, None] & (c < hi)[None, :]
@@ -416,19 +430,18 @@ def _gumbel_bwd_kernel(
         dy = tl.load(dy_rows + c[None, :], mask=mask, other=0.0).to(y.dtype)
         dot = tl.sum(dy * y, 1)
         e = tl.sum((dy_k[:, None] - dy) * y, 1)
-    if SINGLE:
-        dx = y * (dy - dot[:, None]) * inv_tau
-        # dx_k: a select for packed rows, k masked out and a scalar store for one row a program (each
-        # form spilled in the other's configs: 32x32 fp16 under triton 3.6, 16384 columns under 3.9)
-        dx_k = y_k * e * inv_tau
-        if BLOCK_R > 1:
-            dx = tl.where(c[None, :] == k[:, None], dx_k[:, None], dx)
-            tl.store(dx_rows + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
-        else:
-            tl.store(dx_rows + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask & (c[None, :] != k[:, None]))
-            tl.store(dx_ptr + rows * stride_dx + k, dx_k.to(dx_ptr.dtype.element_ty), mask=rmask)
-    else:
-        if PHASE != 2:
+        if SINGLE:
+            dx = y * (dy - dot[:, None]) * inv_tau
+            # dx_k: a select for packed rows, k masked out and a scalar store for one row a program
+            # (each form spilled in the other's configs: 32x32 fp16 under triton 3.6, 16384 columns under 3.9)
+            dx_k = y_k * e * inv_tau
+            if BLOCK_R > 1:
+                dx = tl.where(c[None, :] == k[:, None], dx_k[:, None], dx)
+                tl.store(dx_rows + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            else:
+                tl.store(dx_rows + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask & (c[None, :] != k[:, None]))
+                tl.store(dx_ptr + rows * stride_dx + k, dx_k.to(dx_ptr.dtype.element_ty), mask=rmask)
+        else:  # PHASE 1
             if not HAS_NOISE and KEEP:
                 tl.store(dx_rows + c[None, :], y.to(dx_ptr.dtype.element_ty), mask=mask)
             for start in tl.range(lo + BLOCK_V, hi, BLOCK_V, num_stages=NUM_STAGES):
@@ -439,38 +452,12 @@ def _gumbel_bwd_kernel(
                 y = tl.exp2((t - m_sub) * inv_tau2) * inv_s
                 dy = tl.load(dy_rows + c[None, :], mask=mask, other=0.0).to(y.dtype)
                 dot += tl.sum(dy * y, 1)
-                if not E_IN_PASS2:
-                    e += tl.sum((dy_k[:, None] - dy) * y, 1)
+                e += tl.sum((dy_k[:, None] - dy) * y, 1)
                 if not HAS_NOISE and KEEP:
                     tl.store(dx_rows + c[None, :], y.to(dx_ptr.dtype.element_ty), mask=mask)
-        if PHASE == 1:
             part = rows * (NSPLIT * 2) + tl.program_id(1) * 2
             tl.store(pd_ptr + part, dot, mask=rmask)
             tl.store(pd_ptr + part + 1, e, mask=rmask)
-        else:
-            tl.debug_barrier()  # y was written by other threads of this program
-            if E_IN_PASS2:
-                e = tl.zeros_like(dot)  # summed by pass 2 (pass 1's first block is unused)
-            else:
-                # dx_k first (pass 1's y store to that entry is behind the barrier); pass 2 skips it
-                tl.store(dx_ptr + rows * stride_dx + k, (y_k * e * inv_tau).to(dx_ptr.dtype.element_ty),
-                         mask=rmask & (k >= lo) & (k < hi))
-            for start in tl.range(lo, hi, BLOCK_V, num_stages=NUM_STAGES):
-                c = start + cols
-                mask = rmask[:, None] & (c < hi)[None, :]
-                if HAS_NOISE or not KEEP:  # given noise (or KEEP off): y rebuilt as in pass 1
-                    t, g = _t_tile(x_ptr, noise_ptr, seed, rows, start, mask, stride_x, stride_n,
-                                  BLOCK_R, BLOCK_V, HAS_NOISE, FP64, FAST_LOG)
-                    y = tl.exp2((t - m_sub) * inv_tau2) * inv_s
-                else:
-                    y = tl.load(dx_rows + c[None, :], mask=mask, other=0.0).to(dot.dtype)
-                dy = tl.load(dy_rows + c[None, :], mask=mask, other=0.0).to(y.dtype)
-                dx = y * (dy - dot[:, None]) * inv_tau
-                tl.store(dx_rows + c[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask & (c != k[:, None]))
-                if E_IN_PASS2:
-                    e += tl.sum((dy_k[:, None] - dy) * y, 1)
-            if E_IN_PASS2:  # pass 2 skipped k: no other store to order against
-                tl.store(dx_ptr + rows * stride_dx + k, (y_k * e * inv_tau).to(dx_ptr.dtype.element_ty), mask=rmask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -662,8 +649,9 @@ def gumbel_bwd(dy, x, m, s, inv_tau: float, noise=None, seed=None, *, idx, tau=N
     has_noise = noise is not None
     aligned = single or rows_aligned(V, x, dy)
     nsplit, chunk_v = split_plan(R, V, BV, single, x.device, split, _auto_split(has_noise, x.dtype, aligned))
-    pd = torch.empty((R, nsplit, 2), dtype=m.dtype, device=x.device) if nsplit > 1 else m  # parts of sum(dy * y) and e
-    for phase in ((1, 2) if nsplit > 1 else (0,)) if R else ():
+    # the loop path is always two launches, also at one chunk a row (the kernel's docstring: registers)
+    pd = m if single else torch.empty((R, nsplit, 2), dtype=m.dtype, device=x.device)  # parts of sum(dy * y), e
+    for phase in ((0,) if single else (1, 2)) if R else ():
         _gumbel_bwd_kernel[(cdiv(R, BR), nsplit)](
             x, noise if has_noise else x, _placeholder_seed(x.device) if has_noise else seed, m if tau is None else tau,
             m, s, idx, dy, dx, pd,
@@ -723,7 +711,8 @@ def _aot_stages(dtype, dt, st, has_noise, br, bv, nw, single, tau_ptr, stages, v
     tp = "fp64" if tau_ptr else st
     label = (f"{dt} noise={'given' if has_noise else 'philox'} {br}x{bv}{'' if single else ' loop'}"
              f"{' tau_ptr' if tau_ptr else ''}{'' if single else f' stages={stages}'}")
-    # split rows (split_plan: the loop path with in-kernel noise, not fp64, aligned rows) add the two phases
+    # the forward: split rows (split_plan: the loop path with in-kernel noise, not fp64, aligned
+    # rows) add the two phases
     phases = (0, 1, 2) if not single and _auto_split(has_noise, dtype, "aligned" in variants) else (0,)
     for phase in phases:
         pl = f" phase={phase}" if phase else ""
@@ -747,6 +736,9 @@ def _aot_stages(dtype, dt, st, has_noise, br, bv, nw, single, tau_ptr, stages, v
                                      KEEP=keep_flag(single, has_noise, hard=hard)),  # as gumbel_fwd passes it
                                 num_warps=nw, label=f"fwd {label}{kind}{pl}",
                                 pipelined=piped, variants=vs)
+    # the backward: one block a row is PHASE 0; the loop is always PHASE 1 then 2 (gumbel_bwd),
+    # split or not, aligned or not
+    for phase in ((0,) if single else (1, 2)):
         sig = {"x_ptr": f"*{dt}", "noise_ptr": f"*{dt}", "seed_ptr": "*i64", "tau_ptr": f"*{tp}", "m_ptr": f"*{st}",
                "s_ptr": f"*{st}", "idx_ptr": "*i64", "dy_ptr": f"*{dt}", "dx_ptr": f"*{dt}", "pd_ptr": f"*{st}", "stride_x": "i32",
                "stride_n": "i32", "stride_dy": "i32", "stride_dx": "i32", "R": "i32", "V": "i32",
@@ -754,8 +746,9 @@ def _aot_stages(dtype, dt, st, has_noise, br, bv, nw, single, tau_ptr, stages, v
                "inv_tau": "fp32", "inv_tau_lo": "fp32", "BLOCK_R": "constexpr", "BLOCK_V": "constexpr", "SINGLE": "constexpr",
                "HAS_NOISE": "constexpr", "FP64": "constexpr", "FAST_LOG": "constexpr", "TAU_PTR": "constexpr",
                "NUM_STAGES": "constexpr", "KEEP": "constexpr", "PHASE": "constexpr"}
-        yield aot.AOTConfig(_gumbel_bwd_kernel, sig, dict(common, PHASE=phase), num_warps=nw, label=f"bwd {label}{pl}",
-                            pipelined=stages > 1, variants=vs)
+        yield aot.AOTConfig(_gumbel_bwd_kernel, sig, dict(common, PHASE=phase), num_warps=nw,
+                            label=f"bwd {label}{f' phase={phase}' if phase else ''}",
+                            pipelined=stages > 1, variants=variants)
 
 
 aot.register("gumbel", _aot_configs)

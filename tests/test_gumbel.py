@@ -764,7 +764,8 @@ def test_launchers_pass_keep_only_to_second_passes(monkeypatch):
             K.gumbel_fwd(x, 1.0, False, x, None, block_v=block_v, keep=keep)  # given noise
             K.gumbel_bwd(x, x, m, s, 1.0, None, seed, idx=idx, block_v=block_v, keep=keep)
             loop = block_v < 100
-            assert seen == [keep or not loop, True, True, keep or not loop], (keep, block_v, seen)
+            bwd = [keep, keep] if loop else [True]  # the loop's backward: PHASE 1 and 2
+            assert seen == [keep or not loop, True, True] + bwd, (keep, block_v, seen)
 
 
 @pytest.mark.parametrize("path", ["one_block", "loop", "loop_keep_off", "split"])
@@ -885,7 +886,8 @@ def test_split_plan(monkeypatch):
 
 def test_split_launches_two_phases(monkeypatch):
     """A split launch is PHASE 1 then PHASE 2 on an (R, NSPLIT) grid, forward and backward; one
-    program per row is one PHASE 0 launch (recorded, nothing launched)."""
+    program per row is one PHASE 0 launch in the forward and, on the loop path, PHASE 1 then 2 on
+    (R, 1) in the backward (recorded, nothing launched)."""
     seen = []
 
     class Record:
@@ -897,11 +899,16 @@ def test_split_launches_two_phases(monkeypatch):
     x, seed = torch.randn(3, 256), philox.draw_seed("cpu")  # 4 blocks of 64
     m = s = torch.zeros(3)
     idx = torch.zeros(3, dtype=torch.int64)
-    for split, want in ((None, [((3, 1), 0)]), (1, [((3, 1), 0)]), (4, [((3, 4), 1), ((3, 4), 2)])):
+    whole = [((3, 1), 1), ((3, 1), 2)]
+    for split, fwd, bwd in ((None, [((3, 1), 0)], whole), (1, [((3, 1), 0)], whole),
+                            (4, [((3, 4), 1), ((3, 4), 2)], [((3, 4), 1), ((3, 4), 2)])):
         seen.clear()
         K.gumbel_fwd(x, 1.0, False, None, seed, block_v=64, split=split)
         K.gumbel_bwd(x, x, m, s, 1.0, None, seed, idx=idx, block_v=64, split=split)
-        assert seen == want + want, (split, seen)
+        assert seen == fwd + bwd, (split, seen)
+    seen.clear()
+    K.gumbel_bwd(x, x, m, s, 1.0, None, seed, idx=idx)  # one block a row: PHASE 0
+    assert seen == [((1, 1), 0)], seen  # 3 rows packed in one program (4 x 256)
 
 
 # ------------------------------------------------------------------------------------------------
