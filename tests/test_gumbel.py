@@ -104,7 +104,8 @@ def test_triton_and_eager_backends_draw_the_same_noise(device, hard):
 
 
 @pytest.mark.parametrize("backend", ["triton", "eager"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+# float64 under the newest triton only (CI time: its (2, 3, 300) case is 600 rows, ~16 s interpreted)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, pytest.param(torch.float64, marks=pytest.mark.newest_only)])
 @pytest.mark.parametrize("shape,dim", [((1, 1), -1), ((64, 37), -1), ((2, 3, 300), 1), ((3, 5000), -1),
                                        ((2, 17000), -1)])
 def test_gumbel_sample_is_the_hard_gumbel_softmax_index(device, backend, dtype, shape, dim):
@@ -802,15 +803,16 @@ def test_sample_entry_of_peaked_rows_has_no_cancellation(device, path):
     assert_oracle_close(dx, dxe, dx64, name="dlogits")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("hard,keep", [(False, True), (False, False), (True, True)])
+@pytest.mark.newest_only  # CI time: under triton 3.6 the loop tests run PHASE 1 / 2 too, and a split fuzz case
+@pytest.mark.parametrize("dtype,hard,keep", [(torch.float32, False, True), (torch.bfloat16, False, True),
+                                             (torch.float32, False, False), (torch.bfloat16, True, True)])
 def test_split_rows_match_one_program_per_row(device, dtype, hard, keep):
     """Split rows (kernels/gumbel.py: split_plan, PHASE 1 / 2): chunks of a row in programs of their
     own, their partials combined by a second launch. The sample and the row max m are exactly one
     program's (max is exact; ties and NaN rows keep torch.argmax's first-column rule across chunks);
     s, y and dlogits differ only by summation order: each meets the float64 rule of the same noise.
     Rows: plain, a NaN in a later chunk, the first two chunks all -inf (masked logits)."""
-    R, V, tau = 4, 330, 0.7  # 6 blocks of 64 (the last one partial): 2, 3 and 6 chunks
+    R, V, tau = 4, 330, 0.7  # 6 blocks of 64 (the last one partial): 2 and 6 chunks
     x = (torch.randn(R, V, device=device) * 3).to(dtype)
     x[1, 250] = float("nan")
     x[2, :140] = float("-inf")
@@ -826,7 +828,7 @@ def test_split_rows_match_one_program_per_row(device, dtype, hard, keep):
     xe = (x + g.to(dtype))[ok].requires_grad_()
     ye = torch.softmax(xe / tau, -1)
     (dxe,) = torch.autograd.grad(ye, xe, dy[ok])
-    for split in (2, 3, 6):
+    for split in (2, 6):
         assert K.split_plan(R, V, 64, False, x.device, split)[0] == split
         y, idx, m, s = K.gumbel_fwd(x, 1 / tau, hard, None, seed, split=split, **kw)
         dx = K.gumbel_bwd(dy, x, m, s, 1 / tau, None, seed, idx=idx, split=split, **kw)
