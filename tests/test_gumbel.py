@@ -224,7 +224,8 @@ def test_noise_is_gumbel_ks(device, R, V):
 # bitwise reproducibility: block size, warps, seeds, generator
 
 
-@pytest.mark.parametrize("R,V", [(6, 300), (3, 1000)])
+# (3, 1000) under the newest triton only (CI time: ~10 s interpreted; (6, 300) covers triton 3.6)
+@pytest.mark.parametrize("R,V", [(6, 300), pytest.param(3, 1000, marks=pytest.mark.newest_only)])
 def test_samples_bitwise_independent_of_block_size_and_warps(device, R, V):
     x = torch.randn(R, V, device=device)
     seed = philox.draw_seed(device)

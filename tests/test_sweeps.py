@@ -27,6 +27,7 @@ def _interpreted():
         pytest.skip("the CPU smoke run needs the interpreter (with a GPU the sweeps run for real)")
 
 
+@pytest.mark.newest_only  # CI time: the sweep scripts' lines; the kernels they run are tested under 3.6 too
 def test_sweep_gumbel_stages_only(capsys):
     lines = _run("sweep_gumbel", ["--device", "cpu", "--sizes", "tiny", "--dtypes", "float32", "--stages-only",
                                   "--seconds", "60"], capsys)
@@ -41,6 +42,7 @@ def test_sweep_gumbel_stages_only(capsys):
     assert not any("rows of" in line or "explicit noise" in line for line in lines)  # --stages-only
 
 
+@pytest.mark.newest_only  # CI time, as above
 def test_sweep_attention_stages_only_with_tiled_rows(capsys):
     lines = _run("sweep_attention", ["--device", "cpu", "--sizes", "tiny", "--dtypes", "bfloat16", "--stages-only",
                                      "--seconds", "60"], capsys)
