@@ -48,7 +48,9 @@ dlogits at 1.05-1.56x the bound. None depends on the split: each fails identical
 The backward then took the sample's entry apart (dx_k = y_k sum_j (dy_k - dy_j) y_j / tau, no
 cancellation on peaked rows; kernels/gumbel.py), after which 2 of the 3 pass. The third (tau 0.11,
 logits x 0.1) is t = x + g's rounding: float64 on the rounded t is 7x further off than eager,
-whose own roundings happen to cancel it.
+whose own roundings happen to cancel it. On the final kernels, a 9-minute run (seed 61) gave 1008
+cases and 1 failure, fp32 y at logits x 1000 (1.3x; the forward, which this change left alone),
+and no dlogits failure.
 fp16 / bf16 failures, index or one-hot failures, and errors far over the bound are bugs.
 """
 from __future__ import annotations
