@@ -14,6 +14,9 @@ TORCH_SPEC  ?= torch==2.13.0
 # nvidia-* wheels). pip's find-links (a local wheel cache) still apply; TORCH_INDEX= uses pip's own indexes
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
+# pytest-xdist workers for make test, where it is installed (the dev extra; not on the GPU box): the
+# interpreter's tests are single-threaded numpy, so two cores run them ~2x faster. TEST_JOBS=0: one process
+TEST_JOBS   ?= 2
 # BASE_VENV=.venv: a venv holding only $(TRITON_SPEC), which takes torch, the test tools and the
 # editable package from that (already set-up) venv through a site-dir .pth, its own triton first on
 # sys.path. CI's triton-3.6 pass uses it: ~1 GB of disk and a torch install less than a full venv.
@@ -37,7 +40,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	  echo "[setup] using the torch that $(PYTHON) already has"; \
 	  $(PYTHON) -m venv --system-site-packages $(VENV) && \
 	  $(PY) -m pip install -q --no-deps --no-build-isolation -e . && \
-	  ($(PY) -m pip install -q pytest pytest-benchmark scipy babel tqdm matplotlib 2>/dev/null || \
+	  ($(PY) -m pip install -q pytest pytest-benchmark pytest-xdist scipy babel tqdm matplotlib 2>/dev/null || \
 	   echo "[setup] no package registry: using the test tools already installed"); \
 	else \
 	  echo "[setup] fresh venv with $(TORCH_SPEC)"; \
@@ -52,7 +55,7 @@ demo: setup
 	$(PY) -m fused_s2s demo
 
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $$($(PY) -c 'import xdist' 2>/dev/null && echo "-n $(TEST_JOBS)") $(PYTEST_ARGS)
 
 aot: setup
 	env -u TRITON_INTERPRET $(PY) -m fused_s2s.aot

@@ -8,6 +8,8 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
+import uuid
 
 import pytest
 import torch
@@ -25,6 +27,14 @@ DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 
 
 AOT_TEST = "test_aot.py::test_aot_compile_all_registered"
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # set in pytest-xdist's workers (make test: -n 2)
+
+
+def pytest_configure(config):
+    # pytest-xdist's controller: fix the run's id (its --testrunuid) before the workers start, so
+    # that they (PYTEST_XDIST_TESTRUNUID) and this process name the same AOT directory (_aot_dir)
+    if XDIST_WORKER is None and config.getoption("dist", "no") != "no" and config.getoption("testrunuid", "") is None:
+        config.option.testrunuid = uuid.uuid4().hex
 
 
 @pytest.hookimpl(trylast=True)  # after -m / -k deselection: only a selected AOT test starts it
@@ -34,36 +44,89 @@ def pytest_collection_modifyitems(config, items):
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
     # The ahead-of-time compile of every kernel config (minutes of compiler time on its worker
-    # processes) starts now, in the background, while the other tests run in this process; its
-    # test goes last and collects the result (tests/test_aot.py).
+    # processes) starts now, in the background, while the other tests run; its test goes last and
+    # collects the result (tests/test_aot.py). Under pytest-xdist every worker collects every test:
+    # the first to get here starts the one compile of the run, in a directory they all know.
     aot = [it for it in items if it.nodeid.endswith(AOT_TEST)]
-    # pytest-xdist workers each collect every test: there the test starts its own compile when it runs
-    if aot and "PYTEST_XDIST_WORKER" not in os.environ:
+    if aot:
         items[:] = [it for it in items if it not in aot] + aot
-        config._aot_background = start_aot()
+        if XDIST_WORKER is None:
+            config._aot_background = AotRun(tempfile.mkdtemp(prefix="fused_s2s_aot_"))
+        else:
+            config._aot_background = AotRun(_aot_dir(os.environ["PYTEST_XDIST_TESTRUNUID"]), shared=True)
 
 
-def start_aot():
-    """``python -m fused_s2s.aot --json F --archs A`` as a background process: (process, F, log)."""
-    archs = os.environ.get("FUSED_S2S_AOT_ARCHS", "80,90")  # CI's triton 3.6 run: "90"
-    tmp = tempfile.mkdtemp(prefix="fused_s2s_aot_")
-    out, log = os.path.join(tmp, "aot.json"), open(os.path.join(tmp, "aot.log"), "w+")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.Popen([sys.executable, "-m", "fused_s2s.aot", "--json", out, "--archs", archs],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    return proc, out, log, archs
+def _aot_dir(testrunuid: str) -> str:
+    return os.path.join(tempfile.gettempdir(), f"fused_s2s_aot_{testrunuid}")
+
+
+# runs ARGV[2:] and writes its exit status to ARGV[1] (atomically): what AotRun.wait polls for
+_RECORD_STATUS = ("import os, subprocess, sys; r = subprocess.call(sys.argv[2:]); "
+                  "open(sys.argv[1] + '.tmp', 'w').write(str(r)); os.replace(sys.argv[1] + '.tmp', sys.argv[1])")
+
+
+class AotRun:
+    """``python -m fused_s2s.aot --json DIR/aot.json --archs A`` in the background, in its own process
+    group, its exit status written to DIR/rc. ``shared``: the directory may be another process's
+    (xdist workers): start the compile only if no one has (DIR/started, created exclusively)."""
+
+    def __init__(self, dir: str, shared: bool = False):
+        self.archs = os.environ.get("FUSED_S2S_AOT_ARCHS", "80,90")  # CI's triton 3.6 run: "90"
+        self.dir, self.out, self.log, self.rc = dir, *(os.path.join(dir, f) for f in ("aot.json", "aot.log", "rc"))
+        if shared:
+            os.makedirs(dir, exist_ok=True)
+            try:
+                os.close(os.open(os.path.join(dir, "started"), os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                return  # another worker started it
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        with open(self.log, "w") as log:
+            proc = subprocess.Popen([sys.executable, "-c", _RECORD_STATUS, self.rc, sys.executable, "-m",
+                                     "fused_s2s.aot", "--json", self.out, "--archs", self.archs],
+                                    env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        with open(os.path.join(dir, "pid"), "w") as f:
+            f.write(str(proc.pid))
+
+    def wait(self, timeout: float) -> int:
+        """The compile's exit status, once it has ended (TimeoutError after ``timeout`` seconds)."""
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(self.rc):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the AOT compile in {self.dir} ran past {timeout} s")
+            time.sleep(0.5)
+        with open(self.rc) as f:
+            return int(f.read())
+
+    def log_text(self) -> str:
+        with open(self.log) as f:
+            return f.read()
+
+
+def _kill_aot(dir: str) -> None:
+    """Stop the compile started in ``dir`` if it still runs (the run ended before its test took it)."""
+    pid = os.path.join(dir, "pid")
+    if os.path.exists(pid) and not os.path.exists(os.path.join(dir, "rc")):
+        with open(pid) as f:
+            try:
+                os.killpg(int(f.read()), signal.SIGKILL)  # its compile workers too
+            except ProcessLookupError:
+                pass
 
 
 def pytest_sessionfinish(session):
+    if XDIST_WORKER is not None:
+        return  # the controller stops it: another worker may still be waiting for it
     bg = getattr(session.config, "_aot_background", None)
-    if bg is not None and bg[0].poll() is None:  # the run ended before the AOT test collected it
-        os.killpg(bg[0].pid, signal.SIGKILL)  # its compile workers too
+    if bg is not None:
+        _kill_aot(bg.dir)
+    elif session.config.getoption("dist", "no") != "no" and session.config.getoption("testrunuid", ""):
+        _kill_aot(_aot_dir(session.config.option.testrunuid))
 
 
 @pytest.fixture
 def aot_run(request):
-    """The background AOT compile started at collection (or a fresh one): (process, json, log, archs)."""
-    return getattr(request.config, "_aot_background", None) or start_aot()
+    """The background AOT compile started at collection (or a fresh one): an AotRun."""
+    return getattr(request.config, "_aot_background", None) or AotRun(tempfile.mkdtemp(prefix="fused_s2s_aot_"))
 
 
 @pytest.fixture

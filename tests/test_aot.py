@@ -13,11 +13,10 @@ def test_aot_compile_all_registered(aot_run):
     # started by conftest at collection time, in the background (this test runs last); the archs
     # come from FUSED_S2S_AOT_ARCHS: CI's second run, under triton 3.6, compiles for sm_90 only (the
     # H100 that runs 3.6), the first, under the newest triton, for sm_80 and sm_90
-    proc, out, log, archs = aot_run
-    returncode = proc.wait(timeout=1500)
-    log.seek(0)
-    print(log.read()[-20000:])
-    with open(out) as f:
+    returncode = aot_run.wait(timeout=1500)
+    archs = aot_run.archs
+    print(aot_run.log_text()[-20000:])
+    with open(aot_run.out) as f:
         rows = json.load(f)
     fams = {r["kernel"] for r in rows}
     assert {"attention", "gumbel"} <= fams, f"kernel families registered: {sorted(fams)}"
