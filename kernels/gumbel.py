@@ -176,6 +176,49 @@ def _inv_tau(inv_tau, inv_tau_lo, tau_ptr, FP64: tl.constexpr, TAU_PTR: tl.const
 
 
 @triton.jit
+def _program_rows(R, inv_tau, inv_tau_lo, tau_ptr, seed_ptr, BLOCK_R: tl.constexpr, HAS_NOISE: tl.constexpr,
+                  FP64: tl.constexpr, TAU_PTR: tl.constexpr):
+    """This program's BLOCK_R rows (int64: row * stride stays exact past 2**31 elements) and their
+    mask, 1/tau and its base-2 scale, and the noise seed (0, unused, when the noise is given)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,) int64
+    rmask = rows < R
+    inv_tau = _inv_tau(inv_tau, inv_tau_lo, tau_ptr, FP64, TAU_PTR)
+    inv_tau2 = inv_tau * _LOG2E  # the exponents' scale in base 2 (tl.exp would multiply by log2(e) again)
+    seed = 0
+    if not HAS_NOISE:
+        seed = tl.load(seed_ptr)
+    return rows, rmask, inv_tau, inv_tau2, seed
+
+
+@triton.jit
+def _chunk(V, CHUNK_V, PHASE: tl.constexpr):
+    """The columns [lo, hi) of this program: the whole row (PHASE 0), or chunk program_id(1) of a
+    split row (PHASE 1 / 2)."""
+    if PHASE == 0:
+        lo = 0
+        hi = V
+    else:
+        lo = tl.program_id(1) * CHUNK_V
+        hi = tl.minimum(lo + CHUNK_V, V)
+    return lo, hi
+
+
+@triton.jit
+def _row_partials(rows, rmask, NSPLIT):
+    """PHASE 2: the offsets (BLOCK_R, _MAX_SPLIT) of the row's chunks' partial pairs in an
+    (R, NSPLIT, 2) buffer, their mask, and the chunk numbers (_MAX_SPLIT,)."""
+    ks = tl.arange(0, _MAX_SPLIT)
+    kmask = rmask[:, None] & (ks < NSPLIT)[None, :]
+    return rows[:, None] * (NSPLIT * 2) + ks[None, :] * 2, kmask, ks
+
+
+@triton.jit
+def _own_partial(rows, NSPLIT):
+    """PHASE 1: the offset (BLOCK_R,) of this chunk's partial pair in an (R, NSPLIT, 2) buffer."""
+    return rows * (NSPLIT * 2) + tl.program_id(1) * 2
+
+
+@triton.jit
 def _gumbel_fwd_kernel(
     x_ptr, noise_ptr, seed_ptr, tau_ptr, y_ptr, idx_ptr, m_ptr, s_ptr, g_ptr, mb_ptr, pf_ptr, pi_ptr,
     stride_x, stride_n, stride_y, R, V, NBLK, CHUNK_V, NSPLIT, inv_tau, inv_tau_lo,
@@ -203,27 +246,14 @@ def _gumbel_fwd_kernel(
     same lowest-column rule) and runs the epilogue (y, or pass 2) over its chunk. PHASE 0: the
     whole row in one program.
     """
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,) int64
-    rmask = rows < R
-    inv_tau = _inv_tau(inv_tau, inv_tau_lo, tau_ptr, FP64, TAU_PTR)
-    inv_tau2 = inv_tau * _LOG2E  # the exponents' scale in base 2 (tl.exp would multiply by log2(e) again)
-    seed = 0
-    if not HAS_NOISE:
-        seed = tl.load(seed_ptr)
+    rows, rmask, inv_tau, inv_tau2, seed = _program_rows(R, inv_tau, inv_tau_lo, tau_ptr, seed_ptr,
+                                                         BLOCK_R, HAS_NOISE, FP64, TAU_PTR)
     cols = tl.arange(0, BLOCK_V)
-    # the columns [lo, hi) of this program: the whole row, or chunk program_id(1) of a split row
-    if PHASE == 0:
-        lo = 0
-        hi = V
-    else:
-        lo = tl.program_id(1) * CHUNK_V
-        hi = tl.minimum(lo + CHUNK_V, V)
+    lo, hi = _chunk(V, CHUNK_V, PHASE)
 
     if PHASE == 2:
         # the row's statistics from its chunks' partials, (BLOCK_R, NSPLIT) (BLOCK_R is 1 here)
-        ks = tl.arange(0, _MAX_SPLIT)
-        kmask = rmask[:, None] & (ks < NSPLIT)[None, :]
-        part = rows[:, None] * (NSPLIT * 2) + ks[None, :] * 2
+        part, kmask, ks = _row_partials(rows, rmask, NSPLIT)
         pm = tl.load(pf_ptr + part, mask=kmask, other=_NEG_INF)
         ps = tl.load(pf_ptr + part + 1, mask=kmask, other=0.0)
         pbest = tl.load(pi_ptr + part, mask=kmask, other=0)
@@ -297,7 +327,7 @@ def _gumbel_fwd_kernel(
                         nan_i = tl.minimum(nan_i, tl.min(tl.where(xn != xn, c[None, :], V), 1))
     if PHASE == 1:
         # this chunk's partials for PHASE 2; nothing else is written (y is PHASE 2's)
-        part = rows * (NSPLIT * 2) + tl.program_id(1) * 2
+        part = _own_partial(rows, NSPLIT)
         tl.store(pf_ptr + part, m, mask=rmask)
         tl.store(pf_ptr + part + 1, s, mask=rmask)
         tl.store(pi_ptr + part, best_i.to(tl.int32), mask=rmask)
@@ -376,20 +406,10 @@ def _gumbel_bwd_kernel(
     (and KEEP off draws the noise again): PHASE 2 rebuilds it as PHASE 1 does.
     """
     tl.static_assert(SINGLE == (PHASE == 0), "one block a row is PHASE 0; the loop is PHASE 1 then 2")
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,) int64
-    rmask = rows < R
-    inv_tau = _inv_tau(inv_tau, inv_tau_lo, tau_ptr, FP64, TAU_PTR)
-    inv_tau2 = inv_tau * _LOG2E  # the exponents' scale in base 2 (tl.exp would multiply by log2(e) again)
-    seed = 0
-    if not HAS_NOISE:
-        seed = tl.load(seed_ptr)
+    rows, rmask, inv_tau, inv_tau2, seed = _program_rows(R, inv_tau, inv_tau_lo, tau_ptr, seed_ptr,
+                                                         BLOCK_R, HAS_NOISE, FP64, TAU_PTR)
     cols = tl.arange(0, BLOCK_V)
-    if PHASE == 0:
-        lo = 0
-        hi = V
-    else:
-        lo = tl.program_id(1) * CHUNK_V
-        hi = tl.minimum(lo + CHUNK_V, V)
+    lo, hi = _chunk(V, CHUNK_V, PHASE)
     m = tl.load(m_ptr + rows, mask=rmask, other=0.0)
     s = tl.load(s_ptr + rows, mask=rmask, other=1.0)
     m_sub = tl.where(m == _NEG_INF, 0.0, m)[:, None]
@@ -401,9 +421,7 @@ def _gumbel_bwd_kernel(
     dx_rows = dx_ptr + rows[:, None] * stride_dx
 
     if PHASE == 2:
-        ks = tl.arange(0, _MAX_SPLIT)
-        kmask = rmask[:, None] & (ks < NSPLIT)[None, :]
-        part = rows[:, None] * (NSPLIT * 2) + ks[None, :] * 2
+        part, kmask, _ = _row_partials(rows, rmask, NSPLIT)
         dot = tl.sum(tl.load(pd_ptr + part, mask=kmask, other=0.0), 1)
         e = tl.sum(tl.load(pd_ptr + part + 1, mask=kmask, other=0.0), 1)
         # dx_k first (behind PHASE 1's y store there: the previous launch); pass 2 skips it
@@ -455,7 +473,7 @@ def _gumbel_bwd_kernel(
                 e += tl.sum((dy_k[:, None] - dy) * y, 1)
                 if not HAS_NOISE and KEEP:
                     tl.store(dx_rows + c[None, :], y.to(dx_ptr.dtype.element_ty), mask=mask)
-            part = rows * (NSPLIT * 2) + tl.program_id(1) * 2
+            part = _own_partial(rows, NSPLIT)
             tl.store(pd_ptr + part, dot, mask=rmask)
             tl.store(pd_ptr + part + 1, e, mask=rmask)
 
