@@ -68,3 +68,37 @@ def test_aligned_variant_marks_pointers_and_ints_divisible_by_16():
                                           (2,): [["tt.divisibility", 16]]}
     with pytest.raises(ValueError, match="variant"):
         aot._attrs(cfg, "other")
+
+
+def test_shared_aot_run_starts_one_compile_and_reports_its_status(tmp_path, monkeypatch):
+    # pytest-xdist: every worker collects the AOT test; only the first to claim the directory starts
+    # the compile, and every worker's handle waits for the one exit status
+    import subprocess
+    import sys
+
+    import conftest
+
+    started = []
+
+    class FakePopen:
+        def __init__(self, args, **kwargs):
+            started.append(args)
+            self.pid = 2**22 + 1  # never signalled: the status file is written below, so nothing is killed
+
+    monkeypatch.setattr(conftest.subprocess, "Popen", FakePopen)
+    d = str(tmp_path / "run")
+    first, second = conftest.AotRun(d, shared=True), conftest.AotRun(d, shared=True)
+    assert len(started) == 1 and started[0][-4:] == ["--json", first.out, "--archs", first.archs]
+    with pytest.raises(TimeoutError):
+        second.wait(timeout=0.2)
+    (tmp_path / "run" / "rc").write_text("3")
+    assert first.wait(timeout=1) == 3 and second.wait(timeout=1) == 3
+    conftest._kill_aot(d)  # the compile has ended (rc written): nothing to stop, no error
+    monkeypatch.undo()
+
+    # the wrapper that writes the exit status of the command it runs
+    rc = str(tmp_path / "rc2")
+    subprocess.run([sys.executable, "-c", conftest._RECORD_STATUS, rc, sys.executable, "-c", "raise SystemExit(5)"],
+                   check=True)
+    with open(rc) as f:
+        assert f.read() == "5"
