@@ -25,7 +25,10 @@ the GPU keeps up and a call's time is what the host spends issuing it; calls are
 synchronisation per round outside the timing), and splits a call's host time into its parts:
 Triton's own launch (a kernel that does nothing, with 1 and with 28 arguments, as our kernels
 have), our launcher (``fused_s2s.kernels.*`` without the autograd Function), and single PyTorch
-ops for scale. Subtract the stubbed figures of the same machine to get the launches' share.
+ops for scale. Subtract the stubbed figures of the same machine to get the launches' share. A
+third column times the fused calls again with ``FUSED_S2S_DIRECT_LAUNCH``'s path (session 13,
+experimental: the compiled kernel launched without Triton's per-launch binder after its first
+launch; kernels/_launch.py).
 """
 from __future__ import annotations
 
@@ -215,9 +218,19 @@ def main(argv=None) -> int:
         import triton
         print(f"real kernels on {torch.cuda.get_device_name()}; torch {torch.__version__}, triton "
               f"{triton.__version__}; host time per call (queued), best of 7 rounds")
-        print(f"{'op':44s} {'fused':>18s} {'eager (PyTorch ops)':>20s}")
+        from fused_s2s.kernels import _launch
+
+        # the third column: FUSED_S2S_DIRECT_LAUNCH's path (kernels._launch.DirectLauncher), switched
+        # on here for that column only
+        print(f"{'op':44s} {'fused':>18s} {'eager (PyTorch ops)':>20s} {'fused, direct launch':>22s}")
         for name, fused, eager in cases("cuda"):
-            print(f"{name:44s} {per_call_us(fused, a.n):15.1f} us {per_call_us(eager, a.n):17.1f} us")
+            jit_us, eager_us = per_call_us(fused, a.n), per_call_us(eager, a.n)
+            _launch.DIRECT_LAUNCH = True
+            try:
+                direct_us = per_call_us(fused, a.n)
+            finally:
+                _launch.DIRECT_LAUNCH = False
+            print(f"{name:44s} {jit_us:15.1f} us {eager_us:17.1f} us {direct_us:19.1f} us")
         print("\nparts")
         for name, fn in launch_parts():
             print(f"{name:52s} {per_call_us(fn, a.n):10.1f} us")

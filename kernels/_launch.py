@@ -7,6 +7,8 @@ launch, which at the notes' sizes is a noticeable part of a call (benchmarks/hos
 from __future__ import annotations
 
 import functools
+import inspect
+import os
 
 import torch
 
@@ -70,3 +72,99 @@ def num_sms(device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4
+
+
+# FUSED_S2S_DIRECT_LAUNCH=1 (experimental, read at import; never measured on a GPU yet): launch a
+# kernel's compiled form directly once Triton has compiled it for a specialisation (``direct``).
+DIRECT_LAUNCH = os.environ.get("FUSED_S2S_DIRECT_LAUNCH", "0") not in ("", "0")
+_DIRECT_LAUNCHERS: dict = {}  # id(JITFunction) -> (JITFunction, DirectLauncher)
+
+
+def direct(kernel):
+    """What a launcher indexes with its grid: ``direct(k)[grid](*args, **meta)`` launches as
+    ``k[grid](*args, **meta)``. With DIRECT_LAUNCH on and ``k`` a compiled-mode JITFunction, through
+    its DirectLauncher; otherwise (the default, the interpreter, a test's stub) ``k`` itself."""
+    if not DIRECT_LAUNCH:
+        return kernel
+    hit = _DIRECT_LAUNCHERS.get(id(kernel))
+    if hit is None or hit[0] is not kernel:
+        from triton.runtime.jit import JITFunction
+
+        hit = _DIRECT_LAUNCHERS[id(kernel)] = (kernel, DirectLauncher(kernel) if isinstance(kernel, JITFunction) else kernel)
+    return hit[1]
+
+
+def arg_spec(a):
+    """What Triton's JIT may specialise a runtime argument on, or more (finer keys only cost
+    compiles' lookups): a tensor's dtype and address mod 16; an int's value (the binder looks at
+    == 1, divisibility by 16 and width; the value covers all three, one key per shape); a float
+    is an fp32 argument, whatever its value (a scheduled tau must not make a key per step)."""
+    if isinstance(a, torch.Tensor):
+        return a.dtype, a.data_ptr() % 16
+    if isinstance(a, bool):  # before int: bool is an int, and Triton types it i1
+        return "b", a
+    if isinstance(a, int):
+        return a
+    if isinstance(a, float):
+        return ("f",)
+    return "o", type(a), a  # None and the rest: by value
+
+
+def args_key(args) -> tuple:
+    """``arg_spec`` of each argument; plain tensors and ints inline (a launch's 20-odd arguments:
+    ~3.6 us on this project's CPU against ~6.7 through arg_spec alone)."""
+    T = torch.Tensor
+    return tuple([(a.dtype, a.data_ptr() % 16) if type(a) is T else a if type(a) is int else arg_spec(a)
+                  for a in args])
+
+
+_MAX_KEYS = 4096  # per kernel: past this the DirectLauncher forgets its keys (many shapes, e.g. generation)
+
+
+class DirectLauncher:
+    """``fn[grid](*args, **meta)`` with Triton's per-launch binder skipped after the first launch.
+
+    Triton's ``JITFunction.run`` specialises every argument (types, 16-byte alignment, ints equal to
+    1 or divisible by 16), builds a cache key of that and the options, and looks the compiled
+    kernel up: ~11 us per launch of the Gumbel kernels on this project's CPU (docs/gpu.md, session
+    13). Here the first launch of each specialisation goes through ``fn[grid]``, which compiles and
+    returns the CompiledKernel; later launches whose ``args_key``, keywords (constexprs and
+    options) and device are the same call that kernel with the same arguments Triton would pass,
+    ``CompiledKernel[grid](*all parameters, stream=)``. The key holds at least what the binder
+    specialises on (``arg_spec``), so two launches with one key have one specialisation.
+    Constexprs must be keywords (a positional one disables the fast path). ~3.6 us of key and
+    lookup against the binder's ~11 (the Gumbel forward's 22 runtime arguments, this project's CPU)."""
+
+    def __init__(self, fn, device=None, stream=None):
+        self.fn = fn
+        self.names = list(fn.arg_names)
+        self.constexpr = [p.is_constexpr for p in fn.params]
+        self.defaults = {p.name: p.default for p in fn.params if p.default is not inspect.Parameter.empty}
+        if device is None:
+            from triton.runtime import driver
+
+            device, stream = driver.active.get_current_device, driver.active.get_current_stream
+        self.device, self.stream = device, stream
+        self.compiled: dict = {}  # key -> (CompiledKernel, the constexprs' values in parameter order)
+
+    def __getitem__(self, grid):
+        return lambda *args, **meta: self.run(grid, args, meta)
+
+    def run(self, grid, args, meta):
+        if callable(grid):  # a grid of the meta-parameters: Triton's own path
+            return self.fn[grid](*args, **meta)
+        device = self.device()
+        key = (device, tuple(meta.items()), args_key(args))
+        hit = self.compiled.get(key)
+        if hit is None:
+            kernel = self.fn[grid](*args, **meta)
+            if not any(self.constexpr[:len(args)]):
+                if len(self.compiled) >= _MAX_KEYS:
+                    self.compiled.clear()
+                consts = tuple(meta[n] if n in meta else self.defaults[n] for n in self.names[len(args):])
+                self.compiled[key] = (kernel, consts)
+            return kernel
+        kernel, consts = hit
+        g = tuple(grid) + (1, 1)
+        kernel[g[:3]](*args, *consts, stream=self.stream(device))
+        return kernel

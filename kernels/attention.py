@@ -85,7 +85,7 @@ import triton
 import triton.language as tl
 
 import fused_s2s.aot
-from fused_s2s.kernels._launch import cdiv, next_power_of_2, num_sms, stages
+from fused_s2s.kernels._launch import cdiv, direct, next_power_of_2, num_sms, stages
 
 # Register budget: elements of one fp32 (BLOCK_L, BLOCK_D) tile per warp. The forward holds two
 # tiles (H and V) and their addresses; the backward kernels also build dH/dV tiles, so they take
@@ -691,7 +691,7 @@ def attention_forward(query, keys, values, mask, *, splits=None, block_l=None, t
         pm = torch.empty(rows, nsplit, device=dev, dtype=acc_t)
         pl = torch.empty(rows, nsplit, device=dev, dtype=acc_t)
         pacc = torch.empty(rows, nsplit, Dv, device=dev, dtype=acc_t)
-    _attn_fwd_kernel[(rows, nsplit)](
+    direct(_attn_fwd_kernel)[(rows, nsplit)](
         query, keys, v, m_ptr, ctx, ctx_acc, weights, scores, lse, pm, pl, pacc,
         T, L, D, Dv, per,
         *_st3(query), *keys.stride(), *v.stride(), s_mb, s_ml,
@@ -700,7 +700,7 @@ def attention_forward(query, keys, values, mask, *, splits=None, block_l=None, t
         enable_fp_fusion=True,
     )
     if not finalize:
-        _attn_combine_kernel[(rows, nsplit)](
+        direct(_attn_combine_kernel)[(rows, nsplit)](
             ctx, ctx_acc, weights, scores, lse, pm, pl, pacc, L, Dv, per, STORE_CTXA=store_ctxa,
             ACC=_acc(dtype), BLOCK_L=bl, BLOCK_D=block_d, num_warps=num_warps, enable_fp_fusion=True,
         )
@@ -770,12 +770,12 @@ def attention_backward(query, keys, values, mask, ctx, weights, lse, dctx, dweig
     dpart = delta
     if delta_mode in (2, 3):
         dpart = torch.empty(rows, nsplit, 2, device=dev, dtype=acc_t)  # per chunk: (sum w g, sum w) | (sum a da, 0)
-        _attn_bwd_delta_kernel[(rows, nsplit)](
+        direct(_attn_bwd_delta_kernel)[(rows, nsplit)](
             query, weights, lse, v, dc, dw, dpart, T, L, Dv, per, *v.stride(), *_st3(dc), *_st3(dw),
             HAS_DCTX=has_dc, HAS_DW=has_dw, DELTA_MODE=delta_mode, ACC=_acc(dtype), BLOCK_L=bl, BLOCK_D=block_d,
             NUM_STAGES=ns, num_warps=num_warps, enable_fp_fusion=True,
         )
-    _attn_bwd_row_kernel[(rows, nsplit)](
+    direct(_attn_bwd_row_kernel)[(rows, nsplit)](
         query, keys, v, ctx, weights, lse, dc, dw, dq, dk, dv_ptr, delta, dpart,
         T, L, D, Dv, per, rows,
         *_st3(query), *keys.stride(), *v.stride(), *_st3(dc), *_st3(dw),
@@ -785,7 +785,7 @@ def attention_backward(query, keys, values, mask, ctx, weights, lse, dctx, dweig
         dq = dq.sum(0).to(dtype)
     if not write_kv:
         common["num_warps"] = nw_kv
-        _attn_bwd_kv_kernel[(B, cdiv(L, bl_kv))](
+        direct(_attn_bwd_kv_kernel)[(B, cdiv(L, bl_kv))](
             query, keys, v, weights, lse, delta, dc, dw, dk, dv_ptr,
             T, L, D, Dv,
             *_st3(query), *keys.stride(), *v.stride(), *_st3(dc), *_st3(dw),

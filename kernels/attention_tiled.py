@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from fused_s2s.kernels.attention import _mask_args, _mask_valid, _saved_alpha, _tile_safe, ctx_acc_buffer
-from fused_s2s.kernels._launch import cdiv, next_power_of_2, stages
+from fused_s2s.kernels._launch import cdiv, direct, next_power_of_2, stages
 
 _MIN_T = 16  # the launcher's heuristic: tiles pay once a batch row has this many queries
 
@@ -398,7 +398,7 @@ def attention_forward_tiled(query, keys, values, mask, *, block_l=None, for_back
     scores = weights if dtype == torch.float32 else torch.empty(B, T, L, device=dev, dtype=torch.float32)
     m_ptr, mode, s_mb, s_ml = _mask_args(mask, query)
     dot_t, rnd_t = _dot_types(query)
-    _attn_fwd_tiled_kernel[(B, cdiv(T, bt))](
+    direct(_attn_fwd_tiled_kernel)[(B, cdiv(T, bt))](
         query, keys, v, m_ptr, ctx, ctx_acc, weights, scores, lse,
         T, L, D, Dv,
         *query.stride(), *keys.stride(), *v.stride(), s_mb, s_ml,
@@ -433,12 +433,12 @@ def attention_backward_tiled(query, keys, values, mask, ctx, weights, lse, dctx,
     common = dict(MASK_MODE=mode, SHARED_KV=shared, HAS_DCTX=has_dc, HAS_DW=has_dw, DOT_T=dot_t, RND_T=rnd_t,
                   BLOCK_D=block_d, NUM_STAGES=stages(num_stages, _TILED_STAGES))
     strides = (*query.stride(), *keys.stride(), *v.stride(), s_mb, s_ml, *dc.stride(), *dw.stride())
-    _attn_bwd_dq_tiled_kernel[(B, cdiv(T, bt))](
+    direct(_attn_bwd_dq_tiled_kernel)[(B, cdiv(T, bt))](
         query, keys, v, m_ptr, ctx, weights, lse, dc, dw, dq, delta, T, L, D, Dv, *strides,
         BLOCK_T=bt, BLOCK_L=bl, num_warps=nw, enable_fp_fusion=True, **common,
     )
     dv_ptr = dk if dv is None else dv
-    _attn_bwd_kv_tiled_kernel[(B, cdiv(L, bl))](
+    direct(_attn_bwd_kv_tiled_kernel)[(B, cdiv(L, bl))](
         query, keys, v, m_ptr, lse, delta, dc, dw, dk, dv_ptr, T, L, D, Dv, *strides,
         BLOCK_T=bt, BLOCK_L=bl, num_warps=nw, enable_fp_fusion=True, **common,
     )

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from fused_s2s.kernels.attention import _mask_args, _mask_valid, ctx_acc_buffer
-from fused_s2s.kernels._launch import cdiv
+from fused_s2s.kernels._launch import cdiv, direct
 from fused_s2s.kernels.attention_tiled import (
     _alpha_dalpha_rowsum,
     _block_l,
@@ -257,7 +257,7 @@ def attention_forward_wide(query, keys, values, mask, cfg, *, block_l=None, for_
     scores = weights if dtype == torch.float32 else torch.empty(B, T, L, device=dev, dtype=torch.float32)
     m_ptr, mode, s_mb, s_ml = _mask_args(mask, query)
     dot_t, rnd_t = _dot_types(query)
-    _attn_fwd_wide_kernel[(B, cdiv(T, bt), cdiv(Dv, bo))](
+    direct(_attn_fwd_wide_kernel)[(B, cdiv(T, bt), cdiv(Dv, bo))](
         query, keys, v, m_ptr, ctx, ctx_acc, weights, scores, lse,
         T, L, D, Dv,
         *query.stride(), *keys.stride(), *v.stride(), s_mb, s_ml,
@@ -284,10 +284,10 @@ def attention_backward_wide(query, keys, values, mask, ctx, weights, lse, dctx, 
     common = dict(MASK_MODE=mode, HAS_DCTX=has_dc, HAS_DW=has_dw, DOT_T=dot_t, RND_T=rnd_t,
                   BLOCK_T=bt, BLOCK_L=bl, BLOCK_K=bk, BLOCK_O=bo, num_warps=nw, enable_fp_fusion=True)
     strides = (*query.stride(), *keys.stride(), *v.stride(), s_mb, s_ml, *dc.stride(), *dw.stride())
-    _attn_bwd_dq_wide_kernel[(B, cdiv(T, bt), cdiv(D, bo))](
+    direct(_attn_bwd_dq_wide_kernel)[(B, cdiv(T, bt), cdiv(D, bo))](
         query, keys, v, m_ptr, ctx, weights, lse, dc, dw, dq, delta, T, L, D, Dv, *strides, **common,
     )
-    _attn_bwd_kv_wide_kernel[(B, cdiv(L, bl), cdiv(max(D, Dv), bo))](
+    direct(_attn_bwd_kv_wide_kernel)[(B, cdiv(L, bl), cdiv(max(D, Dv), bo))](
         query, keys, v, m_ptr, lse, delta, dc, dw, dk, dk if dv is None else dv, T, L, D, Dv, *strides,
         SHARED_KV=shared, **common,
     )

@@ -32,7 +32,7 @@ from triton.language.extra import libdevice
 
 from fused_s2s import aot, philox
 from fused_s2s.backend import interpret_mode
-from fused_s2s.kernels._launch import cdiv, num_sms, stages
+from fused_s2s.kernels._launch import cdiv, direct, num_sms, stages
 
 _U_MIN = tl.constexpr(philox.U_MIN)
 _NEG_INF = tl.constexpr(float("-inf"))
@@ -640,7 +640,7 @@ def gumbel_fwd(x, inv_tau: float, hard: bool, noise=None, seed=None, *, tau=None
     else:
         pf, pi = m, idx  # not read
     for phase in ((1, 2) if nsplit > 1 else (0,)) if R else ():
-        _gumbel_fwd_kernel[(cdiv(R, BR), nsplit)](
+        direct(_gumbel_fwd_kernel)[(cdiv(R, BR), nsplit)](
             x, noise if has_noise else x, idx if has_noise else seed, m if tau is None else tau,
             x if y is None else y, idx, m, m if s is None else s, g, mb, pf, pi,
             x.stride(0), noise.stride(0) if has_noise else 0, 0 if y is None else y.stride(0), R, V, nblk,
@@ -670,7 +670,7 @@ def gumbel_bwd(dy, x, m, s, inv_tau: float, noise=None, seed=None, *, idx, tau=N
     # the loop path is always two launches, also at one chunk a row (the kernel's docstring: registers)
     pd = m if single else torch.empty((R, nsplit, 2), dtype=m.dtype, device=x.device)  # parts of sum(dy * y), e
     for phase in ((0,) if single else (1, 2)) if R else ():
-        _gumbel_bwd_kernel[(cdiv(R, BR), nsplit)](
+        direct(_gumbel_bwd_kernel)[(cdiv(R, BR), nsplit)](
             x, noise if has_noise else x, _placeholder_seed(x.device) if has_noise else seed, m if tau is None else tau,
             m, s, idx, dy, dx, pd,
             x.stride(0), noise.stride(0) if has_noise else 0, dy.stride(0), dx.stride(0), R, V, chunk_v, nsplit,

@@ -50,3 +50,120 @@ def test_interpreter_range_fix_is_installed_idempotent_and_restored(device):
     assert out.sum().item() == 40
     # the interpreter's per-call patches of tl.tensor are undone after the call, ours with them
     assert not hasattr(tl.tensor, "__index__")
+
+
+class _FakeParam:
+    def __init__(self, name, is_constexpr, default=None):
+        import inspect
+
+        self.name, self.is_constexpr = name, is_constexpr
+        self.default = inspect.Parameter.empty if default is None else default
+
+
+class _FakeCompiled:
+    """A CompiledKernel's launch form: ``kernel[grid](*all parameters, stream=)``, recorded."""
+
+    def __init__(self, calls):
+        self.calls = calls
+
+    def __getitem__(self, grid):
+        return lambda *args, stream=None: self.calls.append(("direct", grid, args, stream))
+
+
+class _FakeJIT:
+    """A JITFunction's launch, ``fn[grid](*args, **meta)`` -> CompiledKernel, recorded."""
+
+    def __init__(self, params):
+        self.params = params
+        self.arg_names = [p.name for p in params]
+        self.calls = []
+
+    def __getitem__(self, grid):
+        def run(*args, **meta):
+            self.calls.append(("jit", grid, args, meta))
+            return _FakeCompiled(self.calls)
+        return run
+
+
+def test_args_key_tells_apart_what_triton_specialises_on():
+    x = torch.zeros(64)
+    p = torch.nn.Parameter(torch.zeros(8))  # a Tensor subclass: through arg_spec
+    key = _launch.args_key
+    assert key((x, 32, 0.5)) == key((torch.zeros(32), 32, 2.0))  # a float's value is not specialised
+    assert key((x[1:],)) != key((x,))  # 4 bytes off 16-byte alignment
+    assert key((x.to(torch.float16),)) != key((x,))
+    assert key((p,)) == key((torch.zeros(4),)) and key((p[1:],)) != key((p,))
+    for a, b in ((32, 40), (32, 1), (2**31 - 16, 2**31), (1, True), (None, 0)):
+        assert key((a,)) != key((b,)), (a, b)
+    assert key((None,)) == key((None,))
+
+
+def test_direct_launcher_skips_the_binder_only_for_a_launch_it_has_seen():
+    fn = _FakeJIT([_FakeParam("x_ptr", False), _FakeParam("n", False), _FakeParam("BLOCK", True),
+                   _FakeParam("FLAG", True, default=7)])
+    d = _launch.DirectLauncher(fn, device=lambda: 0, stream=lambda dev: 1234)
+    x = torch.zeros(64)
+    d[(4,)](x, 32, BLOCK=16, num_warps=4)  # first: through Triton, which compiles
+    assert fn.calls[-1] == ("jit", (4,), (x, 32), {"BLOCK": 16, "num_warps": 4})
+    y = torch.ones(64)
+    d[(5, 2)](y, 32, BLOCK=16, num_warps=4)  # same specialisation: the compiled kernel, every parameter
+    assert fn.calls[-1] == ("direct", (5, 2, 1), (y, 32, 16, 7), 1234)
+    for args, meta in (((x[1:], 32), {"BLOCK": 16, "num_warps": 4}),  # misaligned
+                       ((x, 40), {"BLOCK": 16, "num_warps": 4}),  # an int not divisible by 16
+                       ((x, 1), {"BLOCK": 16, "num_warps": 4}),  # an int Triton folds to 1
+                       ((x, 32), {"BLOCK": 32, "num_warps": 4}),  # another constexpr
+                       ((x, 32), {"BLOCK": 16, "num_warps": 8})):  # another option
+        n = len(fn.calls)
+        d[(4,)](*args, **meta)
+        assert fn.calls[n][0] == "jit", (args, meta)
+        d[(4,)](*args, **meta)
+        assert fn.calls[n + 1][0] == "direct", (args, meta)
+    # a constexpr passed by position: its value is not in the key, so Triton's path every time
+    d[(4,)](x, 32, 16, num_warps=4)
+    d[(4,)](x, 32, 16, num_warps=4)
+    assert [c[0] for c in fn.calls[-2:]] == ["jit", "jit"]
+    # another device: its own compile
+    d.device = lambda: 1
+    d[(4,)](x, 32, BLOCK=16, num_warps=4)
+    assert fn.calls[-1][0] == "jit"
+
+
+def test_direct_is_the_kernel_itself_unless_switched_on(monkeypatch):
+    fn = _FakeJIT([_FakeParam("x_ptr", False)])
+    assert _launch.direct(fn) is fn
+    monkeypatch.setattr(_launch, "DIRECT_LAUNCH", True)
+    assert _launch.direct(fn) is fn  # not a JITFunction (the interpreter's kernels, a stub)
+
+
+@pytest.mark.gpu
+def test_direct_launch_gives_bitwise_the_jit_launch_results(monkeypatch):
+    # FUSED_S2S_DIRECT_LAUNCH's path on real kernels: Gumbel-softmax (split rows too) and attention,
+    # forward and backward, each op run three times (the first launch of a specialisation goes
+    # through Triton, the later ones direct), against the default path with the same seeds
+    import fused_s2s
+
+    dev = torch.device("cuda")
+    x = torch.randn(4, 40_000, device=dev)  # 16-aligned rows over several blocks: split on CUDA
+    q, H = torch.randn(3, 5, 64, device=dev), torch.randn(3, 37, 64, device=dev)
+    lengths = torch.tensor([37, 20, 1], device=dev)
+
+    def ops():
+        out = []
+        for hard in (False, True):
+            xi = x.clone().requires_grad_()
+            torch.manual_seed(1)
+            y = fused_s2s.gumbel_softmax(xi, 0.7, hard)
+            (gx,) = torch.autograd.grad(y, xi, torch.ones_like(y).cumsum(-1))
+            out += [y, gx]
+        qi, Hi = q.clone().requires_grad_(), H.clone().requires_grad_()
+        ctx, w = fused_s2s.attention_step(qi, Hi, None, lengths)
+        out += [ctx, w, *torch.autograd.grad((ctx.square().sum() + w.sum()), (qi, Hi))]
+        return out
+
+    want = ops()
+    monkeypatch.setattr(_launch, "DIRECT_LAUNCH", True)
+    for _ in range(3):
+        got = ops()
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+    assert any(isinstance(d, _launch.DirectLauncher) and d.compiled for _, d in _launch._DIRECT_LAUNCHERS.values())
