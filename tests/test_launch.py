@@ -126,6 +126,20 @@ def test_direct_launcher_skips_the_binder_only_for_a_launch_it_has_seen():
     d.device = lambda: 1
     d[(4,)](x, 32, BLOCK=16, num_warps=4)
     assert fn.calls[-1][0] == "jit"
+    # a callable grid (of the meta-parameters): Triton's own path
+    d[lambda meta: (4,)](x, 32, BLOCK=16, num_warps=4)
+    assert fn.calls[-1][0] == "jit"
+
+
+def test_direct_launcher_forgets_its_keys_past_the_cap(monkeypatch):
+    monkeypatch.setattr(_launch, "_MAX_KEYS", 3)
+    fn = _FakeJIT([_FakeParam("n", False)])
+    d = _launch.DirectLauncher(fn, device=lambda: 0, stream=lambda dev: 0)
+    for n in range(5):  # one shape a key (ints by value)
+        d[(1,)](n)
+        assert len(d.compiled) <= 3
+    d[(1,)](4)
+    assert fn.calls[-1][0] == "direct"  # the newest key survived the clear
 
 
 def test_direct_is_the_kernel_itself_unless_switched_on(monkeypatch):
