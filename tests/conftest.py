@@ -30,10 +30,15 @@ AOT_TEST = "test_aot.py::test_aot_compile_all_registered"
 XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # set in pytest-xdist's workers (make test: -n 2)
 
 
+def _xdist_controller(config) -> bool:
+    """This process hands the tests to pytest-xdist workers (-n N)."""
+    return XDIST_WORKER is None and config.getoption("dist", "no") != "no"
+
+
 def pytest_configure(config):
     # pytest-xdist's controller: fix the run's id (its --testrunuid) before the workers start, so
     # that they (PYTEST_XDIST_TESTRUNUID) and this process name the same AOT directory (_aot_dir)
-    if XDIST_WORKER is None and config.getoption("dist", "no") != "no" and config.getoption("testrunuid", "") is None:
+    if _xdist_controller(config) and config.getoption("testrunuid", "") is None:
         config.option.testrunuid = uuid.uuid4().hex
 
 
@@ -51,7 +56,7 @@ def pytest_collection_modifyitems(config, items):
     if aot:
         items[:] = [it for it in items if it not in aot] + aot
         if XDIST_WORKER is None:
-            config._aot_background = AotRun(tempfile.mkdtemp(prefix="fused_s2s_aot_"))
+            config._aot_background = AotRun()
         else:
             config._aot_background = AotRun(_aot_dir(os.environ["PYTEST_XDIST_TESTRUNUID"]), shared=True)
 
@@ -67,10 +72,12 @@ _RECORD_STATUS = ("import os, subprocess, sys; r = subprocess.call(sys.argv[2:])
 
 class AotRun:
     """``python -m fused_s2s.aot --json DIR/aot.json --archs A`` in the background, in its own process
-    group, its exit status written to DIR/rc. ``shared``: the directory may be another process's
-    (xdist workers): start the compile only if no one has (DIR/started, created exclusively)."""
+    group, its exit status written to DIR/rc (None: a fresh temporary DIR). ``shared``: the
+    directory may be another process's (xdist workers): start the compile only if no one has
+    (DIR/started, created exclusively)."""
 
-    def __init__(self, dir: str, shared: bool = False):
+    def __init__(self, dir: str | None = None, shared: bool = False):
+        dir = dir or tempfile.mkdtemp(prefix="fused_s2s_aot_")
         self.archs = os.environ.get("FUSED_S2S_AOT_ARCHS", "80,90")  # CI's triton 3.6 run: "90"
         self.dir, self.out, self.log, self.rc = dir, *(os.path.join(dir, f) for f in ("aot.json", "aot.log", "rc"))
         if shared:
@@ -119,14 +126,14 @@ def pytest_sessionfinish(session):
     bg = getattr(session.config, "_aot_background", None)
     if bg is not None:
         _kill_aot(bg.dir)
-    elif session.config.getoption("dist", "no") != "no" and session.config.getoption("testrunuid", ""):
+    elif _xdist_controller(session.config) and session.config.getoption("testrunuid", ""):
         _kill_aot(_aot_dir(session.config.option.testrunuid))
 
 
 @pytest.fixture
 def aot_run(request):
     """The background AOT compile started at collection (or a fresh one): an AotRun."""
-    return getattr(request.config, "_aot_background", None) or AotRun(tempfile.mkdtemp(prefix="fused_s2s_aot_"))
+    return getattr(request.config, "_aot_background", None) or AotRun()
 
 
 @pytest.fixture
