@@ -42,6 +42,7 @@ class _GumbelSoftmaxFn(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @torch.compiler.disable  # run by the autograd engine, also inside a compiled caller (_gumbel_fused)
     def backward(ctx, dy, _didx=None):
         x, noise, seed, m, s, tau_t, idx = ctx.saved_tensors
         if dy.stride(-1) != 1:
@@ -105,12 +106,7 @@ def _gumbel_softmax(logits, tau, hard, dim, noise, generator, return_index, back
     pass, not at every step (for a tau tensor the check is a device assert, three small launches)."""
     x, n, seed, impl, dim, last, flat = _prepare(logits, dim, noise, generator, backend)  # x (R, V)
     if impl == "triton":
-        if torch.is_grad_enabled() and x.requires_grad:
-            out = _GumbelSoftmaxFn.apply(x, n, seed, tau, bool(hard), bool(return_index))
-            y, idx = out if return_index else (out, None)
-        else:  # no graph to record (generation, no_grad): skip the autograd.Function's host cost
-            inv_tau, tau_t = _tau_args(tau)
-            y, idx, _, _ = _backend.kernels("gumbel").gumbel_fwd(x, inv_tau, bool(hard), n, seed, tau=tau_t)
+        y, idx = _gumbel_fused(x, n, seed, tau, bool(hard), bool(return_index))
     else:
         y, idx = _eager(x, n, seed, tau, bool(hard))
     if not flat:  # back to logits' layout (views; each costs microseconds, so only when needed)
@@ -139,13 +135,35 @@ def gumbel_sample(logits: torch.Tensor, dim: int = -1, *, noise: torch.Tensor | 
     """
     x, n, seed, impl, dim, _, flat = _prepare(logits, dim, noise, generator, backend)  # x (R, V)
     if impl == "triton":
-        _, idx, _, _ = _backend.kernels("gumbel").gumbel_fwd(x.detach(), 1.0, True, n, seed, store_y=False)  # (R,)
+        idx = _gumbel_index_fused(x.detach(), n, seed)  # (R,)
     else:
         g = n if n is not None else philox.gumbel_noise(seed, x.shape, x.device)  # (R, V)
         idx = gumbel_argmax_eager(x.detach(), g)  # (R,)
     if not flat:
         idx = idx.reshape(logits.shape[:dim] + logits.shape[dim + 1:])
     return idx
+
+
+# The Triton paths run as they are under torch.compile, between its graphs (a graph break): see
+# fused_s2s.attention._attention_fused for why. The seed is drawn before, in _prepare, so a compiled
+# caller draws it as its other random ops (Inductor's RNG unless torch._inductor.config.fallback_random).
+@torch.compiler.disable
+def _gumbel_fused(x, n, seed, tau, hard: bool, return_index: bool):
+    """-> y (R, V), index (R,) or None: the Triton kernels on x (R, V), through the autograd
+    Function when a graph is recorded."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        out = _GumbelSoftmaxFn.apply(x, n, seed, tau, hard, return_index)
+        return out if return_index else (out, None)
+    # no graph to record (generation, no_grad): skip the autograd.Function's host cost
+    inv_tau, tau_t = _tau_args(tau)
+    y, idx, _, _ = _backend.kernels("gumbel").gumbel_fwd(x, inv_tau, hard, n, seed, tau=tau_t)
+    return y, idx
+
+
+@torch.compiler.disable
+def _gumbel_index_fused(x, n, seed):
+    """-> the Gumbel-max index (R,) of x (R, V), one read of x and no y written."""
+    return _backend.kernels("gumbel").gumbel_fwd(x, 1.0, True, n, seed, store_y=False)[1]
 
 
 def _prepare(logits, dim, noise, generator, backend):
