@@ -74,7 +74,7 @@ class _AttentionFn(torch.autograd.Function):
         return out, weights
 
     @staticmethod
-    @torch.compiler.disable  # run by the autograd engine, also inside a compiled caller (_attention_fused)
+    @_backend.not_traced  # run by the autograd engine, also inside a compiled caller
     def backward(fctx, dctx, dweights):
         query, keys, values, mask, ctx_acc, scores_acc, lse = fctx.saved_tensors
         dq, dk, dv = _backend.kernels("attention").attention_backward(
@@ -120,13 +120,9 @@ def _attention(query, keys, values, mask, backend, splits=None, block_l=None, ti
     return _attention_fused(query, keys, values, mask, splits, block_l, tiled)
 
 
-@torch.compiler.disable
+@_backend.not_traced  # torch.compile runs it as it is, between its graphs (see not_traced)
 def _attention_fused(query, keys, values, mask, splits, block_l, tiled):
-    """The Triton path. torch.compile runs it as it is, between its graphs (a graph break), as
-    fused_s2s.gumbel's fused paths: Dynamo would otherwise trace the launchers and hand our
-    kernels to Inductor, whose capture of user Triton kernels does not take every argument ours
-    pass (tl.dtype constexprs; pytorch/pytorch#170049, #176712), and under TRITON_INTERPRET it
-    traces the interpreter's NumPy code and fails. Off a compile the wrapper costs ~0.4 us."""
+    """The Triton path: the autograd Function when a graph is recorded, else the launcher."""
     if torch.is_grad_enabled() and (query.requires_grad or keys.requires_grad
                                     or (values is not None and values.requires_grad)):
         return _AttentionFn.apply(query, keys, values, mask, splits, block_l, tiled)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import sys
 
 import torch
 
@@ -25,6 +26,31 @@ def kernels(name: str):
     does not import triton (callers set TRITON_INTERPRET first). Cached, as the ops call it per
     launch, where an import statement costs ~0.7 us of host time."""
     return importlib.import_module(f"fused_s2s.kernels.{name}")
+
+
+_NOT_TRACED: dict = {}  # fn -> torch.compiler.disable(fn), made at fn's first call once Dynamo is imported
+
+
+def not_traced(fn):
+    """``fn`` as torch.compile's code calls it: run as it is, not traced (a graph break), by
+    ``torch.compiler.disable(fn)``. The Triton paths take it: Dynamo would trace our launchers and
+    hand the kernels to Inductor, whose capture of user Triton kernels does not take every argument
+    ours pass (tl.dtype constexprs; pytorch/pytorch#170049, #176712), and under TRITON_INTERPRET
+    it traces the interpreter's NumPy code and raises.
+
+    Applied at fn's first call after torch._dynamo is imported (torch.compile imports it; before,
+    nothing can be compiling), not at import: torch.compiler.disable imports torch._dynamo, ~1 s
+    that a user who never compiles would pay at ``import fused_s2s``. Made during a trace, it is
+    skipped all the same (tests/test_compile.py). Per call: ~0.1 us, ~0.5 once Dynamo is loaded."""
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        disabled = _NOT_TRACED.get(fn)
+        if disabled is None:
+            if "torch._dynamo" not in sys.modules:
+                return fn(*args, **kwargs)
+            disabled = _NOT_TRACED[fn] = torch.compiler.disable(fn)
+        return disabled(*args, **kwargs)
+    return call
 
 
 def validate(backend: str) -> str:

@@ -42,7 +42,7 @@ class _GumbelSoftmaxFn(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    @torch.compiler.disable  # run by the autograd engine, also inside a compiled caller (_gumbel_fused)
+    @_backend.not_traced  # run by the autograd engine, also inside a compiled caller
     def backward(ctx, dy, _didx=None):
         x, noise, seed, m, s, tau_t, idx = ctx.saved_tensors
         if dy.stride(-1) != 1:
@@ -144,10 +144,10 @@ def gumbel_sample(logits: torch.Tensor, dim: int = -1, *, noise: torch.Tensor | 
     return idx
 
 
-# The Triton paths run as they are under torch.compile, between its graphs (a graph break): see
-# fused_s2s.attention._attention_fused for why. The seed is drawn before, in _prepare, so a compiled
-# caller draws it as its other random ops (Inductor's RNG unless torch._inductor.config.fallback_random).
-@torch.compiler.disable
+# The Triton paths run as they are under torch.compile, between its graphs (a graph break; see
+# fused_s2s.backend.not_traced). The seed is drawn before, in _prepare, so a compiled caller draws
+# it as its other random ops (Inductor's RNG unless torch._inductor.config.fallback_random).
+@_backend.not_traced
 def _gumbel_fused(x, n, seed, tau, hard: bool, return_index: bool):
     """-> y (R, V), index (R,) or None: the Triton kernels on x (R, V), through the autograd
     Function when a graph is recorded."""
@@ -160,7 +160,7 @@ def _gumbel_fused(x, n, seed, tau, hard: bool, return_index: bool):
     return y, idx
 
 
-@torch.compiler.disable
+@_backend.not_traced
 def _gumbel_index_fused(x, n, seed):
     """-> the Gumbel-max index (R,) of x (R, V), one read of x and no y written."""
     return _backend.kernels("gumbel").gumbel_fwd(x, 1.0, True, n, seed, store_y=False)[1]

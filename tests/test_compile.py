@@ -1,17 +1,22 @@
 """torch.compile of code that calls the fused ops: they run as they are, between the compiled graphs.
 
-Dynamo does not trace the Triton paths (torch.compiler.disable on fused_s2s.attention._attention_fused,
-fused_s2s.gumbel._gumbel_fused / _gumbel_index_fused and the two autograd Functions' backward): a
-compiled caller gets the same kernels, so with the "aot_eager" backend (the same ATen ops around
-them) bitwise the results of the uncompiled call. Without that, Dynamo traced the launchers and,
-under TRITON_INTERPRET, the interpreter's NumPy code, and raised (InterpreterError).
+Dynamo does not trace the Triton paths (fused_s2s.backend.not_traced, torch.compiler.disable made at
+the first call, on fused_s2s.attention._attention_fused, fused_s2s.gumbel._gumbel_fused /
+_gumbel_index_fused and the two autograd Functions' backward): a compiled caller gets the same
+kernels, so with the "aot_eager" backend (the same ATen ops around them) bitwise the results of
+the uncompiled call. Without that, Dynamo traced the launchers and, under TRITON_INTERPRET, the
+interpreter's NumPy code, and raised (InterpreterError).
 """
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import fused_s2s
+from fused_s2s import backend as _backend
 from fused_s2s import reference
 from fused_s2s.model import Seq2Seq
 from tests.conftest import DEVICE
@@ -22,8 +27,18 @@ pytestmark = pytest.mark.kernels
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
     torch._dynamo.reset()  # no compiled code or recompile budget carried between tests
+    _backend._NOT_TRACED.clear()  # the disabled forms are made again, the first one inside a trace
     yield
     torch._dynamo.reset()
+
+
+def test_importing_the_package_does_not_import_dynamo():
+    """not_traced applies torch.compiler.disable at the first call: importing torch._dynamo costs ~1 s."""
+    code = ("import sys, fused_s2s, fused_s2s.attention, fused_s2s.gumbel, fused_s2s.model; "
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
 
 
 def _ops(q, H, lengths, x):
@@ -53,8 +68,8 @@ def _run(fn, q, H, lengths, x):
 
 def test_compiled_caller_gets_bitwise_the_uncompiled_results_with_aot_eager():
     q, H, lengths, x = _inputs()
+    got = _run(torch.compile(_ops, backend="aot_eager"), q, H, lengths, x)  # first: disabled forms made in the trace
     want = _run(_ops, q, H, lengths, x)
-    got = _run(torch.compile(_ops, backend="aot_eager"), q, H, lengths, x)
     for name, a, b in zip(("loss", "index", "dq", "dH", "dx"), got, want):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{name} differs under torch.compile")
 
