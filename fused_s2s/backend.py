@@ -41,7 +41,7 @@ def not_traced(fn):
     Applied at fn's first call after torch._dynamo is imported (torch.compile imports it; before,
     nothing can be compiling), not at import: torch.compiler.disable imports torch._dynamo, ~1 s
     that a user who never compiles would pay at ``import fused_s2s``. Made during a trace, it is
-    skipped all the same (tests/test_compile.py). Per call: ~0.1 us, ~0.5 once Dynamo is loaded."""
+    skipped all the same (tests/test_compile.py). Per call: ~0.2 us, ~0.5 once Dynamo is loaded."""
     @functools.wraps(fn)
     def call(*args, **kwargs):
         disabled = _NOT_TRACED.get(fn)
