@@ -528,3 +528,27 @@ def test_tensor_ratio_one_runs_the_step_loop_with_gold_inputs(device):
     torch.manual_seed(1)
     torch.testing.assert_close(_run(ref, batch, one, "gumbel")[0].loss, _run(ref, batch, 1.0, "argmax")[0].loss,
                                rtol=0, atol=0)  # the reference's step loop is the same ops either way
+
+
+@pytest.mark.parametrize("ratio,sampling", [(1.0, "argmax"), (0.5, "gumbel_hard"), (0.5, "gumbel")])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(device, ratio, sampling):
+    """torch.utils.checkpoint (non-reentrant) recomputes the pass in the backward: the same seeds
+    (checkpoint restores torch's RNG state, the Gumbel seeds come from it), and the W_out / W_emb
+    gradients the step loop forms once per pass (_PassGrad) counted once, not per recomputation."""
+    from torch.utils.checkpoint import checkpoint
+
+    src, lengths, tgt = _batch(device)
+    _, fused, _ = _models(device)
+
+    def run(ckpt):
+        fused.zero_grad(set_to_none=True)
+        torch.manual_seed(11)  # coins and Gumbel seeds
+        fn = lambda s, n, t: fused(s, n, t, ratio, sampling).loss  # noqa: E731
+        loss = checkpoint(fn, src, lengths, tgt, use_reentrant=False) if ckpt else fn(src, lengths, tgt)
+        loss.backward()
+        return loss.detach(), {k: p.grad for k, p in fused.named_parameters()}
+
+    (want_loss, want), (got_loss, got) = run(False), run(True)
+    torch.testing.assert_close(got_loss, want_loss, rtol=0, atol=0)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-7, msg=f"grad of {k} under checkpoint")
