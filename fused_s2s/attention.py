@@ -77,10 +77,27 @@ class _AttentionFn(torch.autograd.Function):
     @_backend.not_traced  # run by the autograd engine, also inside a compiled caller
     def backward(fctx, dctx, dweights):
         query, keys, values, mask, ctx_acc, scores_acc, lse = fctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: gradients that are themselves differentiable
+            return (*_eager_vjp(query, keys, values, mask, dctx, dweights), None, None, None, None)
         dq, dk, dv = _backend.kernels("attention").attention_backward(
             query, keys, values, mask, ctx_acc, scores_acc, lse, dctx, dweights,
             splits=fctx.splits, block_l=fctx.block_l, tiled=fctx.tiled)
         return dq, dk, dv, None, None, None, None
+
+
+def _eager_vjp(query, keys, values, mask, dctx, dweights):
+    """(dq, dk, dv) through the eager math, recorded for a higher-order gradient: what the
+    backward returns under create_graph=True. The Triton backward records no graph, so its
+    gradients would silently count as constants in a second differentiation (a gradient penalty,
+    a Hessian-vector product); the eager recomputation from the saved inputs gives the same
+    first-order values to rounding, and F-style double backward."""
+    from fused_s2s.reference import attention_eager
+
+    wrt = [t for t in (query, keys, values) if t is not None and t.requires_grad]
+    ctx, weights = attention_eager(query, keys, values, mask)  # (B, [T,] Dv), (B, [T,] L)
+    outs, grads = zip(*[(o, g) for o, g in ((ctx, dctx), (weights, dweights)) if g is not None])
+    got = iter(torch.autograd.grad(outs, wrt, grads, create_graph=True, allow_unused=True))
+    return tuple(next(got) if t is not None and t.requires_grad else None for t in (query, keys, values))
 
 
 def attention_step(query, keys, values=None, mask=None, *, backend="auto", splits=None, block_l=None,

@@ -13,7 +13,6 @@ kernel draws it again and rebuilds the soft y from the saved per-row max and sum
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from fused_s2s import backend as _backend
 from fused_s2s import philox
@@ -34,22 +33,33 @@ class _GumbelSoftmaxFn(torch.autograd.Function):
         # tau_t saved as a tensor: changing it in place before the backward is an autograd error;
         # so is changing the returned index in place (the backward reads it, as torch.max's indices)
         ctx.save_for_backward(x, noise, seed, m, s, tau_t, idx)  # (R, V), (R, V) | None, () | None, (R,), (R,), () | None, (R,)
-        ctx.inv_tau = inv_tau
+        ctx.inv_tau, ctx.tau = inv_tau, tau
         if not with_index:
             return y
         ctx.mark_non_differentiable(idx)
         return y, idx
 
     @staticmethod
-    @once_differentiable
     @_backend.not_traced  # run by the autograd engine, also inside a compiled caller
     def backward(ctx, dy, _didx=None):
         x, noise, seed, m, s, tau_t, idx = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a gradient that is itself differentiable
+            return _eager_vjp(x, noise, seed, ctx.tau if tau_t is None else tau_t, dy), None, None, None, None, None
         if dy.stride(-1) != 1:
             dy = dy.contiguous()
         # straight-through: hard and soft share the soft y's gradient
         dx = _backend.kernels("gumbel").gumbel_bwd(dy, x, m, s, ctx.inv_tau, noise, seed, idx=idx, tau=tau_t)
         return dx, None, None, None, None, None
+
+
+def _eager_vjp(x, noise, seed, tau, dy):
+    """dx for dy through the eager soft y with the same noise (straight-through: the hard y's
+    gradient is the soft one's), recorded for a higher-order gradient: the backward under
+    create_graph=True. The Triton backward records no graph, so its dx would silently count as a
+    constant in a second differentiation; F.gumbel_softmax's is twice differentiable."""
+    g = noise if noise is not None else philox.gumbel_noise(seed, x.shape, x.device)  # (R, V)
+    y = gumbel_softmax_eager(x, tau, False, g)  # (R, V) soft
+    return torch.autograd.grad(y, x, dy, create_graph=True)[0]
 
 
 def _tau_args(tau):

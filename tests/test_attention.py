@@ -370,6 +370,43 @@ def test_gradcheck_float64_triton(case, device):
     assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
+@pytest.mark.parametrize("T,shared", [(None, True), (2, False)], ids=["step_shared", "T2_values"])
+def test_double_backward_gives_the_eager_second_order_gradients(T, shared, device):
+    """create_graph=True (a gradient penalty): the Triton path's gradients are differentiable and
+    their gradients are the eager backend's. Before, its backward recorded no graph, so the
+    penalty's gradient silently lacked every term through dq, dk, dv (and through the weights'
+    gradient in dweights)."""
+    B, L, D, Dv = 2, 5, 3, 4
+    torch.manual_seed(0)
+    q, k, v = _inputs(B, T, L, D, Dv, torch.float64, device, shared=shared)
+    lengths = torch.tensor([L, 2], device=device)
+    args = tuple(a.requires_grad_(True) for a in (q, k, v) if a is not None)
+    cw = torch.randn(*q.shape[:-1], L, dtype=torch.float64, device=device)  # weights' upstream gradient
+
+    def second(backend):
+        ctx, w = attention_step(*args[:2], None if shared else args[2], lengths, backend=backend)
+        first = torch.autograd.grad(ctx.square().sum() + (w * cw).sum(), args, create_graph=True)
+        penalty = sum((g * g).sum() for g in first)
+        return first, torch.autograd.grad(penalty, args)
+
+    (f_t, s_t), (f_e, s_e) = second("triton"), second("eager")
+    for a, b in zip(f_t + s_t, f_e + s_e):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # and the first-order values without create_graph are the Triton backward's, equal to rounding
+    ctx, w = attention_step(*args[:2], None if shared else args[2], lengths, backend="triton")
+    for a, b in zip(torch.autograd.grad(ctx.square().sum() + (w * cw).sum(), args), f_t):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.newest_only
+def test_gradgradcheck_float64_triton(device):
+    B, L, D = 2, 4, 3
+    q, k, v = _inputs(B, 2, L, D, D, torch.float64, device)
+    mask = torch.tensor([3, 0], device=device)
+    args = tuple(a.requires_grad_(True) for a in (q, k, v))
+    assert torch.autograd.gradgradcheck(lambda q, k, v: attention_step(q, k, v, mask, backend="triton"), args)
+
+
 @pytest.mark.parametrize("shapes", [((0, 4), (0, 3, 4)), ((2, 0, 4), (2, 3, 4))], ids=["B0", "T0"])
 def test_empty_batch_or_steps(shapes, device):
     q = torch.randn(*shapes[0], device=device, requires_grad=True)

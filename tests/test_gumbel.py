@@ -405,6 +405,32 @@ def test_gradcheck_float64_in_kernel_noise_regenerated_in_backward(device):
     assert torch.autograd.gradcheck(fn, (logits,))
 
 
+@pytest.mark.parametrize("hard", [False, True])
+def test_double_backward_gives_the_eager_second_order_gradients(hard, device):
+    """create_graph=True: dlogits is differentiable and its gradient is the eager backend's with
+    the same seed (the same Philox noise). Before, the backward was once_differentiable, whose
+    error node a torch.autograd.grad(penalty, logits) never reaches: the penalty's gradient
+    silently lacked the term through dlogits."""
+    logits = torch.randn(3, 11, dtype=torch.float64, device=device, requires_grad=True)
+    dy = torch.randn(3, 11, dtype=torch.float64, device=device)
+
+    def second(backend):
+        y = _gs(logits, 0.7, hard, generator=torch.Generator(device).manual_seed(5), backend=backend)
+        (dx,) = torch.autograd.grad((y * dy).sum(), logits, create_graph=True)
+        (ddx,) = torch.autograd.grad(dx.square().sum() + logits.square().sum(), logits)
+        return dx, ddx
+
+    for a, b in zip(second("triton"), second("eager")):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.newest_only
+def test_gradgradcheck_float64_in_kernel_noise(device):
+    logits = torch.randn(2, 6, dtype=torch.float64, device=device, requires_grad=True)
+    fn = lambda x: _gs(x, 0.9, generator=torch.Generator(device).manual_seed(17))  # noqa: E731
+    assert torch.autograd.gradgradcheck(fn, (logits,))
+
+
 def test_hard_backward_is_the_soft_gradient(device):
     logits = torch.randn(4, 33, device=device)
     noise = _torch_noise(logits)
