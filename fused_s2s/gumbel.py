@@ -43,8 +43,11 @@ class _GumbelSoftmaxFn(torch.autograd.Function):
     @_backend.not_traced  # run by the autograd engine, also inside a compiled caller
     def backward(ctx, dy, _didx=None):
         x, noise, seed, m, s, tau_t, idx = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: a gradient that is itself differentiable
-            return _eager_vjp(x, noise, seed, ctx.tau if tau_t is None else tau_t, dy), None, None, None, None, None
+        # create_graph=True (a gradient that is itself differentiable) or a tau tensor that
+        # requires grad (a learned temperature): the eager math, as F.gumbel_softmax gives both
+        if torch.is_grad_enabled() or ctx.needs_input_grad[3]:
+            dx, dtau = _eager_vjp(x, noise, seed, ctx.tau, dy, create_graph=torch.is_grad_enabled())
+            return dx, None, None, dtau, None, None
         if dy.stride(-1) != 1:
             dy = dy.contiguous()
         # straight-through: hard and soft share the soft y's gradient
@@ -52,14 +55,25 @@ class _GumbelSoftmaxFn(torch.autograd.Function):
         return dx, None, None, None, None, None
 
 
-def _eager_vjp(x, noise, seed, tau, dy):
-    """dx for dy through the eager soft y with the same noise (straight-through: the hard y's
-    gradient is the soft one's), recorded for a higher-order gradient: the backward under
-    create_graph=True. The Triton backward records no graph, so its dx would silently count as a
-    constant in a second differentiation; F.gumbel_softmax's is twice differentiable."""
+def _eager_vjp(x, noise, seed, tau, dy, create_graph: bool):
+    """(dx, dtau or None) for dy through the eager soft y with the same noise (straight-through:
+    the hard y's gradient is the soft one's); dtau when tau is a tensor that requires grad.
+
+    What the backward returns where the Triton kernel cannot serve: under create_graph=True (its
+    dx records no graph, so a second differentiation would silently count it as a constant), and
+    for a learned tau (it takes no tau gradient, which F.gumbel_softmax gives). Recorded for a
+    higher-order gradient when ``create_graph``."""
     g = noise if noise is not None else philox.gumbel_noise(seed, x.shape, x.device)  # (R, V)
-    y = gumbel_softmax_eager(x, tau, False, g)  # (R, V) soft
-    return torch.autograd.grad(y, x, dy, create_graph=True)[0]
+    learn_tau = isinstance(tau, torch.Tensor) and tau.requires_grad
+    if not (create_graph and x.requires_grad):  # a graph of this recomputation only
+        x = x.detach().requires_grad_()
+    if learn_tau and not create_graph:
+        tau = tau.detach().requires_grad_()
+    wrt = (x, tau) if learn_tau else (x,)
+    with torch.enable_grad():
+        y = gumbel_softmax_eager(x, tau, False, g)  # (R, V) soft
+        grads = torch.autograd.grad(y, wrt, dy, create_graph=create_graph)
+    return grads[0], (grads[1] if learn_tau else None)
 
 
 def _tau_args(tau):
@@ -93,7 +107,9 @@ def gumbel_softmax(logits: torch.Tensor, tau: float = 1.0, hard: bool = False, d
         tau: temperature, a finite Python float > 0; or a 0-d float tensor on the logits' device,
             read by the kernels on the device, so that a CUDA graph replays one capture with
             an annealed tau. Its value is checked on the device without a host sync (on CUDA a
-            device-side assert; none while a graph is captured). tau carries no gradient.
+            device-side assert; none while a graph is captured). A tau tensor that requires grad (a
+            learned temperature) gets its gradient, as from F.gumbel_softmax: the backward then runs
+            the eager math instead of the Triton kernel.
         hard: one-hot of the sample forward, gradient of the soft sample backward (straight-through).
         dim: the category dimension.
         noise: explicit Gumbel noise of logits' shape, any float dtype, used in logits' dtype (as
@@ -161,7 +177,7 @@ def gumbel_sample(logits: torch.Tensor, dim: int = -1, *, noise: torch.Tensor | 
 def _gumbel_fused(x, n, seed, tau, hard: bool, return_index: bool):
     """-> y (R, V), index (R,) or None: the Triton kernels on x (R, V), through the autograd
     Function when a graph is recorded."""
-    if torch.is_grad_enabled() and x.requires_grad:
+    if torch.is_grad_enabled() and (x.requires_grad or (isinstance(tau, torch.Tensor) and tau.requires_grad)):
         out = _GumbelSoftmaxFn.apply(x, n, seed, tau, hard, return_index)
         return out if return_index else (out, None)
     # no graph to record (generation, no_grad): skip the autograd.Function's host cost

@@ -424,6 +424,27 @@ def test_double_backward_gives_the_eager_second_order_gradients(hard, device):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("hard", [False, True])
+@pytest.mark.parametrize("logits_grad", [True, False])
+def test_tau_tensor_that_requires_grad_gets_the_eager_gradient(hard, logits_grad, device):
+    """A learned temperature: tau a 0-d tensor with requires_grad. F.gumbel_softmax and the eager
+    backend give it a gradient; the Triton backward takes none, so the backward then runs the
+    eager math (before, tau's gradient was silently None, also with logits that need none)."""
+    grads = []
+    for backend, dtype in (("triton", torch.float32), ("eager", torch.float32), ("eager", torch.float64)):
+        logits = torch.randn(3, 13, generator=torch.Generator().manual_seed(2)).to(device, dtype)
+        logits.requires_grad_(logits_grad)
+        tau = torch.tensor(0.8, device=device, dtype=dtype, requires_grad=True)
+        y = _gs(logits, tau, hard, generator=torch.Generator(device).manual_seed(9), backend=backend)
+        (y.square() * torch.arange(13.0, device=device, dtype=dtype)).sum().backward()
+        assert tau.grad is not None, backend
+        grads.append((tau.grad, logits.grad))
+    (tau_t, x_t), (tau_e, x_e), (tau_o, x_o) = grads  # Triton, eager, float64 oracle
+    assert_oracle_close(tau_t, tau_e, tau_o, name="dtau")
+    if logits_grad:
+        assert_oracle_close(x_t, x_e, x_o, name="dlogits")
+
+
 @pytest.mark.newest_only
 def test_gradgradcheck_float64_in_kernel_noise(device):
     logits = torch.randn(2, 6, dtype=torch.float64, device=device, requires_grad=True)
