@@ -32,8 +32,10 @@ class _GumbelSoftmaxFn(torch.autograd.Function):
         y, idx, m, s = _backend.kernels("gumbel").gumbel_fwd(x, inv_tau, hard, noise, seed, tau=tau_t)
         # tau_t saved as a tensor: changing it in place before the backward is an autograd error;
         # so is changing the returned index in place (the backward reads it, as torch.max's indices)
-        ctx.save_for_backward(x, noise, seed, m, s, tau_t, idx)  # (R, V), (R, V) | None, () | None, (R,), (R,), () | None, (R,)
-        ctx.inv_tau, ctx.tau = inv_tau, tau
+        # tau itself too when it is a tensor (its gradient, a learned temperature: see backward)
+        tau_in = tau if isinstance(tau, torch.Tensor) else None
+        ctx.save_for_backward(x, noise, seed, m, s, tau_t, idx, tau_in)  # (R, V), (R, V) | None, () | None, (R,), (R,), () | None, (R,), () | None
+        ctx.inv_tau, ctx.tau = inv_tau, (None if tau_in is not None else tau)
         if not with_index:
             return y
         ctx.mark_non_differentiable(idx)
@@ -42,11 +44,12 @@ class _GumbelSoftmaxFn(torch.autograd.Function):
     @staticmethod
     @_backend.not_traced  # run by the autograd engine, also inside a compiled caller
     def backward(ctx, dy, _didx=None):
-        x, noise, seed, m, s, tau_t, idx = ctx.saved_tensors
+        x, noise, seed, m, s, tau_t, idx, tau_in = ctx.saved_tensors
         # create_graph=True (a gradient that is itself differentiable) or a tau tensor that
         # requires grad (a learned temperature): the eager math, as F.gumbel_softmax gives both
         if torch.is_grad_enabled() or ctx.needs_input_grad[3]:
-            dx, dtau = _eager_vjp(x, noise, seed, ctx.tau, dy, create_graph=torch.is_grad_enabled())
+            tau = ctx.tau if tau_in is None else tau_in
+            dx, dtau = _eager_vjp(x, noise, seed, tau, dy, create_graph=torch.is_grad_enabled())
             return dx, None, None, dtau, None, None
         if dy.stride(-1) != 1:
             dy = dy.contiguous()
