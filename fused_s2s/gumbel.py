@@ -50,12 +50,17 @@ class _GumbelSoftmaxFn(torch.autograd.Function):
         if torch.is_grad_enabled() or ctx.needs_input_grad[3]:
             tau = ctx.tau if tau_in is None else tau_in
             dx, dtau = _eager_vjp(x, noise, seed, tau, dy, create_graph=torch.is_grad_enabled())
-            return dx, None, None, dtau, None, None
+            return dx, _dnoise(ctx, dx), None, dtau, None, None
         if dy.stride(-1) != 1:
             dy = dy.contiguous()
         # straight-through: hard and soft share the soft y's gradient
         dx = _backend.kernels("gumbel").gumbel_bwd(dy, x, m, s, ctx.inv_tau, noise, seed, idx=idx, tau=tau_t)
-        return dx, None, None, None, None, None
+        return dx, _dnoise(ctx, dx), None, None, None, None
+
+
+def _dnoise(ctx, dx):
+    """A given noise tensor's gradient: t = x + g, so d/dg = d/dx (as the eager backend gives it)."""
+    return dx if ctx.needs_input_grad[1] else None
 
 
 def _eager_vjp(x, noise, seed, tau, dy, create_graph: bool):
@@ -180,7 +185,7 @@ def gumbel_sample(logits: torch.Tensor, dim: int = -1, *, noise: torch.Tensor | 
 def _gumbel_fused(x, n, seed, tau, hard: bool, return_index: bool):
     """-> y (R, V), index (R,) or None: the Triton kernels on x (R, V), through the autograd
     Function when a graph is recorded."""
-    if torch.is_grad_enabled() and (x.requires_grad or (isinstance(tau, torch.Tensor) and tau.requires_grad)):
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (x, n, tau)):
         out = _GumbelSoftmaxFn.apply(x, n, seed, tau, hard, return_index)
         return out if return_index else (out, None)
     # no graph to record (generation, no_grad): skip the autograd.Function's host cost

@@ -445,6 +445,27 @@ def test_tau_tensor_that_requires_grad_gets_the_eager_gradient(hard, logits_grad
         assert_oracle_close(x_t, x_e, x_o, name="dlogits")
 
 
+@pytest.mark.parametrize("hard", [False, True])
+@pytest.mark.parametrize("logits_grad", [True, False])
+def test_given_noise_that_requires_grad_gets_the_eager_gradient(hard, logits_grad, device):
+    """noise= from a differentiable computation: t = logits + g, so it gets dlogits' values, as
+    from the eager backend (before, the Triton path gave it None, also when logits need none)."""
+    got = []
+    g = _torch_noise(torch.empty(3, 13, device=device))
+    for backend, dtype in (("triton", torch.float32), ("eager", torch.float32), ("eager", torch.float64)):
+        logits = torch.randn(3, 13, generator=torch.Generator().manual_seed(2)).to(device, dtype)
+        logits.requires_grad_(logits_grad)
+        scale = torch.tensor(1.3, device=device, dtype=dtype, requires_grad=True)  # a learned noise scale
+        y = _gs(logits, 0.6, hard, noise=g.to(dtype) * scale, backend=backend)
+        (y.square() * torch.arange(13.0, device=device, dtype=dtype)).sum().backward()
+        assert scale.grad is not None, backend
+        got.append((scale.grad, logits.grad))
+    (s_t, x_t), (s_e, x_e), (s_o, x_o) = got  # Triton, eager, float64 oracle
+    assert_oracle_close(s_t, s_e, s_o, name="dscale")
+    if logits_grad:
+        assert_oracle_close(x_t, x_e, x_o, name="dlogits")
+
+
 @pytest.mark.newest_only
 def test_gradgradcheck_float64_in_kernel_noise(device):
     logits = torch.randn(2, 6, dtype=torch.float64, device=device, requires_grad=True)
