@@ -93,11 +93,15 @@ def _eager_vjp(query, keys, values, mask, dctx, dweights):
     first-order values to rounding, and F-style double backward."""
     from fused_s2s.reference import attention_eager
 
-    wrt = [t for t in (query, keys, values) if t is not None and t.requires_grad]
-    ctx, weights = attention_eager(query, keys, values, mask)  # (B, [T,] Dv), (B, [T,] L)
+    # fresh aliases to differentiate against: the partial derivatives. Against the saved tensors
+    # themselves autograd.grad gives total ones, which also run back through one input's history
+    # to another (in the decoder the query depends on the memory H through earlier steps).
+    q, k, v = (None if t is None else t.view_as(t) for t in (query, keys, values))
+    wrt = [t for t in (q, k, v) if t is not None and t.requires_grad]
+    ctx, weights = attention_eager(q, k, v, mask)  # (B, [T,] Dv), (B, [T,] L)
     outs, grads = zip(*[(o, g) for o, g in ((ctx, dctx), (weights, dweights)) if g is not None])
     got = iter(torch.autograd.grad(outs, wrt, grads, create_graph=True, allow_unused=True))
-    return tuple(next(got) if t is not None and t.requires_grad else None for t in (query, keys, values))
+    return tuple(next(got) if t is not None and t.requires_grad else None for t in (q, k, v))
 
 
 def attention_step(query, keys, values=None, mask=None, *, backend="auto", splits=None, block_l=None,

@@ -73,10 +73,14 @@ def _eager_vjp(x, noise, seed, tau, dy, create_graph: bool):
     higher-order gradient when ``create_graph``."""
     g = noise if noise is not None else philox.gumbel_noise(seed, x.shape, x.device)  # (R, V)
     learn_tau = isinstance(tau, torch.Tensor) and tau.requires_grad
-    if not (create_graph and x.requires_grad):  # a graph of this recomputation only
-        x = x.detach().requires_grad_()
-    if learn_tau and not create_graph:
-        tau = tau.detach().requires_grad_()
+    # differentiate against fresh tensors: partial derivatives. Against x and tau themselves,
+    # autograd.grad would give total ones, which also run back through x's history to tau (a
+    # learned tau in earlier decoder steps). Under create_graph, aliases keep x's and tau's graphs.
+    def fresh(t):
+        return t.view_as(t) if create_graph and t.requires_grad else t.detach().requires_grad_()
+
+    x = fresh(x)
+    tau = fresh(tau) if learn_tau else tau
     wrt = (x, tau) if learn_tau else (x,)
     with torch.enable_grad():
         y = gumbel_softmax_eager(x, tau, False, g)  # (R, V) soft
