@@ -424,44 +424,30 @@ def test_double_backward_gives_the_eager_second_order_gradients(hard, device):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("learned", ["tau", "noise_scale"])
 @pytest.mark.parametrize("hard", [False, True])
 @pytest.mark.parametrize("logits_grad", [True, False])
-def test_tau_tensor_that_requires_grad_gets_the_eager_gradient(hard, logits_grad, device):
-    """A learned temperature: tau a 0-d tensor with requires_grad. F.gumbel_softmax and the eager
-    backend give it a gradient; the Triton backward takes none, so the backward then runs the
-    eager math (before, tau's gradient was silently None, also with logits that need none)."""
-    grads = []
-    for backend, dtype in (("triton", torch.float32), ("eager", torch.float32), ("eager", torch.float64)):
-        logits = torch.randn(3, 13, generator=torch.Generator().manual_seed(2)).to(device, dtype)
-        logits.requires_grad_(logits_grad)
-        tau = torch.tensor(0.8, device=device, dtype=dtype, requires_grad=True)
-        y = _gs(logits, tau, hard, generator=torch.Generator(device).manual_seed(9), backend=backend)
-        (y.square() * torch.arange(13.0, device=device, dtype=dtype)).sum().backward()
-        assert tau.grad is not None, backend
-        grads.append((tau.grad, logits.grad))
-    (tau_t, x_t), (tau_e, x_e), (tau_o, x_o) = grads  # Triton, eager, float64 oracle
-    assert_oracle_close(tau_t, tau_e, tau_o, name="dtau")
-    if logits_grad:
-        assert_oracle_close(x_t, x_e, x_o, name="dlogits")
-
-
-@pytest.mark.parametrize("hard", [False, True])
-@pytest.mark.parametrize("logits_grad", [True, False])
-def test_given_noise_that_requires_grad_gets_the_eager_gradient(hard, logits_grad, device):
-    """noise= from a differentiable computation: t = logits + g, so it gets dlogits' values, as
-    from the eager backend (before, the Triton path gave it None, also when logits need none)."""
-    got = []
+def test_tensor_arguments_that_require_grad_get_the_eager_gradient(learned, hard, logits_grad, device):
+    """A learned temperature (tau a 0-d tensor with requires_grad), or noise= from a differentiable
+    computation (here times a learned scale; t = logits + g, so the noise gets dlogits' values):
+    F.gumbel_softmax and the eager backend give them gradients. The Triton kernel takes no tau
+    gradient, so that backward runs the eager math. Before, both were silently None, also with
+    logits that need none."""
     g = _torch_noise(torch.empty(3, 13, device=device))
+    got = []
     for backend, dtype in (("triton", torch.float32), ("eager", torch.float32), ("eager", torch.float64)):
         logits = torch.randn(3, 13, generator=torch.Generator().manual_seed(2)).to(device, dtype)
         logits.requires_grad_(logits_grad)
-        scale = torch.tensor(1.3, device=device, dtype=dtype, requires_grad=True)  # a learned noise scale
-        y = _gs(logits, 0.6, hard, noise=g.to(dtype) * scale, backend=backend)
+        p = torch.tensor(0.8 if learned == "tau" else 1.3, device=device, dtype=dtype, requires_grad=True)
+        if learned == "tau":
+            y = _gs(logits, p, hard, generator=torch.Generator(device).manual_seed(9), backend=backend)
+        else:
+            y = _gs(logits, 0.6, hard, noise=g.to(dtype) * p, backend=backend)
         (y.square() * torch.arange(13.0, device=device, dtype=dtype)).sum().backward()
-        assert scale.grad is not None, backend
-        got.append((scale.grad, logits.grad))
-    (s_t, x_t), (s_e, x_e), (s_o, x_o) = got  # Triton, eager, float64 oracle
-    assert_oracle_close(s_t, s_e, s_o, name="dscale")
+        assert p.grad is not None, backend
+        got.append((p.grad, logits.grad))
+    (p_t, x_t), (p_e, x_e), (p_o, x_o) = got  # Triton, eager, float64 oracle
+    assert_oracle_close(p_t, p_e, p_o, name=f"d{learned}")
     if logits_grad:
         assert_oracle_close(x_t, x_e, x_o, name="dlogits")
 
