@@ -8,7 +8,6 @@ Every error names the argument and says what was expected.
 """
 from __future__ import annotations
 
-import math
 import numbers
 
 import torch
@@ -86,16 +85,24 @@ def _scalar_tensor(name: str, t: torch.Tensor, device, ok, expected: str, values
     return t
 
 
+# tau's range: the kernels scale by 1/tau in float32 (also for float64 logits, refined there), so
+# tau and 1/tau must be normal float32 numbers. Outside it they gave NaN rows (tau 1e-39, 1e300)
+# or, for bf16 logits under the interpreter, a zero y (tau 1e38: 1/tau subnormal), where a clear
+# error is due; temperatures in use are many orders of magnitude inside.
+TAU_MIN, TAU_MAX = 2.0 ** -126, 2.0 ** 126
+_TAU_RANGE = "a number in [2**-126, 2**126] (~1.2e-38 to ~8.5e37: tau and 1/tau normal float32 numbers)"
+
+
 def check_tau(tau, device=None, values: bool = True):
-    """tau: a finite Python real > 0 (-> float), or a 0-d float tensor (see _scalar_tensor) on
-    ``device``, which the ops read on the device (CUDA-graph capturable: an annealed tau)."""
+    """tau: a Python real in [TAU_MIN, TAU_MAX] (-> float), or a 0-d float tensor (see _scalar_tensor)
+    on ``device``, which the ops read on the device (CUDA-graph capturable: an annealed tau)."""
     if isinstance(tau, torch.Tensor):
-        return _scalar_tensor("tau", tau, device, lambda t: (t > 0) & t.isfinite(), "a finite number > 0", values)
+        return _scalar_tensor("tau", tau, device, lambda t: (t >= TAU_MIN) & (t <= TAU_MAX), _TAU_RANGE, values)
     if isinstance(tau, bool) or not isinstance(tau, numbers.Real):
         raise TypeError(f"tau must be a Python float > 0 or a 0-d float tensor, got {type(tau).__name__}")
     tau = float(tau)
-    if not math.isfinite(tau) or tau <= 0:
-        raise ValueError(f"tau must be a finite number > 0, got {tau}")
+    if not TAU_MIN <= tau <= TAU_MAX:  # also NaN, inf and tau <= 0
+        raise ValueError(f"tau must be {_TAU_RANGE}, got {tau}")
     return tau
 
 

@@ -116,7 +116,7 @@ def gumbel_softmax(logits: torch.Tensor, tau: float = 1.0, hard: bool = False, d
 
     Args:
         logits: (..., V, ...) float16 / bfloat16 / float32 / float64 unnormalised log-probabilities.
-        tau: temperature, a finite Python float > 0; or a 0-d float tensor on the logits' device,
+        tau: temperature, a Python float in [2**-126, 2**126]; or a 0-d float tensor on the logits' device,
             read by the kernels on the device, so that a CUDA graph replays one capture with
             an annealed tau. Its value is checked on the device without a host sync (on CUDA a
             device-side assert; none while a graph is captured). A tau tensor that requires grad (a

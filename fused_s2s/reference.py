@@ -151,7 +151,10 @@ def gumbel_softmax_eager(logits: Tensor, tau: float, hard: bool = False, noise: 
     tau = check_tau(tau)
     _check_noise(noise, logits)
     z = _perturbed(logits, noise)  # (..., V)  perturbed logits, float32 / float64
-    y_soft = torch.softmax(z / tau, dim=dim)  # (..., V)
+    # the row max subtracted before the division, as the kernels do: z / tau overflows for a small
+    # tau (NaN rows from tau ~1e-37 with logits of a few units); softmax is shift-invariant, and
+    # the max is detached, so the gradient is softmax(z / tau)'s
+    y_soft = torch.softmax((z - z.amax(dim, keepdim=True).detach()) / tau, dim=dim)  # (..., V)
     index = z.argmax(dim=dim, keepdim=True)  # (..., 1)  Gumbel-max: a categorical sample
     if hard:
         y_hard = torch.zeros_like(y_soft).scatter_(dim, index, 1.0)  # (..., V) exact one-hot
