@@ -140,16 +140,11 @@ def run(sizes=("notes", "large", "long", "tf"), dtypes=(torch.float32, torch.bfl
                     if why:
                         print(f"{case:<18} {str(dtype):<15} {pass_:<8} {impl:<8} skipped: {why}")
                         continue
-                    call = dict(label=f"{case:<18} {str(dtype):<15} {pass_:<8} {impl:<8}",
-                                make_fn=functools.partial(case_fn, impl, size, dtype, pass_), bench="attention",
-                                impl=impl, case=case, dtype=dtype, pass_=pass_,
-                                nbytes=traffic_bytes(size, dtype, pass_), note="values=None lengths mask",
-                                quick=quick)
-                    row = common.measure(**call, check=checks.get(impl, ""))
-                    if row:
-                        rows.append(row)
-                    if impl in common.GRAPH_IMPLS:  # every size: the kernels' GPU time next to the call's
-                        graphed.append(call)
+                    common.measure_into(
+                        rows, graphed, check=checks.get(impl, ""), label=f"{case:<18} {str(dtype):<15} {pass_:<8} {impl:<8}",
+                        make_fn=functools.partial(case_fn, impl, size, dtype, pass_), bench="attention",
+                        impl=impl, case=case, dtype=dtype, pass_=pass_,
+                        nbytes=traffic_bytes(size, dtype, pass_), note="values=None lengths mask", quick=quick)
     return rows + common.measure_graphed(graphed)
 
 

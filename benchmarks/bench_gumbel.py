@@ -161,14 +161,11 @@ def run(sizes=("notes", "mid", "large"), dtypes=(torch.float32, torch.bfloat16),
                         if why:
                             print(f"{label} skipped: {why}")
                             continue
-                        call = dict(label=label, make_fn=functools.partial(case_fn, impl, size, dtype, pass_, hard),
-                                    bench="gumbel", impl=impl, case=case, dtype=dtype, pass_=pass_,
-                                    nbytes=traffic_bytes(size, dtype, pass_), note=f"{mode} tau={TAU}", quick=quick)
-                        row = common.measure(**call, check=check if impl == "fused" else "")
-                        if row:
-                            rows.append(row)
-                        if impl in common.GRAPH_IMPLS:  # every size: the kernels' GPU time next to the call's
-                            graphed.append(call)
+                        common.measure_into(
+                            rows, graphed, check=check if impl == "fused" else "", label=label,
+                            make_fn=functools.partial(case_fn, impl, size, dtype, pass_, hard), bench="gumbel",
+                            impl=impl, case=case, dtype=dtype, pass_=pass_,
+                            nbytes=traffic_bytes(size, dtype, pass_), note=f"{mode} tau={TAU}", quick=quick)
     return rows + common.measure_graphed(graphed)
 
 

@@ -181,6 +181,17 @@ GRAPH_SUFFIX = summarize.GRAPH_SUFFIX  # pass names of rows timed by graph repla
 GRAPH_IMPLS = ("fused", "eager")  # what the op benchmarks also time by graph replay, at every size
 
 
+def measure_into(rows: list[dict], graphed: list[dict], check: str = "", **call) -> None:
+    """``measure(**call)`` with its row appended to ``rows``; the call kept in ``graphed`` (for
+    ``measure_graphed``, run last) when its impl is one of GRAPH_IMPLS: at every size the kernels'
+    GPU time next to the call's wall time."""
+    row = measure(**call, check=check)
+    if row:
+        rows.append(row)
+    if call["impl"] in GRAPH_IMPLS:
+        graphed.append(call)
+
+
 def measure_graphed(calls: list[dict]) -> list[dict]:
     """``measure`` again for each recorded call (its keyword arguments; ``make_fn`` must bind its
     case, not close over loop variables), timed by CUDA-graph replay: GPU time where a call's wall
