@@ -696,3 +696,20 @@ def test_backward_takes_alpha_from_the_forward(case, device):
     worst 11.7x (T = 1), 13.5x (split-L), 6.3x (T = 3) the bound."""
     ratios = _perturbed_backward_ratios(case, 11, lambda q, w: (q * (1 + 2e-7), w), device)
     assert max(ratios) <= 3.0, f"worst {max(ratios):.2f}x the oracle bound ({sum(r > 1 for r in ratios)} over)"
+
+
+def test_plain_backward_runs_the_kernels_and_create_graph_the_eager_math(monkeypatch, device):
+    """The eager recomputation serves only create_graph=True: a training backward stays on the
+    Triton kernels (a silent fallback would only cost speed)."""
+    from fused_s2s.kernels import attention as K
+
+    calls = []
+    bwd = K.attention_backward
+    monkeypatch.setattr(K, "attention_backward", lambda *a, **k: calls.append(1) or bwd(*a, **k))
+    q = torch.randn(2, 4, device=device, requires_grad=True)
+    H = torch.randn(2, 3, 4, device=device, requires_grad=True)
+    for create_graph, want in ((False, 1), (True, 0)):
+        calls.clear()
+        ctx, _ = attention_step(q, H, backend="triton")
+        torch.autograd.grad(ctx.square().sum(), (q, H), create_graph=create_graph)
+        assert len(calls) == want, create_graph

@@ -1203,3 +1203,17 @@ def test_fuzz_driver_counts_every_kind_of_failure(capsys, monkeypatch):
     assert out.count("FAIL ") == 3 and "bad value" in out and "over the bound" in out and "RuntimeError: crash" in out
     assert "5 cases, 3 failed" in out
     assert _fuzz.main("doc", ["--seconds", "0"], draw) == 0  # no case run: nothing failed
+
+
+def test_plain_backward_runs_the_kernel_and_create_graph_the_eager_math(monkeypatch, device):
+    """The eager recomputation serves only create_graph=True and a tau that requires grad: a
+    training backward stays on the Triton kernel (a silent fallback would only cost speed)."""
+    calls = []
+    bwd = K.gumbel_bwd
+    monkeypatch.setattr(K, "gumbel_bwd", lambda *a, **k: calls.append(1) or bwd(*a, **k))
+    x = torch.randn(2, 9, device=device, requires_grad=True)
+    for create_graph, tau, want in ((False, 0.5, 1), (True, 0.5, 0), (False, torch.tensor(0.5, device=device, requires_grad=True), 0)):
+        calls.clear()
+        y = _gs(x, tau, generator=torch.Generator(device).manual_seed(1))
+        torch.autograd.grad(y.square().sum(), x, create_graph=create_graph)
+        assert len(calls) == want, (create_graph, tau)
