@@ -189,7 +189,9 @@ def gumbel_sample(logits: torch.Tensor, dim: int = -1, *, noise: torch.Tensor | 
 def _gumbel_fused(x, n, seed, tau, hard: bool, return_index: bool):
     """-> y (R, V), index (R,) or None: the Triton kernels on x (R, V), through the autograd
     Function when a graph is recorded."""
-    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (x, n, tau)):
+    # a graph to record: for the logits, a given noise or a tau tensor (short-circuit: per step)
+    if torch.is_grad_enabled() and (x.requires_grad or (n is not None and n.requires_grad)
+                                    or (isinstance(tau, torch.Tensor) and tau.requires_grad)):
         out = _GumbelSoftmaxFn.apply(x, n, seed, tau, hard, return_index)
         return out if return_index else (out, None)
     # no graph to record (generation, no_grad): skip the autograd.Function's host cost
