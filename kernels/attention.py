@@ -648,8 +648,10 @@ def attention_forward(query, keys, values, mask, *, splits=None, block_l=None, t
     query's dtype, the log-sum-exp stats (B*T, 2) = (m, l) in the accumulation dtype, and what
     :func:`attention_backward` takes as ctx and weights: with ``for_backward`` and fp16/bf16, the
     context in fp32 (ctx_acc, (B, T, Dv)) and the fp32 raw scores (scores_acc, (B, T, L), the
-    forward's scratch, kept instead of freed; see the module docstring); else ctx and weights
-    themselves. ``splits``/``block_l`` override the heuristics (tests). ``tiled``: None =
+    forward's scratch, kept instead of freed; see the module docstring); else None and weights
+    themselves (the fp32 / fp64 backward's exact delta reads no context: not holding the returned
+    ctx lets a caller change it in place before the backward, as after eager's bmm; the 16-bit
+    path without ``for_backward`` may return ctx there). ``splits``/``block_l`` override the heuristics (tests). ``tiled``: None =
     heuristic, True / False force the tiled (T > 1, ``fused_s2s.kernels.attention_tiled``) or the
     per-row kernels. ``num_stages`` (>= 1) forces the loops' software-pipelining depth (sweeps).
     """
@@ -672,7 +674,7 @@ def attention_forward(query, keys, values, mask, *, splits=None, block_l=None, t
     rows = B * T
     lse = torch.empty(rows, 2, device=dev, dtype=acc_t)  # (m, l) per row: lse = m + log(l)
     if rows == 0:
-        return ctx, weights, lse, ctx_acc, weights
+        return ctx, weights, lse, ctx_acc if store_ctxa else None, weights
     block_d, bl, num_warps = block_config(D, Dv, "fwd", query.dtype)
     bl = block_l or bl
     nsplit, per = split_plan(rows, L, bl, dev, splits)
@@ -704,7 +706,7 @@ def attention_forward(query, keys, values, mask, *, splits=None, block_l=None, t
             ctx, ctx_acc, weights, scores, lse, pm, pl, pacc, L, Dv, per, STORE_CTXA=store_ctxa,
             ACC=_acc(dtype), BLOCK_L=bl, BLOCK_D=block_d, num_warps=num_warps, enable_fp_fusion=True,
         )
-    return ctx, weights, lse, ctx_acc, scores if store_ctxa else weights
+    return ctx, weights, lse, ctx_acc if store_ctxa else None, scores if store_ctxa else weights
 
 
 def attention_backward(query, keys, values, mask, ctx, weights, lse, dctx, dweights, *,
@@ -715,6 +717,7 @@ def attention_backward(query, keys, values, mask, ctx, weights, lse, dctx, dweig
     any strides. ctx, weights, lse are what :func:`attention_forward` returned: for fp16/bf16
     preferably its ctx_acc and scores_acc (fp32; weights in fp32 with 16-bit inputs are read as raw
     scores and normalised in-kernel), else its ctx and weights (correct, less precise on peaked rows).
+    ctx may be None for fp32 / fp64, whose exact delta does not read it.
     """
     lead, B, T, D = _query_dims(query)
     L = keys.shape[1]
@@ -724,6 +727,10 @@ def attention_backward(query, keys, values, mask, ctx, weights, lse, dctx, dweig
     dev, dtype = query.device, query.dtype
     acc_t = torch.float64 if dtype == torch.float64 else torch.float32
     has_dc, has_dw = dctx is not None, dweights is not None
+    if ctx is None:
+        if dtype != acc_t:
+            raise ValueError("attention_backward needs ctx (the forward's fp32 ctx_acc) for float16 / bfloat16")
+        ctx = dctx if has_dc else dweights  # an unread pointer (fp32 / fp64: exact delta, below)
     rows = B * T
     if rows == 0 or not (has_dc or has_dw):
         z = torch.zeros

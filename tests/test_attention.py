@@ -713,3 +713,24 @@ def test_plain_backward_runs_the_kernels_and_create_graph_the_eager_math(monkeyp
         ctx, _ = attention_step(q, H, backend="triton")
         torch.autograd.grad(ctx.square().sum(), (q, H), create_graph=create_graph)
         assert len(calls) == want, create_graph
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("weights_grad", [False, True])
+def test_context_changed_in_place_before_the_backward(dtype, weights_grad, device):
+    """As after eager's bmm, the returned context may be changed in place before the backward: the
+    fp32 / fp64 backward does not read it (exact delta), so the Function does not hold it (it did,
+    and autograd raised); 16-bit keeps its own fp32 copy. The gradients are those of an untouched run."""
+    q, k, v = _inputs(2, 3, 5, 4, 6, dtype, device)
+    cw = torch.randn(2, 3, 5, device=device, dtype=dtype)
+    grads = []
+    for change in (False, True):
+        args = tuple(a.detach().clone().requires_grad_() for a in (q, k, v))
+        ctx, w = attention_step(*args, torch.tensor([5, 2], device=device), backend="triton")
+        loss = ctx.sum() + ((w * cw).sum() if weights_grad else 0)
+        if change:
+            with torch.no_grad():
+                ctx.mul_(3.0)  # loss was formed before: its gradient is unchanged
+        grads.append(torch.autograd.grad(loss, args))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
