@@ -127,3 +127,28 @@ def test_compiled_training_step_of_the_fused_model(ratio, sampling):
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=f"grad of {k} under torch.compile")
         torch.testing.assert_close(got[k], ref_grads[k], rtol=1e-4, atol=1e-6, msg=f"grad of {k} vs reference")
+
+
+def test_eager_backend_takes_fullgraph_export_and_func_transforms():
+    """What the Triton path does not take (README), the eager backend's plain torch ops do:
+    torch.compile(fullgraph=True), torch.export and torch.func.grad, with the eager results."""
+    torch.manual_seed(0)
+    x, q, H = torch.randn(2, 5), torch.randn(2, 4), torch.randn(2, 3, 4)
+    noise = -torch.empty(2, 5).exponential_().log()
+
+    def f(x, q):
+        y = fused_s2s.gumbel_softmax(x, 0.5, noise=noise, backend="eager")
+        ctx, w = fused_s2s.attention_step(q, H, backend="eager")
+        return y.square().sum() + ctx.sum() + w.square().sum()
+
+    want = f(x, q)
+    torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="eager")(x, q), want)
+
+    class M(torch.nn.Module):
+        def forward(self, x, q):
+            return f(x, q)
+
+    torch.testing.assert_close(torch.export.export(M(), (x, q)).module()(x, q), want)
+    gx, gq = torch.func.grad(f, argnums=(0, 1))(x, q)
+    x_, q_ = x.clone().requires_grad_(), q.clone().requires_grad_()
+    torch.testing.assert_close((gx, gq), torch.autograd.grad(f(x_, q_), (x_, q_)))
