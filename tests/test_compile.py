@@ -23,6 +23,10 @@ from tests.conftest import DEVICE
 
 pytestmark = pytest.mark.kernels
 
+# a model's gradients run to run: bitwise on the CPU; on CUDA the W_emb / W_out gradients
+# accumulate with atomics (index_add_, embedding backward), so two uncompiled runs differ by ulps
+_SAME_GRADS = dict(rtol=0, atol=0) if DEVICE.type == "cpu" else dict(rtol=1e-5, atol=1e-7)
+
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
@@ -129,7 +133,7 @@ def test_compiled_training_step_of_the_fused_model(ratio, sampling):
     torch.testing.assert_close(got_loss, want_loss, rtol=0, atol=0)
     torch.testing.assert_close(got_loss, ref_loss, rtol=1e-5, atol=1e-6)
     for k in want:
-        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=f"grad of {k} under torch.compile")
+        torch.testing.assert_close(got[k], want[k], **_SAME_GRADS, msg=f"grad of {k} under torch.compile")
         torch.testing.assert_close(got[k], ref_grads[k], rtol=1e-4, atol=1e-6, msg=f"grad of {k} vs reference")
 
 
