@@ -13,6 +13,8 @@ masked softmax -> bmm in PyTorch); "auto" picks Triton for CUDA tensors (see fus
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from fused_s2s import backend as _backend
@@ -141,12 +143,97 @@ def _attention(query, keys, values, mask, backend, splits=None, block_l=None, ti
     return _attention_fused(query, keys, values, mask, splits, block_l, tiled)
 
 
-@_backend.not_traced  # torch.compile runs it as it is, between its graphs (see not_traced)
 def _attention_fused(query, keys, values, mask, splits, block_l, tiled):
-    """The Triton path: the autograd Function when a graph is recorded, else the launcher."""
+    """The Triton path: inside a torch.compile / torch.export trace the custom op below (one node
+    of the graph), else ``_attention_run``."""
+    if _backend.compiling():
+        return torch.ops.fused_s2s.attention_fwd(query, keys, values, mask, splits, block_l, tiled)[:2]
+    return _attention_run(query, keys, values, mask, splits, block_l, tiled)
+
+
+@_backend.not_traced  # with FUSED_S2S_COMPILE_OPS=0, torch.compile runs it between its graphs
+def _attention_run(query, keys, values, mask, splits, block_l, tiled):
+    """The autograd Function when a graph is recorded, else the launcher."""
     if torch.is_grad_enabled() and (query.requires_grad or keys.requires_grad
                                     or (values is not None and values.requires_grad)):
         return _AttentionFn.apply(query, keys, values, mask, splits, block_l, tiled)
     # no graph to record (generation, no_grad): skip the autograd.Function's host cost
     return _backend.kernels("attention").attention_forward(query, keys, values, mask, splits=splits,
                                                            block_l=block_l, tiled=tiled)[:2]
+
+
+# --- torch.compile and torch.export: the Triton path as torch.library custom ops ---------------------
+# Dynamo puts fused_s2s::attention_fwd in its graph as one opaque node (fullgraph=True and torch.export
+# take it; Inductor calls it as it is, around its own kernels), and AOTAutograd puts
+# fused_s2s::attention_bwd in the backward graph. The fake implementations give the outputs' shapes
+# and dtypes without running anything. No None outputs in a custom op's schema: the fp32 buffers
+# that only 16-bit inputs have (ctx_acc, scores_acc) are empty (0,) tensors for fp32 / fp64.
+# A second derivative through the op is not taken (torch.compile's AOTAutograd takes none); the
+# eager call of attention_step still gives it (_eager_vjp).
+
+
+def _acc16(dtype) -> bool:
+    return dtype in (torch.float16, torch.bfloat16)
+
+
+@torch.library.custom_op("fused_s2s::attention_fwd", mutates_args=())
+def _attention_fwd_op(query: torch.Tensor, keys: torch.Tensor, values: Optional[torch.Tensor],
+                      mask: Optional[torch.Tensor], splits: Optional[int], block_l: Optional[int],
+                      tiled: Optional[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> ctx, weights, lse (B*T, 2), ctx_acc, scores_acc (fp32 for fp16 / bf16 inputs, else (0,))."""
+    ctx, weights, lse, ctx_acc, scores = _backend.kernels("attention").attention_forward(
+        query, keys, values, mask, splits=splits, block_l=block_l, tiled=tiled, for_backward=True)
+    if not _acc16(query.dtype):
+        return ctx, weights, lse, lse.new_empty(0), lse.new_empty(0)
+    if scores.dtype != torch.float32:  # zero rows: the launcher returned the weights themselves
+        scores = torch.empty(weights.shape, dtype=torch.float32, device=weights.device)
+    return ctx, weights, lse, ctx_acc, scores
+
+
+@_attention_fwd_op.register_fake
+def _(query, keys, values, mask, splits, block_l, tiled):
+    lead, L, Dv = query.shape[:-1], keys.shape[1], (keys if values is None else values).shape[2]
+    acc_t = torch.float64 if query.dtype == torch.float64 else torch.float32
+    lse = query.new_empty((lead.numel(), 2), dtype=acc_t)  # (m, l) per query row
+    ctx, weights = query.new_empty((*lead, Dv)), query.new_empty((*lead, L))
+    if not _acc16(query.dtype):
+        return ctx, weights, lse, lse.new_empty(0), lse.new_empty(0)
+    return ctx, weights, lse, ctx.new_empty(ctx.shape, dtype=acc_t), weights.new_empty(weights.shape, dtype=acc_t)
+
+
+@torch.library.custom_op("fused_s2s::attention_bwd", mutates_args=())
+def _attention_bwd_op(query: torch.Tensor, keys: torch.Tensor, values: Optional[torch.Tensor],
+                      mask: Optional[torch.Tensor], ctx: Optional[torch.Tensor], weights: torch.Tensor,
+                      lse: torch.Tensor, dctx: Optional[torch.Tensor], dweights: Optional[torch.Tensor],
+                      splits: Optional[int], block_l: Optional[int],
+                      tiled: Optional[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """attention_backward -> dquery, dkeys, dvalues ((0,) when values is None)."""
+    dq, dk, dv = _backend.kernels("attention").attention_backward(
+        query, keys, values, mask, ctx, weights, lse, dctx, dweights, splits=splits, block_l=block_l, tiled=tiled)
+    return dq, dk, (keys.new_empty(0) if dv is None else dv)
+
+
+@_attention_bwd_op.register_fake
+def _(query, keys, values, mask, ctx, weights, lse, dctx, dweights, splits, block_l, tiled):
+    return (query.new_empty(query.shape), keys.new_empty(keys.shape),
+            keys.new_empty(0) if values is None else values.new_empty(values.shape))
+
+
+def _attention_op_setup(ctx, inputs, output):  # torch.library passes these by name
+    query, keys, values, mask, splits, block_l, tiled = inputs
+    _, weights, lse, ctx_acc, scores = output
+    # what _AttentionFn saves: for fp32 / fp64 the returned weights are the backward's alpha
+    acc16 = _acc16(query.dtype)
+    ctx.save_for_backward(query, keys, values, mask, ctx_acc if acc16 else None, scores if acc16 else weights, lse)
+    ctx.cfg = (splits, block_l, tiled)
+    ctx.mark_non_differentiable(lse, ctx_acc, scores)
+
+
+def _attention_op_backward(ctx, dctx, dweights, _dlse, _dctx_acc, _dscores):
+    query, keys, values, mask, ctx_acc, alpha, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.fused_s2s.attention_bwd(query, keys, values, mask, ctx_acc, alpha, lse,
+                                                   dctx, dweights, *ctx.cfg)
+    return dq, dk, (None if values is None else dv), None, None, None, None
+
+
+_attention_fwd_op.register_autograd(_attention_op_backward, setup_context=_attention_op_setup)

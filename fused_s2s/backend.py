@@ -53,6 +53,17 @@ def not_traced(fn):
     return call
 
 
+# FUSED_S2S_COMPILE_OPS=0: torch.compile runs the Triton paths between its graphs (not_traced)
+# instead of putting the custom ops (fused_s2s::attention_fwd, ...) in them
+COMPILE_OPS = os.environ.get("FUSED_S2S_COMPILE_OPS", "1") != "0"
+
+
+def compiling() -> bool:
+    """True while torch.compile or torch.export traces the caller (and COMPILE_OPS): the ops then
+    call their torch.library custom ops, which the graph holds as single nodes."""
+    return COMPILE_OPS and torch.compiler.is_compiling()
+
+
 def validate(backend: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")

@@ -12,6 +12,8 @@ kernel draws it again and rebuilds the soft y from the saved per-row max and sum
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from fused_s2s import backend as _backend
@@ -182,13 +184,24 @@ def gumbel_sample(logits: torch.Tensor, dim: int = -1, *, noise: torch.Tensor | 
     return idx
 
 
-# The Triton paths run as they are under torch.compile, between its graphs (a graph break; see
+# The Triton paths: under torch.compile / torch.export the custom ops below (nodes of the graph),
+# else run as they are (with FUSED_S2S_COMPILE_OPS=0 also under torch.compile, between its graphs:
 # fused_s2s.backend.not_traced). The seed is drawn before, in _prepare, so a compiled caller draws
 # it as its other random ops (Inductor's RNG unless torch._inductor.config.fallback_random).
-@_backend.not_traced
 def _gumbel_fused(x, n, seed, tau, hard: bool, return_index: bool):
-    """-> y (R, V), index (R,) or None: the Triton kernels on x (R, V), through the autograd
-    Function when a graph is recorded."""
+    """-> y (R, V), index (R,) or None: the Triton kernels on x (R, V)."""
+    # a learned tau or noise that requires grad: the autograd Function's eager gradients (a graph break)
+    if _backend.compiling() and not (isinstance(tau, torch.Tensor) and tau.requires_grad) \
+            and not (n is not None and n.requires_grad):
+        inv_tau, tau_t = _tau_args(tau)
+        y, idx, _, _ = torch.ops.fused_s2s.gumbel_softmax_fwd(x, n, seed, inv_tau, tau_t, hard)
+        return y, (idx if return_index else None)
+    return _gumbel_run(x, n, seed, tau, hard, return_index)
+
+
+@_backend.not_traced
+def _gumbel_run(x, n, seed, tau, hard: bool, return_index: bool):
+    """_gumbel_fused run as it is: through the autograd Function when a graph is recorded."""
     # a graph to record: for the logits, a given noise or a tau tensor (short-circuit: per step)
     if torch.is_grad_enabled() and (x.requires_grad or (n is not None and n.requires_grad)
                                     or (isinstance(tau, torch.Tensor) and tau.requires_grad)):
@@ -200,9 +213,15 @@ def _gumbel_fused(x, n, seed, tau, hard: bool, return_index: bool):
     return y, idx
 
 
-@_backend.not_traced
 def _gumbel_index_fused(x, n, seed):
     """-> the Gumbel-max index (R,) of x (R, V), one read of x and no y written."""
+    if _backend.compiling():
+        return torch.ops.fused_s2s.gumbel_sample(x, n, seed)
+    return _gumbel_index_run(x, n, seed)
+
+
+@_backend.not_traced
+def _gumbel_index_run(x, n, seed):
     return _backend.kernels("gumbel").gumbel_fwd(x, 1.0, True, n, seed, store_y=False)[1]
 
 
@@ -242,3 +261,68 @@ def _rows(t: torch.Tensor, dim: int, V: int, last: bool, flat: bool) -> torch.Te
     if not flat:
         t = t.reshape(-1, V)
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+# --- torch.compile and torch.export: the Triton path as torch.library custom ops ---------------------
+# As fused_s2s.attention's: fused_s2s::gumbel_softmax_fwd / _bwd and fused_s2s::gumbel_sample are single
+# nodes of a compiled graph (fullgraph=True, torch.export), with fake implementations for their
+# shapes. x (R, V) with unit column stride, noise (R, V) in x's dtype or None, seed 0-d int64 or
+# None, tau a float (as inv_tau) or a 0-d float64 tensor (tau). A learned tau and noise that
+# requires grad stay with the autograd Function (_gumbel_fused), as does a second derivative.
+
+
+@torch.library.custom_op("fused_s2s::gumbel_softmax_fwd", mutates_args=())
+def _gumbel_fwd_op(x: torch.Tensor, noise: Optional[torch.Tensor], seed: Optional[torch.Tensor], inv_tau: float,
+                   tau: Optional[torch.Tensor], hard: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> y (R, V), index (R,), row max m (R,), row sum s (R,) (the backward's statistics)."""
+    return _backend.kernels("gumbel").gumbel_fwd(x, inv_tau, hard, noise, seed, tau=tau)
+
+
+@_gumbel_fwd_op.register_fake
+def _(x, noise, seed, inv_tau, tau, hard):
+    R = x.shape[0]
+    m = x.new_empty(R, dtype=_backend.kernels("gumbel")._stats_dtype(x.dtype))
+    return x.new_empty(x.shape), x.new_empty(R, dtype=torch.int64), m, torch.empty_like(m)
+
+
+@torch.library.custom_op("fused_s2s::gumbel_softmax_bwd", mutates_args=())
+def _gumbel_bwd_op(dy: torch.Tensor, x: torch.Tensor, m: torch.Tensor, s: torch.Tensor, inv_tau: float,
+                   noise: Optional[torch.Tensor], seed: Optional[torch.Tensor], idx: torch.Tensor,
+                   tau: Optional[torch.Tensor]) -> torch.Tensor:
+    """-> dx (R, V): the soft y's gradient (also the hard y's: straight-through)."""
+    if dy.stride(-1) != 1:
+        dy = dy.contiguous()
+    return _backend.kernels("gumbel").gumbel_bwd(dy, x, m, s, inv_tau, noise, seed, idx=idx, tau=tau)
+
+
+@_gumbel_bwd_op.register_fake
+def _(dy, x, m, s, inv_tau, noise, seed, idx, tau):
+    return x.new_empty(x.shape)
+
+
+def _gumbel_op_setup(ctx, inputs, output):
+    x, noise, seed, inv_tau, tau, _ = inputs
+    _, idx, m, s = output
+    ctx.save_for_backward(x, noise, seed, m, s, idx, tau)
+    ctx.inv_tau = inv_tau
+    ctx.mark_non_differentiable(idx, m, s)
+
+
+def _gumbel_op_backward(ctx, dy, _didx, _dm, _ds):
+    x, noise, seed, m, s, idx, tau = ctx.saved_tensors
+    return torch.ops.fused_s2s.gumbel_softmax_bwd(dy, x, m, s, ctx.inv_tau, noise, seed, idx, tau), \
+        None, None, None, None, None
+
+
+_gumbel_fwd_op.register_autograd(_gumbel_op_backward, setup_context=_gumbel_op_setup)
+
+
+@torch.library.custom_op("fused_s2s::gumbel_sample", mutates_args=())
+def _gumbel_sample_op(x: torch.Tensor, noise: Optional[torch.Tensor], seed: Optional[torch.Tensor]) -> torch.Tensor:
+    """-> the Gumbel-max index (R,) of x (R, V) (gumbel_sample: no y written)."""
+    return _gumbel_index_run.__wrapped__(x, noise, seed)  # the undecorated function (functools.wraps)
+
+
+@_gumbel_sample_op.register_fake
+def _(x, noise, seed):
+    return x.new_empty(x.shape[0], dtype=torch.int64)

@@ -1,11 +1,13 @@
-"""torch.compile of code that calls the fused ops: they run as they are, between the compiled graphs.
+"""torch.compile and torch.export of code that calls the fused ops.
 
-Dynamo does not trace the Triton paths (fused_s2s.backend.not_traced, torch.compiler.disable made at
-the first call, on fused_s2s.attention._attention_fused, fused_s2s.gumbel._gumbel_fused /
-_gumbel_index_fused and the two autograd Functions' backward): a compiled caller gets the same
-kernels, so with the "aot_eager" backend (the same ATen ops around them) bitwise the results of
-the uncompiled call. Without that, Dynamo traced the launchers and, under TRITON_INTERPRET, the
-interpreter's NumPy code, and raised (InterpreterError).
+Inside a trace the Triton paths call their torch.library custom ops (fused_s2s::attention_fwd /
+_bwd, gumbel_softmax_fwd / _bwd, gumbel_sample): single nodes of the graph, so fullgraph=True and
+torch.export take them. With FUSED_S2S_COMPILE_OPS=0 (fused_s2s.backend.COMPILE_OPS) they run as
+they are between the compiled graphs instead (fused_s2s.backend.not_traced: torch.compiler.disable
+made at the first call). Either way a compiled caller gets the same kernels, so with the
+"aot_eager" backend (the same ATen ops around them) bitwise the results of the uncompiled call.
+Without either, Dynamo traced the launchers and, under TRITON_INTERPRET, the interpreter's NumPy
+code, and raised (InterpreterError).
 """
 from __future__ import annotations
 
@@ -34,6 +36,14 @@ def _fresh_dynamo():
     _backend._NOT_TRACED.clear()  # the disabled forms are made again, the first one inside a trace
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture(params=["custom_ops", "graph_breaks"])
+def compile_ops(request, monkeypatch):
+    """Both ways a trace meets the Triton paths: the custom ops in the graph (the default), or
+    FUSED_S2S_COMPILE_OPS=0's graph breaks around them."""
+    monkeypatch.setattr(_backend, "COMPILE_OPS", request.param == "custom_ops")
+    return request.param == "custom_ops"
 
 
 def test_importing_the_package_does_not_import_dynamo():
@@ -74,7 +84,7 @@ def _run(fn, q, H, lengths, x):
     return (loss.detach(), idx, *grads)
 
 
-def test_compiled_caller_gets_bitwise_the_uncompiled_results_with_aot_eager():
+def test_compiled_caller_gets_bitwise_the_uncompiled_results_with_aot_eager(compile_ops):
     q, H, lengths, x = _inputs()
     got = _run(torch.compile(_ops, backend="aot_eager"), q, H, lengths, x)  # first: disabled forms made in the trace
     want = _run(_ops, q, H, lengths, x)
@@ -82,7 +92,7 @@ def test_compiled_caller_gets_bitwise_the_uncompiled_results_with_aot_eager():
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{name} differs under torch.compile")
 
 
-def test_compiled_caller_with_inductor_and_without_grad():
+def test_compiled_caller_with_inductor_and_without_grad(compile_ops):
     q, H, lengths, x = _inputs(B=2, L=3, D=8, V=20)
     want = _run(_ops, q, H, lengths, x)
     got = _run(torch.compile(_ops), q, H, lengths, x)
@@ -104,7 +114,7 @@ def test_compiled_caller_with_inductor_and_without_grad():
 
 
 @pytest.mark.parametrize("ratio,sampling", [(1.0, "argmax"), (0.5, "gumbel_hard"), (0.5, "gumbel")])
-def test_compiled_training_step_of_the_fused_model(ratio, sampling):
+def test_compiled_training_step_of_the_fused_model(ratio, sampling, compile_ops):
     """forward, loss and backward inside the compiled function (the autograd engine runs our
     backward there too), teacher-forcing fast path and scheduled-sampling loop: the loss and every
     parameter's gradient are bitwise those of the uncompiled step, and within the reference's."""
@@ -138,8 +148,8 @@ def test_compiled_training_step_of_the_fused_model(ratio, sampling):
 
 
 def test_eager_backend_takes_fullgraph_export_and_func_transforms():
-    """What the Triton path does not take (README), the eager backend's plain torch ops do:
-    torch.compile(fullgraph=True), torch.export and torch.func.grad, with the eager results."""
+    """The eager backend's plain torch ops take torch.compile(fullgraph=True), torch.export and
+    torch.func.grad (which the Triton path's classic autograd Functions do not), with the eager results."""
     torch.manual_seed(0)
     x, q, H = torch.randn(2, 5), torch.randn(2, 4), torch.randn(2, 3, 4)
     noise = -torch.empty(2, 5).exponential_().log()
@@ -160,3 +170,158 @@ def test_eager_backend_takes_fullgraph_export_and_func_transforms():
     gx, gq = torch.func.grad(f, argnums=(0, 1))(x, q)
     x_, q_ = x.clone().requires_grad_(), q.clone().requires_grad_()
     torch.testing.assert_close((gx, gq), torch.autograd.grad(f(x_, q_), (x_, q_)))
+
+
+def _recording_backend():
+    """(a torch.compile backend: aot_eager, recording; the names of the fused_s2s ops in the graphs it got)."""
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if "fused_s2s" in str(n.target))
+        return torch._dynamo.backends.debugging.aot_eager(gm, example_inputs)
+
+    return backend, seen
+
+
+def test_fullgraph_holds_the_fused_ops_as_custom_op_nodes(monkeypatch):
+    q, H, lengths, x = _inputs()
+    want = _run(_ops, q, H, lengths, x)
+    backend, seen = _recording_backend()
+    got = _run(torch.compile(_ops, backend=backend, fullgraph=True), q, H, lengths, x)
+    assert sorted(set(seen)) == ["fused_s2s.attention_fwd", "fused_s2s.gumbel_softmax_fwd"]
+    for name, a, b in zip(("loss", "index", "dq", "dH", "dx"), got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{name} differs under fullgraph=True")
+
+    monkeypatch.setattr(_backend, "COMPILE_OPS", False)  # FUSED_S2S_COMPILE_OPS=0: graph breaks instead
+    torch._dynamo.reset()
+    with pytest.raises(torch._dynamo.exc.Unsupported):
+        torch.compile(_ops, backend="aot_eager", fullgraph=True)(q, H, lengths, x)
+
+
+def test_dynamic_shapes_compile_once_for_every_size():
+    """dynamic=True: the fake implementations give symbolic shapes; every size gets the uncompiled result."""
+    def f(q, H, x):
+        ctx, w = fused_s2s.attention_step(q, H, backend="triton")  # (B, T, D), (B, T, L)
+        y = fused_s2s.gumbel_softmax(x, 0.7, hard=True, backend="triton")  # (B, V)
+        return ctx.sum() + (w * w).sum() + (y * x).sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True, dynamic=True)
+    for B, T, L, D, V in [(2, 3, 5, 8, 11), (3, 1, 7, 6, 20), (1, 4, 2, 5, 9)]:
+        torch.manual_seed(B)
+        args = [torch.randn(*s, device=DEVICE, requires_grad=True) for s in ((B, T, D), (B, L, D), (B, V))]
+        torch.manual_seed(1)
+        want = f(*args)
+        want_g = torch.autograd.grad(want, args)
+        torch.manual_seed(1)
+        got = compiled(*args)
+        got_g = torch.autograd.grad(got, args)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        torch.testing.assert_close(got_g, want_g, rtol=0, atol=0)
+
+
+def test_export_holds_the_fused_ops():
+    """torch.export of a module calling the Triton paths: the program holds the custom ops, and
+    running it gives the uncompiled results (the Gumbel seed is drawn in the program, from torch's RNG)."""
+    q, H, lengths, x = (t.detach() for t in _inputs())
+
+    class M(torch.nn.Module):
+        def forward(self, q, H, lengths, x):
+            ctx, w = fused_s2s.attention_step(q, H, None, lengths, backend="triton")
+            y, idx = fused_s2s.gumbel_softmax(x, 0.5, hard=True, return_index=True, backend="triton")
+            return ctx, w, y, idx, fused_s2s.gumbel_sample(x, backend="triton")
+
+    ep = torch.export.export(M(), (q, H, lengths, x))
+    ops = {str(n.target) for n in ep.graph.nodes if "fused_s2s" in str(n.target)}
+    assert ops == {"fused_s2s.attention_fwd.default", "fused_s2s.gumbel_softmax_fwd.default",
+                   "fused_s2s.gumbel_sample.default"}
+    torch.manual_seed(5)
+    want = M()(q, H, lengths, x)
+    torch.manual_seed(5)
+    got = ep.module()(q, H, lengths, x)
+    for name, a, b in zip(("ctx", "weights", "y", "index", "sample"), got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{name} differs in the exported program")
+
+
+def test_learned_tau_under_compile_keeps_its_gradient():
+    """A tau that requires grad stays with the autograd Function (its eager tau gradient; a graph
+    break), also while the custom ops are on: the compiled gradients are the uncompiled ones."""
+    x = torch.randn(3, 13, device=DEVICE, requires_grad=True)
+    tau = torch.tensor(0.8, device=DEVICE, requires_grad=True)
+
+    def f(x, tau):
+        return (fused_s2s.gumbel_softmax(x, tau, backend="triton") * x).sum()
+
+    def run(fn):
+        torch.manual_seed(2)
+        return torch.autograd.grad(fn(x, tau), (x, tau))
+
+    want = run(f)
+    assert want[1].abs() > 0
+    torch.testing.assert_close(run(torch.compile(f, backend="aot_eager")), want, rtol=0, atol=0)
+
+
+def _attention_op_cases():
+    def t(*shape, dtype=torch.float32, grad=True):
+        return torch.randn(*shape, dtype=dtype, device=DEVICE).requires_grad_(grad)
+
+    lengths, bool_mask = torch.tensor([5, 2, 0], device=DEVICE), torch.rand(2, 5, device=DEVICE) > 0.3
+    cases = {}
+    for dt in (torch.float32, torch.bfloat16, torch.float64):
+        n = str(dt).split(".")[1]
+        cases[f"{n}-step-lengths"] = (t(3, 8, dtype=dt), t(3, 5, 8, dtype=dt), None, lengths, None, None, None)
+        cases[f"{n}-T3-values-bool-split"] = (t(2, 3, 8, dtype=dt), t(2, 5, 8, dtype=dt), t(2, 5, 6, dtype=dt),
+                                              bool_mask, 2, None, None)
+    cases["bf16-tiled"] = (t(2, 17, 16, dtype=torch.bfloat16), t(2, 5, 16, dtype=torch.bfloat16), None, None, None,
+                           None, True)
+    cases["fp16-no-rows"] = (t(0, 8, dtype=torch.float16), t(0, 5, 8, dtype=torch.float16), None, None, None, None,
+                             None)
+    return cases
+
+
+@pytest.mark.parametrize("case", list(_attention_op_cases()))
+def test_attention_custom_op_passes_opcheck(case):
+    """torch.library.opcheck: schema, fake implementation against the real outputs (shapes, dtypes,
+    strides), autograd registration, and AOT dispatch with dynamic shapes (the backward op too)."""
+    args = _attention_op_cases()[case]
+    torch.library.opcheck(torch.ops.fused_s2s.attention_fwd.default, args)
+    query, keys, values, mask, splits, block_l, tiled = args
+    with torch.no_grad():
+        _, weights, lse, ctx_acc, scores = torch.ops.fused_s2s.attention_fwd(*args)
+    acc16 = query.dtype in (torch.float16, torch.bfloat16)
+    d = [torch.randn_like(o) for o in torch.ops.fused_s2s.attention_fwd(*args)[:2]]
+    torch.library.opcheck(torch.ops.fused_s2s.attention_bwd.default,
+                          (query.detach(), keys.detach(), None if values is None else values.detach(), mask,
+                           ctx_acc if acc16 else None, scores if acc16 else weights, lse, *d, splits, block_l, tiled))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("form", ["seed", "tau_tensor_hard", "noise_hard"])
+def test_gumbel_custom_ops_pass_opcheck(dtype, form):
+    from fused_s2s import philox
+
+    x = torch.randn(4, 37, dtype=dtype, device=DEVICE, requires_grad=True)
+    seed, noise, tau, inv_tau, hard = philox.draw_seed(DEVICE), None, None, 2.0, False
+    if form == "tau_tensor_hard":
+        tau, inv_tau, hard = torch.tensor(0.5, dtype=torch.float64, device=DEVICE), 1.0, True
+    elif form == "noise_hard":
+        seed, hard = None, True
+        noise = -torch.empty(4, 37, device=DEVICE).exponential_().log().to(dtype)
+    args = (x, noise, seed, inv_tau, tau, hard)
+    torch.library.opcheck(torch.ops.fused_s2s.gumbel_softmax_fwd.default, args)
+    with torch.no_grad():
+        y, idx, m, s = torch.ops.fused_s2s.gumbel_softmax_fwd(*args)
+    torch.library.opcheck(torch.ops.fused_s2s.gumbel_softmax_bwd.default,
+                          (torch.randn_like(y), x.detach(), m, s, inv_tau, noise, seed, idx, tau))
+    torch.library.opcheck(torch.ops.fused_s2s.gumbel_sample.default, (x.detach(), noise, seed))
+
+
+def test_second_derivative_through_a_compiled_graph_is_an_error_not_a_silent_zero():
+    """AOTAutograd takes no double backward: with the custom ops in the graph a gradient penalty
+    raises torch's error, where dropping the terms through the gradients would pass silently."""
+    q, H, _, x = _inputs()
+    for f, wrt in ((lambda: fused_s2s.attention_step(q, H, backend="triton")[0].square().sum(), (q, H)),
+                   (lambda: fused_s2s.gumbel_softmax(x, 0.5, backend="triton").square().sum(), (x,))):
+        torch._dynamo.reset()
+        grads = torch.autograd.grad(torch.compile(f, backend="aot_eager", fullgraph=True)(), wrt, create_graph=True)
+        with pytest.raises(RuntimeError, match="double backward"):
+            torch.autograd.grad(sum(g.square().sum() for g in grads), wrt[0])
