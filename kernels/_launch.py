@@ -65,6 +65,27 @@ def interpreter_range_fix() -> bool:
     return True
 
 
+def on_tensor_device(launcher):
+    """``launcher`` run with its first argument's GPU as the current CUDA device.
+
+    Triton launches on the current device and its current stream, whatever device the pointers it
+    is given live on. Tensors on cuda:1 while cuda:0 is current (a model split across GPUs, a
+    process that never called torch.cuda.set_device) then give "Pointer argument cannot be
+    accessed from Triton", or, where peer access maps the pointers, a kernel that runs on the
+    wrong GPU and races with the tensors' own stream. The guard is entered only when the devices
+    differ: one ``torch.cuda.current_device()`` per call otherwise (nothing off CUDA)."""
+    @functools.wraps(launcher)
+    def call(x, *args, **kwargs):
+        dev = x.device
+        if dev.type == "cuda" and dev.index != torch.cuda.current_device():
+            with torch.cuda.device(dev):
+                return launcher(x, *args, **kwargs)
+        return launcher(x, *args, **kwargs)
+
+    call.on_tensor_device = True  # tests check that every public launcher has it
+    return call
+
+
 @functools.lru_cache(maxsize=None)
 def num_sms(device) -> int:
     """Streaming multiprocessors of a CUDA device (cached: a device-properties query per launch

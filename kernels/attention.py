@@ -85,7 +85,7 @@ import triton
 import triton.language as tl
 
 import fused_s2s.aot
-from fused_s2s.kernels._launch import cdiv, direct, next_power_of_2, num_sms, stages
+from fused_s2s.kernels._launch import cdiv, direct, next_power_of_2, num_sms, on_tensor_device, stages
 
 # Register budget: elements of one fp32 (BLOCK_L, BLOCK_D) tile per warp. The forward holds two
 # tiles (H and V) and their addresses; the backward kernels also build dH/dV tiles, so they take
@@ -639,6 +639,7 @@ def _unsqueezed(*xs):
     return [x if x is None or x.dim() == 3 else x[:, None] for x in xs]
 
 
+@on_tensor_device
 def attention_forward(query, keys, values, mask, *, splits=None, block_l=None, tiled=None, for_backward=False,
                       num_stages=None):
     """query (B, T, D) or (B, D), keys (B, L, D), values (B, L, Dv) or None (= keys), mask None | (B,) int |
@@ -709,6 +710,7 @@ def attention_forward(query, keys, values, mask, *, splits=None, block_l=None, t
     return ctx, weights, lse, ctx_acc if store_ctxa else None, scores if store_ctxa else weights
 
 
+@on_tensor_device
 def attention_backward(query, keys, values, mask, ctx, weights, lse, dctx, dweights, *,
                        splits=None, block_l=None, tiled=None, num_stages=None):
     """Gradients (dquery (B, [T,] D) like query, dkeys (B, L, D), dvalues (B, L, Dv) or None when values is None).

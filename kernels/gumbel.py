@@ -32,7 +32,7 @@ from triton.language.extra import libdevice
 
 from fused_s2s import aot, philox
 from fused_s2s.backend import interpret_mode
-from fused_s2s.kernels._launch import cdiv, direct, num_sms, stages
+from fused_s2s.kernels._launch import cdiv, direct, num_sms, on_tensor_device, stages
 
 _U_MIN = tl.constexpr(philox.U_MIN)
 _NEG_INF = tl.constexpr(float("-inf"))
@@ -604,6 +604,7 @@ def _stats_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+@on_tensor_device
 def gumbel_fwd(x, inv_tau: float, hard: bool, noise=None, seed=None, *, tau=None, block_r=None, block_v=None,
                num_warps=None, num_stages=None, keep=None, split=None, write_noise: bool = False,
                store_y: bool = True):
@@ -656,6 +657,7 @@ def gumbel_fwd(x, inv_tau: float, hard: bool, noise=None, seed=None, *, tau=None
     return y, idx, m, s
 
 
+@on_tensor_device
 def gumbel_bwd(dy, x, m, s, inv_tau: float, noise=None, seed=None, *, idx, tau=None, block_r=None, block_v=None,
                num_warps=None, num_stages=None, keep=None, split=None):
     """dlogits (R, V) in x.dtype from dy (R, V) (unit column stride), the forward's (m, s), its index

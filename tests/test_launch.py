@@ -181,3 +181,68 @@ def test_direct_launch_gives_bitwise_the_jit_launch_results(monkeypatch):
         for a, b in zip(got, want):
             assert torch.equal(a, b)
     assert any(isinstance(d, _launch.DirectLauncher) and d.compiled for _, d in _launch._DIRECT_LAUNCHERS.values())
+
+
+def test_launchers_run_on_the_first_tensors_device(monkeypatch):
+    """on_tensor_device: Triton launches on the current CUDA device, so a tensor on another GPU
+    must make its device current around the launcher, and only then (no guard otherwise)."""
+    entered = []
+
+    class Guard:  # stands for torch.cuda.device, which needs a CUDA build to enter
+        def __init__(self, dev):
+            self.dev = dev
+
+        def __enter__(self):
+            entered.append(self.dev)
+
+        def __exit__(self, *exc):
+            entered.append("exit")
+
+    monkeypatch.setattr(torch.cuda, "device", Guard)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+
+    class On:  # what the launcher reads of its first argument
+        def __init__(self, dev):
+            self.device = torch.device(dev)
+
+    seen = []
+
+    @_launch.on_tensor_device
+    def launcher(x, y, *, z):
+        seen.append((list(entered), y, z))
+        return "out"
+
+    assert launcher(On("cuda:1"), 2, z=3) == "out"
+    assert seen[-1] == ([torch.device("cuda:1")], 2, 3) and entered[-1] == "exit"
+    entered.clear()
+    assert launcher(On("cuda:0"), 2, z=3) == "out" and launcher(On("cpu"), 2, z=3) == "out"
+    assert entered == [], "a guard was entered for the current device or the CPU"
+
+
+def test_every_public_launcher_has_the_device_guard():
+    from fused_s2s.kernels import attention, gumbel
+
+    for fn in (attention.attention_forward, attention.attention_backward, gumbel.gumbel_fwd, gumbel.gumbel_bwd):
+        assert getattr(fn, "on_tensor_device", False), f"{fn.__name__} launches without on_tensor_device"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_ops_on_a_gpu_that_is_not_current_give_the_current_gpus_results():
+    """Both ops, forward and backward, on cuda:1 while cuda:0 is current: the results of cuda:0."""
+    import fused_s2s
+
+    def run(dev):
+        torch.manual_seed(0)
+        q, H = torch.randn(3, 2, 8, device=dev, requires_grad=True), torch.randn(3, 5, 8, device=dev, requires_grad=True)
+        x = torch.randn(4, 300, device=dev, requires_grad=True)
+        ctx, w = fused_s2s.attention_step(q, H, mask=torch.tensor([5, 2, 1], device=dev), backend="triton")
+        y = fused_s2s.gumbel_softmax(x, 0.5, hard=True, backend="triton")
+        loss = ctx.square().sum() + w.square().sum() + (y * x).sum()
+        return [t.cpu() for t in (ctx, w, y, *torch.autograd.grad(loss, (q, H, x)))]
+
+    with torch.cuda.device(0):
+        want = run("cuda:0")
+        got = run("cuda:1")
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
