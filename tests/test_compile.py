@@ -11,6 +11,7 @@ code, and raised (InterpreterError).
 """
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 
@@ -234,12 +235,17 @@ def test_export_holds_the_fused_ops():
     ops = {str(n.target) for n in ep.graph.nodes if "fused_s2s" in str(n.target)}
     assert ops == {"fused_s2s.attention_fwd.default", "fused_s2s.gumbel_softmax_fwd.default",
                    "fused_s2s.gumbel_sample.default"}
+    buf = io.BytesIO()
+    torch.export.save(ep, buf)  # a saved program names the ops; loading needs them registered (imported)
+    buf.seek(0)
+    loaded = torch.export.load(buf)
     torch.manual_seed(5)
     want = M()(q, H, lengths, x)
-    torch.manual_seed(5)
-    got = ep.module()(q, H, lengths, x)
-    for name, a, b in zip(("ctx", "weights", "y", "index", "sample"), got, want):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{name} differs in the exported program")
+    for program in (ep, loaded):
+        torch.manual_seed(5)
+        got = program.module()(q, H, lengths, x)
+        for name, a, b in zip(("ctx", "weights", "y", "index", "sample"), got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{name} differs in the exported program")
 
 
 def test_learned_tau_under_compile_keeps_its_gradient():
@@ -273,6 +279,7 @@ def _attention_op_cases():
                                               bool_mask, 2, None, None)
     cases["bf16-tiled"] = (t(2, 17, 16, dtype=torch.bfloat16), t(2, 5, 16, dtype=torch.bfloat16), None, None, None,
                            None, True)
+    cases["fp32-strided"] = (t(3, 16)[:, ::2], t(3, 5, 12)[..., 2:10], t(2, 3, 5, 7)[1], lengths, None, None, None)
     cases["fp16-no-rows"] = (t(0, 8, dtype=torch.float16), t(0, 5, 8, dtype=torch.float16), None, None, None, None,
                              None)
     return cases
