@@ -64,7 +64,8 @@ def _scalar_tensor(name: str, t: torch.Tensor, device, ok, expected: str, values
     tensor given with inputs on a device is returned as a Python number (reading it is no sync).
 
     Its value is checked without a host sync: on the CPU directly (ValueError); on a device by a
-    device-side assert (``torch._assert_async``: the error surfaces at the next synchronisation).
+    device-side assert (``torch._assert_async``: the error surfaces at the next synchronisation),
+    as on the CPU inside a torch.compile / torch.export trace (RuntimeError when the graph runs).
     While a CUDA graph is being captured nothing is checked: the values a graph replays are
     written by its owner, who checks them as Python floats (fused_s2s.graphs).
     ``values=False`` checks the form only (for a caller whose callee checks the value again)."""
@@ -74,7 +75,9 @@ def _scalar_tensor(name: str, t: torch.Tensor, device, ok, expected: str, values
     if not values:
         return t
     if t.device.type == "cpu":
-        if not bool(ok(t.detach())):
+        if torch.compiler.is_compiling():  # a host read would break the graph: the assert, traced
+            torch._assert_async(ok(t.detach()), f"{name} must be {expected}")
+        elif not bool(ok(t.detach())):
             raise ValueError(f"{name} must be {expected}, got {t.item()}")
         if device is not None and torch.device(device).type != "cpu":
             return t.item()  # a CPU scalar with device inputs: a Python number (no device sync), as torch ops take it

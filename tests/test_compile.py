@@ -332,3 +332,43 @@ def test_second_derivative_through_a_compiled_graph_is_an_error_not_a_silent_zer
         grads = torch.autograd.grad(torch.compile(f, backend="aot_eager", fullgraph=True)(), wrt, create_graph=True)
         with pytest.raises(RuntimeError, match="double backward"):
             torch.autograd.grad(sum(g.square().sum() for g in grads), wrt[0])
+
+
+@pytest.mark.parametrize("used", ["context", "weights"])
+def test_one_attention_output_used_gets_bitwise_the_uncompiled_gradients(used, compile_ops):
+    """The unused output's gradient stays None in the compiled backward too (set_materialize_grads
+    (False) in the custom op's setup_context): zeros there select another delta evaluation in the
+    fp32 / fp64 backward, ~1e-7 off the uncompiled gradients."""
+    torch.manual_seed(0)
+    q0, H0 = torch.randn(2, 3, 8, device=DEVICE), torch.randn(2, 5, 8, device=DEVICE)
+
+    def f(q, H):
+        ctx, w = fused_s2s.attention_step(q, H, mask=torch.tensor([5, 2], device=DEVICE), backend="triton")
+        return (ctx * ctx).sum() if used == "context" else (w * w).sum()
+
+    def grads(fn):
+        q, H = q0.clone().requires_grad_(), H0.clone().requires_grad_()
+        return torch.autograd.grad(fn(q, H), (q, H))
+
+    want = grads(f)
+    torch.testing.assert_close(grads(torch.compile(f, backend="aot_eager")), want, rtol=0, atol=0)
+
+
+def test_fullgraph_takes_a_tau_tensor_and_still_checks_its_value():
+    """A 0-d tau tensor: its range check is a traced assert inside the graph (on the CPU the eager
+    check reads the value, which would break the graph), so fullgraph=True takes it; the samples
+    are the uncompiled ones, and a tau out of range still raises, naming tau."""
+    x = torch.randn(3, 11, device=DEVICE)
+
+    def f(x, tau):
+        return fused_s2s.gumbel_softmax(x, tau, hard=True, backend="triton")
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    tau = torch.tensor(0.5, dtype=torch.float64, device=DEVICE)
+    torch.manual_seed(0)
+    want = f(x, tau)
+    torch.manual_seed(0)
+    torch.testing.assert_close(compiled(x, tau), want, rtol=0, atol=0)
+    if DEVICE.type == "cpu":  # on CUDA a device-side assert would end the process's CUDA context
+        with pytest.raises(RuntimeError, match="tau must be"):
+            compiled(x, torch.tensor(-1.0, dtype=torch.float64))
