@@ -25,6 +25,7 @@ The encoder has no fused part (it is one cuDNN call): ``fused_s2s.Encoder`` is t
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 from torch import Tensor
@@ -133,6 +134,15 @@ class _PassParam(torch.autograd.Function):
         return g, None
 
 
+# Said, not fixed: the term needs y_soft's graph at the backward, i.e. every step's (B, V) sample kept
+# alive through the pass (800 MB at B 128, T 50, V 32,000 in fp32) for a case few callers meet.
+_HARD_SECOND_ORDER = (
+    "fused 'gumbel_hard' under create_graph=True: the decoder embedding's gradient is formed from the "
+    "sampled rows, so a second derivative through it lacks the straight-through term d(y_st^T g)/dlogits "
+    "that the reference's y_st @ W_emb carries (the first-order gradients are the same); for a penalty "
+    "on decoder.embedding.weight's gradient use fused_s2s.reference.Seq2Seq (the same state_dict; docs/model.md)")
+
+
 class _HardEmbedding(torch.autograd.Function):
     """Straight-through embedding of a one-hot sample: y_st @ W_emb without the (B, V) x (V, D) product.
 
@@ -159,6 +169,8 @@ class _HardEmbedding(torch.autograd.Function):
             with _autocast_off(grad):  # in W_emb's dtype, as outside autocast
                 grad_y = (grad.to(weight.dtype) @ weight.t()).to(ctx.y_dtype)  # (B, V)
         if ctx.needs_input_grad[2]:
+            if ctx.y_dtype is not None and torch.is_grad_enabled():  # create_graph=True
+                warnings.warn(_HARD_SECOND_ORDER, stacklevel=2)
             if ctx.sink is not None:
                 ctx.sink.add_rows(index, grad, lookup=ctx.y_dtype is None)  # B rows, summed once per pass
             else:
