@@ -372,3 +372,29 @@ def test_fullgraph_takes_a_tau_tensor_and_still_checks_its_value():
     if DEVICE.type == "cpu":  # on CUDA a device-side assert would end the process's CUDA context
         with pytest.raises(RuntimeError, match="tau must be"):
             compiled(x, torch.tensor(-1.0, dtype=torch.float64))
+
+
+@pytest.mark.gpu
+def test_reduce_overhead_replays_the_custom_ops_from_cuda_graphs():
+    """mode="reduce-overhead": Inductor's CUDA graphs hold our launches (the custom ops are in its
+    graph). Warm-up, recording and replays give the uncompiled results (explicit noise: Inductor's
+    RNG is its own), forward and backward, with new inputs copied in at each call."""
+    torch.manual_seed(0)
+    B, L, D, V = 4, 7, 16, 50
+
+    def f(q, H, x, noise):
+        ctx, w = fused_s2s.attention_step(q, H, backend="triton")  # (B, D), (B, L)
+        y = fused_s2s.gumbel_softmax(x, 0.5, hard=True, noise=noise, backend="triton")  # (B, V)
+        return ctx.square().sum() + w.square().sum() + (y * x).sum()
+
+    compiled = torch.compile(f, mode="reduce-overhead")
+    for call in range(4):
+        args = [torch.randn(*s, device="cuda", requires_grad=True) for s in ((B, D), (B, L, D), (B, V))]
+        noise = -torch.empty(B, V, device="cuda").exponential_().log()
+        want = f(*args, noise)
+        want_g = torch.autograd.grad(want, args)
+        got = compiled(*args, noise)
+        got_g = torch.autograd.grad(got, args)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"loss at call {call}")
+        for a, b in zip(got_g, want_g):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"gradient at call {call}")
