@@ -42,7 +42,9 @@ MODES = [("teacher_forcing", 1.0, "argmax"), ("ss_gumbel_hard", 0.5, "gumbel_har
 
 
 def make_case(impl: str, size, dtype=torch.float32, seed: int = 0):
-    """Model, optimiser and one batch for ``impl`` in {"fused", "fused_graphed", "reference", "compile"}."""
+    """Model, optimiser and one batch for ``impl`` in {"fused", "fused_graphed", "reference", "compile",
+    "fused_compile"}: "compile" is torch.compile(reference), "fused_compile" torch.compile(fused) (the
+    fused ops as custom ops in its graphs)."""
     import fused_s2s
     from fused_s2s import reference
 
@@ -58,7 +60,7 @@ def make_case(impl: str, size, dtype=torch.float32, seed: int = 0):
     src_lengths = torch.randint(max(1, L // 2), L + 1, (B,)).sort(descending=True).values
     tgt = torch.randint(3, V, (B, T + 1), device=dev)
     tgt[:, 0] = 1
-    fwd = common.compile_fresh(model) if impl == "compile" else model
+    fwd = common.compile_fresh(model) if impl in ("compile", "fused_compile") else model
     return model, opt, fwd, (src, src_lengths, tgt)
 
 
@@ -134,7 +136,9 @@ def check_applies(dtype, ratio: float, sampling: str) -> str | None:
 
 def impls():
     names = ["fused", "fused_graphed", "reference", "compile"] if common.HAS_CUDA else ["reference"]
-    return [i for i in names if common.wanted(i)]  # $FUSED_S2S_BENCH_IMPLS
+    names = [i for i in names if common.wanted(i)]  # $FUSED_S2S_BENCH_IMPLS
+    # torch.compile of the fused model: opt-in (FUSED_S2S_BENCH_IMPLS=...,fused_compile), a compile per case
+    return names + (["fused_compile"] if common.HAS_CUDA and common.wanted("fused_compile", default=False) else [])
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

@@ -225,10 +225,10 @@ def results_csv() -> str:
     return os.environ.get(RESULTS_CSV_ENV) or RESULTS_CSV
 
 
-def wanted(impl: str) -> bool:
-    """False when $FUSED_S2S_BENCH_IMPLS is set and does not list impl."""
+def wanted(impl: str, default: bool = True) -> bool:
+    """Whether $FUSED_S2S_BENCH_IMPLS lists impl; ``default`` when it is not set (False: opt-in impls)."""
     only = os.environ.get(IMPLS_ENV, "").strip()
-    return not only or impl in {s.strip() for s in only.split(",")}
+    return default if not only else impl in {s.strip() for s in only.split(",")}
 
 
 def append_rows(rows: list[dict], path: str | None = None) -> str:

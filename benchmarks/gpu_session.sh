@@ -27,7 +27,8 @@
 #                                     fp32, teacher forcing and gumbel_hard; GPU_COMPILE_TIMEOUT=300 s),
 #                                     rows into $OUT/results.csv: issue 6's missing column, when budget's
 #                                     100 s did not fit the compiles (a cold compile took 27 s on this
-#                                     project's CPU, 4 s with inductor's cache warm)
+#                                     project's CPU, 4 s with inductor's cache warm); last, torch.compile
+#                                     of the fused model (fused_compile: the fused ops as custom ops in its graphs)
 #   benchmarks/gpu_session.sh budget  everything that matters in ONE command of at most GPU_BUDGET=570 s,
 #                                     counted from the script's start (setup included; a 15-minute
 #                                     device session: one start + one 10-minute call, timeout_s=600):
@@ -426,7 +427,7 @@ case $phase in  # exit status: 1 when a test failed (test), no row was measured 
     profile) setup; profile_pass "${GPU_PROFILE_TIMEOUT:-300}" ;;
     cli) setup; cli_graph_pass "$OUT/cli.txt" "${GPU_CLI_TIMEOUT:-120}"; cat "$OUT/cli.txt" | tail -n 20 ;;
     compile) setup; export FUSED_S2S_RESULTS_CSV="$OUT/results.csv"
-        bench_pass train "fused,fused_graphed,reference,compile" "${GPU_COMPILE_TIMEOUT:-300}" --quick --sizes notes \
+        bench_pass train "fused,fused_graphed,reference,compile,fused_compile" "${GPU_COMPILE_TIMEOUT:-300}" --quick --sizes notes \
             --modes teacher_forcing,ss_gumbel_hard --dtypes float32
         "$PY" benchmarks/summarize.py "$OUT/results.csv" ;;
     stages) setup; stages_pass "$OUT/stages.txt" "${GPU_STAGES_TIMEOUT:-120}"; grep '^\[sweep\]' "$OUT/stages.txt" | tail -n 60 ;;

@@ -62,3 +62,17 @@ def test_check_skips_16_bit_samples():
     assert bench_train.check_applies(torch.bfloat16, 1.0, "argmax") is None  # teacher forcing draws nothing
     assert bench_train.check_applies(torch.bfloat16, 0.5, "gumbel") is None  # soft: only the coins
     assert bench_train.check_applies(torch.float32, 0.5, "gumbel_hard") is None
+
+
+def test_fused_compile_is_opt_in(monkeypatch):
+    """torch.compile of the fused model times only when FUSED_S2S_BENCH_IMPLS names it (a compile per case)."""
+    monkeypatch.setattr(bench_train.common, "HAS_CUDA", True)
+    monkeypatch.delenv(bench_train.common.IMPLS_ENV, raising=False)
+    assert bench_train.impls() == ["fused", "fused_graphed", "reference", "compile"]
+    monkeypatch.setenv(bench_train.common.IMPLS_ENV, "reference,fused_compile")
+    assert bench_train.impls() == ["reference", "fused_compile"]
+
+
+def test_fused_compile_case_compiles_the_fused_model():
+    model, _, fwd, _ = bench_train.make_case("fused_compile", bench_train.SIZES[0])
+    assert isinstance(model, fused_s2s.Seq2Seq) and fwd is not model  # the compiled wrapper
