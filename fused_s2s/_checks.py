@@ -43,6 +43,8 @@ def check_int_tensor(name: str, x, **kw) -> torch.Tensor:
 
 def check_ids(name: str, ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Integer ids in [0, vocab_size). Reads values: call once per batch, never per step.
+    Inside a torch.compile / torch.export trace a traced assert instead (RuntimeError when the
+    graph runs), so the check does not break the graph.
 
     Under CUDA-graph capture the values cannot be read (a host copy is illegal there and would
     bake one batch's verdict into the graph), so only the dtype is checked: the ids a captured
@@ -50,6 +52,10 @@ def check_ids(name: str, ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """
     check_int_tensor(name, ids)
     if ids.is_cuda and torch.cuda.is_current_stream_capturing():
+        return ids
+    if torch.compiler.is_compiling():  # a host read would break the graph: the assert, traced
+        torch._assert_async(((ids >= 0) & (ids < vocab_size)).all(),
+                            f"{name} has ids outside [0, vocab_size={vocab_size})")
         return ids
     if ids.numel():
         lo, hi = torch.stack(torch.aminmax(ids)).tolist()  # one host sync, not two

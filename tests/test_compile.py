@@ -398,3 +398,20 @@ def test_reduce_overhead_replays_the_custom_ops_from_cuda_graphs():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"loss at call {call}")
         for a, b in zip(got_g, want_g):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"gradient at call {call}")
+
+
+def test_id_check_is_a_traced_assert_inside_a_trace():
+    """check_ids reads the ids' range on the host, which breaks a graph: inside a trace it is a
+    traced assert, so fullgraph=True takes it and ids out of range still raise, naming them."""
+    from fused_s2s._checks import check_ids
+
+    def f(ids):
+        return check_ids("tgt", ids, 10).sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    ids = torch.tensor([[0, 9, 3]])
+    assert compiled(ids) == f(ids)
+    with pytest.raises(ValueError, match="tgt has ids"):
+        f(torch.tensor([[0, 10]]))
+    with pytest.raises(RuntimeError, match="tgt has ids outside"):
+        compiled(torch.tensor([[0, 10]]))
