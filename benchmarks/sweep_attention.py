@@ -64,8 +64,8 @@ def main(argv=None) -> int:
             gb = (B * L * D * es + 2 * B * T * (D + L) * es) / 1e9  # H once, q / ctx / weights
 
             def run(kind_cfg, splits, num_stages=None, tiled=False):
-                def cfg(D_, Dv_, kind="fwd", dt=torch.float32):
-                    bd, bl, nw = real_cfg(D_, Dv_, kind, dt)
+                def cfg(D_, Dv_, kind="fwd", dt=torch.float32, aligned=True):
+                    bd, bl, nw = real_cfg(D_, Dv_, kind, dt, aligned)
                     if kind in kind_cfg:
                         bl, nw = kind_cfg[kind]
                     return bd, bl, nw

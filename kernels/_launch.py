@@ -33,6 +33,24 @@ def stages(num_stages, default: int) -> int:
     return num_stages
 
 
+def aligned16(sizes, tensors) -> bool:
+    """Whether Triton's JIT specialises a launch's loads over ``tensors`` as 16-aligned (the AOT
+    tool's "aligned" variant: 128-bit loads along the last dim): every size in ``sizes``, every stride
+    but the last and every tensor's start (in bytes) divisible by 16, and unit last strides. The
+    start from the storage offset (PyTorch's allocators align storages to 64 bytes or more):
+    metadata, no data_ptr(). None entries are skipped. Launchers pick block configurations by it,
+    never results."""
+    if any(n % 16 for n in sizes):
+        return False
+    for t in tensors:
+        if t is None:
+            continue
+        st = t.stride()
+        if st[-1] != 1 or t.storage_offset() * t.element_size() % 16 or any(s % 16 for s in st[:-1]):
+            return False
+    return True
+
+
 def interpreter_range_fix() -> bool:
     """Let Triton's interpreter run ``for i in range(a, n, b)`` / ``tl.range`` over a runtime ``n``.
 

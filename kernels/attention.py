@@ -85,7 +85,7 @@ import triton
 import triton.language as tl
 
 import fused_s2s.aot
-from fused_s2s.kernels._launch import cdiv, direct, next_power_of_2, num_sms, on_tensor_device, stages
+from fused_s2s.kernels._launch import aligned16, cdiv, direct, next_power_of_2, num_sms, on_tensor_device, stages
 
 # Register budget: elements of one fp32 (BLOCK_L, BLOCK_D) tile per warp. The forward holds two
 # tiles (H and V) and their addresses; the backward kernels also build dH/dV tiles, so they take
@@ -547,16 +547,37 @@ _MEASURED_CONFIGS = {
 }
 
 
+# (BLOCK_L, num_warps) for launches whose operands are not 16-aligned (``launch_config``): Triton then
+# compiles scalar loads, one address per element, and under triton 3.7 / 3.8 some of the tiles above
+# (and the rule's fp32 forward at BLOCK_D 256) spilled there: up to 560 bytes at 255 registers, with
+# spill instructions inside the loops. Each of these is the largest tile next to its aligned
+# choice (same warps, or fewer: 8 warps over a 16-bit 1024-wide tile were 4-5x slower on the H200)
+# that compiles without spills under triton 3.6, 3.7.1, 3.8.0 and 3.9, on sm_80 and sm_90, with no
+# divisibility known and with only the D-contiguous rows 16-aligned (L not), every mask form and V
+# = H or not (session 16). Their speed is unmeasured: no GPU since session 7.
+_CLS = {torch.float16: "16", torch.bfloat16: "16", torch.float32: "fp32"}  # the tables' dtype classes
+_UNALIGNED_CONFIGS = {
+    ("fwd", 1024, "fp32"): (8, 8), ("fwd", 1024, "16"): (4, 4), ("fwd", 256, "fp32"): (4, 4),
+    ("bwd_row", 1024, "16"): (2, 2), ("bwd_row", 512, "16"): (4, 4), ("bwd_row", 512, "fp32"): (4, 4),
+}
+
+
 @functools.lru_cache(maxsize=None)  # pure; called several times per launch (host time matters at small sizes)
-def block_config(D: int, Dv: int, kind: str = "fwd", dtype: torch.dtype = torch.float32) -> tuple[int, int, int]:
+def block_config(D: int, Dv: int, kind: str = "fwd", dtype: torch.dtype = torch.float32,
+                 aligned: bool = True) -> tuple[int, int, int]:
     """(BLOCK_D, BLOCK_L, num_warps) for head sizes D, Dv. kind: "fwd" / "bwd_row" or "bwd_kv".
 
-    BLOCK_D covers max(D, Dv) (one padded width for H and V keeps the config count small). Where
-    _MEASURED_CONFIGS has an entry it decides; else BLOCK_L keeps each (BLOCK_L, BLOCK_D) fp32 tile
-    at _TILE_PER_WARP[kind] elements per warp so the kernels do not spill up to D = 1024.
+    BLOCK_D covers max(D, Dv) (one padded width for H and V keeps the config count small). For
+    operands that are not 16-aligned (``aligned=False``, see :func:`launch_config`)
+    _UNALIGNED_CONFIGS decides where it has an entry; then _MEASURED_CONFIGS; else BLOCK_L keeps
+    each (BLOCK_L, BLOCK_D) fp32 tile at _TILE_PER_WARP[kind] elements per warp so the kernels do
+    not spill up to D = 1024.
     """
     block_d = max(_MIN_BLOCK_D, next_power_of_2(max(D, Dv)))
-    cls = "16" if dtype in (torch.float16, torch.bfloat16) else ("fp32" if dtype == torch.float32 else None)
+    cls = _CLS.get(dtype)
+    if not aligned and (kind, block_d, cls) in _UNALIGNED_CONFIGS:
+        block_l, num_warps = _UNALIGNED_CONFIGS[kind, block_d, cls]
+        return block_d, block_l, num_warps
     if (kind, block_d, cls) in _MEASURED_CONFIGS:
         block_l, num_warps = _MEASURED_CONFIGS[kind, block_d, cls]
         return block_d, block_l, num_warps
@@ -565,6 +586,19 @@ def block_config(D: int, Dv: int, kind: str = "fwd", dtype: torch.dtype = torch.
     tile = _TILE_PER_WARP[kind] * num_warps
     block_l = max(2, min(_MAX_BLOCK_L, tile // block_d))
     return block_d, block_l, num_warps
+
+
+def launch_config(D: int, Dv: int, L: int, kind: str, dtype: torch.dtype, *operands) -> tuple[int, int, int]:
+    """block_config for a launch over ``operands`` (what it loads row by row: query, H, V, and the
+    bool mask or dc and dalpha; None skipped): the measured tiles when D, Dv, L, the operands' row
+    strides and starts are all divisible by 16, as in the AOT tool's "aligned" variant (and the H200
+    sweep's shapes); else, where _UNALIGNED_CONFIGS has an entry, the smaller tile that does not
+    spill in Triton's less specialised compiles. Metadata only (no host sync), and only checked at
+    the widths and dtypes where the two choices differ."""
+    cfg = block_config(D, Dv, kind, dtype)
+    if (kind, cfg[0], _CLS.get(dtype)) in _UNALIGNED_CONFIGS and not aligned16((D, Dv, L), operands):
+        return block_config(D, Dv, kind, dtype, aligned=False)
+    return cfg
 
 
 def split_plan(rows: int, L: int, block_l: int, device: torch.device, splits: int | None = None) -> tuple[int, int]:
@@ -676,7 +710,8 @@ def attention_forward(query, keys, values, mask, *, splits=None, block_l=None, t
     lse = torch.empty(rows, 2, device=dev, dtype=acc_t)  # (m, l) per row: lse = m + log(l)
     if rows == 0:
         return ctx, weights, lse, ctx_acc if store_ctxa else None, weights
-    block_d, bl, num_warps = block_config(D, Dv, "fwd", query.dtype)
+    block_d, bl, num_warps = launch_config(D, Dv, L, "fwd", query.dtype, query, keys, values,
+                                           mask if mask is not None and mask.dim() == 2 else None)
     bl = block_l or bl
     nsplit, per = split_plan(rows, L, bl, dev, splits)
     query = _tile_safe(query, block_d)
@@ -748,8 +783,8 @@ def attention_backward(query, keys, values, mask, ctx, weights, lse, dctx, dweig
     dk = torch.empty(B, L, D, device=dev, dtype=dtype)
     # dV is only written where dc flows (HAS_DCTX); without it it is zero.
     dv = None if shared else (torch.empty if has_dc else torch.zeros)(B, L, Dv, device=dev, dtype=dtype)
-    block_d, bl, num_warps = block_config(D, Dv, "bwd_row", dtype)
-    _, bl_kv, nw_kv = block_config(D, Dv, "bwd_kv", dtype)
+    block_d, bl, num_warps = launch_config(D, Dv, L, "bwd_row", dtype, query, keys, values, dctx, dweights)
+    _, bl_kv, nw_kv = launch_config(D, Dv, L, "bwd_kv", dtype, query, keys, values, dctx, dweights)
     bl = block_l or bl
     bl_kv = block_l or bl_kv
     blk = max(bl, bl_kv)
@@ -810,86 +845,103 @@ def attention_backward(query, keys, values, mask, ctx, weights, lse, dctx, dweig
 _TL_NAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
+_AOT_MASKS = (("*i1", 2), ("*i64", 1), ("*i32", 1), ("*i64", 0))  # (pointer type, MASK_MODE)
+
+
+def aot_kernel_configs(dtype, block_d: int, kind: str, block_l: int, num_warps: int, mask=("*i64", 1),
+                       shared: bool = False, variants=fused_s2s.aot.VARIANTS, expect_no_spill: bool = True):
+    """The AOT configs of one launcher choice: kind "fwd" (the forward, both FINALIZE forms, and the
+    split-L combine), "bwd_row" (the row kernel's (WRITE_KV, split, DELTA_MODE) forms and the split
+    delta partials) or "bwd_kv", at (BLOCK_D, BLOCK_L, num_warps), one mask form (the forward's) and
+    SHARED_KV, compiled in ``variants``. The innermost strides are the constant 1, as triton's JIT
+    specialises them for contiguous inputs."""
+    from fused_s2s.aot import AOTConfig
+
+    i32, cx = "i32", "constexpr"
+    ty = _TL_NAME[dtype]
+    p, a = f"*{ty}", "*fp32"
+    unit = dict(s_qd=1, s_kd=1, s_vd=1, s_cd=1)  # innermost strides
+    qkv_strides = dict(s_qb=i32, s_qt=i32, s_qd=cx, s_kb=i32, s_kl=i32, s_kd=cx, s_vb=i32, s_vl=i32, s_vd=cx)
+    gstrides = dict(s_cb=i32, s_ct=i32, s_cd=cx, s_wb=i32, s_wt=i32, s_wl=i32)
+    sizes = dict(T=i32, L=i32, D=i32, DV=i32)
+    tag = f"{ty} BD={block_d}"
+    kw = dict(num_warps=num_warps, expect_no_spill=expect_no_spill, variants=tuple(variants))
+    if kind == "fwd":
+        mask_ty, mode = mask
+        for finalize in (True, False):
+            sig = dict(Q=p, K=p, V=p, MASK=mask_ty, CTX=p, CTXA=a, W=p, S=p if ty == "fp32" else a, LSE=a, PM=a,
+                       PL=a, PACC=a, **sizes, BLOCKS_PER_SPLIT=i32, **qkv_strides, s_mb=i32, s_ml=cx,
+                       MASK_MODE=cx, SHARED_KV=cx, FINALIZE=cx, STORE_CTXA=cx, ACC=cx, BLOCK_L=cx, BLOCK_D=cx,
+                       NUM_STAGES=cx)
+            c = dict(s_qd=1, s_kd=1, s_vd=1, s_ml=1, MASK_MODE=mode, SHARED_KV=shared, FINALIZE=finalize,
+                     STORE_CTXA=ty != "fp32", ACC=tl.float32, BLOCK_L=block_l, BLOCK_D=block_d,
+                     NUM_STAGES=_ROW_STAGES)
+            yield AOTConfig(_attn_fwd_kernel, sig, c, label=f"fwd {tag} BL={block_l} fin={int(finalize)} "
+                                                              f"mask={mode} kv={int(shared)}", **kw)
+        sig = dict(CTX=p, CTXA=a, W=p, S=p if ty == "fp32" else a, LSE=a, PM=a, PL=a, PACC=a, L=i32, DV=i32,
+                   BLOCKS_PER_SPLIT=i32, STORE_CTXA=cx, ACC=cx, BLOCK_L=cx, BLOCK_D=cx)
+        yield AOTConfig(_attn_combine_kernel, sig,
+                        dict(STORE_CTXA=ty != "fp32", ACC=tl.float32, BLOCK_L=block_l, BLOCK_D=block_d),
+                        label=f"combine {tag} BL={block_l}", **kw)
+    elif kind == "bwd_row":
+        # (WRITE_KV, split, DELTA_MODE): T == 1 split (fp32 dq partials), T == 1 one pass, T > 1. The
+        # fp32 delta is exact (1: inline pass, 2: split partials); 16-bit reads the saved fp32 copies
+        # (3: split, its sum alpha dalpha from partials). HAS_DCTX and HAS_DW are both on.
+        forms = ((True, True, 2), (True, False, 1), (False, False, 1)) if ty == "fp32" else \
+            ((True, True, 3), (False, False, 0))
+        for write_kv, split, delta_mode in forms:
+            sig = dict(Q=p, K=p, V=p, CTX=a, W=a, LSE=a, DCTX=p, DW=p, DQ=a if split else p,
+                       DK=p, DVAL=p, DELTA=a, DPART=a, **sizes, BLOCKS_PER_SPLIT=i32, NROWS=i32, **qkv_strides,
+                       **gstrides, SHARED_KV=cx, HAS_DCTX=cx, HAS_DW=cx, WRITE_KV=cx, DELTA_MODE=cx,
+                       ACC=cx, BLOCK_L=cx, BLOCK_D=cx, NUM_STAGES=cx)
+            c = dict(unit, SHARED_KV=shared, HAS_DCTX=True, HAS_DW=True, WRITE_KV=write_kv,
+                     DELTA_MODE=delta_mode, ACC=tl.float32, BLOCK_L=block_l, BLOCK_D=block_d, NUM_STAGES=_ROW_STAGES)
+            yield AOTConfig(_attn_bwd_row_kernel, sig, c, label=f"bwd_row {tag} BL={block_l} kv={int(write_kv)} "
+                                                                 f"split={int(split)} shared={int(shared)} "
+                                                                 f"delta={delta_mode}", **kw)
+        # the split delta partials: exact (2, fp32 with dc), or sum alpha dalpha (3: 16-bit, and fp32
+        # with the weights' gradient alone)
+        for delta_mode, has_dc in ((2, True), (3, False)) if ty == "fp32" else ((3, True),):
+            sig = dict(Q=p, W=a, LSE=a, V=p, DCTX=p, DW=p, DPART=a, T=i32, L=i32, DV=i32, BLOCKS_PER_SPLIT=i32,
+                       s_vb=i32, s_vl=i32, s_vd=cx, **gstrides, HAS_DCTX=cx, HAS_DW=cx, DELTA_MODE=cx, ACC=cx,
+                       BLOCK_L=cx, BLOCK_D=cx, NUM_STAGES=cx)
+            c = dict(s_vd=1, s_cd=1, HAS_DCTX=has_dc, HAS_DW=True, DELTA_MODE=delta_mode, ACC=tl.float32,
+                     BLOCK_L=block_l, BLOCK_D=block_d, NUM_STAGES=_ROW_STAGES)
+            yield AOTConfig(_attn_bwd_delta_kernel, sig, c, label=f"bwd_delta {tag} BL={block_l} delta={delta_mode}",
+                            **kw)
+    elif kind == "bwd_kv":
+        sig = dict(Q=p, K=p, V=p, W=a, LSE=a, DELTA=a, DCTX=p, DW=p, DK=p, DVAL=p, **sizes, **qkv_strides,
+                   **gstrides, SHARED_KV=cx, HAS_DCTX=cx, HAS_DW=cx, ACC=cx, BLOCK_L=cx, BLOCK_D=cx)
+        c = dict(unit, SHARED_KV=shared, HAS_DCTX=True, HAS_DW=True, ACC=tl.float32, BLOCK_L=block_l,
+                 BLOCK_D=block_d)
+        yield AOTConfig(_attn_bwd_kv_kernel, sig, c, label=f"bwd_kv {tag} BL={block_l} shared={int(shared)}", **kw)
+    else:
+        raise ValueError(f"kind must be 'fwd', 'bwd_row' or 'bwd_kv', got {kind!r}")
+
+
 def _aot_configs():
     """Every (dtype, BLOCK_D, BLOCK_L, num_warps, split/finalize) the launchers pick for D, Dv <= 1024.
 
-    Strides of the innermost dim are compiled as the constant 1, as triton's JIT specialises them
-    for contiguous inputs. The mask form (forward only: the per-row backward reads none) and SHARED_KV
-    barely change register use; they rotate over the configs so that each form is compiled, with
-    separate V (the larger footprint) for most.
+    The mask form (forward only: the per-row backward reads none) and SHARED_KV barely change
+    register use; they rotate over the configs so that each form is compiled, with separate V (the
+    larger footprint) for most. Where the launcher picks another block config for operands that are
+    not 16-aligned (``_UNALIGNED_CONFIGS``), the measured one compiles in the "aligned" variant and
+    the other in the "generic" one.
     BLOCK_D = 2048 (1024 < D <= 2048) is compiled too but may spill (expect_no_spill=False).
     """
-    from fused_s2s.aot import AOTConfig
-
-    masks = [("*i1", 2), ("*i64", 1), ("*i32", 1), ("*i64", 0)]
-    i32, cx = "i32", "constexpr"
-    unit = dict(s_qd=1, s_kd=1, s_vd=1, s_cd=1, s_ml=1)  # innermost strides (s_ml: bool mask rows)
-    bwd_unit = {k: v for k, v in unit.items() if k != "s_ml"}  # the per-row backward reads no mask
     i = 0
-    for dtype, ty in _TL_NAME.items():
+    for dtype in _TL_NAME:
         for block_d in (16, 32, 64, 128, 256, 512, 1024, 2048):
-            ok = block_d <= 1024
-            mask_ty, mode = masks[i % len(masks)]
+            mask = _AOT_MASKS[i % len(_AOT_MASKS)]
             shared = i % 5 == 4
             i += 1
-            p, a = f"*{ty}", "*fp32"
-            qkv_strides = dict(s_qb=i32, s_qt=i32, s_qd=cx, s_kb=i32, s_kl=i32, s_kd=cx, s_vb=i32, s_vl=i32, s_vd=cx)
-            strides = dict(qkv_strides, s_mb=i32, s_ml=cx)
-            gstrides = dict(s_cb=i32, s_ct=i32, s_cd=cx, s_wb=i32, s_wt=i32, s_wl=i32)
-            sizes = dict(T=i32, L=i32, D=i32, DV=i32)
-            cst = {k: v for k, v in unit.items() if k != "s_cd"}
-            tag = f"{ty} BD={block_d}"
-
-            _, bl, nw = block_config(block_d, block_d, "fwd", dtype)
-            for finalize in (True, False):
-                sig = dict(Q=p, K=p, V=p, MASK=mask_ty, CTX=p, CTXA=a, W=p, S=p if ty == "fp32" else a, LSE=a, PM=a,
-                           PL=a, PACC=a, **sizes, BLOCKS_PER_SPLIT=i32, **strides, MASK_MODE=cx, SHARED_KV=cx,
-                           FINALIZE=cx, STORE_CTXA=cx, ACC=cx, BLOCK_L=cx, BLOCK_D=cx, NUM_STAGES=cx)
-                c = dict(cst, MASK_MODE=mode, SHARED_KV=shared, FINALIZE=finalize, STORE_CTXA=ty != "fp32",
-                         ACC=tl.float32, BLOCK_L=bl, BLOCK_D=block_d, NUM_STAGES=_ROW_STAGES)
-                yield AOTConfig(_attn_fwd_kernel, sig, c, num_warps=nw, expect_no_spill=ok,
-                                label=f"fwd {tag} BL={bl} fin={int(finalize)} mask={mode} kv={int(shared)}")
-            sig = dict(CTX=p, CTXA=a, W=p, S=p if ty == "fp32" else a, LSE=a, PM=a, PL=a, PACC=a, L=i32, DV=i32,
-                       BLOCKS_PER_SPLIT=i32, STORE_CTXA=cx, ACC=cx, BLOCK_L=cx, BLOCK_D=cx)
-            yield AOTConfig(_attn_combine_kernel, sig,
-                            dict(STORE_CTXA=ty != "fp32", ACC=tl.float32, BLOCK_L=bl, BLOCK_D=block_d),
-                            num_warps=nw, expect_no_spill=ok, label=f"combine {tag} BL={bl}")
-
-            _, bl, nw = block_config(block_d, block_d, "bwd_row", dtype)
-            # (WRITE_KV, split, DELTA_MODE): T == 1 split (fp32 dq partials), T == 1 one pass, T > 1. The
-            # fp32 delta is exact (1: inline pass, 2: split partials); 16-bit reads the saved fp32 copies
-            # (3: split, its sum alpha dalpha from partials). HAS_DCTX and HAS_DW are both on.
-            variants = ((True, True, 2), (True, False, 1), (False, False, 1)) if ty == "fp32" else \
-                ((True, True, 3), (False, False, 0))
-            for write_kv, split, delta_mode in variants:
-                sig = dict(Q=p, K=p, V=p, CTX=a, W=a, LSE=a, DCTX=p, DW=p, DQ=a if split else p,
-                           DK=p, DVAL=p, DELTA=a, DPART=a, **sizes, BLOCKS_PER_SPLIT=i32, NROWS=i32, **qkv_strides,
-                           **gstrides, SHARED_KV=cx, HAS_DCTX=cx, HAS_DW=cx, WRITE_KV=cx, DELTA_MODE=cx,
-                           ACC=cx, BLOCK_L=cx, BLOCK_D=cx, NUM_STAGES=cx)
-                c = dict(bwd_unit, SHARED_KV=shared, HAS_DCTX=True, HAS_DW=True, WRITE_KV=write_kv,
-                         DELTA_MODE=delta_mode, ACC=tl.float32, BLOCK_L=bl, BLOCK_D=block_d, NUM_STAGES=_ROW_STAGES)
-                yield AOTConfig(_attn_bwd_row_kernel, sig, c, num_warps=nw, expect_no_spill=ok,
-                                label=f"bwd_row {tag} BL={bl} kv={int(write_kv)} split={int(split)} "
-                                      f"shared={int(shared)} delta={delta_mode}")
-            # the split delta partials: exact (2, fp32 with dc), or sum alpha dalpha (3: 16-bit, and fp32
-            # with the weights' gradient alone)
-            for delta_mode, has_dc in ((2, True), (3, False)) if ty == "fp32" else ((3, True),):
-                sig = dict(Q=p, W=a, LSE=a, V=p, DCTX=p, DW=p, DPART=a, T=i32, L=i32, DV=i32, BLOCKS_PER_SPLIT=i32,
-                           s_vb=i32, s_vl=i32, s_vd=cx, **gstrides, HAS_DCTX=cx, HAS_DW=cx, DELTA_MODE=cx, ACC=cx,
-                           BLOCK_L=cx, BLOCK_D=cx, NUM_STAGES=cx)
-                c = dict(s_vd=1, s_cd=1, HAS_DCTX=has_dc, HAS_DW=True, DELTA_MODE=delta_mode, ACC=tl.float32,
-                         BLOCK_L=bl, BLOCK_D=block_d, NUM_STAGES=_ROW_STAGES)
-                yield AOTConfig(_attn_bwd_delta_kernel, sig, c, num_warps=nw, expect_no_spill=ok,
-                                label=f"bwd_delta {tag} BL={bl} delta={delta_mode}")
-
-            _, bl, nw = block_config(block_d, block_d, "bwd_kv", dtype)
-            sig = dict(Q=p, K=p, V=p, W=a, LSE=a, DELTA=a, DCTX=p, DW=p, DK=p, DVAL=p, **sizes, **qkv_strides,
-                       **gstrides, SHARED_KV=cx, HAS_DCTX=cx, HAS_DW=cx, ACC=cx, BLOCK_L=cx, BLOCK_D=cx)
-            c = dict(bwd_unit, SHARED_KV=shared, HAS_DCTX=True, HAS_DW=True, ACC=tl.float32, BLOCK_L=bl,
-                     BLOCK_D=block_d)
-            yield AOTConfig(_attn_bwd_kv_kernel, sig, c, num_warps=nw, expect_no_spill=ok,
-                            label=f"bwd_kv {tag} BL={bl} shared={int(shared)}")
-
+            for kind in ("fwd", "bwd_row", "bwd_kv"):
+                aligned = block_config(block_d, block_d, kind, dtype)
+                generic = block_config(block_d, block_d, kind, dtype, aligned=False)
+                for cfg, variants in ((aligned, fused_s2s.aot.VARIANTS),) if aligned == generic else \
+                        ((aligned, ("aligned",)), (generic, ("generic",))):
+                    yield from aot_kernel_configs(dtype, block_d, kind, *cfg[1:], mask=mask, shared=shared,
+                                                  variants=variants, expect_no_spill=block_d <= 1024)
 
 
 def _aot_configs_all():

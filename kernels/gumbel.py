@@ -32,7 +32,7 @@ from triton.language.extra import libdevice
 
 from fused_s2s import aot, philox
 from fused_s2s.backend import interpret_mode
-from fused_s2s.kernels._launch import cdiv, direct, num_sms, on_tensor_device, stages
+from fused_s2s.kernels._launch import aligned16, cdiv, direct, num_sms, on_tensor_device, stages
 
 _U_MIN = tl.constexpr(philox.U_MIN)
 _NEG_INF = tl.constexpr(float("-inf"))
@@ -559,12 +559,10 @@ def _auto_split(has_noise: bool, dtype, aligned: bool) -> bool:
 
 
 def rows_aligned(V: int, *rows) -> bool:
-    """Whether Triton's JIT specialises a launch over these (R, V) tensors as 16-aligned (the AOT tool's
-    "aligned" variant, 128-bit loads): V, each row stride and each pointer divisible by 16. The
-    pointer from the storage offset (PyTorch's allocators align storages to 64 bytes or more):
-    metadata, no data_ptr(). Only the pipelining depth depends on it, never a result."""
-    return V % 16 == 0 and all(t.stride(0) % 16 == 0 and t.storage_offset() * t.element_size() % 16 == 0
-                               for t in rows)
+    """Whether Triton's JIT specialises a launch over these (R, V) tensors (unit column stride) as
+    16-aligned (the AOT tool's "aligned" variant, 128-bit loads): V, each row stride and each pointer
+    divisible by 16 (``_launch.aligned16``). Only the pipelining depth depends on it, never a result."""
+    return aligned16((V,), rows)
 
 
 # whether this module's kernels are interpreted: fixed when they were decorated (at import), as

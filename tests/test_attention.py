@@ -417,6 +417,55 @@ def test_empty_batch_or_steps(shapes, device):
     assert q.grad.shape == q.shape and (k.grad == 0).all()
 
 
+def test_unaligned_operands_take_the_unaligned_block_configs(monkeypatch):
+    """The measured (H200) tiles spill under triton 3.7 / 3.8 where Triton cannot specialise the
+    loads as 16-aligned: such launches take _UNALIGNED_CONFIGS, and the AOT tool compiles each table
+    in the variant the launcher runs it in."""
+    from fused_s2s.kernels import attention as A
+
+    assert A._UNALIGNED_CONFIGS
+    for (kind, bd, cls), (bl, nw) in A._UNALIGNED_CONFIGS.items():
+        dtype = torch.float32 if cls == "fp32" else torch.bfloat16
+        measured = A.block_config(bd, bd, kind, dtype)
+        assert measured != (bd, bl, nw) == A.block_config(bd, bd, kind, dtype, aligned=False)
+        z = lambda *shape: torch.zeros(*shape, dtype=dtype)  # noqa: E731
+        q, k, v, m = z(2, bd), z(2, 32, bd), z(2, 32, bd), torch.ones(2, 32, dtype=torch.bool)
+        assert A.launch_config(bd, bd, 32, kind, dtype, q, k, v, m) == measured
+        assert A.launch_config(bd, bd, 32, kind, dtype, q, k, None, None) == measured  # V = H, no mask
+        unaligned = [(bd - 1, bd, 32, q[:, 1:], k[..., 1:], v),  # D (same BLOCK_D)
+                     (bd, bd, 30, q, k[:, :30], v[:, :30], m[:, :30]),  # L
+                     (bd, bd, 32, q, z(2 * 32 * bd + 1)[1:].view(2, 32, bd), v),  # H's start, 1 element in
+                     (bd, bd, 32, q, k, v, torch.ones(2, 40, dtype=torch.bool)[:, 1:33]),  # the mask's start
+                     (bd, bd, 32, z(2, bd + 8)[:, :bd], k, v)]  # the query's row stride
+        for D, Dv, L, *ops in unaligned:
+            assert A.launch_config(D, Dv, L, kind, dtype, *ops) == (bd, bl, nw), (kind, bd, cls, D, L)
+        # the AOT registry: the measured tile in the "aligned" variant, this one in the "generic" one
+        cfgs = [c for c in A._aot_configs() if c.label.startswith(f"{kind} {A._TL_NAME[dtype]} BD={bd} ")]
+        assert {c.constexprs["BLOCK_L"] for c in cfgs if c.variants == ("generic",)} == {bl}
+        assert {c.constexprs["BLOCK_L"] for c in cfgs if c.variants == ("aligned",)} == {measured[1]}
+    # elsewhere the alignment is not even looked at (host time per call)
+    monkeypatch.setattr(A, "aligned16", lambda *a: pytest.fail("alignment checked"))
+    x = torch.zeros(2, 3, 100)
+    for D, dtype in ((100, torch.float32), (1000, torch.float64)):
+        assert A.launch_config(D, D, 3, "fwd", dtype, x[:, 0], x, x) == A.block_config(D, D, "fwd", dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("T", [None, 2])
+def test_unaligned_wide_launch_vs_oracle(dtype, T, monkeypatch, device):
+    """D = 1000 (BLOCK_D 1024, not 16-aligned): the launchers take the unaligned tiles, and the
+    results meet the oracle."""
+    from fused_s2s.kernels import attention as A
+
+    picked = []
+    real = A.launch_config
+    monkeypatch.setattr(A, "launch_config", lambda *a: picked.append(real(*a)) or picked[-1])
+    q, k, v = _inputs(2, T, 5, 1000, 1000, dtype, device)
+    _check_all(q, k, v, _mask("len", 2, 5, device, empty_row=False))
+    assert {A.block_config(1000, 1000, kind, dtype, aligned=False) for kind in ("fwd", "bwd_row")} <= set(picked)
+    assert A.block_config(1000, 1000, "fwd", dtype, aligned=False) != A.block_config(1000, 1000, "fwd", dtype)
+
+
 def test_int32_tile_offsets_guard():
     """A view whose tile span overflows int32 in-tile offsets is made contiguous; others pass through."""
     from fused_s2s.kernels.attention import _tile_safe

@@ -26,6 +26,19 @@ def test_cdiv_and_next_power_of_2():
     assert [_launch.next_power_of_2(n) for n in (0, 1, 2, 3, 17, 64)] == [1, 1, 2, 4, 32, 64]
 
 
+def test_aligned16_reads_sizes_strides_and_starts():
+    x = torch.zeros(2, 3, 48)
+    assert _launch.aligned16((32, 16), (x[..., :32], None, torch.zeros(5, 16)))
+    assert not _launch.aligned16((32, 17), (x,))  # a size
+    assert not _launch.aligned16((32,), (x[..., 1:33],))  # the start: 4 bytes in
+    assert _launch.aligned16((32,), (x[..., 4:36],))  # 16 bytes in
+    assert _launch.aligned16((32,), (torch.zeros(2, 48, dtype=torch.float16)[:, 8:40],))  # 16 bytes in
+    assert not _launch.aligned16((32,), (torch.zeros(4, 40)[:, :32],))  # a row stride
+    assert not _launch.aligned16((16,), (torch.zeros(200).as_strided((3, 2, 16), (40, 16, 1)),))  # batch stride
+    assert not _launch.aligned16((16,), (torch.zeros(16, 16).t(),))  # last stride 16, not 1
+    assert _launch.aligned16((), ())
+
+
 @pytest.mark.parametrize("n,start", [(100, 0), (100, 16), (16, 16), (5, 0)])
 def test_for_loop_over_a_runtime_bound(device, n, start):
     """A tl.range loop over runtime (start, n): the kernels' loop form. Under triton 3.6's
