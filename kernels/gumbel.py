@@ -48,6 +48,10 @@ _LOG2E = tl.constexpr(1.4426950408889634)  # exp(a * inv_tau) = exp2(a * inv_tau
 _SINGLE_CONFIGS = ((32, 32, 32, 4), (256, 4, 256, 4), (1024, 1, 1024, 4), (4096, 1, 4096, 8),
                    (8192, 1, 8192, 32), (16384, 1, 16384, 32))
 _MULTI_CONFIG = (1, 4096, 16)
+# The backward with explicit noise (one more (R, V) load) spilled 8 bytes in one block of 16384 at
+# 32 warps under triton 3.7.1 (generic, sm_90: 64 registers is the cap at 1024 threads), so from
+# 8193 columns it takes the loop. Explicit noise is the verification path; the forward keeps the block.
+_GIVEN_NOISE_BWD_MAX_SINGLE = 8192
 # The loop path's software pipelining: blocks of logits (and dy, q) in flight ahead of the one being
 # computed (``tl.range(num_stages=)``; the loads go through shared memory, NUM_STAGES - 1 buffers
 # of each). One program per row, so one or two programs per SM: without it each warp waits out
@@ -488,12 +492,14 @@ def _configs(dtype):
     return _SINGLE_CONFIGS, _MULTI_CONFIG
 
 
-def pick_config(V: int, dtype=torch.float32, *, block_r=None, block_v=None, num_warps=None):
+def pick_config(V: int, dtype=torch.float32, *, block_r=None, block_v=None, num_warps=None,
+                given_noise_bwd: bool = False):
     """(BLOCK_R, BLOCK_V, num_warps, SINGLE) for rows of length V; the keywords force a choice (tests).
-    The loop path's NUM_STAGES is ``loop_stages``."""
+    ``given_noise_bwd``: for the backward with explicit noise, whose one-block form is kept to
+    _GIVEN_NOISE_BWD_MAX_SINGLE columns. The loop path's NUM_STAGES is ``loop_stages``."""
     singles, multi = _configs(dtype)
     for max_v, br, bv, nw in singles:
-        if V <= max_v:
+        if V <= max_v and not (given_noise_bwd and bv > _GIVEN_NOISE_BWD_MAX_SINGLE):
             break
     else:
         br, bv, nw = multi
@@ -662,9 +668,10 @@ def gumbel_bwd(dy, x, m, s, inv_tau: float, noise=None, seed=None, *, idx, tau=N
     ``idx`` (R,) (the argmax of t, whose entry the kernel computes apart) and noise source;
     tau, keep and split as gumbel_fwd's."""
     R, V = x.shape
-    BR, BV, nw, single = pick_config(V, x.dtype, block_r=block_r, block_v=block_v, num_warps=num_warps)
-    dx = torch.empty((R, V), dtype=x.dtype, device=x.device)
     has_noise = noise is not None
+    BR, BV, nw, single = pick_config(V, x.dtype, block_r=block_r, block_v=block_v, num_warps=num_warps,
+                                     given_noise_bwd=has_noise)
+    dx = torch.empty((R, V), dtype=x.dtype, device=x.device)
     aligned = single or rows_aligned(V, x, dy)
     nsplit, chunk_v = split_plan(R, V, BV, single, x.device, split, _auto_split(has_noise, x.dtype, aligned))
     # the loop path is always two launches, also at one chunk a row (the kernel's docstring: registers)
@@ -755,8 +762,9 @@ def _aot_stages(dtype, dt, st, has_noise, br, bv, nw, single, tau_ptr, stages, v
                                 num_warps=nw, label=f"fwd {label}{kind}{pl}",
                                 pipelined=piped, variants=vs)
     # the backward: one block a row is PHASE 0; the loop is always PHASE 1 then 2 (gumbel_bwd),
-    # split or not, aligned or not
-    for phase in ((0,) if single else (1, 2)):
+    # split or not, aligned or not; explicit noise takes the loop past _GIVEN_NOISE_BWD_MAX_SINGLE
+    wide_given = has_noise and single and bv > _GIVEN_NOISE_BWD_MAX_SINGLE
+    for phase in () if wide_given else ((0,) if single else (1, 2)):
         sig = {"x_ptr": f"*{dt}", "noise_ptr": f"*{dt}", "seed_ptr": "*i64", "tau_ptr": f"*{tp}", "m_ptr": f"*{st}",
                "s_ptr": f"*{st}", "idx_ptr": "*i64", "dy_ptr": f"*{dt}", "dx_ptr": f"*{dt}", "pd_ptr": f"*{st}", "stride_x": "i32",
                "stride_n": "i32", "stride_dy": "i32", "stride_dx": "i32", "R": "i32", "V": "i32",

@@ -42,7 +42,8 @@ def _mirror_seed(seed_value, device):
 
 
 @pytest.mark.parametrize("hard", [False, True])
-@pytest.mark.parametrize("shape,tau", [((4, 37), 0.7), ((2, 3, 300), 2.0), ((2, 5000), 1.0), ((2, 17000), 1.5)])
+@pytest.mark.parametrize("shape,tau", [((4, 37), 0.7), ((2, 3, 300), 2.0), ((2, 5000), 1.0), ((2, 9000), 0.5),
+                                       ((2, 17000), 1.5)])
 def test_matches_F_gumbel_softmax_with_same_noise(device, shape, tau, hard):
     logits = torch.randn(shape, device=device) * 3
     dy = torch.randn(shape, device=device)
@@ -710,6 +711,17 @@ def test_generator_on_another_device_cuda(no_kernels):
         fused_s2s.gumbel_softmax(torch.randn(2, 5, device="cuda"), generator=torch.Generator())
     with pytest.raises(ValueError, match="generator"):
         fused_s2s.gumbel_sample(torch.randn(2, 5, device="cuda"), generator=torch.Generator())
+
+
+def test_given_noise_backward_takes_the_loop_past_8192_columns():
+    """(the one-block 16384 form spilled under triton 3.7.1; test_matches_F_gumbel_softmax_with_same_noise
+    runs V 9000 through it)"""
+    assert K.pick_config(16384)[3] and K.pick_config(16384, given_noise_bwd=True) == (*K._MULTI_CONFIG, False)
+    assert K.pick_config(8192, given_noise_bwd=True) == K.pick_config(8192)
+    assert K.pick_config(8192)[1] == K._GIVEN_NOISE_BWD_MAX_SINGLE
+    labels = [c.label for c in K._aot_configs()]
+    assert "bwd fp32 noise=given 1x16384" not in labels and "fwd fp32 noise=given 1x16384" in labels
+    assert "bwd fp32 noise=philox 1x16384" in labels and "bwd fp32 noise=given 1x8192" in labels
 
 
 def test_bad_launcher_block():
