@@ -22,6 +22,10 @@
 #                                     for both): tokens/s per 50 steps, into $OUT/cli.txt
 #   benchmarks/gpu_session.sh stages  the sweeps' --stages-only rows alone (GPU_STAGES_TIMEOUT=120 s for both):
 #                                     the loops' software-pipelining depth side by side, into $OUT/stages.txt
+#   benchmarks/gpu_session.sh unaligned sweep_attention.py at large_odd,long_odd (D 1000 / 500, L not a
+#                                     multiple of 16; GPU_UNALIGNED_TIMEOUT=150 s): the launcher's unaligned
+#                                     tiles (_UNALIGNED_CONFIGS, session 16) against the measured ones, into
+#                                     $OUT/unaligned.txt
 #   benchmarks/gpu_session.sh compile the training step's torch.compile(reference) column alone, beside
 #                                     fused, fused_graphed and the reference in the same run (notes' size,
 #                                     fp32, teacher forcing and gumbel_hard; GPU_COMPILE_TIMEOUT=300 s),
@@ -431,6 +435,10 @@ case $phase in  # exit status: 1 when a test failed (test), no row was measured 
             --modes teacher_forcing,ss_gumbel_hard --dtypes float32
         "$PY" benchmarks/summarize.py "$OUT/results.csv" ;;
     stages) setup; stages_pass "$OUT/stages.txt" "${GPU_STAGES_TIMEOUT:-120}"; grep '^\[sweep\]' "$OUT/stages.txt" | tail -n 60 ;;
-    *) echo "usage: $0 setup|test|bench|all|budget|recheck|profile|cli|stages|compile   (see the header of this file for the environment knobs)" >&2
+    unaligned) setup; t=${GPU_UNALIGNED_TIMEOUT:-150}
+        timeout -s INT -k 5 "$t" "$PY" benchmarks/sweep_attention.py --sizes large_odd,long_odd --seconds $(( t - 15 )) \
+            >"$OUT/unaligned.txt" 2>&1
+        grep '^\[sweep\]' "$OUT/unaligned.txt" | tail -n 60 ;;
+    *) echo "usage: $0 setup|test|bench|all|budget|recheck|profile|cli|stages|unaligned|compile   (see the header of this file for the environment knobs)" >&2
        exit 2 ;;
 esac

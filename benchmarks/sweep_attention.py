@@ -5,7 +5,8 @@ of record (benchmarks/bench_attention.py is); it prints one line per configurati
     python benchmarks/sweep_attention.py [--seconds 90] [--sizes large,long] [--dtypes bfloat16,float32]
                                          [--stages-only]   # the launcher's config at num_stages 1-3 only
 
-Sizes are bench_attention's (values = keys, lengths mask). For each size and dtype it times
+Sizes are bench_attention's (values = keys, lengths mask), and two that are not 16-aligned
+(``large_odd``, ``long_odd``: D 1000 / 500, L 500 / 4000), where the launcher takes its unaligned tiles. For each size and dtype it times
 (triton.testing.do_bench: L2 flushed, median ms) the forward (attention_forward) and the backward
 (attention_backward from the forward's saved tensors) at the launcher's config, then with the
 loops software-pipelined at num_stages 2 and 3 (the launcher's is 1; session 10), then at each
@@ -32,6 +33,10 @@ SIZES = {  # (B, T, L, D) as bench_attention; "tiny": the CPU smoke run's (--dev
     "large": (256, 1, 512, 1024),
     "long": (8, 1, 4096, 512),
     "tf": (128, 50, 50, 512),
+    # not 16-aligned (D, L): the launcher takes _UNALIGNED_CONFIGS (session 16, chosen by the AOT
+    # check alone); the grid's rows time the aligned shapes' measured tiles on the same inputs
+    "large_odd": (256, 1, 500, 1000),
+    "long_odd": (8, 1, 4000, 500),
 }
 GRID = ((2, 4), (4, 4), (4, 8), (8, 4), (8, 8), (16, 8))  # (BLOCK_L, num_warps)
 
