@@ -12,6 +12,7 @@ with ``cuobjdump -res-usage`` (shipped with triton). A spill shows as a stack fr
     python -m fused_s2s.aot --json F   # also write the rows as JSON
     python -m fused_s2s.aot gumbel --jobs 2 --variants aligned --archs 90
     python -m fused_s2s.aot gumbel --loops "fp32 noise=philox 1x4096 loop"   # SASS per loop body
+    python -m fused_s2s.aot attention_forms   # audit: every attention config in every mask form, V = H or not
 
 Each config compiles in two variants, because Triton's JIT specialises every launch on the
 arguments it sees: "generic" knows nothing of the integer arguments and pointers (e.g. a row
@@ -69,11 +70,21 @@ class AOTConfig:
 
 
 _REGISTRY: dict[str, Callable[[], Iterable[AOTConfig]]] = {}
+_AUDITS: set[str] = set()  # families compiled only when named
 
 
-def register(name: str, configs: Callable[[], Iterable[AOTConfig]]) -> None:
-    """Register a kernel family. ``configs`` is called lazily, only by the AOT tool."""
+def register(name: str, configs: Callable[[], Iterable[AOTConfig]], *, default: bool = True) -> None:
+    """Register a kernel family. ``configs`` is called lazily, only by the AOT tool. ``default=False``:
+    an audit family (e.g. every mask form of every config), compiled only when named on the command
+    line, never by a bare ``python -m fused_s2s.aot`` or the test suite's run."""
     _REGISTRY[name] = configs
+    (_AUDITS.discard if default else _AUDITS.add)(name)
+
+
+def default_names() -> list[str]:
+    """The families a run without names compiles: every registered one but the audits."""
+    audits = importlib.import_module("fused_s2s.aot")._AUDITS  # see registered(): __main__ is another module
+    return sorted(n for n in registered() if n not in audits)
 
 
 def registered() -> dict[str, Callable[[], Iterable[AOTConfig]]]:
@@ -169,7 +180,7 @@ def print_loops(names, match: str, variants=VARIANTS, cc: int = 90, out=sys.stdo
     """Instruction counts of each loop body, for the configs whose label contains ``match``: the
     static cost per iteration (divide by the elements a thread handles per iteration)."""
     n = 0
-    for name in names or sorted(registered()):
+    for name in names or default_names():
         for cfg in _configs(name):
             if match not in cfg.label:
                 continue
@@ -211,8 +222,7 @@ def run(names: Iterable[str] | None = None, archs=ARCHS, variants=VARIANTS, jobs
         out=sys.stdout) -> list[dict]:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("fused_s2s.aot: unset TRITON_INTERPRET; interpreted kernels cannot be compiled")
-    reg = registered()
-    tasks = [(name, i, cc, variant) for name in (names or sorted(reg)) for i, cfg in enumerate(_configs(name))
+    tasks = [(name, i, cc, variant) for name in (names or default_names()) for i, cfg in enumerate(_configs(name))
              for cc in archs for variant in variants if variant in cfg.variants]
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(tasks)))
     rows = []
@@ -256,7 +266,8 @@ def failures(rows: list[dict]) -> list[dict]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("names", nargs="*", help="kernel families to compile (default: all registered)")
+    p.add_argument("names", nargs="*", help="kernel families to compile (default: all registered but the audits, "
+                   "e.g. attention_forms: every mask form of every attention config)")
     p.add_argument("--json", help="write the rows to this JSON file")
     p.add_argument("--jobs", type=int, default=None, help="parallel compiles (default: all cores)")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {VARIANTS}")

@@ -952,4 +952,33 @@ def _aot_configs_all():
     yield from attention_tiled.aot_configs()
 
 
+def _aot_configs_every_form():
+    """The audit family "attention_forms" (``python -m fused_s2s.aot attention_forms``, ~3000 compiles
+    a triton version, never run by default): every "attention" config in every mask form (bool,
+    lengths, none) and with V = H or not, where the kernel takes them. The default family rotates
+    these forms over the configs to keep CI's compile short; ptxas's register allocation can differ
+    between forms by a saved register (docs/attention.md)."""
+    import dataclasses
+
+    seen = set()
+    for c in _aot_configs_all():
+        for shared in (None, False, True) if "SHARED_KV" in c.constexprs else (None,):
+            for mask_ty, mode in ((None, None), ("*i1", 2), ("*i64", 1), ("*i64", 0)) \
+                    if "MASK_MODE" in c.constexprs else ((None, None),):
+                cx, sig = dict(c.constexprs), dict(c.signature)
+                if shared is not None:
+                    cx["SHARED_KV"] = shared
+                if mode is not None:
+                    cx["MASK_MODE"], sig["MASK"] = mode, mask_ty
+                key = (c.kernel, c.num_warps, tuple((k, repr(v)) for k, v in sorted(cx.items())),
+                       tuple(sorted(sig.items())), c.variants)
+                if key in seen:
+                    continue
+                seen.add(key)
+                form = f" [kv={int(cx['SHARED_KV'])}" if "SHARED_KV" in cx else " ["
+                form += f" mask={cx['MASK_MODE']} {sig['MASK']}]" if "MASK_MODE" in cx else "]"
+                yield dataclasses.replace(c, signature=sig, constexprs=cx, label=c.label + form)
+
+
 fused_s2s.aot.register("attention", _aot_configs_all)
+fused_s2s.aot.register("attention_forms", _aot_configs_every_form, default=False)

@@ -102,3 +102,26 @@ def test_shared_aot_run_starts_one_compile_and_reports_its_status(tmp_path, monk
                    check=True)
     with open(rc) as f:
         assert f.read() == "5"
+
+
+def test_attention_forms_audit_covers_every_form_and_is_opt_in():
+    """The "attention_forms" audit family: registered, never in a default run (CI's compile stays
+    the rotated subset), and every attention config in every mask form and V = H or not."""
+    import fused_s2s.kernels.attention as A
+
+    assert "attention_forms" in aot.registered() and "attention_forms" not in aot.default_names()
+    assert {"attention", "gumbel"} <= set(aot.default_names())
+    def rest(c):  # what a config is apart from its form
+        cx = tuple((k, repr(v)) for k, v in sorted(c.constexprs.items()) if k not in ("SHARED_KV", "MASK_MODE"))
+        sig = tuple(sorted((k, v) for k, v in c.signature.items() if k != "MASK"))
+        return c.kernel, c.num_warps, cx, sig, c.variants
+
+    forms = {}
+    for f in A._aot_configs_every_form():
+        forms.setdefault(rest(f), set()).add((f.constexprs.get("SHARED_KV"), f.constexprs.get("MASK_MODE")))
+    base = list(A._aot_configs_all())
+    assert set(forms) == {rest(c) for c in base}
+    for c in base:
+        want = {(s if "SHARED_KV" in c.constexprs else None, m if "MASK_MODE" in c.constexprs else None)
+                for s in (False, True) for m in (0, 1, 2)}
+        assert want <= forms[rest(c)], c.label
