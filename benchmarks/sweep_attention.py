@@ -86,8 +86,9 @@ def main(argv=None) -> int:
                     A.block_config = real_cfg
 
             base_f, base_b = run({}, None)
-            bd, bl, nw = real_cfg(D, D, "fwd", dtype)
-            _, blb, nwb = real_cfg(D, D, "bwd_row", dtype)
+            # the launcher's choice for these operands (the unaligned tiles at large_odd / long_odd)
+            bd, bl, nw = A.launch_config(D, D, L, "fwd", dtype, q, H, None, None)
+            _, blb, nwb = A.launch_config(D, D, L, "bwd_row", dtype, q, H, None, dc, dw)
             ns, _ = A.split_plan(B * T, L, bl, dev)
             tag = f"{size:6} {dname:9}"
             print(f"[sweep] {tag} launcher fwd BL={bl} nw={nw} splits={ns}: {base_f:.4f} ms {gb / base_f * 1e3:7.1f} GB/s"

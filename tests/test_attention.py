@@ -432,10 +432,10 @@ def test_unaligned_operands_take_the_unaligned_block_configs(monkeypatch):
         q, k, v, m = z(2, bd), z(2, 32, bd), z(2, 32, bd), torch.ones(2, 32, dtype=torch.bool)
         assert A.launch_config(bd, bd, 32, kind, dtype, q, k, v, m) == measured
         assert A.launch_config(bd, bd, 32, kind, dtype, q, k, None, None) == measured  # V = H, no mask
-        unaligned = [(bd - 1, bd, 32, q[:, 1:], k[..., 1:], v),  # D (same BLOCK_D)
+        unaligned = [(bd - 1, bd, 32, q[:, :-1], k[..., :-1], v),  # D (same BLOCK_D)
                      (bd, bd, 30, q, k[:, :30], v[:, :30], m[:, :30]),  # L
                      (bd, bd, 32, q, z(2 * 32 * bd + 1)[1:].view(2, 32, bd), v),  # H's start, 1 element in
-                     (bd, bd, 32, q, k, v, torch.ones(2, 40, dtype=torch.bool)[:, 1:33]),  # the mask's start
+                     (bd, bd, 32, q, k, v, torch.ones(2, 48, dtype=torch.bool)[:, 1:33]),  # the mask's start
                      (bd, bd, 32, z(2, bd + 8)[:, :bd], k, v)]  # the query's row stride
         for D, Dv, L, *ops in unaligned:
             assert A.launch_config(D, Dv, L, kind, dtype, *ops) == (bd, bl, nw), (kind, bd, cls, D, L)
