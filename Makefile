@@ -57,14 +57,15 @@ demo: setup
 test: setup
 	$(PY) -m pytest $$($(PY) -c 'import xdist' 2>/dev/null && echo "-n $(TEST_JOBS)") $(PYTEST_ARGS)
 
+# make aot AOT_ARGS=attention_forms   the audit of every attention config in every mask form
 aot: setup
-	env -u TRITON_INTERPRET $(PY) -m fused_s2s.aot
+	env -u TRITON_INTERPRET $(PY) -m fused_s2s.aot $(AOT_ARGS)
 
 # make aot36   the same under triton 3.6.0 for both archs (CI's 3.6 pass compiles sm_90 only; in
 # session 8 this found a spill on sm_80 that CI had missed): a triton-only venv over .venv
 aot36: setup
 	$(MAKE) setup VENV=.venv-triton36 BASE_VENV=$(VENV) TRITON_SPEC=triton==3.6.0
-	env -u TRITON_INTERPRET .venv-triton36/bin/python -m fused_s2s.aot
+	env -u TRITON_INTERPRET .venv-triton36/bin/python -m fused_s2s.aot $(AOT_ARGS)
 
 bench: setup
 	$(PY) -m fused_s2s bench
