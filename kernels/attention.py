@@ -962,7 +962,8 @@ def _aot_configs_every_form():
 
     seen = set()
     for c in _aot_configs_all():
-        for shared in (None, False, True) if "SHARED_KV" in c.constexprs else (None,):
+        for shared in (False, True) if "SHARED_KV" in c.constexprs else (None,):
+            # the config's own mask form (None) and bool, lengths, none
             for mask_ty, mode in ((None, None), ("*i1", 2), ("*i64", 1), ("*i64", 0)) \
                     if "MASK_MODE" in c.constexprs else ((None, None),):
                 cx, sig = dict(c.constexprs), dict(c.signature)

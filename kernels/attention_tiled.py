@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fused_s2s.kernels.attention import _mask_args, _mask_valid, _saved_alpha, _tile_safe, ctx_acc_buffer
+from fused_s2s.kernels.attention import _AOT_MASKS, _mask_args, _mask_valid, _saved_alpha, _tile_safe, ctx_acc_buffer
 from fused_s2s.kernels._launch import cdiv, direct, next_power_of_2, stages
 
 _MIN_T = 16  # the launcher's heuristic: tiles pay once a batch row has this many queries
@@ -455,14 +455,13 @@ def aot_configs():
     and SHARED_KV rotate over the configs (separate V, the larger footprint, for most)."""
     from fused_s2s.aot import AOTConfig
 
-    masks = [("*i1", 2), ("*i64", 1), ("*i32", 1), ("*i64", 0)]
     i32, cx = "i32", "constexpr"
     names = {torch.float16: "fp16", torch.bfloat16: "bf16"}
     i = 0
     for dtype, ty in names.items():
         tdt = _TL[dtype]
         for block_d in _TILED_CONFIGS["fwd"]:
-            mask_ty, mode = masks[i % len(masks)]
+            mask_ty, mode = _AOT_MASKS[i % len(_AOT_MASKS)]
             shared = i % 5 == 4
             i += 1
             p, a = f"*{ty}", "*fp32"
