@@ -64,6 +64,16 @@ def check_ids(name: str, ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return ids
 
 
+def _mapped_by_vmap(t: torch.Tensor) -> bool:
+    """``t`` is mapped by an enclosing torch.func.vmap (perhaps also wrapped by grad levels)."""
+    F = torch._C._functorch
+    while F.is_functorch_wrapped_tensor(t):
+        if F.is_batchedtensor(t):
+            return True
+        t = F.get_unwrapped(t)
+    return False
+
+
 def _scalar_tensor(name: str, t: torch.Tensor, device, ok, expected: str, values: bool = True) -> torch.Tensor:
     """A 0-d float tensor on ``device`` (None: any) whose value must satisfy ``ok`` (a tensor
     predicate): the capturable form of a scalar argument, read on the device by the ops. A CPU
@@ -80,6 +90,11 @@ def _scalar_tensor(name: str, t: torch.Tensor, device, ok, expected: str, values
         raise ValueError(f"{name} as a tensor must be 0-d (a scalar), got shape {tuple(t.shape)}")
     if not values:
         return t
+    if not torch.compiler.is_compiling() and _mapped_by_vmap(t):  # (Dynamo does not trace functorch's C API)
+        raise NotImplementedError(
+            f"{name} is mapped by torch.func.vmap (a value per element), which the ops do not take "
+            f"(nor can vmap read the values to check them): pass one {name} for all elements, a float "
+            "or an unmapped 0-d tensor")
     if t.device.type == "cpu":
         if torch.compiler.is_compiling():  # a host read would break the graph: the assert, traced
             torch._assert_async(ok(t.detach()), f"{name} must be {expected}")

@@ -106,6 +106,71 @@ def _eager_vjp(query, keys, values, mask, dctx, dweights):
     return tuple(next(got) if t is not None and t.requires_grad else None for t in (q, k, v))
 
 
+def _eager_fn(mask):
+    """(query, keys[, values]) -> (ctx, weights) by the eager math with ``mask``: what
+    _AttentionFuncFn's backward and jvp differentiate."""
+    from fused_s2s.reference import attention_eager
+
+    return lambda q, k, *v: attention_eager(q, k, *v, mask=mask)
+
+
+class _AttentionFuncFn(torch.autograd.Function):
+    """The Triton path inside torch.func transforms (grad, vjp, jacrev, hessian, jvp, jacfwd, vmap
+    and their compositions, e.g. per-sample gradients vmap(grad(f))), which require the
+    setup_context form. Outside them _AttentionFn serves: the Triton backward, less host time.
+
+    - forward: the Triton forward, one launch.
+    - vmap: the mapped dimension folded into B, then the fused path again (one launch for the
+      whole mapped batch; outside any other transform that is _AttentionFn, Triton backward too).
+    - backward and jvp: torch.func.vjp / jvp of the eager math (attention_eager) at the saved
+      inputs. functorch differentiates with create_graph=True, so the gradients must themselves be
+      differentiable (hessian, jacrev of grad), and under vmap (jacrev, per-sample gradients) they
+      are batched tensors: plain torch ops take both, the Triton backward neither. (Regular
+      autograd.grad inside a backward does not compose with vmap: jacrev raised.)
+    """
+
+    @staticmethod
+    def forward(query, keys, values, mask, splits, block_l, tiled):
+        return _backend.kernels("attention").attention_forward(query, keys, values, mask, splits=splits,
+                                                               block_l=block_l, tiled=tiled)[:2]
+
+    @staticmethod
+    def setup_context(fctx, inputs, output):
+        query, keys, values, mask = inputs[:4]
+        fctx.save_for_backward(query, keys, values, mask)
+        fctx.save_for_forward(query, keys, values, mask)
+        fctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(fctx, dctx, dweights):
+        query, keys, values, mask = fctx.saved_tensors
+        primals = (query, keys) if values is None else (query, keys, values)
+        outs, pullback = torch.func.vjp(_eager_fn(mask), *primals)
+        grads = pullback(tuple(torch.zeros_like(o) if g is None else g for o, g in zip(outs, (dctx, dweights))))
+        return (*grads, *(None,) * (7 - len(grads)))  # dq, dk, [dv,] then None for the rest
+
+    @staticmethod
+    def jvp(fctx, dquery, dkeys, dvalues, *_):
+        query, keys, values, mask = fctx.saved_tensors
+        primals = (query, keys) if values is None else (query, keys, values)
+        tangents = tuple(torch.zeros_like(p) if t is None else t for p, t in zip(primals, (dquery, dkeys, dvalues)))
+        return torch.func.jvp(_eager_fn(mask), primals, tangents)[1]
+
+    @staticmethod
+    def vmap(info, in_dims, query, keys, values, mask, splits, block_l, tiled):
+        N = info.batch_size
+
+        def fold(t, d):  # (..., at d: N, ...) or unmapped -> (N * B, ...)
+            if t is None:
+                return None
+            t = t.movedim(d, 0) if d is not None else t.expand(N, *t.shape)
+            return t.flatten(0, 1)
+
+        q, k, v, m = (fold(t, d) for t, d in zip((query, keys, values, mask), in_dims[:4]))
+        ctx, weights = _attention_fused(q, k, v, m, splits, block_l, tiled)  # (N * B, [T,] Dv), (N * B, [T,] L)
+        return (ctx.unflatten(0, (N, -1)), weights.unflatten(0, (N, -1))), (0, 0)
+
+
 def attention_step(query, keys, values=None, mask=None, *, backend="auto", splits=None, block_l=None,
                    tiled=None):
     """Score -> masked softmax -> context: E = query keys^T (masked), alpha = softmax(E), ctx = alpha values.
@@ -145,9 +210,11 @@ def _attention(query, keys, values, mask, backend, splits=None, block_l=None, ti
 
 def _attention_fused(query, keys, values, mask, splits, block_l, tiled):
     """The Triton path: inside a torch.compile / torch.export trace the custom op below (one node
-    of the graph), else ``_attention_run``."""
+    of the graph), inside a torch.func transform _AttentionFuncFn, else ``_attention_run``."""
     if _backend.compiling():
         return torch.ops.fused_s2s.attention_fwd(query, keys, values, mask, splits, block_l, tiled)[:2]
+    if _backend.transforming():  # torch.func: the setup_context-style Function it requires
+        return _AttentionFuncFn.apply(query, keys, values, mask, splits, block_l, tiled)
     return _attention_run(query, keys, values, mask, splits, block_l, tiled)
 
 

@@ -60,6 +60,117 @@ class _GumbelSoftmaxFn(torch.autograd.Function):
         return dx, _dnoise(ctx, dx), None, None, None, None
 
 
+class _GumbelFuncFn(torch.autograd.Function):
+    """The Triton path inside torch.func transforms (grad, vjp, jacrev, jvp, jacfwd, vmap, ...), in
+    the setup_context form that functorch requires and _GumbelSoftmaxFn (which keeps the Triton
+    backward, outside transforms) lacks. As _AttentionFuncFn in fused_s2s.attention:
+
+    - forward: the Triton forward, -> y, index (R,) (non-differentiable);
+    - vmap: the mapped dimension folded into the rows (_vmap_rows), then the fused path again;
+    - backward and jvp: torch.func.vjp / jvp of the eager soft y (straight-through: the hard y's
+      derivative is the soft one's) with the same noise, against x, a given noise and a tau tensor.
+    """
+
+    @staticmethod
+    def forward(x, noise, seed, tau, hard: bool):
+        inv_tau, tau_t = _tau_args(tau)
+        y, idx, _, _ = _backend.kernels("gumbel").gumbel_fwd(x, inv_tau, hard, noise, seed, tau=tau_t)
+        return y, idx
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, noise, seed, tau, _ = inputs
+        tau_in = tau if isinstance(tau, torch.Tensor) else None
+        ctx.save_for_backward(x, noise, seed, tau_in)
+        ctx.save_for_forward(x, noise, seed, tau_in)
+        ctx.tau = None if tau_in is not None else tau
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx, dy, _didx):
+        fn, primals = _soft_fn(ctx)
+        grads = iter(torch.func.vjp(fn, *primals)[1](dy))
+        x, noise, _, tau_in = ctx.saved_tensors
+        return (next(grads), None if noise is None else next(grads), None,
+                None if tau_in is None else next(grads), None)
+
+    @staticmethod
+    def jvp(ctx, dx, dnoise, _dseed, dtau, _dhard):
+        fn, primals = _soft_fn(ctx)
+        given = [dx] + ([dnoise] if ctx.saved_tensors[1] is not None else []) + ([dtau] if ctx.tau is None else [])
+        tangents = tuple(torch.zeros_like(p) if t is None else t for p, t in zip(primals, given))
+        return torch.func.jvp(fn, primals, tangents)[1], None
+
+    @staticmethod
+    def vmap(info, in_dims, x, noise, seed, tau, hard: bool):
+        if in_dims[3] is not None:
+            raise NotImplementedError("gumbel_softmax under torch.func.vmap: tau must be the same for every "
+                                      "mapped element (a float or an unmapped 0-d tensor), got a mapped tau; "
+                                      "use backend='eager' for a tau per element")
+        y, idx = _vmap_rows(info, in_dims, x, noise, seed,
+                            lambda x, n, s: _gumbel_fused(x, n, s, tau, hard, True))
+        return (y, idx), (0, 0)
+
+
+def _soft_fn(ctx):
+    """(fn, primals) for _GumbelFuncFn's derivatives: fn(x, [noise,] [tau]) -> the eager soft y with
+    the forward's noise (the given one, or the seed's, drawn again by fused_s2s.philox)."""
+    x, noise, seed, tau_in = ctx.saved_tensors
+    g = noise if noise is not None else philox.gumbel_noise(seed, x.shape, x.device)  # (R, V)
+    primals = (x,) + ((noise,) if noise is not None else ()) + ((tau_in,) if tau_in is not None else ())
+
+    def fn(x, *rest):
+        rest = iter(rest)
+        n = next(rest) if noise is not None else g
+        tau = next(rest) if tau_in is not None else ctx.tau
+        return gumbel_softmax_eager(x, tau, False, n)  # (R, V)
+    return fn, primals
+
+
+class _GumbelSampleFuncFn(torch.autograd.Function):
+    """gumbel_sample's Triton path inside torch.func transforms: its vmap rule (_vmap_rows); the
+    index is not differentiable."""
+
+    @staticmethod
+    def forward(x, noise, seed):
+        return _gumbel_index_run(x, noise, seed)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(output)
+
+    @staticmethod
+    def backward(ctx, _didx):
+        return None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, x, noise, seed):
+        idx, = _vmap_rows(info, in_dims, x, noise, seed, lambda x, n, s: (_gumbel_index_fused(x, n, s),))
+        return idx, 0
+
+
+def _vmap_rows(info, in_dims, x, noise, seed, run):
+    """The Gumbel ops' vmap rule: run(x, noise, seed) on x (R, V) mapped over N elements -> its
+    outputs, each (N, R, ...). With noise given (or mapped), the elements' rows are folded into one
+    call of N * R rows: one launch. With the noise drawn from a seed, one call per element, each
+    the unmapped call with that element's seed: under vmap(randomness="different") the seed's draw
+    (torch.randint) is mapped, one seed per element; under "same" it is one seed for all; under the
+    default "error" that draw raises, as any random op does. So the two backends draw the same
+    noise under vmap too (fused_s2s.philox)."""
+    N = info.batch_size
+
+    def mapped(t, d):  # (N, R, V): the mapped dim first, an unmapped tensor expanded (a view)
+        return t.movedim(d, 0) if d is not None else t.expand(N, *t.shape)
+
+    x = mapped(x, in_dims[0])
+    if seed is not None:
+        seeds = [seed] * N if in_dims[2] is None else seed.movedim(in_dims[2], 0).unbind()
+        outs = [run(x[i], None, s) for i, s in enumerate(seeds)]
+        return tuple(torch.stack(o) for o in zip(*outs))
+    outs = run(x.flatten(0, 1), mapped(noise, in_dims[1]).flatten(0, 1), None)
+    return tuple(o.unflatten(0, (N, -1)) for o in outs)
+
+
 def _dnoise(ctx, dx):
     """A given noise tensor's gradient: t = x + g, so d/dg = d/dx (as the eager backend gives it)."""
     return dx if ctx.needs_input_grad[1] else None
@@ -196,6 +307,9 @@ def _gumbel_fused(x, n, seed, tau, hard: bool, return_index: bool):
         inv_tau, tau_t = _tau_args(tau)
         y, idx, _, _ = torch.ops.fused_s2s.gumbel_softmax_fwd(x, n, seed, inv_tau, tau_t, hard)
         return y, (idx if return_index else None)
+    if _backend.transforming():  # torch.func: the setup_context-style Function it requires
+        y, idx = _GumbelFuncFn.apply(x, n, seed, tau, hard)
+        return y, (idx if return_index else None)
     return _gumbel_run(x, n, seed, tau, hard, return_index)
 
 
@@ -217,6 +331,8 @@ def _gumbel_index_fused(x, n, seed):
     """-> the Gumbel-max index (R,) of x (R, V), one read of x and no y written."""
     if _backend.compiling():
         return torch.ops.fused_s2s.gumbel_sample(x, n, seed)
+    if _backend.transforming():  # torch.func.vmap: its rule folds the mapped rows into one launch
+        return _GumbelSampleFuncFn.apply(x, n, seed)
     return _gumbel_index_run(x, n, seed)
 
 

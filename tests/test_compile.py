@@ -150,7 +150,7 @@ def test_compiled_training_step_of_the_fused_model(ratio, sampling, compile_ops)
 
 def test_eager_backend_takes_fullgraph_export_and_func_transforms():
     """The eager backend's plain torch ops take torch.compile(fullgraph=True), torch.export and
-    torch.func.grad (which the Triton path's classic autograd Functions do not), with the eager results."""
+    torch.func.grad, with the eager results (the Triton path under torch.func: tests/test_func.py)."""
     torch.manual_seed(0)
     x, q, H = torch.randn(2, 5), torch.randn(2, 4), torch.randn(2, 3, 4)
     noise = -torch.empty(2, 5).exponential_().log()
