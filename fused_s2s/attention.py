@@ -108,10 +108,43 @@ def _eager_vjp(query, keys, values, mask, dctx, dweights):
 
 def _eager_fn(mask):
     """(query, keys[, values]) -> (ctx, weights) by the eager math with ``mask``: what
-    _AttentionFuncFn's backward and jvp differentiate."""
+    _AttentionFuncFn's backward differentiates."""
     from fused_s2s.reference import attention_eager
 
     return lambda q, k, *v: attention_eager(q, k, *v, mask=mask)
+
+
+def _attention_jvp(query, keys, values, mask, dquery, dkeys, dvalues):
+    """The forward-mode derivative (dctx, dweights) for tangents (dquery, dkeys, dvalues) (None: 0),
+    in fp32 (fp64 for fp64), returned in query's dtype:
+
+        E = q H^T (masked),  alpha = softmax(E),  ctx = alpha V
+        dE = dq H^T + q dH^T,  dalpha = alpha (dE - sum_j alpha_j dE_j),  dctx = dalpha V + alpha dV
+
+    Masked positions and empty rows have alpha = 0, so they drop out. Plain torch ops: they take
+    torch.func's jvp and jacfwd (which maps it over tangents) and a forward-AD dual level alike,
+    where torch.func.jvp of the eager math would open a nested dual level (an error)."""
+    from fused_s2s.reference import attention_eager
+
+    acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+    q, k = query.to(acc), keys.to(acc)
+    v = k if values is None else values.to(acc)
+
+    def tangent(t, like):
+        return torch.zeros_like(like) if t is None else t.to(acc)
+
+    dq, dk = tangent(dquery, q), tangent(dkeys, k)
+    dv = dk if values is None else tangent(dvalues, v)
+    single = q.dim() == 2
+    if single:
+        q, dq = q.unsqueeze(1), dq.unsqueeze(1)  # (B, 1, D)
+    _, alpha = attention_eager(q, k, v, mask)  # (B, T, L)
+    dE = dq @ k.transpose(1, 2) + q @ dk.transpose(1, 2)  # (B, T, L)
+    dalpha = alpha * (dE - (alpha * dE).sum(-1, keepdim=True))  # (B, T, L)
+    dctx = dalpha @ v + alpha @ dv  # (B, T, Dv)
+    if single:
+        dctx, dalpha = dctx.squeeze(1), dalpha.squeeze(1)
+    return dctx.to(query.dtype), dalpha.to(query.dtype)
 
 
 class _AttentionFuncFn(torch.autograd.Function):
@@ -122,11 +155,12 @@ class _AttentionFuncFn(torch.autograd.Function):
     - forward: the Triton forward, one launch.
     - vmap: the mapped dimension folded into B, then the fused path again (one launch for the
       whole mapped batch; outside any other transform that is _AttentionFn, Triton backward too).
-    - backward and jvp: torch.func.vjp / jvp of the eager math (attention_eager) at the saved
-      inputs. functorch differentiates with create_graph=True, so the gradients must themselves be
-      differentiable (hessian, jacrev of grad), and under vmap (jacrev, per-sample gradients) they
-      are batched tensors: plain torch ops take both, the Triton backward neither. (Regular
-      autograd.grad inside a backward does not compose with vmap: jacrev raised.)
+    - backward: torch.func.vjp of the eager math (attention_eager) at the saved inputs; jvp:
+      _attention_jvp's formula in torch ops. functorch differentiates with create_graph=True, so
+      the gradients must themselves be differentiable (hessian, jacrev of grad), and under vmap
+      (jacrev, per-sample gradients) they are batched tensors: plain torch ops take both, the Triton
+      backward neither. (Regular autograd.grad inside a backward does not compose with vmap:
+      jacrev raised.)
     """
 
     @staticmethod
@@ -151,10 +185,7 @@ class _AttentionFuncFn(torch.autograd.Function):
 
     @staticmethod
     def jvp(fctx, dquery, dkeys, dvalues, *_):
-        query, keys, values, mask = fctx.saved_tensors
-        primals = (query, keys) if values is None else (query, keys, values)
-        tangents = tuple(torch.zeros_like(p) if t is None else t for p, t in zip(primals, (dquery, dkeys, dvalues)))
-        return torch.func.jvp(_eager_fn(mask), primals, tangents)[1]
+        return _attention_jvp(*fctx.saved_tensors, dquery, dkeys, dvalues)
 
     @staticmethod
     def vmap(info, in_dims, query, keys, values, mask, splits, block_l, tiled):

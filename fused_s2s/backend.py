@@ -12,6 +12,7 @@ import os
 import sys
 
 import torch
+from torch.autograd import forward_ad as _forward_ad
 
 BACKENDS = ("auto", "triton", "eager")
 
@@ -65,12 +66,15 @@ def compiling() -> bool:
 
 
 def transforming() -> bool:
-    """True inside a torch.func transform (grad, vjp, jacrev, jvp, jacfwd, vmap, ...): the ops then
-    run their setup_context-style autograd Functions (``_AttentionFuncFn``, ``_GumbelFuncFn``,
-    ``_GumbelSampleFuncFn``), which functorch requires and the classic ones lack. ~0.1 us a call.
-    False inside a torch.compile trace (Dynamo does not trace functorch's C API; it runs
-    torch.func transforms by its own means)."""
-    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+    """True inside a torch.func transform (grad, vjp, jacrev, jvp, jacfwd, vmap, ...) or a forward-AD
+    dual level (torch.autograd.forward_ad): the ops then run their setup_context-style autograd
+    Functions (``_AttentionFuncFn``, ``_GumbelFuncFn``, ``_GumbelSampleFuncFn``), which functorch
+    requires and the classic ones lack, and whose jvp carries a dual input's tangent (the classic
+    path, without a graph to record, dropped it silently). ~0.1 us a call. False inside a
+    torch.compile trace (Dynamo does not trace functorch's C API; it runs torch.func transforms by
+    its own means)."""
+    return not torch.compiler.is_compiling() and (torch._C._are_functorch_transforms_active()
+                                                  or _forward_ad._current_level >= 0)
 
 
 def validate(backend: str) -> str:

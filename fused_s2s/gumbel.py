@@ -67,8 +67,9 @@ class _GumbelFuncFn(torch.autograd.Function):
 
     - forward: the Triton forward, -> y, index (R,) (non-differentiable);
     - vmap: the mapped dimension folded into the rows (_vmap_rows), then the fused path again;
-    - backward and jvp: torch.func.vjp / jvp of the eager soft y (straight-through: the hard y's
-      derivative is the soft one's) with the same noise, against x, a given noise and a tau tensor.
+    - backward: torch.func.vjp of the eager soft y (straight-through: the hard y's derivative is
+      the soft one's) with the same noise, against x, a given noise and a tau tensor; jvp: its
+      formula in torch ops.
     """
 
     @staticmethod
@@ -96,10 +97,24 @@ class _GumbelFuncFn(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, dx, dnoise, _dseed, dtau, _dhard):
-        fn, primals = _soft_fn(ctx)
-        given = [dx] + ([dnoise] if ctx.saved_tensors[1] is not None else []) + ([dtau] if ctx.tau is None else [])
-        tangents = tuple(torch.zeros_like(p) if t is None else t for p, t in zip(primals, given))
-        return torch.func.jvp(fn, primals, tangents)[1], None
+        """y = softmax(z), z = (x + g) / tau: dy = y (dz - sum_j y_j dz_j) with
+        dz = (dx + dg) / tau - z dtau / tau (the hard y's tangent is the soft one's: straight-through).
+        In fp32 (fp64 for fp64) with the forward's noise; plain torch ops, as _attention_jvp's."""
+        x, noise, seed, tau_in = ctx.saved_tensors
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        g = (noise if noise is not None else philox.gumbel_noise(seed, x.shape, x.device)).to(acc)  # (R, V)
+        tau = ctx.tau if tau_in is None else tau_in.to(acc)
+        t = x.to(acc) + g
+        t = t - t.amax(-1, keepdim=True)  # a constant per row: y and dy do not change, as the forward's
+        y = torch.softmax(t / tau, dim=-1)  # (R, V) soft
+        dz = torch.zeros_like(t)
+        for d in (dx, dnoise):
+            if d is not None:
+                dz = dz + d.to(acc) / tau
+        if dtau is not None:
+            dz = dz - t * dtau.to(acc) / tau ** 2
+        dy = y * (dz - (y * dz).sum(-1, keepdim=True))
+        return dy.to(x.dtype), None
 
     @staticmethod
     def vmap(info, in_dims, x, noise, seed, tau, hard: bool):
@@ -113,7 +128,7 @@ class _GumbelFuncFn(torch.autograd.Function):
 
 
 def _soft_fn(ctx):
-    """(fn, primals) for _GumbelFuncFn's derivatives: fn(x, [noise,] [tau]) -> the eager soft y with
+    """(fn, primals) for _GumbelFuncFn's backward: fn(x, [noise,] [tau]) -> the eager soft y with
     the forward's noise (the given one, or the seed's, drawn again by fused_s2s.philox)."""
     x, noise, seed, tau_in = ctx.saved_tensors
     g = noise if noise is not None else philox.gumbel_noise(seed, x.shape, x.device)  # (R, V)

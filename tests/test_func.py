@@ -122,6 +122,29 @@ def test_outside_transforms_the_classic_functions_record_the_graph():
     assert type(y.grad_fn).__name__ == "_GumbelSoftmaxFnBackward"
 
 
+@pytest.mark.parametrize("with_values", [False, True])
+def test_forward_ad_dual_tensors_carry_their_tangents(with_values):
+    """torch.autograd.forward_ad outside torch.func: the classic path records no graph for a dual
+    input (it requires no grad) and returned no tangent; the ops now take it as torch.func's jvp."""
+    import torch.autograd.forward_ad as fwAD
+
+    q, H, V, mask = _attention_inputs("lengths", with_values)
+    x, noise, _ = _gumbel_inputs()
+    g = _gen(5)
+    dq, dH, dx = (torch.randn(t.shape, generator=g, **F64) for t in (q, H, x))
+    tau, dtau = torch.tensor(0.6, **F64), torch.tensor(0.25, **F64)
+    tangents = {}
+    for backend in ("triton", "eager"):
+        with fwAD.dual_level():
+            ctx, w = fused_s2s.attention_step(fwAD.make_dual(q, dq), fwAD.make_dual(H, dH), V, mask, backend=backend)
+            y = fused_s2s.gumbel_softmax(fwAD.make_dual(x, dx), fwAD.make_dual(tau, dtau), True, noise=noise,
+                                         backend=backend)
+            tangents[backend] = [fwAD.unpack_dual(t).tangent for t in (ctx, w, y)]
+    for name, a, b in zip(("ctx", "weights", "y"), tangents["triton"], tangents["eager"]):
+        assert a is not None, f"{name}: the tangent was dropped"
+        torch.testing.assert_close(a, b, msg=f"forward-AD tangent of {name}")
+
+
 # --- gumbel_softmax / gumbel_sample ------------------------------------------------------------------
 
 def _gumbel_inputs():
