@@ -224,6 +224,9 @@ def attention_step(query, keys, values=None, mask=None, *, backend="auto", split
     forces the tiled kernels (ValueError for fp32 / fp64, which they do not take), False the
     per-query-row kernels. The tiled kernels ignore
     ``splits`` and raise ``block_l`` to at least 16.
+
+    Both backends compose with torch.func (grad, vjp, jacrev, jacfwd, hessian, vmap: a mapped call
+    is one launch) and torch.autograd.forward_ad (docs/model.md, "Under torch.func").
     """
     _validate(query, keys, values, mask)
     return _attention(query, keys, values, mask, backend, splits, block_l, tiled)

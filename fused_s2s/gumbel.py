@@ -262,6 +262,10 @@ def gumbel_softmax(logits: torch.Tensor, tau: float = 1.0, hard: bool = False, d
         backend: "auto" (Triton on CUDA, eager on CPU), "triton" or "eager".
     Returns:
         y of logits' shape and dtype, or (y, index) when ``return_index``.
+
+    Both backends compose with torch.func (grad, vjp, jacrev, jacfwd, hessian, vmap) and forward
+    AD; under vmap the noise follows its ``randomness`` ("same", "different"; the default "error"
+    raises), tau must be one for all mapped elements (docs/model.md, "Under torch.func").
     """
     tau = check_tau(tau, getattr(logits, "device", None))
     return _gumbel_softmax(logits, tau, hard, dim, noise, generator, return_index, backend)
