@@ -197,6 +197,14 @@ class _AttentionFuncFn(torch.autograd.Function):
             t = t.movedim(d, 0) if d is not None else t.expand(N, *t.shape)
             return t.flatten(0, 1)
 
+        if all(d is None for d in in_dims[1:4]):
+            # only the query mapped (per-sample gradients, one memory): the N queries of a batch row
+            # become N * T queries of one call, and the memory is read as it is, not copied N times
+            q = query.movedim(in_dims[0], 1)  # (B, N, [T,] D)
+            ctx, weights = _attention_fused(q.flatten(1, -2), keys, values, mask, splits, block_l, tiled)  # (B, N * T, Dv), (B, N * T, L)
+            if q.dim() == 4:
+                ctx, weights = ctx.unflatten(1, (N, -1)), weights.unflatten(1, (N, -1))
+            return (ctx, weights), (1, 1)
         q, k, v, m = (fold(t, d) for t, d in zip((query, keys, values, mask), in_dims[:4]))
         ctx, weights = _attention_fused(q, k, v, m, splits, block_l, tiled)  # (N * B, [T,] Dv), (N * B, [T,] L)
         return (ctx.unflatten(0, (N, -1)), weights.unflatten(0, (N, -1))), (0, 0)
@@ -248,6 +256,10 @@ def _attention_fused(query, keys, values, mask, splits, block_l, tiled):
     if _backend.compiling():
         return torch.ops.fused_s2s.attention_fwd(query, keys, values, mask, splits, block_l, tiled)[:2]
     if _backend.transforming():  # torch.func: the setup_context-style Function it requires
+        if _backend.nested_forward_ad():  # where a Function's jvp gives a silent 0: the eager math
+            from fused_s2s.reference import attention_eager
+
+            return attention_eager(query, keys, values, mask)
         return _AttentionFuncFn.apply(query, keys, values, mask, splits, block_l, tiled)
     return _attention_run(query, keys, values, mask, splits, block_l, tiled)
 

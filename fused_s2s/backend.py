@@ -70,11 +70,23 @@ def transforming() -> bool:
     dual level (torch.autograd.forward_ad): the ops then run their setup_context-style autograd
     Functions (``_AttentionFuncFn``, ``_GumbelFuncFn``, ``_GumbelSampleFuncFn``), which functorch
     requires and the classic ones lack, and whose jvp carries a dual input's tangent (the classic
-    path, without a graph to record, dropped it silently). ~0.1 us a call. False inside a
+    path, without a graph to record, dropped it silently). ~0.2 us a call. False inside a
     torch.compile trace (Dynamo does not trace functorch's C API; it runs torch.func transforms by
     its own means)."""
     return not torch.compiler.is_compiling() and (torch._C._are_functorch_transforms_active()
                                                   or _forward_ad._current_level >= 0)
+
+
+def nested_forward_ad() -> bool:
+    """Two or more torch.func forward-mode levels are open (jvp / jacfwd inside another): the ops
+    then run the eager math. Through an autograd.Function's jvp the outer level sees a zero
+    derivative of the inner tangent (pytorch/pytorch#197867: a silent 0 from jacfwd(jacfwd(f))), so
+    the Functions cannot serve there. (A forward-AD dual level does not count: torch.func.jvp opens
+    one itself, and inside a user's own it raises, "Nested forward mode AD is not supported".)"""
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    return sum(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters()) >= 2
 
 
 def validate(backend: str) -> str:

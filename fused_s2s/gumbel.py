@@ -120,8 +120,7 @@ class _GumbelFuncFn(torch.autograd.Function):
     def vmap(info, in_dims, x, noise, seed, tau, hard: bool):
         if in_dims[3] is not None:
             raise NotImplementedError("gumbel_softmax under torch.func.vmap: tau must be the same for every "
-                                      "mapped element (a float or an unmapped 0-d tensor), got a mapped tau; "
-                                      "use backend='eager' for a tau per element")
+                                      "mapped element (a float or an unmapped 0-d tensor), got a mapped tau")
         y, idx = _vmap_rows(info, in_dims, x, noise, seed,
                             lambda x, n, s: _gumbel_fused(x, n, s, tau, hard, True))
         return (y, idx), (0, 0)
@@ -305,7 +304,7 @@ def gumbel_sample(logits: torch.Tensor, dim: int = -1, *, noise: torch.Tensor | 
     """
     x, n, seed, impl, dim, _, flat = _prepare(logits, dim, noise, generator, backend)  # x (R, V)
     if impl == "triton":
-        idx = _gumbel_index_fused(x.detach(), n, seed)  # (R,)
+        idx = _gumbel_index_fused(x.detach(), None if n is None else n.detach(), seed)  # (R,)
     else:
         g = n if n is not None else philox.gumbel_noise(seed, x.shape, x.device)  # (R, V)
         idx = gumbel_argmax_eager(x.detach(), g)  # (R,)
@@ -327,7 +326,9 @@ def _gumbel_fused(x, n, seed, tau, hard: bool, return_index: bool):
         y, idx, _, _ = torch.ops.fused_s2s.gumbel_softmax_fwd(x, n, seed, inv_tau, tau_t, hard)
         return y, (idx if return_index else None)
     if _backend.transforming():  # torch.func: the setup_context-style Function it requires
-        y, idx = _GumbelFuncFn.apply(x, n, seed, tau, hard)
+        # where a Function's jvp gives a silent 0 (nested forward AD): the eager math, same noise
+        y, idx = _eager(x, n, seed, tau, hard) if _backend.nested_forward_ad() else \
+            _GumbelFuncFn.apply(x, n, seed, tau, hard)
         return y, (idx if return_index else None)
     return _gumbel_run(x, n, seed, tau, hard, return_index)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.func import grad, hessian, jacfwd, jacrev, vjp, vmap
+from torch.func import grad, hessian, jacfwd, jacrev, jvp, vjp, vmap
 
 import fused_s2s
 from fused_s2s import backend as _backend
@@ -60,6 +60,9 @@ _ATTENTION_TRANSFORMS = {
     "grad_vmap": lambda f, q, H: grad(lambda q: vmap(f, in_dims=(0, None))(q, H).square().sum())(
         torch.randn(4, *q.shape, generator=_gen(1), **F64)),
     "vmap_keys": lambda f, q, H: vmap(f, in_dims=(None, 0))(q, torch.stack([H, 2 * H, -H])),
+    # nested forward mode: the eager math (an autograd.Function's jvp gives the outer level a 0)
+    "jacfwd_jacfwd": lambda f, q, H: jacfwd(jacfwd(f))(q, H),
+    "jvp_jvp": lambda f, q, H: jvp(lambda q: jvp(f, (q, H), (q.cos(), H))[1], (q,), (q.sin(),)),
 }
 
 
@@ -75,16 +78,18 @@ def test_attention_under_func_transforms_equals_the_eager_backend(transform, mas
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_attention_vmap_is_one_folded_launch_with_the_triton_backward(dtype, monkeypatch):
-    """vmap folds the mapped dim into B: one forward launch for all elements, and outside other
-    transforms the classic Function (its Triton backward, one launch) records the graph."""
+@pytest.mark.parametrize("mapped", ["query_and_keys", "query"])
+def test_attention_vmap_is_one_folded_launch_with_the_triton_backward(dtype, mapped, monkeypatch):
+    """vmap folds the mapped dim into B (into T when only the query is mapped: the memory is not
+    copied): one forward launch for all elements, and outside other transforms the classic
+    Function (its Triton backward, one launch) records the graph."""
     mod = _backend.kernels("attention")
     calls = {"fwd": [], "bwd": 0}
     fwd, bwd = mod.attention_forward, mod.attention_backward
 
-    def count_fwd(query, *a, **k):
-        calls["fwd"].append(tuple(query.shape))
-        return fwd(query, *a, **k)
+    def count_fwd(query, keys, *a, **k):
+        calls["fwd"].append((tuple(query.shape), keys.data_ptr()))
+        return fwd(query, keys, *a, **k)
 
     def count_bwd(*a, **k):
         calls["bwd"] += 1
@@ -99,15 +104,22 @@ def test_attention_vmap_is_one_folded_launch_with_the_triton_backward(dtype, mon
     lengths = torch.tensor([7, 3], device=DEVICE)  # unmapped: the same lengths for every element
     dctx = torch.randn(N, B, T, D, generator=g, **F64)
 
+    if mapped == "query":
+        H64 = H64[0]  # (B, L, D), one memory for the N queries
+
     def run(backend, dt):
         q, H = (t.to(dt).requires_grad_() for t in (q64, H64))
-        ctx, w = vmap(lambda q, H: fused_s2s.attention_step(q, H, mask=lengths, backend=backend))(q, H)
+        ctx, w = vmap(lambda q, H: fused_s2s.attention_step(q, H, mask=lengths, backend=backend),
+                      in_dims=(0, 0 if mapped != "query" else None))(q, H)
         (ctx * dctx.to(dt)).sum().backward()
-        return ctx, w, q.grad, H.grad
+        return ctx, w, q.grad, H.grad, H
 
-    got = run("triton", dtype)
-    assert calls == {"fwd": [(N * B, T, D)], "bwd": 1}
-    eager, oracle = run("eager", dtype), run("eager", torch.float64)
+    *got, H = run("triton", dtype)
+    if mapped == "query":
+        assert calls == {"fwd": [((B, N * T, D), H.data_ptr())], "bwd": 1}
+    else:
+        assert [shape for shape, _ in calls["fwd"]] == [(N * B, T, D)] and calls["bwd"] == 1
+    eager, oracle = run("eager", dtype)[:4], run("eager", torch.float64)[:4]
     for name, a, e, o in zip(("ctx", "weights", "dq", "dH"), got, eager, oracle):
         assert a.dtype == dtype
         assert_oracle_close(a, e, o, name=f"vmap {name}")
@@ -120,6 +132,25 @@ def test_outside_transforms_the_classic_functions_record_the_graph():
     assert type(ctx.grad_fn).__name__ == "_AttentionFnBackward"
     y = fused_s2s.gumbel_softmax(q, 0.5, backend="triton")
     assert type(y.grad_fn).__name__ == "_GumbelSoftmaxFnBackward"
+
+
+def test_one_forward_level_takes_the_function_nested_ones_the_eager_math(monkeypatch):
+    """jvp / jacfwd: the Triton forward and _attention_jvp; jvp inside jvp (jacfwd(jacfwd)): the
+    eager math, since through an autograd.Function's jvp the outer level sees 0 (pytorch#197867)."""
+    import fused_s2s.attention as A
+
+    seen, jvp_of = [], A._attention_jvp
+    monkeypatch.setattr(A, "_attention_jvp", lambda *a: seen.append(1) or jvp_of(*a))
+    q, H, _, _ = _attention_inputs("none", False)
+
+    def f(q):
+        return fused_s2s.attention_step(q, H, backend="triton")[0]
+
+    jvp(f, (q,), (q.cos(),))
+    assert seen == [1]
+    seen.clear()
+    jvp(lambda q: jvp(f, (q,), (q.cos(),))[1], (q,), (q.sin(),))
+    assert seen == []
 
 
 @pytest.mark.parametrize("with_values", [False, True])
@@ -168,6 +199,8 @@ _GUMBEL_TRANSFORMS = {
     "hessian": lambda f, x, n: hessian(f)(x, n),
     "vmap_grad": lambda f, x, n: vmap(grad(f), in_dims=(0, None))(torch.randn(4, *x.shape, generator=_gen(4), **F64), n),
     "vmap_noise": lambda f, x, n: vmap(f, in_dims=(None, 0))(x, torch.stack([n, 2 * n, n - 1])),
+    "jacfwd_jacfwd": lambda f, x, n: jacfwd(jacfwd(f))(x, n),
+    "jvp_jvp": lambda f, x, n: jvp(lambda x: jvp(f, (x, n), (x.cos(), n.sin()))[1], (x,), (x.sin(),)),
 }
 
 
@@ -254,6 +287,15 @@ def test_gumbel_vmap_draws_follow_vmaps_randomness_like_the_eager_backend():
         want = vmap(make("eager"), randomness="different")(xs)
         torch.testing.assert_close(got, want, **tol)
         assert not torch.equal(got[0], got[3])  # same input, its own noise
+
+
+def test_gumbel_sample_takes_a_noise_with_a_tangent():
+    """The index is not differentiable: a noise that carries a tangent (jvp, jacfwd) is read
+    detached, as by the eager backend, not a missing-jvp error."""
+    x, noise, _ = _gumbel_inputs()
+    for backend in ("triton", "eager"):
+        idx, didx = jvp(lambda n: fused_s2s.gumbel_sample(x, noise=n, backend=backend), (noise,), (noise.cos(),))
+        assert torch.equal(idx, (x + noise).argmax(-1))
 
 
 def test_gumbel_vmap_over_tau_is_a_clear_error():
