@@ -153,8 +153,9 @@ class _AttentionFuncFn(torch.autograd.Function):
     setup_context form. Outside them _AttentionFn serves: the Triton backward, less host time.
 
     - forward: the Triton forward, one launch.
-    - vmap: the mapped dimension folded into B, then the fused path again (one launch for the
-      whole mapped batch; outside any other transform that is _AttentionFn, Triton backward too).
+    - vmap: the mapped dimension folded into B (into T when only the query is mapped: the memory
+      is not copied), then the fused path again (one launch for the whole mapped batch; outside
+      any other transform that is _AttentionFn, Triton backward too).
     - backward: torch.func.vjp of the eager math (attention_eager) at the saved inputs; jvp:
       _attention_jvp's formula in torch ops. functorch differentiates with create_graph=True, so
       the gradients must themselves be differentiable (hessian, jacrev of grad), and under vmap

@@ -351,7 +351,7 @@ def _gumbel_index_fused(x, n, seed):
     """-> the Gumbel-max index (R,) of x (R, V), one read of x and no y written."""
     if _backend.compiling():
         return torch.ops.fused_s2s.gumbel_sample(x, n, seed)
-    if _backend.transforming():  # torch.func.vmap: its rule folds the mapped rows into one launch
+    if _backend.transforming():  # torch.func.vmap: its rule, _vmap_rows
         return _GumbelSampleFuncFn.apply(x, n, seed)
     return _gumbel_index_run(x, n, seed)
 
