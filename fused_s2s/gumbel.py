@@ -22,6 +22,12 @@ from fused_s2s._checks import check_float, check_generator, check_tau
 from fused_s2s.reference import gumbel_argmax_eager, gumbel_softmax_eager
 
 
+def _noise_of(x, noise, seed):
+    """The Gumbel noise (R, V) of a call on x (R, V): the given one, or the seed's, drawn again in
+    torch by fused_s2s.philox (what the kernels draw): for the eager paths and the derivatives."""
+    return noise if noise is not None else philox.gumbel_noise(seed, x.shape, x.device)
+
+
 class _GumbelSoftmaxFn(torch.autograd.Function):
     """Triton forward/backward on x (R, V). noise (R, V) or None (then seed, a 0-d int64 tensor);
     tau a float, or a 0-d float64 tensor the kernels read on the device. Returns y, and the sampled
@@ -102,7 +108,7 @@ class _GumbelFuncFn(torch.autograd.Function):
         In fp32 (fp64 for fp64) with the forward's noise; plain torch ops, as _attention_jvp's."""
         x, noise, seed, tau_in = ctx.saved_tensors
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        g = (noise if noise is not None else philox.gumbel_noise(seed, x.shape, x.device)).to(acc)  # (R, V)
+        g = _noise_of(x, noise, seed).to(acc)  # (R, V)
         tau = ctx.tau if tau_in is None else tau_in.to(acc)
         t = x.to(acc) + g
         t = t - t.amax(-1, keepdim=True)  # a constant per row: y and dy do not change, as the forward's
@@ -130,7 +136,7 @@ def _soft_fn(ctx):
     """(fn, primals) for _GumbelFuncFn's backward: fn(x, [noise,] [tau]) -> the eager soft y with
     the forward's noise (the given one, or the seed's, drawn again by fused_s2s.philox)."""
     x, noise, seed, tau_in = ctx.saved_tensors
-    g = noise if noise is not None else philox.gumbel_noise(seed, x.shape, x.device)  # (R, V)
+    g = _noise_of(x, noise, seed)  # (R, V)
     primals = (x,) + ((noise,) if noise is not None else ()) + ((tau_in,) if tau_in is not None else ())
 
     def fn(x, *rest):
@@ -198,7 +204,7 @@ def _eager_vjp(x, noise, seed, tau, dy, create_graph: bool):
     dx records no graph, so a second differentiation would silently count it as a constant), and
     for a learned tau (it takes no tau gradient, which F.gumbel_softmax gives). Recorded for a
     higher-order gradient when ``create_graph``."""
-    g = noise if noise is not None else philox.gumbel_noise(seed, x.shape, x.device)  # (R, V)
+    g = _noise_of(x, noise, seed)  # (R, V)
     learn_tau = isinstance(tau, torch.Tensor) and tau.requires_grad
     # differentiate against fresh tensors: partial derivatives. Against x and tau themselves,
     # autograd.grad would give total ones, which also run back through x's history to tau (a
@@ -224,7 +230,7 @@ def _tau_args(tau):
 
 def _eager(x, noise, seed, tau: float, hard: bool):
     """The eager backend on x (R, V): the reference's Gumbel-softmax with the kernels' Philox noise."""
-    g = noise if noise is not None else philox.gumbel_noise(seed, x.shape, x.device)  # (R, V)
+    g = _noise_of(x, noise, seed)  # (R, V)
     return gumbel_softmax_eager(x, tau, hard, g, return_index=True)
 
 
@@ -306,7 +312,7 @@ def gumbel_sample(logits: torch.Tensor, dim: int = -1, *, noise: torch.Tensor | 
     if impl == "triton":
         idx = _gumbel_index_fused(x.detach(), None if n is None else n.detach(), seed)  # (R,)
     else:
-        g = n if n is not None else philox.gumbel_noise(seed, x.shape, x.device)  # (R, V)
+        g = _noise_of(x, n, seed)  # (R, V)
         idx = gumbel_argmax_eager(x.detach(), g)  # (R,)
     if not flat:
         idx = idx.reshape(logits.shape[:dim] + logits.shape[dim + 1:])

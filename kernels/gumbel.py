@@ -52,6 +52,12 @@ _MULTI_CONFIG = (1, 4096, 16)
 # 32 warps under triton 3.7.1 (generic, sm_90: 64 registers is the cap at 1024 threads), so from
 # 8193 columns it takes the loop. Explicit noise is the verification path; the forward keeps the block.
 _GIVEN_NOISE_BWD_MAX_SINGLE = 8192
+
+
+def _one_block_ok(block_v: int, given_noise_bwd: bool) -> bool:
+    """Whether a one-block-a-row config of width ``block_v`` may serve (the given-noise backward's
+    cap above): the one test that pick_config and the AOT registry (_aot_stages) both apply."""
+    return not (given_noise_bwd and block_v > _GIVEN_NOISE_BWD_MAX_SINGLE)
 # The loop path's software pipelining: blocks of logits (and dy, q) in flight ahead of the one being
 # computed (``tl.range(num_stages=)``; the loads go through shared memory, NUM_STAGES - 1 buffers
 # of each). One program per row, so one or two programs per SM: without it each warp waits out
@@ -499,7 +505,7 @@ def pick_config(V: int, dtype=torch.float32, *, block_r=None, block_v=None, num_
     _GIVEN_NOISE_BWD_MAX_SINGLE columns. The loop path's NUM_STAGES is ``loop_stages``."""
     singles, multi = _configs(dtype)
     for max_v, br, bv, nw in singles:
-        if V <= max_v and not (given_noise_bwd and bv > _GIVEN_NOISE_BWD_MAX_SINGLE):
+        if V <= max_v and _one_block_ok(bv, given_noise_bwd):
             break
     else:
         br, bv, nw = multi
@@ -763,8 +769,7 @@ def _aot_stages(dtype, dt, st, has_noise, br, bv, nw, single, tau_ptr, stages, v
                                 pipelined=piped, variants=vs)
     # the backward: one block a row is PHASE 0; the loop is always PHASE 1 then 2 (gumbel_bwd),
     # split or not, aligned or not; explicit noise takes the loop past _GIVEN_NOISE_BWD_MAX_SINGLE
-    wide_given = has_noise and single and bv > _GIVEN_NOISE_BWD_MAX_SINGLE
-    for phase in () if wide_given else ((0,) if single else (1, 2)):
+    for phase in () if single and not _one_block_ok(bv, has_noise) else ((0,) if single else (1, 2)):
         sig = {"x_ptr": f"*{dt}", "noise_ptr": f"*{dt}", "seed_ptr": "*i64", "tau_ptr": f"*{tp}", "m_ptr": f"*{st}",
                "s_ptr": f"*{st}", "idx_ptr": "*i64", "dy_ptr": f"*{dt}", "dx_ptr": f"*{dt}", "pd_ptr": f"*{st}", "stride_x": "i32",
                "stride_n": "i32", "stride_dy": "i32", "stride_dx": "i32", "R": "i32", "V": "i32",
