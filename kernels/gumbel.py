@@ -52,12 +52,6 @@ _MULTI_CONFIG = (1, 4096, 16)
 # 32 warps under triton 3.7.1 (generic, sm_90: 64 registers is the cap at 1024 threads), so from
 # 8193 columns it takes the loop. Explicit noise is the verification path; the forward keeps the block.
 _GIVEN_NOISE_BWD_MAX_SINGLE = 8192
-
-
-def _one_block_ok(block_v: int, given_noise_bwd: bool) -> bool:
-    """Whether a one-block-a-row config of width ``block_v`` may serve (the given-noise backward's
-    cap above): the one test that pick_config and the AOT registry (_aot_stages) both apply."""
-    return not (given_noise_bwd and block_v > _GIVEN_NOISE_BWD_MAX_SINGLE)
 # The loop path's software pipelining: blocks of logits (and dy, q) in flight ahead of the one being
 # computed (``tl.range(num_stages=)``; the loads go through shared memory, NUM_STAGES - 1 buffers
 # of each). One program per row, so one or two programs per SM: without it each warp waits out
@@ -496,6 +490,14 @@ def _configs(dtype):
     if dtype == torch.float64:
         return _SINGLE_CONFIGS_FP64, _MULTI_CONFIG_FP64
     return _SINGLE_CONFIGS, _MULTI_CONFIG
+
+
+def _one_block_ok(block_v: int, given_noise_bwd: bool) -> bool:
+    """Whether a one-block-a-row config of width ``block_v`` may serve (the given-noise backward's
+    cap, _GIVEN_NOISE_BWD_MAX_SINGLE): the one test that pick_config and the AOT registry
+    (_aot_stages) both apply. (Defined below the kernels: Triton's cache key holds each kernel's
+    starting line, so a line added above them recompiles every one of them, ~7 CPU-minutes in CI.)"""
+    return not (given_noise_bwd and block_v > _GIVEN_NOISE_BWD_MAX_SINGLE)
 
 
 def pick_config(V: int, dtype=torch.float32, *, block_r=None, block_v=None, num_warps=None,
