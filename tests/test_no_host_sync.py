@@ -412,7 +412,8 @@ def _offenders(dev):
         "tolist": lambda: x.argmax(-1).tolist(),
         "nonzero": lambda: (x > 0).nonzero(),
         "mask index": lambda: x[x > 0],
-        "mask assign": lambda: x.clone().__setitem__(x > 0, 0.0),
+        # a 0-d tensor value: torch >= 2.15 turns a Python scalar one into masked_fill_, which does not sync
+        "mask assign": lambda: x.clone().__setitem__(x > 0, x.new_zeros(())),
         "masked_select": lambda: x.masked_select(x > 0),
         "unique": lambda: x.argmax(-1).unique(),
         "equal": lambda: torch.equal(x, x),
