@@ -50,7 +50,7 @@ _MIN_T = 16  # the launcher's heuristic: tiles pay once a batch row has this man
 # core dots. Sized with the AOT tool for zero spills on sm_80 / sm_90 (shared memory <= 25 KB); it
 # spills beyond BLOCK_D 256, where the chunked kernels of attention_tiled_wide run (_WIDE_CONFIGS).
 _TILED_CONFIGS = {
-    "fwd": {16: (16, 32, 4), 32: (16, 64, 4), 64: (16, 32, 4), 128: (16, 32, 4), 256: (16, 32, 8)},
+    "fwd": {16: (16, 32, 4), 32: (16, 64, 4), 64: (16, 32, 4), 128: (16, 32, 4), 256: (32, 32, 8)},
     "bwd": {16: (16, 16, 4), 32: (16, 16, 4), 64: (16, 32, 4), 128: (16, 16, 4), 256: (16, 16, 8)},
 }
 

@@ -127,13 +127,15 @@ def test_fully_masked_rows(kind, kw, dtype, device):
 # T queries per batch row. fp16 / bf16: the tiled (tl.dot, FlashAttention-style) kernels, forced
 # with tiled=True; fp32: the per-row kernels, which the launcher picks for fp32 at any T (the tiled
 # kernels take 16-bit only: fused_s2s.kernels.attention_tiled).
-# (B, T, L, D, Dv, mask, shared, launcher overrides): T over one / several BLOCK_T = 16 tiles, odd L
+# (B, T, L, D, Dv, mask, shared, launcher overrides): T over one / several BLOCK_T tiles, odd L
 # over several BLOCK_L blocks, padded D / Dv.
 TILED_CASES = {
     "T16_L23_len": (2, 16, 23, 24, 40, "len", False, {}),
     "T37_L70_bool_shared": (3, 37, 70, 40, None, "bool", True, {}),
     "T17_L1_nomask": (2, 17, 1, 8, 8, None, False, {}),
     "T37_L23_none_bl16": (2, 37, 23, 40, 24, None, False, dict(block_l=16)),
+    # BLOCK_D 256: the forward's BLOCK_T is 32 (a tile and a tail of 5), the backward's 16
+    "T37_L23_D200_bool": (2, 37, 23, 200, 136, "bool", False, {}),
 }
 TILED_DTYPES = [torch.float16, torch.bfloat16]
 
