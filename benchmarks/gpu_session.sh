@@ -26,6 +26,9 @@
 #                                     multiple of 16; GPU_UNALIGNED_TIMEOUT=150 s): the launcher's unaligned
 #                                     tiles (_UNALIGNED_CONFIGS, session 16) against the measured ones, into
 #                                     $OUT/unaligned.txt
+#   benchmarks/gpu_session.sh tiles   sweep_attention.py at tf128,tf256 (teacher forcing at D 128 / 256, 16-bit;
+#                                     GPU_TILES_TIMEOUT=150 s): the tiled kernels' session-18 tiles against
+#                                     the ones before (TILED_TILES), into $OUT/tiles.txt
 #   benchmarks/gpu_session.sh compile the training step's torch.compile(reference) column alone, beside
 #                                     fused, fused_graphed and the reference in the same run (notes' size,
 #                                     fp32, teacher forcing and gumbel_hard; GPU_COMPILE_TIMEOUT=300 s),
@@ -439,6 +442,10 @@ case $phase in  # exit status: 1 when a test failed (test), no row was measured 
         timeout -s INT -k 5 "$t" "$PY" benchmarks/sweep_attention.py --sizes large_odd,long_odd --seconds $(( t - 15 )) \
             >"$OUT/unaligned.txt" 2>&1
         grep '^\[sweep\]' "$OUT/unaligned.txt" | tail -n 60 ;;
-    *) echo "usage: $0 setup|test|bench|all|budget|recheck|profile|cli|stages|unaligned|compile   (see the header of this file for the environment knobs)" >&2
+    tiles) setup; t=${GPU_TILES_TIMEOUT:-150}
+        timeout -s INT -k 5 "$t" "$PY" benchmarks/sweep_attention.py --sizes tf128,tf256 --dtypes bfloat16,float16 \
+            --seconds $(( t - 15 )) >"$OUT/tiles.txt" 2>&1
+        grep '^\[sweep\]' "$OUT/tiles.txt" | tail -n 60 ;;
+    *) echo "usage: $0 setup|test|bench|all|budget|recheck|profile|cli|stages|unaligned|tiles|compile   (see the header of this file for the environment knobs)" >&2
        exit 2 ;;
 esac

@@ -11,9 +11,10 @@ Sizes are bench_attention's (values = keys, lengths mask), and two that are not 
 (attention_backward from the forward's saved tensors) at the launcher's config, then with the
 loops software-pipelined at num_stages 2 and 3 (the launcher's is 1; session 10), then at each
 (BLOCK_L, num_warps) of the grid below with the heuristic split and, for T == 1, at forced split
-counts. For T > 1 in fp16 / bf16 (size "tf") it also times the tiled kernels (attention_tiled, what
-the launcher picks there) at num_stages 1, 2 and 3. It stops starting configurations after
---seconds (each new one compiles: ~1 s).
+counts. For T > 1 in fp16 / bf16 (sizes "tf", "tf128", "tf256") it also times the tiled kernels
+(attention_tiled, what the launcher picks there) at num_stages 1, 2 and 3, and at BLOCK_D 128 / 256
+the tiles of TILED_TILES (the ones before session 18 beside the launcher's). It stops starting
+configurations after --seconds (each new one compiles: ~1 s).
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ import torch  # noqa: E402
 
 SIZES = {  # (B, T, L, D) as bench_attention; "tiny": the CPU smoke run's (--device cpu)
     "tiny": (2, 20, 40, 16),
+    "tiny128": (1, 17, 9, 72),  # BLOCK_D 128: the CPU smoke run of the TILED_TILES rows
     "notes": (32, 1, 10, 256),
     "large": (256, 1, 512, 1024),
     "long": (8, 1, 4096, 512),
@@ -37,7 +39,14 @@ SIZES = {  # (B, T, L, D) as bench_attention; "tiny": the CPU smoke run's (--dev
     # check alone); the grid's rows time the aligned shapes' measured tiles on the same inputs
     "large_odd": (256, 1, 500, 1000),
     "long_odd": (8, 1, 4000, 500),
+    # teacher forcing at the tiled kernels' own tiles (tf's D 512 takes the chunked kernels)
+    "tf128": (128, 50, 50, 128),
+    "tf256": (128, 50, 50, 256),
 }
+# BLOCK_D -> (forward, backward) (BLOCK_T, BLOCK_L, num_warps) tiles of the tiled kernels to time besides
+# the launcher's (_TILED_CONFIGS): the ones in use until session 18, which spilled 8-16 bytes outside
+# their loops in some mask forms under some triton 3.6-3.8 (docs/attention.md), never timed either
+TILED_TILES = {128: (((16, 32, 4), (16, 16, 4)),), 256: (((16, 32, 8), (16, 16, 8)),)}
 GRID = ((2, 4), (4, 4), (4, 8), (8, 4), (8, 8), (16, 8))  # (BLOCK_L, num_warps)
 
 
@@ -46,6 +55,7 @@ def main(argv=None) -> int:
     if a is None:
         return 0
     from fused_s2s.kernels import attention as A
+    from fused_s2s.kernels import attention_tiled as AT
     from fused_s2s.kernels._launch import num_sms
 
     real_cfg = A.block_config
@@ -68,13 +78,17 @@ def main(argv=None) -> int:
             es = q.element_size()
             gb = (B * L * D * es + 2 * B * T * (D + L) * es) / 1e9  # H once, q / ctx / weights
 
-            def run(kind_cfg, splits, num_stages=None, tiled=False):
+            def run(kind_cfg, splits, num_stages=None, tiled=False, tile=None):
                 def cfg(D_, Dv_, kind="fwd", dt=torch.float32, aligned=True):
                     bd, bl, nw = real_cfg(D_, Dv_, kind, dt, aligned)
                     if kind in kind_cfg:
                         bl, nw = kind_cfg[kind]
                     return bd, bl, nw
                 A.block_config = cfg
+                tiles = AT._TILED_CONFIGS
+                if tile is not None:  # (forward, backward) tiles at this D's BLOCK_D
+                    bd = max(16, 1 << (D - 1).bit_length())
+                    AT._TILED_CONFIGS = {"fwd": {**tiles["fwd"], bd: tile[0]}, "bwd": {**tiles["bwd"], bd: tile[1]}}
                 try:
                     kw = dict(splits=splits, tiled=tiled, num_stages=num_stages)
                     fwd = lambda: A.attention_forward(q, H, None, lengths, **kw)  # noqa: E731
@@ -84,6 +98,7 @@ def main(argv=None) -> int:
                     return bench(fwd), bench(bwd)
                 finally:
                     A.block_config = real_cfg
+                    AT._TILED_CONFIGS = tiles
 
             base_f, base_b = run({}, None)
             # the launcher's choice for these operands (the unaligned tiles at large_odd / long_odd)
@@ -93,22 +108,24 @@ def main(argv=None) -> int:
             tag = f"{size:6} {dname:9}"
             print(f"[sweep] {tag} launcher fwd BL={bl} nw={nw} splits={ns}: {base_f:.4f} ms {gb / base_f * 1e3:7.1f} GB/s"
                   f" | bwd BL={blb} nw={nwb}: {base_b:.4f} ms", flush=True)
-            # (block config, splits, num_stages, tiled): the pipelining depth first (what session 10 opened)
-            cands = [({}, None, ns_, False) for ns_ in (2, 3)]
+            # (block config, splits, num_stages, tiled, tile): the pipelining depth first (what session 10 opened)
+            cands = [({}, None, ns_, False, None) for ns_ in (2, 3)]
             if T > 1 and dtype in (torch.float16, torch.bfloat16):
-                cands += [({}, None, ns_, True) for ns_ in (1, 2, 3)]
-            cands += [] if a.stages_only else [({"fwd": g, "bwd_row": g}, None, None, False) for g in GRID]
+                cands += [({}, None, ns_, True, None) for ns_ in (1, 2, 3)]
+                bd16 = max(16, 1 << (D - 1).bit_length())
+                cands += [] if a.stages_only else [({}, None, None, True, t) for t in TILED_TILES.get(bd16, ())]
+            cands += [] if a.stages_only else [({"fwd": g, "bwd_row": g}, None, None, False, None) for g in GRID]
             if T == 1 and not a.stages_only:
                 want = -(-2 * sms // (B * T))
-                cands += [({}, s, None, False) for s in sorted({1, max(1, want // 2), 2 * want, 4 * want, 8 * want})]
-            for kind_cfg, splits, ns_, tiled in cands:
+                cands += [({}, s, None, False, None) for s in sorted({1, max(1, want // 2), 2 * want, 4 * want, 8 * want})]
+            for kind_cfg, splits, ns_, tiled, tile in cands:
                 if time.time() > t_end:
                     print("[sweep] time budget spent", flush=True)
                     return 0
                 what = f"cfg={kind_cfg.get('fwd', 'launcher')} splits={splits} stages={ns_ or 'launcher'}" + \
-                    (" tiled" if tiled else "")
+                    (" tiled" if tiled else "") + (f" tile fwd={tile[0]} bwd={tile[1]}" if tile else "")
                 try:
-                    f, b = run(kind_cfg, splits, ns_, tiled)
+                    f, b = run(kind_cfg, splits, ns_, tiled, tile)
                 except Exception as e:  # noqa: BLE001 (an out-of-resources config: say so, go on)
                     print(f"[sweep] {tag} {what}: failed {type(e).__name__}: {str(e)[:100]}")
                     continue

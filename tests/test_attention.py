@@ -134,8 +134,9 @@ TILED_CASES = {
     "T37_L70_bool_shared": (3, 37, 70, 40, None, "bool", True, {}),
     "T17_L1_nomask": (2, 17, 1, 8, 8, None, False, {}),
     "T37_L23_none_bl16": (2, 37, 23, 40, 24, None, False, dict(block_l=16)),
-    # BLOCK_D 256: the forward's BLOCK_T is 32 (a tile and a tail of 5), the backward's 16
+    # BLOCK_D 256: BLOCK_T 32 (a tile and a tail of 5); BLOCK_D 128: the forward's BLOCK_L 64 (two blocks)
     "T37_L23_D200_bool": (2, 37, 23, 200, 136, "bool", False, {}),
+    "T20_L70_D100_len": (2, 20, 70, 100, 72, "len", False, {}),
 }
 TILED_DTYPES = [torch.float16, torch.bfloat16]
 

@@ -51,3 +51,19 @@ def test_sweep_attention_stages_only_with_tiled_rows(capsys):
     tiled = [re.search(r"stages=(\d) tiled", line)[1] for line in lines[2:] if "tiled" in line]
     assert per_row == ["2", "3"] and tiled == ["1", "2", "3"], lines
     assert all("failed" not in line for line in lines)
+
+
+@pytest.mark.newest_only  # CI time, as above
+def test_sweep_attention_times_the_other_tiled_tiles(capsys):
+    from fused_s2s.kernels import attention_tiled
+
+    sweep = __import__("sweep_attention")
+    before = {k: dict(v) for k, v in attention_tiled._TILED_CONFIGS.items()}
+    lines = _run("sweep_attention", ["--device", "cpu", "--sizes", "tiny128", "--dtypes", "bfloat16",
+                                     "--seconds", "120"], capsys)
+    fwd, bwd = sweep.TILED_TILES[128][0]
+    assert (fwd, bwd) != (before["fwd"][128], before["bwd"][128])  # other tiles than the launcher's
+    rows = [line for line in lines if "tile fwd=" in line]
+    assert len(rows) == 1 and f"tile fwd={fwd} bwd={bwd}: fwd" in rows[0], lines
+    assert all("failed" not in line for line in lines), lines
+    assert attention_tiled._TILED_CONFIGS == before  # put back
