@@ -43,7 +43,10 @@ ARCHS = (80, 90)
 VARIANTS = ("generic", "aligned")
 # shared memory a block may opt into (CUDA programming guide, compute capabilities table): a kernel
 # over it compiles fine here and fails only at launch on the GPU ("out of resource: shared memory")
-SMEM_LIMIT = {"sm_80": 166_912, "sm_90": 232_448}
+# sm_80 / sm_90 are the archs the tests compile for; the others can be asked for with --archs
+# (sm_86 / sm_89 / sm_120: the 99 KB of consumer cards and RTX Blackwell, sm_100: B200)
+SMEM_LIMIT = {"sm_80": 166_912, "sm_86": 101_376, "sm_87": 166_912, "sm_89": 101_376, "sm_90": 232_448,
+              "sm_100": 232_448, "sm_120": 101_376}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,10 +221,20 @@ def _compile_task(task) -> dict:
     return row
 
 
+def check_archs(archs) -> None:
+    """ValueError naming ``archs`` unless each is a compute capability with a known shared-memory
+    limit (failures() needs it), raised before anything compiles."""
+    unknown = [a for a in archs if f"sm_{a}" not in SMEM_LIMIT]
+    if unknown:
+        raise ValueError(f"archs: no shared-memory limit known for {', '.join(f'sm_{a}' for a in unknown)}; "
+                         f"expected compute capabilities among {', '.join(k[3:] for k in SMEM_LIMIT)}")
+
+
 def run(names: Iterable[str] | None = None, archs=ARCHS, variants=VARIANTS, jobs: int | None = None,
         out=sys.stdout) -> list[dict]:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("fused_s2s.aot: unset TRITON_INTERPRET; interpreted kernels cannot be compiled")
+    check_archs(archs)
     tasks = [(name, i, cc, variant) for name in (names or default_names()) for i, cfg in enumerate(_configs(name))
              for cc in archs for variant in variants if variant in cfg.variants]
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(tasks)))
@@ -277,8 +290,12 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.loops is not None:
         return 0 if print_loops(a.names or None, a.loops, tuple(a.variants.split(","))) else 1
-    rows = run(a.names or None, archs=tuple(int(x) for x in a.archs.split(",")),
-               variants=tuple(a.variants.split(",")), jobs=a.jobs)
+    try:
+        archs = tuple(int(x) for x in a.archs.split(","))
+        check_archs(archs)
+    except ValueError as e:
+        p.error(f"--archs: expected a comma list of compute capabilities such as 80,90, got {a.archs!r} ({e})")
+    rows = run(a.names or None, archs=archs, variants=tuple(a.variants.split(",")), jobs=a.jobs)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -47,6 +47,22 @@ def test_failures_flags_errors_spills_shared_memory_and_lost_pipelining():
     assert aot.failures([dict(ok, async_copies=0, variant="generic")]) == []
 
 
+def test_other_archs_have_their_own_shared_memory_limit_and_unknown_ones_are_refused(monkeypatch, capsys):
+    row = {"kernel": "k", "config": "c", "variant": "aligned", "error": "", "expect_no_spill": True,
+           "spill_bytes": 0, "shared": 100 * 1024}  # over the 99 KB of sm_86 / sm_89 / sm_120, under sm_80's 163
+    assert [aot.failures([dict(row, arch=a)]) != [] for a in ("sm_80", "sm_90", "sm_100", "sm_120", "sm_89")] == \
+        [False, False, False, True, True]
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(aot, "_configs", lambda name: pytest.fail("compiled before refusing the archs"))
+    for archs in ("90,75", "sm_90"):
+        with pytest.raises(SystemExit) as e:
+            aot.main(["gumbel", "--archs", archs])
+        assert e.value.code == 2
+        assert "--archs" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="archs: no shared-memory limit known for sm_75"):
+        aot.run(["gumbel"], archs=(75,))
+
+
 def test_loop_spills_counts_local_memory_ops_inside_loops_only():
     sass = """
         /*0100*/                   STL [R1], R0 ;
