@@ -56,7 +56,7 @@ def main(argv=None) -> int:
         return 0
     from fused_s2s.kernels import attention as A
     from fused_s2s.kernels import attention_tiled as AT
-    from fused_s2s.kernels._launch import num_sms
+    from fused_s2s.kernels._launch import next_power_of_2, num_sms
 
     real_cfg = A.block_config
     t_end = time.time() + a.seconds
@@ -77,6 +77,7 @@ def main(argv=None) -> int:
             dw = torch.randn(B, T, L, device=dev, dtype=dtype)
             es = q.element_size()
             gb = (B * L * D * es + 2 * B * T * (D + L) * es) / 1e9  # H once, q / ctx / weights
+            block_d = max(16, next_power_of_2(D))  # the tiled kernels' feature tile (values = keys)
 
             def run(kind_cfg, splits, num_stages=None, tiled=False, tile=None):
                 def cfg(D_, Dv_, kind="fwd", dt=torch.float32, aligned=True):
@@ -87,8 +88,8 @@ def main(argv=None) -> int:
                 A.block_config = cfg
                 tiles = AT._TILED_CONFIGS
                 if tile is not None:  # (forward, backward) tiles at this D's BLOCK_D
-                    bd = max(16, 1 << (D - 1).bit_length())
-                    AT._TILED_CONFIGS = {"fwd": {**tiles["fwd"], bd: tile[0]}, "bwd": {**tiles["bwd"], bd: tile[1]}}
+                    AT._TILED_CONFIGS = {"fwd": {**tiles["fwd"], block_d: tile[0]},
+                                         "bwd": {**tiles["bwd"], block_d: tile[1]}}
                 try:
                     kw = dict(splits=splits, tiled=tiled, num_stages=num_stages)
                     fwd = lambda: A.attention_forward(q, H, None, lengths, **kw)  # noqa: E731
@@ -112,8 +113,7 @@ def main(argv=None) -> int:
             cands = [({}, None, ns_, False, None) for ns_ in (2, 3)]
             if T > 1 and dtype in (torch.float16, torch.bfloat16):
                 cands += [({}, None, ns_, True, None) for ns_ in (1, 2, 3)]
-                bd16 = max(16, 1 << (D - 1).bit_length())
-                cands += [] if a.stages_only else [({}, None, None, True, t) for t in TILED_TILES.get(bd16, ())]
+                cands += [] if a.stages_only else [({}, None, None, True, t) for t in TILED_TILES.get(block_d, ())]
             cands += [] if a.stages_only else [({"fwd": g, "bwd_row": g}, None, None, False, None) for g in GRID]
             if T == 1 and not a.stages_only:
                 want = -(-2 * sms // (B * T))

@@ -5,11 +5,11 @@ masks, dtypes and score scales, for a fixed time. Not collected by pytest (no te
 
 Each case draws a dtype (fp32/fp16/bf16), a path (per-row, forced split-L, tiled, wide, per-row at
 D 129-1024 with the launcher's own tiles, aligned or not: session 16's ``_UNALIGNED_CONFIGS``), shapes
-(B 1-3, L 1-45, odd D and Dv, values = keys or not), a mask (none, lengths, bool with an empty
-row), a query scale (0.3, 1, 3: from flat to strongly peaked rows) and which outputs carry a
-gradient, then runs tests/test_attention.py's _check_all: forward and backward against eager in
-the same dtype and a float64 oracle. It prints every failing case and a count at the end; exit
-status 1 if any failed. On the CPU the kernels run under TRITON_INTERPRET=1 (set here).
+(B 1-3, L 1-45, odd D and Dv, values = keys or not; tiled: T 16-40, L 1-90, D up to 256), a mask
+(none, lengths, bool with an empty row), a query scale (0.3, 1, 3: from flat to strongly peaked
+rows) and which outputs carry a gradient, then runs tests/test_attention.py's _check_all: forward
+and backward against eager in the same dtype and a float64 oracle. It prints every failing case and
+a count at the end; exit status 1 if any failed. On the CPU the kernels run under TRITON_INTERPRET=1 (set here).
 
 Expect a few fp32 failures per thousand cases on strongly peaked rows: there the gradient is so
 ill-conditioned that the scores' fp32 rounding decides which evaluation lands nearer the oracle
@@ -41,6 +41,9 @@ def draw(rng, torch, device):
         D = rng.choice([rng.randint(129, 256), rng.randint(257, 1024), 16 * rng.randint(9, 64)])
     else:
         D = rng.randint(1, 48)
+    if path == "tiled":  # every one-tile width (BLOCK_D 128 / 256: BLOCK_T 32 or BLOCK_L 64, session 18)
+        D = rng.choice([D, rng.randint(65, 256)])
+        T, L = rng.randint(16, 40), rng.randint(1, 90)
     Dv = rng.choice([None, D, rng.randint(1, D if path in ("wide", "row_wide") else 48)])  # None: values = keys
     mkind = rng.choice([None, "len", "bool"])
     scale = rng.choice([0.3, 1.0, 3.0])
