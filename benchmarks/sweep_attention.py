@@ -56,7 +56,7 @@ def main(argv=None) -> int:
         return 0
     from fused_s2s.kernels import attention as A
     from fused_s2s.kernels import attention_tiled as AT
-    from fused_s2s.kernels._launch import next_power_of_2, num_sms
+    from fused_s2s.kernels._launch import num_sms
 
     real_cfg = A.block_config
     t_end = time.time() + a.seconds
@@ -77,7 +77,10 @@ def main(argv=None) -> int:
             dw = torch.randn(B, T, L, device=dev, dtype=dtype)
             es = q.element_size()
             gb = (B * L * D * es + 2 * B * T * (D + L) * es) / 1e9  # H once, q / ctx / weights
-            block_d = max(16, next_power_of_2(D))  # the tiled kernels' feature tile (values = keys)
+            # the tiled forward's feature tile, by the launcher's own rule (values = keys); None where
+            # the tiled kernels do not serve (fp32) or the chunked ones do (BLOCK_D > 256)
+            tiled_cfg = AT.tiled_config(D, D, dtype, "fwd")
+            block_d = tiled_cfg[2] if tiled_cfg else None
 
             def run(kind_cfg, splits, num_stages=None, tiled=False, tile=None):
                 def cfg(D_, Dv_, kind="fwd", dt=torch.float32, aligned=True):
